@@ -1,0 +1,48 @@
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LpmTrie, LruHashMap},
+};
+use interceptor_ebpf::{
+    ClientAddr, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, SERVICE_ADDRS_CAPACITY,
+    SERVICE_PORTS_CAPACITY, ServiceAddrKey,
+};
+
+#[map]
+pub static SERVICE_ADDRS: LpmTrie<ServiceAddrKey, InterceptRule> =
+    LpmTrie::with_max_entries(SERVICE_ADDRS_CAPACITY, 0);
+
+/// Keyed by the destination port in host byte order.
+#[map]
+pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
+    HashMap::with_max_entries(SERVICE_PORTS_CAPACITY, 0);
+
+#[map]
+pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+#[map]
+pub static ORIG_BY_CLIENT: LruHashMap<ClientAddr, OriginalDst> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+/// Set by the loader. Volatile reads keep LLVM from folding the zero initialisers.
+#[unsafe(no_mangle)]
+static PROXY_ADDR: [u8; 4] = [0; 4];
+#[unsafe(no_mangle)]
+static PROXY_PORT: [u8; 2] = [0; 2];
+#[unsafe(no_mangle)]
+static BYPASS_MARK: u32 = 0;
+
+#[inline(always)]
+pub fn proxy_addr() -> [u8; 4] {
+    unsafe { core::ptr::read_volatile(&PROXY_ADDR) }
+}
+
+#[inline(always)]
+pub fn proxy_port() -> [u8; 2] {
+    unsafe { core::ptr::read_volatile(&PROXY_PORT) }
+}
+
+#[inline(always)]
+pub fn bypass_mark() -> u32 {
+    unsafe { core::ptr::read_volatile(&BYPASS_MARK) }
+}
