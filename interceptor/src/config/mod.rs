@@ -1,0 +1,244 @@
+//! Loading Istio configuration from YAML files and directories.
+//!
+//! A load either yields a complete [`ConfigSet`] or fails with every finding, so a
+//! caller never applies part of a configuration.
+
+mod finding;
+pub mod model;
+pub mod validate;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+pub use finding::{Finding, Severity};
+pub use model::*;
+use serde::Deserialize as _;
+
+const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+const SERVED_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
+
+/// Where a resource came from, for error messages and the config dump.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Source {
+    pub file: PathBuf,
+    pub document: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sourced<T> {
+    pub source: Source,
+    pub resource: T,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConfigSet {
+    pub service_entries: Vec<Sourced<ServiceEntry>>,
+}
+
+/// A successful load: the resources and the warnings (never errors) found on the way.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    pub config: ConfigSet,
+    pub warnings: Vec<Finding>,
+    /// Documents of kinds this program does not handle, as `file: document N: Kind`.
+    pub skipped: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no configuration files found in {}", path.display())]
+    Empty { path: PathBuf },
+    #[error("invalid configuration:\n{}", render_lines(findings))]
+    Invalid { findings: Vec<Finding> },
+}
+
+fn render_lines(findings: &[Finding]) -> String {
+    findings
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Loads every YAML document under `paths` (files, or directories of `.yaml`, `.yml`
+/// and `.json` files, read in name order) and validates the result as a whole.
+pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
+    let mut loaded = Loaded::default();
+    let mut findings = Vec::new();
+    for file in config_files(paths)? {
+        let text = fs::read_to_string(&file).map_err(|source| LoadError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        load_documents(&file, &text, &mut loaded, &mut findings);
+    }
+    findings.extend(validate::config_set(&loaded.config));
+    let (errors, warnings): (Vec<_>, Vec<_>) = findings
+        .into_iter()
+        .partition(|finding| finding.severity == Severity::Error);
+    if !errors.is_empty() {
+        let mut all = errors;
+        all.extend(warnings);
+        return Err(LoadError::Invalid { findings: all });
+    }
+    loaded.warnings = warnings;
+    Ok(loaded)
+}
+
+fn config_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, LoadError> {
+    let mut files = Vec::new();
+    for path in paths {
+        let metadata = fs::metadata(path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if !metadata.is_dir() {
+            files.push(path.clone());
+            continue;
+        }
+        let entries = fs::read_dir(path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let mut in_dir = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let candidate = entry.path();
+            if candidate.is_file() && has_config_extension(&candidate) {
+                in_dir.push(candidate);
+            }
+        }
+        if in_dir.is_empty() {
+            return Err(LoadError::Empty { path: path.clone() });
+        }
+        in_dir.sort();
+        files.extend(in_dir);
+    }
+    Ok(files)
+}
+
+fn has_config_extension(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|ext| ext.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+fn load_documents(file: &Path, text: &str, loaded: &mut Loaded, findings: &mut Vec<Finding>) {
+    for (document, deserializer) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let source = Source {
+            file: file.to_path_buf(),
+            document,
+        };
+        match serde_yaml::Value::deserialize(deserializer) {
+            Ok(serde_yaml::Value::Null) => {}
+            Ok(value) => load_object(&source, value, loaded, findings),
+            Err(error) => {
+                findings.push(error_finding(&source, "", "", format!("invalid YAML: {error}")));
+                // The YAML stream cannot be resynchronised after a syntax error.
+                return;
+            }
+        }
+    }
+}
+
+fn load_object(
+    source: &Source,
+    value: serde_yaml::Value,
+    loaded: &mut Loaded,
+    findings: &mut Vec<Finding>,
+) {
+    let text_field = |name: &str| {
+        value
+            .get(name)
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let api_version = text_field("apiVersion");
+    let kind = text_field("kind");
+    if kind.is_empty() || api_version.is_empty() {
+        let missing = if kind.is_empty() { "kind" } else { "apiVersion" };
+        findings.push(error_finding(source, "", missing, "Required value".into()));
+        return;
+    }
+    if kind == "List" && api_version == "v1" {
+        if let Some(serde_yaml::Value::Sequence(items)) = value.get("items") {
+            for item in items.clone() {
+                load_object(source, item, loaded, findings);
+            }
+        }
+        return;
+    }
+    let (group, version) = api_version.split_once('/').unwrap_or(("", &api_version));
+    if group != ISTIO_NETWORKING_GROUP {
+        loaded.skipped.push(format!(
+            "{}: document {}: {api_version} {kind}",
+            source.file.display(),
+            source.document
+        ));
+        return;
+    }
+    if !SERVED_VERSIONS.contains(&version) {
+        findings.push(error_finding(
+            source,
+            &kind,
+            "apiVersion",
+            format!(
+                "unsupported version {api_version:?}; served versions are {}",
+                SERVED_VERSIONS.map(|v| format!("{ISTIO_NETWORKING_GROUP}/{v}")).join(", ")
+            ),
+        ));
+        return;
+    }
+    match kind.as_str() {
+        "ServiceEntry" => match decode::<ServiceEntry>(value) {
+            Ok(entry) => loaded.config.service_entries.push(Sourced {
+                source: source.clone(),
+                resource: entry,
+            }),
+            Err((field, message)) => findings.push(error_finding(source, &kind, &field, message)),
+        },
+        _ => loaded.skipped.push(format!(
+            "{}: document {}: {api_version} {kind}",
+            source.file.display(),
+            source.document
+        )),
+    }
+}
+
+/// Decodes strictly, as kubectl's strict decoding does, and reports the failing field path.
+fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        (field, error.into_inner().to_string())
+    })
+}
+
+fn error_finding(source: &Source, kind: &str, field: &str, message: String) -> Finding {
+    Finding {
+        severity: Severity::Error,
+        file: source.file.clone(),
+        document: source.document,
+        object: kind.to_owned(),
+        field: field.to_owned(),
+        message,
+    }
+}
+
+/// `Kind/namespace/name`, the way findings name an object.
+pub fn object_name(kind: &str, metadata: &ObjectMeta) -> String {
+    format!("{kind}/{}/{}", metadata.namespace(), metadata.name)
+}
