@@ -1,6 +1,6 @@
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie,
-    macros::sock_ops, programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
+    programs::SockOpsContext,
 };
 use interceptor_ebpf::ClientAddr;
 

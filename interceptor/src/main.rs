@@ -1,4 +1,148 @@
-fn main() {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
-    println!("{}", bytes.len());
+use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use interceptor::{app, config};
+use tracing_subscriber::EnvFilter;
+
+/// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the programs and run the proxy until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Check configuration files; exit 1 if any error is found.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// ServiceEntry YAML files or directories of them.
+    #[arg(long = "config", required = true, num_args = 1..)]
+    config: Vec<PathBuf>,
+    /// The cgroup (v2) whose connections are intercepted. Defaults to the cgroup2
+    /// root, which intercepts the whole host.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Where the proxy listens; redirected connections land here.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    proxy_addr: SocketAddr,
+    /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
+    #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
+    bypass_mark: u32,
+    /// Upstream connect deadline, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// How long open connections may finish after SIGTERM, in seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, clap::Args)]
+struct ValidateArgs {
+    /// ServiceEntry YAML files or directories of them.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_u32(raw: &str) -> Result<u32, String> {
+    let parsed = match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => raw.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("the bypass mark must not be 0: unmarked sockets would bypass".into()),
+        Ok(value) => Ok(value),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("interceptor: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Validate(args) => validate(&args),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => app::cgroup2_root().context("finding the cgroup2 root")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(app::run(app::RunConfig {
+        config_paths: args.config,
+        cgroup,
+        proxy_addr: args.proxy_addr,
+        bypass_mark: args.bypass_mark,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+    }))?;
+    Ok(())
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    let findings = match config::load(&args.paths) {
+        Ok(loaded) => match interceptor::registry::Registry::build(&loaded.config) {
+            Ok((_, serving_warnings)) => loaded
+                .warnings
+                .into_iter()
+                .chain(serving_warnings)
+                .collect(),
+            Err(error) => loaded.warnings.into_iter().chain(error.findings).collect(),
+        },
+        Err(config::LoadError::Invalid { findings }) => findings,
+        Err(error) => {
+            println!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for finding in &findings {
+        println!("{finding}");
+    }
+    if findings
+        .iter()
+        .any(|finding| finding.severity == config::Severity::Error)
+    {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }

@@ -145,7 +145,12 @@ fn load_documents(file: &Path, text: &str, loaded: &mut Loaded, findings: &mut V
             Ok(serde_yaml::Value::Null) => {}
             Ok(value) => load_object(&source, value, loaded, findings),
             Err(error) => {
-                findings.push(error_finding(&source, "", "", format!("invalid YAML: {error}")));
+                findings.push(error_finding(
+                    &source,
+                    "",
+                    "",
+                    format!("invalid YAML: {error}"),
+                ));
                 // The YAML stream cannot be resynchronised after a syntax error.
                 return;
             }
@@ -169,7 +174,11 @@ fn load_object(
     let api_version = text_field("apiVersion");
     let kind = text_field("kind");
     if kind.is_empty() || api_version.is_empty() {
-        let missing = if kind.is_empty() { "kind" } else { "apiVersion" };
+        let missing = if kind.is_empty() {
+            "kind"
+        } else {
+            "apiVersion"
+        };
         findings.push(error_finding(source, "", missing, "Required value".into()));
         return;
     }
@@ -197,7 +206,9 @@ fn load_object(
             "apiVersion",
             format!(
                 "unsupported version {api_version:?}; served versions are {}",
-                SERVED_VERSIONS.map(|v| format!("{ISTIO_NETWORKING_GROUP}/{v}")).join(", ")
+                SERVED_VERSIONS
+                    .map(|v| format!("{ISTIO_NETWORKING_GROUP}/{v}"))
+                    .join(", ")
             ),
         ));
         return;

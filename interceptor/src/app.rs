@@ -1,0 +1,165 @@
+//! Wiring: load config, bind the proxy, attach the programs, serve, shut down.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    config::{self, LoadError},
+    kernel::{Kernel, KernelConfig, KernelError},
+    proxy::{self, ProxyConfig, Shared},
+    registry::{BuildError, Registry},
+};
+
+/// Records older than this never reached the proxy: their client gave up or the
+/// accept queue overflowed.
+const UNCLAIMED_RECORD_MAX_AGE: Duration = Duration::from_secs(60);
+const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub config_paths: Vec<PathBuf>,
+    pub cgroup: PathBuf,
+    pub proxy_addr: SocketAddr,
+    pub bypass_mark: u32,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Config(#[from] LoadError),
+    #[error(transparent)]
+    Registry(#[from] BuildError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Loads and checks the whole configuration; nothing is applied unless all of it is valid.
+pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, AppError> {
+    let loaded = config::load(paths)?;
+    for skipped in &loaded.skipped {
+        info!("skipping {skipped}: not a kind interceptor handles");
+    }
+    for warning in &loaded.warnings {
+        warn!("{warning}");
+    }
+    let (registry, warnings) = Registry::build(&loaded.config)?;
+    for warning in &warnings {
+        warn!("{warning}");
+    }
+    Ok(registry)
+}
+
+pub async fn run(config: RunConfig) -> Result<(), AppError> {
+    let registry = load_registry(&config.config_paths)?;
+    let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
+        return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
+    };
+    let mut terminate =
+        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
+    let mut interrupt =
+        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+
+    // Listen before attaching, so no connection is ever redirected to a closed port.
+    let listener = TcpListener::bind(config.proxy_addr)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.proxy_addr,
+            source,
+        })?;
+    let kernel = Kernel::attach(&KernelConfig {
+        cgroup: config.cgroup.clone(),
+        proxy: proxy_v4,
+        bypass_mark: config.bypass_mark,
+    })?;
+    kernel.sync(registry.intercepts())?;
+
+    let original_destinations = kernel.original_destinations();
+    let shared = Arc::new(Shared {
+        registry: Arc::new(ArcSwap::from_pointee(registry)),
+        original_destinations: Arc::clone(&original_destinations),
+        config: ProxyConfig {
+            bypass_mark: config.bypass_mark,
+            connect_timeout: config.connect_timeout,
+        },
+    });
+    let shutdown = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let accept_loop = tokio::spawn(proxy::serve(
+        listener,
+        Arc::clone(&shared),
+        connections.clone(),
+        shutdown.clone(),
+    ));
+    let sweeper = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            interval.tick().await;
+            let removed = original_destinations.sweep(UNCLAIMED_RECORD_MAX_AGE);
+            if removed > 0 {
+                info!(removed, "swept unclaimed redirect records");
+            }
+        }
+    });
+
+    info!(
+        proxy = %config.proxy_addr,
+        cgroup = %config.cgroup.display(),
+        services = shared.registry.load().services().len(),
+        "ready"
+    );
+
+    let signal = tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    };
+    info!(signal, "shutting down");
+    // Detach first: new connections go direct rather than to a proxy that is closing.
+    kernel.detach();
+    shutdown.cancel();
+    let _ = accept_loop.await;
+    sweeper.abort();
+    connections.close();
+    if tokio::time::timeout(config.drain_timeout, connections.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            remaining = connections.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The cgroup2 mount point, read from /proc/self/mounts.
+pub fn cgroup2_root() -> std::io::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(target))
+        })
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no cgroup2 filesystem is mounted (see /proc/self/mounts)",
+            )
+        })
+}

@@ -1,0 +1,374 @@
+//! The kernel side seen from the daemon: loading and attaching the programs, keeping
+//! the interception maps in step with the registry, and reading original destinations.
+//!
+//! Links are created with `bpf_link` and owned by this process's file descriptors, never
+//! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
+//! connections go direct instead of to a dead proxy port.
+
+use std::{
+    collections::{HashMap as StdHashMap, HashSet},
+    fs::File,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use interceptor_ebpf::{
+    BYPASS_MARK_GLOBAL, ClientAddr, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
+    OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_MAP,
+    SERVICE_PORTS_MAP, ServiceAddrKey,
+};
+use tracing::{debug, info};
+
+use crate::registry::InterceptSet;
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+const CONNECT4_PROGRAM: &str = "egress_connect4";
+const SOCKOPS_PROGRAM: &str = "egress_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot open cgroup {}: {source}", path.display())]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("BPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("the proxy address must be IPv4 for connect4 redirects, got {0}")]
+    ProxyNotIpv4(std::net::SocketAddr),
+    #[error("cannot duplicate a map descriptor: {0}")]
+    Dup(#[source] std::io::Error),
+}
+
+/// Settings the programs are loaded with.
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    pub cgroup: PathBuf,
+    pub proxy: SocketAddrV4,
+    pub bypass_mark: u32,
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches everything.
+pub struct Kernel {
+    // Field order matters: the maps are dropped after the programs' links.
+    ebpf: Ebpf,
+    interceptions: Mutex<InterceptionMaps>,
+    original_destinations: Arc<OriginalDestinations>,
+    cgroup: PathBuf,
+}
+
+struct InterceptionMaps {
+    addresses: LpmTrie<MapData, ServiceAddrKey, InterceptRule>,
+    ports: HashMap<MapData, u16, InterceptRule>,
+    current: InterceptSet,
+}
+
+impl Kernel {
+    /// Loads the programs and attaches them to `config.cgroup`. The maps start empty,
+    /// so nothing is redirected until [`Kernel::sync`] fills them.
+    pub fn attach(config: &KernelConfig) -> Result<Self, KernelError> {
+        let cgroup = File::open(&config.cgroup).map_err(|source| KernelError::OpenCgroup {
+            path: config.cgroup.clone(),
+            source,
+        })?;
+        let proxy_addr = config.proxy.ip().octets();
+        let proxy_port = config.proxy.port().to_be_bytes();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(PROXY_ADDR_GLOBAL, &proxy_addr, true)
+            .override_global(PROXY_PORT_GLOBAL, &proxy_port, true)
+            .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
+            .load(PROGRAMS)?;
+
+        let addresses = LpmTrie::try_from(take_map(&mut ebpf, SERVICE_ADDRS_MAP)?)
+            .map_err(map_error(SERVICE_ADDRS_MAP))?;
+        let ports = HashMap::try_from(take_map(&mut ebpf, SERVICE_PORTS_MAP)?)
+            .map_err(map_error(SERVICE_PORTS_MAP))?;
+        let by_client: HashMap<MapData, ClientAddr, OriginalDst> =
+            HashMap::try_from(take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?)
+                .map_err(map_error(ORIG_BY_CLIENT_MAP))?;
+        let by_cookie: HashMap<MapData, u64, OriginalDst> =
+            HashMap::try_from(take_map(&mut ebpf, ORIG_BY_COOKIE_MAP)?)
+                .map_err(map_error(ORIG_BY_COOKIE_MAP))?;
+        let original_destinations = Arc::new(OriginalDestinations::new(by_client, by_cookie)?);
+
+        // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
+        // Single (no flags) still coexists with other programs on the same cgroup.
+        // sockops first: a connect4 redirect is only useful once the record can be re-keyed.
+        let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
+        sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
+        sockops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(SOCKOPS_PROGRAM))?;
+        let connect4: &mut CgroupSockAddr = program(&mut ebpf, CONNECT4_PROGRAM)?;
+        connect4.load().map_err(program_error(CONNECT4_PROGRAM))?;
+        connect4
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(CONNECT4_PROGRAM))?;
+        info!(cgroup = %config.cgroup.display(), "programs attached");
+
+        Ok(Self {
+            ebpf,
+            interceptions: Mutex::new(InterceptionMaps {
+                addresses,
+                ports,
+                current: InterceptSet::default(),
+            }),
+            original_destinations,
+            cgroup: config.cgroup.clone(),
+        })
+    }
+
+    /// Brings the interception maps to `wanted` in an order that never drops a
+    /// destination both old and new config intercept: add new keys, then update
+    /// changed values, then delete stale keys.
+    pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
+        let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        let old_addresses: StdHashMap<_, _> = maps
+            .current
+            .addresses
+            .iter()
+            .map(|(net, port, id)| ((*net, *port), *id))
+            .collect();
+        let new_addresses: StdHashMap<_, _> = wanted
+            .addresses
+            .iter()
+            .map(|(net, port, id)| ((*net, *port), *id))
+            .collect();
+        let old_ports: StdHashMap<_, _> = maps.current.ports.iter().copied().collect();
+        let new_ports: StdHashMap<_, _> = wanted.ports.iter().copied().collect();
+
+        let (added, changed): (Vec<_>, Vec<_>) = new_addresses
+            .iter()
+            .filter(|(key, id)| old_addresses.get(key) != Some(id))
+            .partition(|(key, _)| !old_addresses.contains_key(key));
+        for ((net, port), id) in added.into_iter().chain(changed) {
+            maps.addresses
+                .insert(&address_key(*net, *port), InterceptRule { rule_id: *id }, 0)
+                .map_err(map_error(SERVICE_ADDRS_MAP))?;
+        }
+        let (added, changed): (Vec<_>, Vec<_>) = new_ports
+            .iter()
+            .filter(|(port, id)| old_ports.get(port) != Some(id))
+            .partition(|(port, _)| !old_ports.contains_key(port));
+        for (port, id) in added.into_iter().chain(changed) {
+            maps.ports
+                .insert(*port, InterceptRule { rule_id: *id }, 0)
+                .map_err(map_error(SERVICE_PORTS_MAP))?;
+        }
+        let stale_addresses: HashSet<_> = old_addresses
+            .keys()
+            .filter(|key| !new_addresses.contains_key(key))
+            .collect();
+        for (net, port) in stale_addresses {
+            maps.addresses
+                .remove(&address_key(*net, *port))
+                .map_err(map_error(SERVICE_ADDRS_MAP))?;
+        }
+        for port in old_ports
+            .keys()
+            .filter(|port| !new_ports.contains_key(port))
+        {
+            maps.ports
+                .remove(port)
+                .map_err(map_error(SERVICE_PORTS_MAP))?;
+        }
+        debug!(
+            addresses = wanted.addresses.len(),
+            ports = wanted.ports.len(),
+            "interception maps synced"
+        );
+        maps.current = wanted.clone();
+        Ok(())
+    }
+
+    pub fn original_destinations(&self) -> Arc<OriginalDestinations> {
+        Arc::clone(&self.original_destinations)
+    }
+
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Detaches the programs now, so new connections go direct while the proxy drains.
+    pub fn detach(self) {
+        drop(self.ebpf);
+        info!(cgroup = %self.cgroup.display(), "programs detached");
+    }
+}
+
+fn address_key(network: ipnet::Ipv4Net, port: u16) -> Key<ServiceAddrKey> {
+    Key::new(
+        SERVICE_ADDR_PORT_BITS + u32::from(network.prefix_len()),
+        ServiceAddrKey {
+            port: port.to_be_bytes(),
+            addr: network.network().octets(),
+        },
+    )
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
+    ebpf.take_map(name).ok_or(KernelError::MissingMap(name))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(program_error(name))
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
+    move |source| KernelError::Program { name, source }
+}
+
+/// The records connect4 and sockops leave for the proxy.
+pub struct OriginalDestinations {
+    /// A private descriptor of the by-client map for the per-connection path, which
+    /// takes records with one lock-free syscall.
+    by_client_fd: OwnedFd,
+    /// Typed handles for the sweeper, which is rare and may take a lock.
+    sweepable: Mutex<(
+        HashMap<MapData, ClientAddr, OriginalDst>,
+        HashMap<MapData, u64, OriginalDst>,
+    )>,
+}
+
+impl OriginalDestinations {
+    fn new(
+        by_client: HashMap<MapData, ClientAddr, OriginalDst>,
+        by_cookie: HashMap<MapData, u64, OriginalDst>,
+    ) -> Result<Self, KernelError> {
+        let by_client_fd = IterableMap::map(&by_client)
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(KernelError::Dup)?;
+        Ok(Self {
+            by_client_fd,
+            sweepable: Mutex::new((by_client, by_cookie)),
+        })
+    }
+
+    /// Takes (reads and deletes) the original destination of the connection whose
+    /// client end is `client`. `None` means the connection was not redirected.
+    pub fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = ClientAddr {
+            addr: client.ip().octets(),
+            port: client.port().to_be_bytes(),
+            _pad: [0; 2],
+        };
+        let mut value = std::mem::MaybeUninit::<OriginalDst>::uninit();
+        lookup_and_delete(&self.by_client_fd, &key, value.as_mut_ptr()).then(|| {
+            // SAFETY: the kernel filled the whole value on success.
+            let original = unsafe { value.assume_init() };
+            SocketAddrV4::new(
+                Ipv4Addr::from(original.addr),
+                u16::from_be_bytes(original.port),
+            )
+        })
+    }
+
+    /// Deletes records older than `max_age`: connections that were redirected but
+    /// never reached the proxy. Returns how many were removed.
+    pub fn sweep(&self, max_age: Duration) -> usize {
+        let now = monotonic_ns();
+        let cutoff = now.saturating_sub(max_age.as_nanos() as u64);
+        let mut maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_client, by_cookie) = &mut *maps;
+        let stale_clients: Vec<ClientAddr> = by_client
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, original)| original.redirected_at_ns < cutoff)
+            .map(|(key, _)| key)
+            .collect();
+        let stale_cookies: Vec<u64> = by_cookie
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, original)| original.redirected_at_ns < cutoff)
+            .map(|(key, _)| key)
+            .collect();
+        let removed = stale_clients
+            .iter()
+            .filter(|key| by_client.remove(key).is_ok())
+            .count()
+            + stale_cookies
+                .iter()
+                .filter(|key| by_cookie.remove(key).is_ok())
+                .count();
+        removed
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// BPF_MAP_LOOKUP_AND_DELETE_ELEM: one syscall, atomic, so two accepts can never
+/// claim one record.
+fn lookup_and_delete<K, V>(map: &OwnedFd, key: &K, value: *mut V) -> bool {
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    #[repr(C)]
+    struct MapElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = MapElemAttr {
+        map_fd: map.as_raw_fd() as u32,
+        _pad: 0,
+        key: key as *const K as u64,
+        value: value as u64,
+        flags: 0,
+    };
+    // SAFETY: attr points at live key and value buffers of the map's sizes.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &attr as *const MapElemAttr,
+            std::mem::size_of::<MapElemAttr>(),
+        )
+    };
+    result == 0
+}

@@ -1,0 +1,438 @@
+//! The registry: an immutable snapshot of what is intercepted and where it goes.
+//!
+//! A snapshot is built whole from a validated [`ConfigSet`] and never mutated, so a
+//! reload can later swap it behind one pointer while connections keep the snapshot
+//! they started with.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::Arc,
+};
+
+use ipnet::{IpNet, Ipv4Net};
+use serde::Serialize;
+
+use crate::config::{
+    ConfigSet, Finding, Protocol, Resolution, ServiceEntry, Severity, Source, Sourced, object_name,
+};
+
+/// A ServiceEntry as the data path uses it.
+#[derive(Debug, Serialize)]
+pub struct Service {
+    /// `ServiceEntry/namespace/name`.
+    pub name: String,
+    pub source: Source,
+    pub hosts: Vec<String>,
+    /// IPv4 addresses and CIDRs that identify this service's connections.
+    pub addresses: Vec<Ipv4Net>,
+    pub resolution: Resolution,
+    pub ports: Vec<Port>,
+    pub endpoints: Vec<Endpoint>,
+    /// Running sums of endpoint weights, for a weighted pick with one binary search.
+    #[serde(skip)]
+    cumulative_weights: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Port {
+    pub number: u16,
+    pub name: String,
+    #[serde(serialize_with = "serialize_protocol")]
+    pub protocol: Protocol,
+    /// The port used when an endpoint does not map this port itself: `targetPort`,
+    /// or else the port number.
+    pub default_endpoint_port: u16,
+}
+
+fn serialize_protocol<S: serde::Serializer>(
+    protocol: &Protocol,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format!("{protocol:?}"))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Endpoint ports by service-port name (the WorkloadEntry `ports` map).
+    pub ports: HashMap<String, u16>,
+    pub weight: u64,
+}
+
+/// A registry lookup: the service and which of its ports the connection targets.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: Arc<Service>,
+    pub port: usize,
+}
+
+impl Route {
+    pub fn port(&self) -> &Port {
+        &self.service.ports[self.port]
+    }
+}
+
+/// What the kernel maps must hold for a snapshot.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct InterceptSet {
+    /// (CIDR, port) → rule id.
+    pub addresses: Vec<(Ipv4Net, u16, u32)>,
+    /// port → rule id, for services without addresses.
+    pub ports: Vec<(u16, u32)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    services: Vec<Arc<Service>>,
+    /// Per destination port, the address rules grouped by prefix length, longest first,
+    /// so a lookup costs one hash probe per distinct prefix length on that port, however
+    /// many entries are loaded.
+    by_address: HashMap<u16, Vec<PrefixGroup>>,
+    /// Per port, the services without addresses, oldest first (Istio's precedence).
+    by_port: HashMap<u16, Vec<(usize, usize)>>,
+    intercepts: InterceptSet,
+}
+
+#[derive(Debug)]
+struct PrefixGroup {
+    prefix_len: u8,
+    /// Network address (host bits cleared) → (service index, port index).
+    networks: HashMap<u32, (usize, usize)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration cannot be served:\n{}", .findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct BuildError {
+    pub findings: Vec<Finding>,
+}
+
+/// What a build produced besides the registry: things it ignores, which the caller logs.
+pub type BuildWarnings = Vec<Finding>;
+
+impl Registry {
+    /// Builds a snapshot from a validated configuration, rejecting what the data path
+    /// cannot serve yet. Entries are considered oldest first, so where two claim the
+    /// same destination the older one wins, as in Istio.
+    pub fn build(config: &ConfigSet) -> Result<(Self, BuildWarnings), BuildError> {
+        let mut entries: Vec<&Sourced<ServiceEntry>> = config.service_entries.iter().collect();
+        entries.sort_by(|a, b| precedence_key(a).cmp(&precedence_key(b)));
+
+        let mut registry = Registry::default();
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        for entry in entries {
+            let mut report = |severity, field: String, message: String| {
+                let finding = Finding {
+                    severity,
+                    file: entry.source.file.clone(),
+                    document: entry.source.document,
+                    object: object_name("ServiceEntry", &entry.resource.metadata),
+                    field,
+                    message,
+                };
+                match severity {
+                    Severity::Error => errors.push(finding),
+                    Severity::Warning => warnings.push(finding),
+                }
+            };
+            if let Some(service) = Service::from_entry(entry, &mut report) {
+                registry.add(service, &mut report);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(BuildError { findings: errors });
+        }
+        for groups in registry.by_address.values_mut() {
+            groups.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len));
+        }
+        Ok((registry, warnings))
+    }
+
+    fn add(&mut self, service: Service, report: &mut impl FnMut(Severity, String, String)) {
+        let index = self.services.len();
+        let rule_id = index as u32;
+        let addresses = service.addresses.clone();
+        for (port_index, port) in service.ports.iter().enumerate() {
+            if addresses.is_empty() {
+                let claimants = self.by_port.entry(port.number).or_default();
+                if claimants.is_empty() {
+                    self.intercepts.ports.push((port.number, rule_id));
+                }
+                claimants.push((index, port_index));
+                continue;
+            }
+            for network in &addresses {
+                let groups = self.by_address.entry(port.number).or_default();
+                let group = match groups
+                    .iter_mut()
+                    .position(|group| group.prefix_len == network.prefix_len())
+                {
+                    Some(position) => &mut groups[position],
+                    None => {
+                        groups.push(PrefixGroup {
+                            prefix_len: network.prefix_len(),
+                            networks: HashMap::new(),
+                        });
+                        groups.last_mut().expect("just pushed")
+                    }
+                };
+                let key = u32::from(network.network());
+                if let Some(&(winner, _)) = group.networks.get(&key) {
+                    report(
+                        Severity::Warning,
+                        "spec.addresses".into(),
+                        format!(
+                            "{network}:{} is already claimed by {}, which is older and wins",
+                            port.number, self.services[winner].name
+                        ),
+                    );
+                    continue;
+                }
+                group.networks.insert(key, (index, port_index));
+                self.intercepts
+                    .addresses
+                    .push((*network, port.number, rule_id));
+            }
+        }
+        self.services.push(Arc::new(service));
+    }
+
+    /// Finds the service for an original destination: the longest address prefix on
+    /// that port first, then the oldest service that claims the port without addresses.
+    pub fn route(&self, destination: SocketAddrV4) -> Option<Route> {
+        let port = destination.port();
+        let address = u32::from(*destination.ip());
+        let by_address = self.by_address.get(&port).and_then(|groups| {
+            groups.iter().find_map(|group| {
+                let mask = prefix_mask(group.prefix_len);
+                group.networks.get(&(address & mask)).copied()
+            })
+        });
+        let (service, port) = by_address.or_else(|| {
+            self.by_port
+                .get(&port)
+                .and_then(|claimants| claimants.first().copied())
+        })?;
+        Some(Route {
+            service: Arc::clone(&self.services[service]),
+            port,
+        })
+    }
+
+    pub fn intercepts(&self) -> &InterceptSet {
+        &self.intercepts
+    }
+
+    pub fn services(&self) -> &[Arc<Service>] {
+        &self.services
+    }
+}
+
+fn prefix_mask(prefix_len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(prefix_len))
+        .unwrap_or(0)
+}
+
+/// Istio's precedence: older creationTimestamp first, then name, then namespace.
+/// RFC 3339 timestamps in UTC sort as text. Entries without one come after, in load
+/// order, which the stable sort keeps.
+fn precedence_key(entry: &Sourced<ServiceEntry>) -> (bool, String, String, String) {
+    let metadata = &entry.resource.metadata;
+    match &metadata.creation_timestamp {
+        Some(timestamp) => (
+            false,
+            timestamp.clone(),
+            metadata.name.clone(),
+            metadata.namespace().to_owned(),
+        ),
+        None => (true, String::new(), String::new(), String::new()),
+    }
+}
+
+impl Service {
+    fn from_entry(
+        entry: &Sourced<ServiceEntry>,
+        report: &mut impl FnMut(Severity, String, String),
+    ) -> Option<Service> {
+        let spec = &entry.resource.spec;
+        match spec.resolution {
+            Resolution::None | Resolution::Static => {}
+            other => {
+                report(
+                    Severity::Error,
+                    "spec.resolution".into(),
+                    format!(
+                        "resolution {} is not supported by this proxy yet",
+                        other.as_str()
+                    ),
+                );
+                return None;
+            }
+        }
+        if spec.workload_selector.is_some() {
+            report(
+                Severity::Error,
+                "spec.workloadSelector".into(),
+                "workloadSelector is not supported by this proxy: list the endpoints inline".into(),
+            );
+            return None;
+        }
+
+        let mut addresses = Vec::new();
+        for (index, raw) in spec.addresses.iter().enumerate() {
+            match parse_address(raw) {
+                Some(IpNet::V4(network)) => addresses.push(network.trunc()),
+                Some(IpNet::V6(_)) => report(
+                    Severity::Warning,
+                    format!("spec.addresses[{index}]"),
+                    format!("{raw}: IPv6 destinations are not intercepted yet; ignored"),
+                ),
+                None => report(
+                    Severity::Error,
+                    format!("spec.addresses[{index}]"),
+                    format!("{raw} is not a valid IP or CIDR"),
+                ),
+            }
+        }
+        if !spec.addresses.is_empty() && addresses.is_empty() {
+            report(
+                Severity::Warning,
+                "spec.addresses".into(),
+                "no IPv4 address: connections to this entry are never intercepted".into(),
+            );
+        }
+
+        let mut ports = Vec::new();
+        for (index, port) in spec.ports.iter().enumerate() {
+            let (Ok(number), Ok(default_endpoint_port)) = (
+                u16::try_from(port.number),
+                u16::try_from(port.default_endpoint_port()),
+            ) else {
+                report(
+                    Severity::Error,
+                    format!("spec.ports[{index}]"),
+                    "port out of range".into(),
+                );
+                continue;
+            };
+            let protocol = port.protocol();
+            if protocol == Protocol::Udp {
+                report(
+                    Severity::Warning,
+                    format!("spec.ports[{index}].protocol"),
+                    "UDP ports are not intercepted".into(),
+                );
+                continue;
+            }
+            ports.push(Port {
+                number,
+                name: port.name.clone(),
+                protocol,
+                default_endpoint_port,
+            });
+        }
+
+        let mut endpoints = Vec::new();
+        for (index, endpoint) in spec.endpoints().iter().enumerate() {
+            let field = format!("spec.endpoints[{index}].address");
+            if endpoint.unix_socket_path().is_some() {
+                report(
+                    Severity::Error,
+                    field,
+                    "unix socket endpoints are not supported by this proxy yet".into(),
+                );
+                continue;
+            }
+            let Ok(address) = endpoint.address.parse::<IpAddr>() else {
+                report(
+                    Severity::Error,
+                    field,
+                    format!(
+                        "endpoint address {:?} is not a valid IP address",
+                        endpoint.address
+                    ),
+                );
+                continue;
+            };
+            let mut endpoint_ports = HashMap::new();
+            for (name, number) in &endpoint.ports {
+                match u16::try_from(*number) {
+                    Ok(number) if number != 0 => {
+                        endpoint_ports.insert(name.clone(), number);
+                    }
+                    _ => report(
+                        Severity::Error,
+                        format!("spec.endpoints[{index}].ports.{name}"),
+                        format!("port number {number} must be in the range 1..65535"),
+                    ),
+                }
+            }
+            endpoints.push(Endpoint {
+                address,
+                ports: endpoint_ports,
+                weight: endpoint.load_balancing_weight(),
+            });
+        }
+        let cumulative_weights = endpoints
+            .iter()
+            .scan(0u64, |total, endpoint| {
+                *total = total.saturating_add(endpoint.weight);
+                Some(*total)
+            })
+            .collect();
+
+        Some(Service {
+            name: object_name("ServiceEntry", &entry.resource.metadata),
+            source: entry.source.clone(),
+            hosts: spec.hosts.clone(),
+            resolution: spec.resolution,
+            ports,
+            endpoints,
+            cumulative_weights,
+            addresses,
+        })
+    }
+
+    /// Picks an endpoint with probability proportional to its weight.
+    pub fn pick_endpoint(&self) -> Option<&Endpoint> {
+        let total = *self.cumulative_weights.last()?;
+        let ticket = rand::random_range(0..total);
+        let index = self
+            .cumulative_weights
+            .partition_point(|&running| running <= ticket);
+        self.endpoints.get(index)
+    }
+}
+
+/// Go's ParsePrefix accepts host bits after the prefix (`172.1.2.16/16`); so does this.
+fn parse_address(raw: &str) -> Option<IpNet> {
+    if raw.contains('/') {
+        raw.parse::<IpNet>().ok()
+    } else {
+        raw.parse::<IpAddr>().ok().map(IpNet::from)
+    }
+}
+
+/// The upstream address for a route: NONE keeps the original destination (with the
+/// port overridden by targetPort); STATIC picks an endpoint and maps the port by name.
+pub fn upstream_for(route: &Route, original: SocketAddrV4) -> Option<SocketAddr> {
+    let port = route.port();
+    match route.service.resolution {
+        Resolution::None => Some(SocketAddr::V4(SocketAddrV4::new(
+            *original.ip(),
+            port.default_endpoint_port,
+        ))),
+        Resolution::Static => {
+            let endpoint = route.service.pick_endpoint()?;
+            let number = endpoint
+                .ports
+                .get(&port.name)
+                .copied()
+                .unwrap_or(port.default_endpoint_port);
+            Some(SocketAddr::new(endpoint.address, number))
+        }
+        _ => None,
+    }
+}

@@ -1,0 +1,52 @@
+//! Socket options the data path needs and tokio does not expose.
+
+use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Opens an upstream connection marked so that connect4 lets it through, even when the
+/// programs are attached to a cgroup that contains the daemon itself.
+pub async fn connect_bypassing(
+    destination: SocketAddr,
+    bypass_mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let socket = match destination {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    set_mark(&socket, bypass_mark)?;
+    socket.set_nodelay(true)?;
+    match tokio::time::timeout(timeout, socket.connect(destination)).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect timed out after {timeout:?}"),
+        )),
+    }
+}
+
+fn set_mark(socket: &impl AsRawFd, mark: u32) -> io::Result<()> {
+    // SAFETY: SO_MARK takes a u32 by pointer and length.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &mark as *const u32 as *const libc::c_void,
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Closes with a RST instead of a FIN, so the client sees at once that the
+/// connection failed rather than a clean, empty response.
+pub fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
