@@ -1,0 +1,141 @@
+//! The real interceptor binary, run as a child process.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+}
+
+/// The binary under test: `INTERCEPTOR_BIN`, or the workspace's debug build, which
+/// `cargo xtask test` builds before running the tests.
+pub fn binary() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("INTERCEPTOR_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/interceptor");
+    if !path.exists() {
+        bail!(
+            "{} does not exist: build it with `cargo build -p interceptor` (cargo xtask test does) or set INTERCEPTOR_BIN",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl Daemon {
+    pub fn start(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(binary()?)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--cgroup")
+            .arg(cgroup)
+            .args(extra_args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning interceptor")?;
+        let stderr = child.stderr.take().context("no stderr pipe")?;
+        let logs = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut logs = sink.lock().unwrap_or_else(|e| e.into_inner());
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let mut daemon = Self {
+            child: Some(child),
+            logs,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if daemon.logs().contains(" ready ") {
+                return Ok(daemon);
+            }
+            if let Some(status) = daemon.child_mut().try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("interceptor exited with {status} before ready:\n{}", daemon.logs());
+            }
+            if Instant::now() > deadline {
+                bail!("interceptor not ready after {READY_TIMEOUT:?}:\n{}", daemon.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("daemon already reaped")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon already reaped").id()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the logs contain `needle`, for log lines written after a connection
+    /// closes on the client side but before the daemon has finished with it.
+    pub fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.logs();
+            if logs.matches(needle).count() >= count {
+                return logs;
+            }
+            if Instant::now() > deadline {
+                panic!("expected {count}× {needle:?} in the daemon logs:\n{logs}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill on our own child's pid.
+        unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+    }
+
+    /// Waits for the daemon to exit and returns its exit code (None if killed by a signal).
+    pub fn wait(&mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("daemon already reaped");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for daemon") {
+                std::thread::sleep(Duration::from_millis(50));
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("daemon did not exit:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Test upstreams: real TCP listeners on test-host addresses inside the sandbox.
+//!
+//! A client opens with one command line:
+//! - `WHO` → the server answers `<name> <local addr> <peer addr>` and closes;
+//! - `BULK <n>` → the server reads to EOF, answers `<bytes read> <checksum>`, then
+//!   sends `n` bytes of [`pattern`] and closes.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl TestServer {
+    pub fn start(name: &str, addr: &str) -> Self {
+        let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let addr = listener.local_addr().expect("local addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(&name, stream);
+                });
+            }
+        });
+        Self { addr, accepted }
+    }
+
+    /// Connections this server has accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+fn serve(name: &str, stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut command = String::new();
+    reader.read_line(&mut command)?;
+    let mut writer = stream;
+    match command.split_whitespace().collect::<Vec<_>>().as_slice() {
+        ["WHO"] => {
+            writeln!(
+                writer,
+                "{name} {} {}",
+                writer.local_addr()?,
+                writer.peer_addr()?
+            )?;
+        }
+        ["BULK", length] => {
+            let length: usize = length.parse().unwrap_or(0);
+            let mut checksum = Checksum::default();
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let read = reader.read(&mut buffer)?;
+                if read == 0 {
+                    break;
+                }
+                checksum.update(&buffer[..read]);
+            }
+            writeln!(writer, "{} {:016x}", checksum.length, checksum.value())?;
+            write_pattern(&mut writer, length)?;
+        }
+        _ => {}
+    }
+    writer.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+/// FNV-1a over the stream, with its length.
+#[derive(Debug, Clone, Copy)]
+pub struct Checksum {
+    pub length: usize,
+    state: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self {
+            length: 0,
+            state: 0xcbf2_9ce4_8422_2325,
+        }
+    }
+}
+
+impl Checksum {
+    pub fn update(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.state ^= u64::from(*byte);
+            self.state = self.state.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.length += bytes.len();
+    }
+
+    pub fn value(&self) -> u64 {
+        self.state
+    }
+}
+
+/// Deterministic, non-repeating-per-block bytes, so a reordered or dropped chunk
+/// changes the checksum.
+pub fn pattern(offset: usize) -> u8 {
+    let x = offset as u64;
+    (x.wrapping_mul(2_654_435_761) >> 13) as u8 ^ (x >> 16) as u8
+}
+
+pub fn write_pattern(writer: &mut impl std::io::Write, length: usize) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut offset = 0;
+    while offset < length {
+        let size = chunk.len().min(length - offset);
+        for (index, byte) in chunk[..size].iter_mut().enumerate() {
+            *byte = pattern(offset + index);
+        }
+        writer.write_all(&chunk[..size])?;
+        offset += size;
+    }
+    Ok(())
+}
+
+pub fn pattern_checksum(length: usize) -> Checksum {
+    let mut checksum = Checksum::default();
+    let mut buffer = Vec::new();
+    write_pattern(&mut buffer, length).expect("write to vec");
+    checksum.update(&buffer);
+    checksum
+}
+
+/// What a `WHO` exchange saw from both ends.
+#[derive(Debug, Clone)]
+pub struct Who {
+    pub server: String,
+    /// The server's local address.
+    pub server_addr: SocketAddr,
+    /// The peer the server saw: the proxy's upstream socket when redirected.
+    pub server_peer: SocketAddr,
+    /// Where the client's socket says it is connected: the proxy when redirected.
+    pub client_peer: SocketAddr,
+    pub client_local: SocketAddr,
+}
+
+impl Who {
+    pub fn went_through_proxy(&self) -> bool {
+        self.client_peer.to_string() == crate::PROXY
+    }
+}
+
+pub fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    Ok(stream)
+}
+
+pub fn who(addr: &str) -> std::io::Result<Who> {
+    let mut stream = connect(addr)?;
+    let client_peer = stream.peer_addr()?;
+    let client_local = stream.local_addr()?;
+    stream.write_all(b"WHO\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let fields: Vec<&str> = answer.split_whitespace().collect();
+    match fields.as_slice() {
+        [server, server_addr, server_peer] => Ok(Who {
+            server: (*server).to_owned(),
+            server_addr: server_addr.parse().expect("server addr"),
+            server_peer: server_peer.parse().expect("server peer"),
+            client_peer,
+            client_local,
+        }),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("bad WHO answer {answer:?} from {addr}"),
+        )),
+    }
+}

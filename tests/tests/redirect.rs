@@ -1,0 +1,322 @@
+//! The foundation: connect4 + sockops redirect, NONE and STATIC resolution, and the
+//! guarantees around them (no loops, no open relay, no stale redirects).
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::Shutdown,
+};
+
+use integration_tests::{
+    PROXY, Sandbox, TestServer,
+    bpf::{BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs},
+    server::{Checksum, connect, pattern_checksum, who, write_pattern},
+};
+
+const NONE_RANGE: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: test-hosts
+  namespace: egress
+spec:
+  hosts: [hosts.test.example]
+  addresses: [198.18.0.0/24]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: NONE
+"#;
+
+#[test]
+fn none_resolution_forwards_an_address_range_to_the_original_destination() {
+    let sandbox = Sandbox::new("none-range");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_host("198.18.0.11".parse().unwrap());
+    let first = TestServer::start("first", "198.18.0.10:7000");
+    let second = TestServer::start("second", "198.18.0.11:7000");
+    let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+
+    for (addr, expected) in [("198.18.0.10:7000", "first"), ("198.18.0.11:7000", "second")] {
+        let seen = who(addr).expect("connect through the proxy");
+        assert_eq!(seen.server, expected);
+        assert!(seen.went_through_proxy(), "{addr} was not redirected: {seen:?}");
+        assert_ne!(seen.server_peer, seen.client_local);
+    }
+    assert_eq!((first.accepted(), second.accepted()), (1, 1));
+    let logs = daemon.wait_for_log("connection closed", 2);
+    assert!(logs.contains("original_dst=198.18.0.10:7000"), "{logs}");
+    assert!(logs.contains("service=\"ServiceEntry/egress/test-hosts\""), "{logs}");
+    assert!(logs.contains("endpoint=198.18.0.11:7000"), "{logs}");
+}
+
+#[test]
+fn the_daemons_own_upstream_connects_are_not_redirected() {
+    let sandbox = Sandbox::new("no-loop");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let server = TestServer::start("upstream", "198.18.0.10:7000");
+    let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    // The daemon runs inside the cgroup its programs are attached to, as it does at a
+    // host's cgroup root, and NONE makes it connect to the very address it intercepts.
+    assert!(sandbox.cgroup_pids().contains(&daemon.pid()));
+
+    for _ in 0..5 {
+        let seen = who("198.18.0.10:7000").expect("connect through the proxy");
+        assert!(seen.went_through_proxy());
+        assert_eq!(seen.server, "upstream");
+    }
+    let logs = daemon.wait_for_log("connection closed", 5);
+    assert_eq!(server.accepted(), 5, "one upstream connection per client connection");
+    assert!(!logs.contains("refused"), "a proxy connection looped back:\n{logs}");
+}
+
+#[test]
+fn static_resolution_spreads_by_weight_and_maps_ports_by_name() {
+    let sandbox = Sandbox::new("static");
+    for host in ["198.18.0.20", "198.18.0.21"] {
+        sandbox.add_host(host.parse().unwrap());
+    }
+    // heavy maps the "http" port to 9001; light has no mapping, so targetPort 8000
+    // applies. Servers on the other ports would reveal a wrong mapping.
+    let _heavy = TestServer::start("heavy", "198.18.0.20:9001");
+    let _light = TestServer::start("light", "198.18.0.21:8000");
+    let _heavy_wrong = TestServer::start("heavy-on-target-port", "198.18.0.20:8000");
+    let _light_wrong = TestServer::start("light-on-service-port", "198.18.0.21:80");
+    // The "plain" port has neither a mapping nor a targetPort: its number is used.
+    let _heavy_plain = TestServer::start("heavy-plain", "198.18.0.20:81");
+    let _light_plain = TestServer::start("light-plain", "198.18.0.21:81");
+    let _daemon = sandbox.start_daemon(
+        r#"
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: api
+  namespace: egress
+spec:
+  hosts: [api.test.example]
+  addresses: [240.240.1.1]
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+    targetPort: 8000
+  - number: 81
+    name: plain
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.0.20
+    weight: 3
+    ports:
+      http: 9001
+  - address: 198.18.0.21
+    weight: 1
+"#,
+        &[],
+    );
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        let seen = who("240.240.1.1:80").expect("connect to the VIP");
+        assert!(seen.went_through_proxy());
+        *counts.entry(seen.server).or_default() += 1;
+    }
+    let heavy = counts.get("heavy").copied().unwrap_or(0);
+    let light = counts.get("light").copied().unwrap_or(0);
+    assert_eq!(heavy + light, 400, "some connections reached a wrong port: {counts:?}");
+    // Weight 3:1 gives 300 expected; ±40 is more than four standard deviations.
+    assert!((260..=340).contains(&heavy), "weights not honoured: {counts:?}");
+
+    let mut plain: HashMap<String, usize> = HashMap::new();
+    for _ in 0..40 {
+        *plain.entry(who("240.240.1.1:81").expect("port 81").server).or_default() += 1;
+    }
+    assert_eq!(
+        plain.keys().filter(|name| !name.ends_with("-plain")).count(),
+        0,
+        "port 81 must map to 81 on each endpoint: {plain:?}"
+    );
+}
+
+#[test]
+fn an_entry_without_addresses_intercepts_its_port_for_every_destination() {
+    let sandbox = Sandbox::new("port-only");
+    sandbox.add_host("198.18.0.31".parse().unwrap());
+    let _database = TestServer::start("database", "198.18.0.31:5432");
+    let _daemon = sandbox.start_daemon(
+        r#"
+apiVersion: networking.istio.io/v1alpha3
+kind: ServiceEntry
+metadata:
+  name: database
+spec:
+  hosts: [db.test.example]
+  ports:
+  - number: 5432
+    name: postgres
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.0.31
+"#,
+        &[],
+    );
+    // Neither destination exists in the namespace: only the redirect can reach the server.
+    for destination in ["198.18.0.99:5432", "240.240.9.9:5432"] {
+        let seen = who(destination).expect("port-only redirect");
+        assert_eq!(seen.server, "database");
+        assert!(seen.went_through_proxy());
+    }
+    let unroutable = connect("198.18.0.99:5433").expect_err("other ports are not intercepted");
+    assert_eq!(unroutable.kind(), ErrorKind::NetworkUnreachable, "{unroutable}");
+}
+
+#[test]
+fn non_matching_destinations_are_left_untouched() {
+    let sandbox = Sandbox::new("untouched");
+    for host in ["198.18.0.40", "198.18.0.41"] {
+        sandbox.add_host(host.parse().unwrap());
+    }
+    let _other_host = TestServer::start("other-host", "198.18.0.41:7000");
+    let _other_port = TestServer::start("other-port", "198.18.0.40:7001");
+    let daemon = sandbox.start_daemon(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: one-host
+spec:
+  hosts: [one.test.example]
+  addresses: [198.18.0.40/32]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: NONE
+"#,
+        &[],
+    );
+    for (destination, server) in [
+        ("198.18.0.41:7000", "other-host"),
+        ("198.18.0.40:7001", "other-port"),
+    ] {
+        let seen = who(destination).expect("direct connection");
+        assert_eq!(seen.server, server);
+        assert!(!seen.went_through_proxy(), "{destination} was redirected: {seen:?}");
+        assert_eq!(seen.client_peer.to_string(), destination);
+        assert_eq!(seen.server_peer, seen.client_local, "the connection was proxied");
+    }
+    assert!(!daemon.logs().contains("connection closed"));
+}
+
+#[test]
+fn a_direct_connection_to_the_proxy_port_is_refused() {
+    let sandbox = Sandbox::new("no-open-relay");
+    let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    let mut stream = connect(PROXY).expect("the proxy listens");
+    let _ = stream.write_all(b"WHO\n");
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => assert!(answer.is_empty(), "the proxy relayed a direct connection"),
+        Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
+    }
+    daemon.wait_for_log("refused: no redirect record", 1);
+}
+
+#[test]
+fn sigkill_leaves_no_program_attached_and_no_redirect() {
+    let sandbox = Sandbox::new("sigkill");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("upstream", "198.18.0.10:7000");
+    let mut daemon = sandbox.start_daemon(
+        &format!(
+            "{NONE_RANGE}---\n{}",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: vip
+spec:
+  hosts: [vip.test.example]
+  addresses: [240.240.2.2]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.0.10
+"#
+        ),
+        &[],
+    );
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 1);
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 1);
+    assert!(who("240.240.2.2:7000").expect("redirect works").went_through_proxy());
+
+    daemon.signal(libc::SIGKILL);
+    assert_eq!(daemon.wait(), None, "killed by a signal");
+
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 0);
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 0);
+    // A redirect to the dead proxy port would be "connection refused"; the VIP has no
+    // route in the namespace, so an untouched connect is "network unreachable".
+    let error = connect("240.240.2.2:7000").expect_err("nothing serves the VIP now");
+    assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+    let seen = who("198.18.0.10:7000").expect("direct connection");
+    assert!(!seen.went_through_proxy());
+}
+
+#[test]
+fn sigterm_detaches_and_exits_zero() {
+    let sandbox = Sandbox::new("sigterm");
+    let mut daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 1);
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(), Some(0));
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 0);
+    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 0);
+}
+
+#[test]
+fn ten_mib_each_way_arrive_intact() {
+    const TEN_MIB: usize = 10 * 1024 * 1024;
+    let sandbox = Sandbox::new("bulk");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("bulk", "198.18.0.10:7000");
+    let _daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+
+    let mut stream = connect("198.18.0.10:7000").expect("connect");
+    assert_eq!(stream.peer_addr().unwrap().to_string(), PROXY);
+    stream.write_all(format!("BULK {TEN_MIB}\n").as_bytes()).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // Write and read at once: with both directions in flight, a proxy that serialises
+    // them or loses a half-close would deadlock or truncate.
+    let upload = std::thread::spawn(move || {
+        write_pattern(&mut writer, TEN_MIB).expect("upload");
+        writer.shutdown(Shutdown::Write).expect("half-close");
+    });
+    let mut reader = BufReader::new(stream);
+    let mut summary = String::new();
+    reader.read_line(&mut summary).expect("server summary");
+    let mut downloaded = Checksum::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = reader.read(&mut buffer).expect("download");
+        if read == 0 {
+            break;
+        }
+        downloaded.update(&buffer[..read]);
+    }
+    upload.join().unwrap();
+
+    let expected = pattern_checksum(TEN_MIB);
+    assert_eq!(
+        summary.trim(),
+        format!("{TEN_MIB} {:016x}", expected.value()),
+        "the upload arrived damaged"
+    );
+    assert_eq!(downloaded.length, TEN_MIB);
+    assert_eq!(downloaded.value(), expected.value(), "the download arrived damaged");
+}
