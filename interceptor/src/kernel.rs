@@ -254,16 +254,18 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
     move |source| KernelError::Program { name, source }
 }
 
+type SweepableMaps = (
+    HashMap<MapData, ClientAddr, OriginalDst>,
+    HashMap<MapData, u64, OriginalDst>,
+);
+
 /// The records connect4 and sockops leave for the proxy.
 pub struct OriginalDestinations {
     /// A private descriptor of the by-client map for the per-connection path, which
     /// takes records with one lock-free syscall.
     by_client_fd: OwnedFd,
     /// Typed handles for the sweeper, which is rare and may take a lock.
-    sweepable: Mutex<(
-        HashMap<MapData, ClientAddr, OriginalDst>,
-        HashMap<MapData, u64, OriginalDst>,
-    )>,
+    sweepable: Mutex<SweepableMaps>,
 }
 
 impl OriginalDestinations {
@@ -320,15 +322,14 @@ impl OriginalDestinations {
             .filter(|(_, original)| original.redirected_at_ns < cutoff)
             .map(|(key, _)| key)
             .collect();
-        let removed = stale_clients
+        stale_clients
             .iter()
             .filter(|key| by_client.remove(key).is_ok())
             .count()
             + stale_cookies
                 .iter()
                 .filter(|key| by_cookie.remove(key).is_ok())
-                .count();
-        removed
+                .count()
     }
 }
 

@@ -116,7 +116,7 @@ impl Registry {
     /// same destination the older one wins, as in Istio.
     pub fn build(config: &ConfigSet) -> Result<(Self, BuildWarnings), BuildError> {
         let mut entries: Vec<&Sourced<ServiceEntry>> = config.service_entries.iter().collect();
-        entries.sort_by(|a, b| precedence_key(a).cmp(&precedence_key(b)));
+        entries.sort_by_key(|entry| precedence_key(entry));
 
         let mut registry = Registry::default();
         let mut errors = Vec::new();
@@ -144,7 +144,7 @@ impl Registry {
             return Err(BuildError { findings: errors });
         }
         for groups in registry.by_address.values_mut() {
-            groups.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len));
+            groups.sort_by_key(|group| std::cmp::Reverse(group.prefix_len));
         }
         Ok((registry, warnings))
     }

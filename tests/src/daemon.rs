@@ -70,10 +70,16 @@ impl Daemon {
             }
             if let Some(status) = daemon.child_mut().try_wait()? {
                 std::thread::sleep(Duration::from_millis(100));
-                bail!("interceptor exited with {status} before ready:\n{}", daemon.logs());
+                bail!(
+                    "interceptor exited with {status} before ready:\n{}",
+                    daemon.logs()
+                );
             }
             if Instant::now() > deadline {
-                bail!("interceptor not ready after {READY_TIMEOUT:?}:\n{}", daemon.logs());
+                bail!(
+                    "interceptor not ready after {READY_TIMEOUT:?}:\n{}",
+                    daemon.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

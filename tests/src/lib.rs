@@ -57,10 +57,8 @@ impl Sandbox {
             fs::remove_dir(&cgroup).with_context(|| format!("stale {}", cgroup.display()))?;
         }
         fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
-        let workdir = std::env::temp_dir().join(format!(
-            "interceptor-test-{}-{name}",
-            std::process::id()
-        ));
+        let workdir =
+            std::env::temp_dir().join(format!("interceptor-test-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&workdir);
         fs::create_dir_all(&workdir)?;
 
@@ -90,7 +88,9 @@ impl Sandbox {
     }
 
     fn assert_isolated(&mut self) -> Result<()> {
-        let routes = Command::new("ip").args(["-4", "route", "show", "default"]).output()?;
+        let routes = Command::new("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()?;
         ensure!(
             routes.stdout.is_empty(),
             "the test network namespace has a default route: {}",

@@ -38,16 +38,25 @@ fn none_resolution_forwards_an_address_range_to_the_original_destination() {
     let second = TestServer::start("second", "198.18.0.11:7000");
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
 
-    for (addr, expected) in [("198.18.0.10:7000", "first"), ("198.18.0.11:7000", "second")] {
+    for (addr, expected) in [
+        ("198.18.0.10:7000", "first"),
+        ("198.18.0.11:7000", "second"),
+    ] {
         let seen = who(addr).expect("connect through the proxy");
         assert_eq!(seen.server, expected);
-        assert!(seen.went_through_proxy(), "{addr} was not redirected: {seen:?}");
+        assert!(
+            seen.went_through_proxy(),
+            "{addr} was not redirected: {seen:?}"
+        );
         assert_ne!(seen.server_peer, seen.client_local);
     }
     assert_eq!((first.accepted(), second.accepted()), (1, 1));
     let logs = daemon.wait_for_log("connection closed", 2);
     assert!(logs.contains("original_dst=198.18.0.10:7000"), "{logs}");
-    assert!(logs.contains("service=\"ServiceEntry/egress/test-hosts\""), "{logs}");
+    assert!(
+        logs.contains("service=\"ServiceEntry/egress/test-hosts\""),
+        "{logs}"
+    );
     assert!(logs.contains("endpoint=198.18.0.11:7000"), "{logs}");
 }
 
@@ -67,8 +76,15 @@ fn the_daemons_own_upstream_connects_are_not_redirected() {
         assert_eq!(seen.server, "upstream");
     }
     let logs = daemon.wait_for_log("connection closed", 5);
-    assert_eq!(server.accepted(), 5, "one upstream connection per client connection");
-    assert!(!logs.contains("refused"), "a proxy connection looped back:\n{logs}");
+    assert_eq!(
+        server.accepted(),
+        5,
+        "one upstream connection per client connection"
+    );
+    assert!(
+        !logs.contains("refused"),
+        "a proxy connection looped back:\n{logs}"
+    );
 }
 
 #[test]
@@ -124,16 +140,28 @@ spec:
     }
     let heavy = counts.get("heavy").copied().unwrap_or(0);
     let light = counts.get("light").copied().unwrap_or(0);
-    assert_eq!(heavy + light, 400, "some connections reached a wrong port: {counts:?}");
+    assert_eq!(
+        heavy + light,
+        400,
+        "some connections reached a wrong port: {counts:?}"
+    );
     // Weight 3:1 gives 300 expected; ±40 is more than four standard deviations.
-    assert!((260..=340).contains(&heavy), "weights not honoured: {counts:?}");
+    assert!(
+        (260..=340).contains(&heavy),
+        "weights not honoured: {counts:?}"
+    );
 
     let mut plain: HashMap<String, usize> = HashMap::new();
     for _ in 0..40 {
-        *plain.entry(who("240.240.1.1:81").expect("port 81").server).or_default() += 1;
+        *plain
+            .entry(who("240.240.1.1:81").expect("port 81").server)
+            .or_default() += 1;
     }
     assert_eq!(
-        plain.keys().filter(|name| !name.ends_with("-plain")).count(),
+        plain
+            .keys()
+            .filter(|name| !name.ends_with("-plain"))
+            .count(),
         0,
         "port 81 must map to 81 on each endpoint: {plain:?}"
     );
@@ -169,7 +197,11 @@ spec:
         assert!(seen.went_through_proxy());
     }
     let unroutable = connect("198.18.0.99:5433").expect_err("other ports are not intercepted");
-    assert_eq!(unroutable.kind(), ErrorKind::NetworkUnreachable, "{unroutable}");
+    assert_eq!(
+        unroutable.kind(),
+        ErrorKind::NetworkUnreachable,
+        "{unroutable}"
+    );
 }
 
 #[test]
@@ -203,9 +235,15 @@ spec:
     ] {
         let seen = who(destination).expect("direct connection");
         assert_eq!(seen.server, server);
-        assert!(!seen.went_through_proxy(), "{destination} was redirected: {seen:?}");
+        assert!(
+            !seen.went_through_proxy(),
+            "{destination} was redirected: {seen:?}"
+        );
         assert_eq!(seen.client_peer.to_string(), destination);
-        assert_eq!(seen.server_peer, seen.client_local, "the connection was proxied");
+        assert_eq!(
+            seen.server_peer, seen.client_local,
+            "the connection was proxied"
+        );
     }
     assert!(!daemon.logs().contains("connection closed"));
 }
@@ -251,15 +289,31 @@ spec:
         ),
         &[],
     );
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 1);
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 1);
-    assert!(who("240.240.2.2:7000").expect("redirect works").went_through_proxy());
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        1
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
+        1
+    );
+    assert!(
+        who("240.240.2.2:7000")
+            .expect("redirect works")
+            .went_through_proxy()
+    );
 
     daemon.signal(libc::SIGKILL);
     assert_eq!(daemon.wait(), None, "killed by a signal");
 
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 0);
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 0);
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        0
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
+        0
+    );
     // A redirect to the dead proxy port would be "connection refused"; the VIP has no
     // route in the namespace, so an untouched connect is "network unreachable".
     let error = connect("240.240.2.2:7000").expect_err("nothing serves the VIP now");
@@ -272,11 +326,20 @@ spec:
 fn sigterm_detaches_and_exits_zero() {
     let sandbox = Sandbox::new("sigterm");
     let mut daemon = sandbox.start_daemon(NONE_RANGE, &[]);
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 1);
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        1
+    );
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait(), Some(0));
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(), 0);
-    assert_eq!(attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(), 0);
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        0
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -289,7 +352,9 @@ fn ten_mib_each_way_arrive_intact() {
 
     let mut stream = connect("198.18.0.10:7000").expect("connect");
     assert_eq!(stream.peer_addr().unwrap().to_string(), PROXY);
-    stream.write_all(format!("BULK {TEN_MIB}\n").as_bytes()).unwrap();
+    stream
+        .write_all(format!("BULK {TEN_MIB}\n").as_bytes())
+        .unwrap();
     let mut writer = stream.try_clone().unwrap();
     // Write and read at once: with both directions in flight, a proxy that serialises
     // them or loses a half-close would deadlock or truncate.
@@ -318,5 +383,9 @@ fn ten_mib_each_way_arrive_intact() {
         "the upload arrived damaged"
     );
     assert_eq!(downloaded.length, TEN_MIB);
-    assert_eq!(downloaded.value(), expected.value(), "the download arrived damaged");
+    assert_eq!(
+        downloaded.value(),
+        expected.value(),
+        "the download arrived damaged"
+    );
 }

@@ -1,1 +1,143 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build | test | run`.
+//!
+//! Every task bootstraps what it needs first, so each works on a fresh Debian machine
+//! run as root, with no prompts (CI has no stdin).
+
+mod setup;
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "interceptor project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and system packages that are missing (idempotent).
+    Setup,
+    /// Build the daemon (debug) with its kernel programs.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Set up, check formatting and lints, build, and run every test (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Set up, build (release) and run the daemon on the bundled examples/ config,
+    /// attached to a dedicated cgroup. Arguments after `--` go to `interceptor run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        daemon_args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup::ensure_toolchain(),
+        Task::Build { release } => {
+            setup::ensure_toolchain()?;
+            build_daemon(release)
+        }
+        Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
+        Task::Run { daemon_args } => run(&root, &daemon_args),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+/// A cargo command with the toolchain's bin directory on PATH, where `cargo install`
+/// put bpf-linker.
+pub fn cargo() -> Command {
+    let mut command = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.env("PATH", setup::path_with_cargo_bin());
+    command
+}
+
+pub fn check(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("spawning {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build_daemon(release: bool) -> Result<()> {
+    let mut build = cargo();
+    build.args(["build", "--package", "interceptor"]);
+    if release {
+        build.arg("--release");
+    }
+    check(&mut build)
+}
+
+fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
+    setup::ensure_toolchain()?;
+    setup::remove_stale_test_cgroups()?;
+    check(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    check(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    build_daemon(false)?;
+    check(
+        cargo()
+            .args(["test", "--workspace"])
+            .args(cargo_test_args)
+            .env("INTERCEPTOR_BIN", root.join("target/debug/interceptor")),
+    )
+}
+
+fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
+    setup::ensure_toolchain()?;
+    build_daemon(true)?;
+    let mut daemon = Command::new(root.join("target/release/interceptor"));
+    daemon.args(["run", "--config"]).arg(root.join("examples"));
+    let chose_cgroup = daemon_args.iter().any(|arg| arg.starts_with("--cgroup"));
+    let demo_cgroup = if chose_cgroup {
+        None
+    } else {
+        let cgroup = setup::cgroup2_root()?.join("interceptor-demo");
+        std::fs::create_dir_all(&cgroup)
+            .with_context(|| format!("creating {}", cgroup.display()))?;
+        println!(
+            "xtask: intercepting the cgroup {0}\nxtask: route a shell through it with: echo $$ > {0}/cgroup.procs",
+            cgroup.display()
+        );
+        daemon.arg("--cgroup").arg(&cgroup);
+        Some(cgroup)
+    };
+    daemon.args(daemon_args);
+    let result = check(&mut daemon);
+    if let Some(cgroup) = demo_cgroup {
+        // Fails harmlessly while a shell still lives in it.
+        let _ = std::fs::remove_dir(&cgroup);
+    }
+    result
+}
