@@ -436,3 +436,149 @@ pub fn upstream_for(route: &Route, original: SocketAddrV4) -> Option<SocketAddr>
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn config(documents: &[&str]) -> ConfigSet {
+        ConfigSet {
+            service_entries: documents
+                .iter()
+                .enumerate()
+                .map(|(document, yaml)| Sourced {
+                    source: Source {
+                        file: PathBuf::from("test.yaml"),
+                        document,
+                    },
+                    resource: serde_yaml::from_str(yaml).expect("valid ServiceEntry"),
+                })
+                .collect(),
+        }
+    }
+
+    fn entry(name: &str, extra: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n{extra}"
+        )
+    }
+
+    fn route_name(registry: &Registry, destination: &str) -> Option<String> {
+        registry
+            .route(destination.parse().unwrap())
+            .map(|route| route.service.name.clone())
+    }
+
+    #[test]
+    fn the_longest_prefix_on_the_destination_port_wins() {
+        let wide = entry(
+            "wide",
+            "  addresses: [198.18.0.0/16]\n  ports: [{number: 80, name: http}]\n",
+        );
+        let narrow = entry(
+            "narrow",
+            "  addresses: [198.18.5.0/24]\n  ports: [{number: 80, name: http}]\n",
+        );
+        let other_port = entry(
+            "other-port",
+            "  addresses: [198.18.5.7]\n  ports: [{number: 81, name: http}]\n",
+        );
+        let (registry, warnings) = Registry::build(&config(&[&wide, &narrow, &other_port])).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let name = |destination| route_name(&registry, destination);
+        assert_eq!(name("198.18.5.7:80").as_deref(), Some("ServiceEntry/default/narrow"));
+        assert_eq!(name("198.18.6.7:80").as_deref(), Some("ServiceEntry/default/wide"));
+        assert_eq!(name("198.18.5.7:81").as_deref(), Some("ServiceEntry/default/other-port"));
+        assert_eq!(name("198.19.0.1:80"), None);
+        assert_eq!(name("198.18.6.7:81"), None);
+    }
+
+    #[test]
+    fn the_oldest_entry_wins_a_shared_port_and_a_shared_address() {
+        let newer = entry(
+            "newer",
+            "  addresses: [240.240.0.1]\n  ports: [{number: 5432, name: tcp}]\n",
+        )
+        .replace("name: newer}", "name: newer, creationTimestamp: '2024-02-01T00:00:00Z'}");
+        let older = entry(
+            "older",
+            "  addresses: [240.240.0.1]\n  ports: [{number: 5432, name: tcp}]\n",
+        )
+        .replace("name: older}", "name: older, creationTimestamp: '2023-01-01T00:00:00Z'}");
+        let (registry, warnings) = Registry::build(&config(&[&newer, &older])).unwrap();
+        assert_eq!(
+            route_name(&registry, "240.240.0.1:5432").as_deref(),
+            Some("ServiceEntry/default/older")
+        );
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].message.contains("ServiceEntry/default/older"));
+        assert_eq!(registry.intercepts().addresses.len(), 1);
+
+        let first = entry("first", "  ports: [{number: 6379, name: redis}]\n");
+        let second = entry("second", "  ports: [{number: 6379, name: redis}]\n");
+        let (registry, _) = Registry::build(&config(&[&first, &second])).unwrap();
+        assert_eq!(
+            route_name(&registry, "198.18.0.1:6379").as_deref(),
+            Some("ServiceEntry/default/first")
+        );
+        assert_eq!(registry.intercepts().ports, vec![(6379, 0)]);
+    }
+
+    #[test]
+    fn static_endpoints_map_ports_by_name_then_target_port_then_number() {
+        let service = entry(
+            "api",
+            "  addresses: [240.240.0.2]\n  resolution: STATIC\n  ports:\n  - {number: 80, name: http, targetPort: 8080}\n  - {number: 81, name: admin}\n  endpoints:\n  - address: 198.18.0.1\n    ports: {admin: 9091}\n",
+        );
+        let (registry, _) = Registry::build(&config(&[&service])).unwrap();
+        let upstream = |destination: &str| {
+            let destination = destination.parse().unwrap();
+            upstream_for(&registry.route(destination).unwrap(), destination).unwrap()
+        };
+        assert_eq!(upstream("240.240.0.2:80"), "198.18.0.1:8080".parse().unwrap());
+        assert_eq!(upstream("240.240.0.2:81"), "198.18.0.1:9091".parse().unwrap());
+    }
+
+    #[test]
+    fn none_keeps_the_original_address_and_applies_target_port() {
+        let service = entry(
+            "passthrough",
+            "  addresses: [198.18.0.0/24]\n  ports: [{number: 80, name: http, targetPort: 8080}]\n",
+        );
+        let (registry, _) = Registry::build(&config(&[&service])).unwrap();
+        let destination: SocketAddrV4 = "198.18.0.9:80".parse().unwrap();
+        let route = registry.route(destination).unwrap();
+        assert_eq!(
+            upstream_for(&route, destination),
+            Some("198.18.0.9:8080".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn weighted_picks_follow_the_weights_and_zero_counts_as_one() {
+        let service = entry(
+            "weighted",
+            "  addresses: [240.240.0.3]\n  resolution: STATIC\n  ports: [{number: 80, name: http}]\n  endpoints:\n  - {address: 198.18.0.1, weight: 9}\n  - {address: 198.18.0.2, weight: 0}\n",
+        );
+        let (registry, _) = Registry::build(&config(&[&service])).unwrap();
+        let service = &registry.services()[0];
+        let heavy = (0..10_000)
+            .filter(|_| service.pick_endpoint().unwrap().address.to_string() == "198.18.0.1")
+            .count();
+        // Expected 9000; ±300 is ten standard deviations.
+        assert!((8_700..=9_300).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn what_cannot_be_served_is_rejected_with_the_field() {
+        let dns = entry(
+            "dns",
+            "  resolution: DNS\n  ports: [{number: 443, name: https, protocol: TLS}]\n",
+        );
+        let error = Registry::build(&config(&[&dns])).unwrap_err();
+        assert_eq!(error.findings[0].field, "spec.resolution");
+        assert!(error.to_string().contains("test.yaml: document 0"), "{error}");
+    }
+}
