@@ -12,6 +12,7 @@ use crate::{
     kernel::{Kernel, KernelConfig, KernelError},
     proxy::{self, ProxyConfig, Shared},
     registry::{BuildError, Registry},
+    resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
 };
 
 /// Records older than this never reached the proxy: their client gave up or the
@@ -27,6 +28,7 @@ pub struct RunConfig {
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    pub dns: DnsSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +45,8 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Dns(#[from] DnsSetupError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
 }
@@ -65,6 +69,7 @@ pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, AppError> {
 
 pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let registry = load_registry(&config.config_paths)?;
+    let dns = DnsCache::new(config.dns.clone())?;
     let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
         return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
     };
@@ -91,6 +96,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let shared = Arc::new(Shared {
         registry: Arc::new(ArcSwap::from_pointee(registry)),
         original_destinations: Arc::clone(&original_destinations),
+        dns,
         config: ProxyConfig {
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,

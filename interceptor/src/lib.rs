@@ -7,3 +7,4 @@ pub mod kernel;
 pub mod proxy;
 pub mod registry;
 pub mod socket;
+pub mod resolve;

@@ -2,7 +2,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use interceptor::{app, config};
+use interceptor::{app, config, resolve::DnsSettings};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -44,6 +44,21 @@ struct RunArgs {
     drain_timeout: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
+    #[arg(long = "dns-server")]
+    dns_servers: Vec<SocketAddr>,
+    /// Lower clamp on DNS record TTLs, in seconds.
+    #[arg(long, default_value_t = 1)]
+    dns_min_ttl: u64,
+    /// Upper clamp on DNS record TTLs, in seconds.
+    #[arg(long, default_value_t = 300)]
+    dns_max_ttl: u64,
+    /// How long a failed lookup is cached, in seconds.
+    #[arg(long, default_value_t = 5)]
+    dns_negative_ttl: u64,
+    /// Timeout of one DNS query, in milliseconds (a lookup makes at most two).
+    #[arg(long, default_value_t = 2000)]
+    dns_timeout_ms: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +129,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        dns: DnsSettings {
+            servers: args.dns_servers,
+            min_ttl: Duration::from_secs(args.dns_min_ttl),
+            max_ttl: Duration::from_secs(args.dns_max_ttl),
+            negative_ttl: Duration::from_secs(args.dns_negative_ttl),
+            query_timeout: Duration::from_millis(args.dns_timeout_ms),
+        },
     }))?;
     Ok(())
 }

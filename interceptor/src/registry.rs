@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddrV4},
     sync::Arc,
 };
 
@@ -52,9 +52,19 @@ fn serialize_protocol<S: serde::Serializer>(
     serializer.serialize_str(&format!("{protocol:?}"))
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    /// Resolved per connection through the DNS cache (DNS and DNS_ROUND_ROBIN).
+    Hostname(String),
+    /// A filesystem path, or an abstract socket name starting with `@`.
+    Unix(String),
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Endpoint {
-    pub address: IpAddr,
+    pub address: EndpointAddress,
     /// Endpoint ports by service-port name (the WorkloadEntry `ports` map).
     pub ports: HashMap<String, u16>,
     pub weight: u64,
@@ -257,19 +267,13 @@ impl Service {
         report: &mut impl FnMut(Severity, String, String),
     ) -> Option<Service> {
         let spec = &entry.resource.spec;
-        match spec.resolution {
-            Resolution::None | Resolution::Static => {}
-            other => {
-                report(
-                    Severity::Error,
-                    "spec.resolution".into(),
-                    format!(
-                        "resolution {} is not supported by this proxy yet",
-                        other.as_str()
-                    ),
-                );
-                return None;
-            }
+        if spec.resolution == Resolution::DynamicDns {
+            report(
+                Severity::Error,
+                "spec.resolution".into(),
+                "DYNAMIC_DNS needs an egress waypoint, which this proxy is not".into(),
+            );
+            return None;
         }
         if spec.workload_selector.is_some() {
             report(
@@ -336,19 +340,16 @@ impl Service {
 
         let mut endpoints = Vec::new();
         for (index, endpoint) in spec.endpoints().iter().enumerate() {
-            let field = format!("spec.endpoints[{index}].address");
-            if endpoint.unix_socket_path().is_some() {
+            let address = if let Some(path) = endpoint.unix_socket_path() {
+                EndpointAddress::Unix(path.to_owned())
+            } else if let Ok(ip) = endpoint.address.parse::<IpAddr>() {
+                EndpointAddress::Ip(ip)
+            } else if matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+                EndpointAddress::Hostname(endpoint.address.clone())
+            } else {
                 report(
                     Severity::Error,
-                    field,
-                    "unix socket endpoints are not supported by this proxy yet".into(),
-                );
-                continue;
-            }
-            let Ok(address) = endpoint.address.parse::<IpAddr>() else {
-                report(
-                    Severity::Error,
-                    field,
+                    format!("spec.endpoints[{index}].address"),
                     format!(
                         "endpoint address {:?} is not a valid IP address",
                         endpoint.address
@@ -374,6 +375,22 @@ impl Service {
                 ports: endpoint_ports,
                 weight: endpoint.load_balancing_weight(),
             });
+        }
+        // Without endpoints, a DNS service resolves its own hosts, as Istio makes one
+        // endpoint per host.
+        if spec.endpoints().is_empty()
+            && matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+        {
+            endpoints.extend(
+                spec.hosts
+                    .iter()
+                    .filter(|host| !host.starts_with('*'))
+                    .map(|host| Endpoint {
+                        address: EndpointAddress::Hostname(host.clone()),
+                        ports: HashMap::new(),
+                        weight: 1,
+                    }),
+            );
         }
         let cumulative_weights = endpoints
             .iter()
@@ -415,35 +432,13 @@ fn parse_address(raw: &str) -> Option<IpNet> {
     }
 }
 
-/// The upstream address for a route: NONE keeps the original destination (with the
-/// port overridden by targetPort); STATIC picks an endpoint and maps the port by name.
-pub fn upstream_for(route: &Route, original: SocketAddrV4) -> Option<SocketAddr> {
-    let port = route.port();
-    match route.service.resolution {
-        Resolution::None => Some(SocketAddr::V4(SocketAddrV4::new(
-            *original.ip(),
-            port.default_endpoint_port,
-        ))),
-        Resolution::Static => {
-            let endpoint = route.service.pick_endpoint()?;
-            let number = endpoint
-                .ports
-                .get(&port.name)
-                .copied()
-                .unwrap_or(port.default_endpoint_port);
-            Some(SocketAddr::new(endpoint.address, number))
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use std::path::PathBuf;
 
-    use super::*;
+    use crate::config::{ConfigSet, Source, Sourced};
 
-    fn config(documents: &[&str]) -> ConfigSet {
+    pub fn config(documents: &[&str]) -> ConfigSet {
         ConfigSet {
             service_entries: documents
                 .iter()
@@ -459,11 +454,17 @@ mod tests {
         }
     }
 
-    fn entry(name: &str, extra: &str) -> String {
+    pub fn entry(name: &str, extra: &str) -> String {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n{extra}"
         )
     }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{test_support::*, *};
 
     fn route_name(registry: &Registry, destination: &str) -> Option<String> {
         registry
@@ -527,36 +528,6 @@ mod tests {
     }
 
     #[test]
-    fn static_endpoints_map_ports_by_name_then_target_port_then_number() {
-        let service = entry(
-            "api",
-            "  addresses: [240.240.0.2]\n  resolution: STATIC\n  ports:\n  - {number: 80, name: http, targetPort: 8080}\n  - {number: 81, name: admin}\n  endpoints:\n  - address: 198.18.0.1\n    ports: {admin: 9091}\n",
-        );
-        let (registry, _) = Registry::build(&config(&[&service])).unwrap();
-        let upstream = |destination: &str| {
-            let destination = destination.parse().unwrap();
-            upstream_for(&registry.route(destination).unwrap(), destination).unwrap()
-        };
-        assert_eq!(upstream("240.240.0.2:80"), "198.18.0.1:8080".parse().unwrap());
-        assert_eq!(upstream("240.240.0.2:81"), "198.18.0.1:9091".parse().unwrap());
-    }
-
-    #[test]
-    fn none_keeps_the_original_address_and_applies_target_port() {
-        let service = entry(
-            "passthrough",
-            "  addresses: [198.18.0.0/24]\n  ports: [{number: 80, name: http, targetPort: 8080}]\n",
-        );
-        let (registry, _) = Registry::build(&config(&[&service])).unwrap();
-        let destination: SocketAddrV4 = "198.18.0.9:80".parse().unwrap();
-        let route = registry.route(destination).unwrap();
-        assert_eq!(
-            upstream_for(&route, destination),
-            Some("198.18.0.9:8080".parse().unwrap())
-        );
-    }
-
-    #[test]
     fn weighted_picks_follow_the_weights_and_zero_counts_as_one() {
         let service = entry(
             "weighted",
@@ -565,7 +536,7 @@ mod tests {
         let (registry, _) = Registry::build(&config(&[&service])).unwrap();
         let service = &registry.services()[0];
         let heavy = (0..10_000)
-            .filter(|_| service.pick_endpoint().unwrap().address.to_string() == "198.18.0.1")
+            .filter(|_| service.pick_endpoint().unwrap().address == EndpointAddress::Ip("198.18.0.1".parse().unwrap()))
             .count();
         // Expected 9000; ±300 is ten standard deviations.
         assert!((8_700..=9_300).contains(&heavy), "{heavy}");
@@ -573,11 +544,11 @@ mod tests {
 
     #[test]
     fn what_cannot_be_served_is_rejected_with_the_field() {
-        let dns = entry(
-            "dns",
-            "  resolution: DNS\n  ports: [{number: 443, name: https, protocol: TLS}]\n",
+        let dynamic = entry(
+            "dynamic",
+            "  resolution: DYNAMIC_DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n",
         );
-        let error = Registry::build(&config(&[&dns])).unwrap_err();
+        let error = Registry::build(&config(&[&dynamic])).unwrap_err();
         assert_eq!(error.findings[0].field, "spec.resolution");
         assert!(error.to_string().contains("test.yaml: document 0"), "{error}");
     }

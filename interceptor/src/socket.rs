@@ -50,3 +50,25 @@ pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
 }
+
+/// An upstream connection: TCP, or a unix socket for `unix://` endpoints.
+pub enum Upstream {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+/// Connects to a unix socket path, or to an abstract socket for names starting with `@`.
+pub async fn connect_unix(path: &std::path::Path) -> io::Result<tokio::net::UnixStream> {
+    use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
+    let name = path.as_os_str().as_bytes();
+    match name.strip_prefix(b"@") {
+        Some(abstract_name) => {
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)?;
+            // A unix connect completes or fails at once; it never waits on a network.
+            let stream = std::os::unix::net::UnixStream::connect_addr(&addr)?;
+            stream.set_nonblocking(true)?;
+            tokio::net::UnixStream::from_std(stream)
+        }
+        None => tokio::net::UnixStream::connect(path).await,
+    }
+}

@@ -14,8 +14,9 @@ use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
 use crate::{
     kernel::OriginalDestinations,
-    registry::{Registry, upstream_for},
-    socket::{connect_bypassing, reset},
+    registry::Registry,
+    resolve::{self, DnsCache, Target},
+    socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,7 @@ pub struct ProxyConfig {
 pub struct Shared {
     pub registry: Arc<ArcSwap<Registry>>,
     pub original_destinations: Arc<OriginalDestinations>,
+    pub dns: Arc<DnsCache>,
     pub config: ProxyConfig,
 }
 
@@ -91,14 +93,14 @@ async fn forward(
     };
     span.record("original_dst", tracing::field::display(original));
 
-    let registry = shared.registry.load();
-    let upstream = match registry.route(original) {
+    let registry = shared.registry.load_full();
+    let targets = match registry.route(original) {
         Some(route) => {
             span.record("service", route.service.name.as_str());
-            match upstream_for(&route, original) {
-                Some(upstream) => upstream,
-                None => {
-                    warn!("refused: the service has no endpoint");
+            match resolve::targets(&route, original, &shared.dns).await {
+                Ok(targets) => targets,
+                Err(error) => {
+                    warn!(%error, "refused: no upstream");
                     reset(client);
                     return;
                 }
@@ -106,27 +108,25 @@ async fn forward(
         }
         // The config changed between the redirect and now; outbound traffic policy
         // ALLOW_ANY sends unmatched traffic to where it was going.
-        None => SocketAddr::V4(original),
+        None => vec![Target::Tcp(SocketAddr::V4(original))],
     };
     drop(registry);
-    span.record("endpoint", tracing::field::display(upstream));
 
-    let mut upstream_stream = match connect_bypassing(
-        upstream,
-        shared.config.bypass_mark,
-        shared.config.connect_timeout,
-    )
-    .await
-    {
-        Ok(stream) => stream,
-        Err(error) => {
-            warn!(%error, "upstream connect failed; resetting the client");
-            reset(client);
-            return;
+    let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
+        reset(client);
+        return;
+    };
+    span.record("endpoint", tracing::field::display(&target));
+    let _ = client.set_nodelay(true);
+    let copied = match upstream {
+        Upstream::Tcp(mut upstream) => {
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+        }
+        Upstream::Unix(mut upstream) => {
+            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         }
     };
-    let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream_stream).await {
+    match copied {
         Ok((sent, received)) => info!(
             bytes_sent = sent,
             bytes_received = received,
@@ -139,4 +139,33 @@ async fn forward(
             "connection closed with an error"
         ),
     }
+}
+
+/// Tries the targets in order until one accepts, all within one connect deadline;
+/// each attempt gets an equal share of what is left, so one black-holed address
+/// cannot use up the time of the others.
+async fn connect_any(targets: &[Target], config: &ProxyConfig) -> Option<(Target, Upstream)> {
+    let deadline = Instant::now() + config.connect_timeout;
+    for (index, target) in targets.iter().enumerate() {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            warn!(%target, "connect deadline reached before trying every address");
+            break;
+        }
+        let attempt_timeout = remaining / (targets.len() - index) as u32;
+        let result = match target {
+            Target::Tcp(addr) => connect_bypassing(*addr, config.bypass_mark, attempt_timeout)
+                .await
+                .map(Upstream::Tcp),
+            Target::Unix(path) => connect_unix(path).await.map(Upstream::Unix),
+        };
+        match result {
+            Ok(upstream) => return Some((target.clone(), upstream)),
+            Err(error) if index + 1 < targets.len() => {
+                warn!(%target, %error, "upstream connect failed; trying the next address");
+            }
+            Err(error) => warn!(%target, %error, "upstream connect failed; resetting the client"),
+        }
+    }
+    None
 }

@@ -1,0 +1,233 @@
+//! Choosing the upstream for a routed connection, by the service's resolution:
+//! NONE keeps the original destination, STATIC picks an endpoint by weight, DNS
+//! spreads over every resolved address (Envoy's STRICT_DNS), and DNS_ROUND_ROBIN uses
+//! the first address of the current answer (LOGICAL_DNS).
+
+pub mod dns;
+
+use std::{
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
+};
+
+use futures_util::future::join_all;
+use rand::seq::SliceRandom as _;
+
+use crate::{
+    config::Resolution,
+    registry::{Endpoint, EndpointAddress, Route},
+};
+pub use dns::{DnsCache, DnsSettings, LookupError};
+
+/// One place to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Tcp(SocketAddr),
+    /// A filesystem path, or an abstract socket name starting with `@`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => write!(f, "{addr}"),
+            Self::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("the service has no endpoint")]
+    NoEndpoint,
+    #[error("DNS: {0}")]
+    Dns(#[from] LookupError),
+}
+
+/// The targets to try, in order. Only DNS resolution returns more than one: the
+/// weighted pick first, then the other addresses as fallbacks if it refuses.
+pub async fn targets(
+    route: &Route,
+    original: SocketAddrV4,
+    dns: &Arc<DnsCache>,
+) -> Result<Vec<Target>, ResolveError> {
+    let service = &route.service;
+    let port = route.port();
+    match service.resolution {
+        Resolution::None => Ok(vec![Target::Tcp(SocketAddr::V4(SocketAddrV4::new(
+            *original.ip(),
+            port.default_endpoint_port,
+        )))]),
+        Resolution::Static => {
+            let endpoint = service.pick_endpoint().ok_or(ResolveError::NoEndpoint)?;
+            literal_target(endpoint, route)
+                .map(|target| vec![target])
+                .ok_or(ResolveError::NoEndpoint)
+        }
+        Resolution::DnsRoundRobin => {
+            let endpoint = service.endpoints.first().ok_or(ResolveError::NoEndpoint)?;
+            if let Some(target) = literal_target(endpoint, route) {
+                return Ok(vec![target]);
+            }
+            let addresses = resolve_endpoint(endpoint, dns).await?;
+            let first = addresses.first().ok_or(ResolveError::NoEndpoint)?;
+            Ok(vec![tcp_target(endpoint, route, *first)])
+        }
+        Resolution::Dns | Resolution::DynamicDns => {
+            let resolved = join_all(service.endpoints.iter().map(|endpoint| async move {
+                resolve_endpoint(endpoint, dns)
+                    .await
+                    .map(|addresses| addresses.into_iter().map(move |address| (endpoint, address)))
+            }))
+            .await;
+            let mut backends: Vec<(&Endpoint, IpAddr)> = Vec::new();
+            let mut first_error = None;
+            for result in resolved {
+                match result {
+                    Ok(found) => backends.extend(found),
+                    Err(error) => {
+                        first_error.get_or_insert(error);
+                    }
+                }
+            }
+            if backends.is_empty() {
+                return Err(first_error.map_or(ResolveError::NoEndpoint, ResolveError::Dns));
+            }
+            // Every resolved address is a backend with its endpoint's weight.
+            let chosen = weighted_index(backends.iter().map(|(endpoint, _)| endpoint.weight));
+            let first = backends.swap_remove(chosen);
+            backends.shuffle(&mut rand::rng());
+            Ok(std::iter::once(first)
+                .chain(backends)
+                .map(|(endpoint, address)| tcp_target(endpoint, route, address))
+                .collect())
+        }
+    }
+}
+
+async fn resolve_endpoint(
+    endpoint: &Endpoint,
+    dns: &Arc<DnsCache>,
+) -> Result<Vec<IpAddr>, LookupError> {
+    match &endpoint.address {
+        EndpointAddress::Hostname(host) => Ok(dns.lookup(host).await?.to_vec()),
+        EndpointAddress::Ip(address) => Ok(vec![*address]),
+        // Validation keeps unix sockets out of DNS services.
+        EndpointAddress::Unix(_) => Ok(Vec::new()),
+    }
+}
+
+/// An endpoint given as an IP or a unix socket; `None` for a hostname.
+fn literal_target(endpoint: &Endpoint, route: &Route) -> Option<Target> {
+    match &endpoint.address {
+        EndpointAddress::Ip(address) => Some(tcp_target(endpoint, route, *address)),
+        EndpointAddress::Unix(path) => Some(Target::Unix(PathBuf::from(path))),
+        EndpointAddress::Hostname(_) => None,
+    }
+}
+
+/// The endpoint's port for the route's service port: mapped by name, then
+/// targetPort, then the number.
+fn tcp_target(endpoint: &Endpoint, route: &Route, address: IpAddr) -> Target {
+    let port = route.port();
+    let number = endpoint
+        .ports
+        .get(&port.name)
+        .copied()
+        .unwrap_or(port.default_endpoint_port);
+    Target::Tcp(SocketAddr::new(address, number))
+}
+
+fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> usize {
+    let total: u64 = weights.clone().sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut ticket = rand::random_range(0..total);
+    for (index, weight) in weights.enumerate() {
+        if ticket < weight {
+            return index;
+        }
+        ticket -= weight;
+    }
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::registry::{
+        Registry,
+        test_support::{config, entry},
+    };
+
+    fn targets_for(yaml: &str, destination: &str) -> Vec<Target> {
+        let (registry, _) = Registry::build(&config(&[yaml])).unwrap();
+        let destination: SocketAddrV4 = destination.parse().unwrap();
+        let route = registry.route(destination).expect("routed");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            // Nothing listens here: these services never need a lookup.
+            let dns = DnsCache::new(DnsSettings {
+                servers: vec!["127.0.0.1:9".parse().unwrap()],
+                query_timeout: Duration::from_millis(50),
+                ..DnsSettings::default()
+            })
+            .unwrap();
+            targets(&route, destination, &dns).await.unwrap()
+        })
+    }
+
+    fn tcp(addr: &str) -> Target {
+        Target::Tcp(addr.parse().unwrap())
+    }
+
+    #[test]
+    fn static_endpoints_map_ports_by_name_then_target_port_then_number() {
+        let service = entry(
+            "api",
+            "  addresses: [240.240.0.2]\n  resolution: STATIC\n  ports:\n  - {number: 80, name: http, targetPort: 8080}\n  - {number: 81, name: admin}\n  - {number: 82, name: plain}\n  endpoints:\n  - address: 198.18.0.1\n    ports: {admin: 9091}\n",
+        );
+        assert_eq!(targets_for(&service, "240.240.0.2:80"), [tcp("198.18.0.1:8080")]);
+        assert_eq!(targets_for(&service, "240.240.0.2:81"), [tcp("198.18.0.1:9091")]);
+        assert_eq!(targets_for(&service, "240.240.0.2:82"), [tcp("198.18.0.1:82")]);
+    }
+
+    #[test]
+    fn none_keeps_the_original_address_and_applies_target_port() {
+        let service = entry(
+            "passthrough",
+            "  addresses: [198.18.0.0/24]\n  ports: [{number: 80, name: http, targetPort: 8080}]\n",
+        );
+        assert_eq!(targets_for(&service, "198.18.0.9:80"), [tcp("198.18.0.9:8080")]);
+    }
+
+    #[test]
+    fn unix_endpoints_become_unix_targets() {
+        let service = entry(
+            "local",
+            "  addresses: [240.240.0.4]\n  resolution: STATIC\n  ports: [{number: 80, name: http}]\n  endpoints:\n  - address: unix:///run/app.sock\n",
+        );
+        assert_eq!(
+            targets_for(&service, "240.240.0.4:80"),
+            [Target::Unix(PathBuf::from("/run/app.sock"))]
+        );
+    }
+
+    #[test]
+    fn dns_with_ip_endpoints_lists_every_endpoint_as_a_fallback() {
+        let service = entry(
+            "spread",
+            "  addresses: [240.240.0.5]\n  resolution: DNS\n  ports: [{number: 80, name: http}]\n  endpoints:\n  - address: 198.18.0.1\n  - address: 198.18.0.2\n",
+        );
+        let mut targets = targets_for(&service, "240.240.0.5:80");
+        targets.sort_by_key(ToString::to_string);
+        assert_eq!(targets, [tcp("198.18.0.1:80"), tcp("198.18.0.2:80")]);
+    }
+}
