@@ -6,5 +6,5 @@ pub mod config;
 pub mod kernel;
 pub mod proxy;
 pub mod registry;
-pub mod socket;
 pub mod resolve;
+pub mod socket;

@@ -459,7 +459,6 @@ pub(crate) mod test_support {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n{extra}"
         )
     }
-
 }
 
 #[cfg(test)]
@@ -486,12 +485,22 @@ mod tests {
             "other-port",
             "  addresses: [198.18.5.7]\n  ports: [{number: 81, name: http}]\n",
         );
-        let (registry, warnings) = Registry::build(&config(&[&wide, &narrow, &other_port])).unwrap();
+        let (registry, warnings) =
+            Registry::build(&config(&[&wide, &narrow, &other_port])).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         let name = |destination| route_name(&registry, destination);
-        assert_eq!(name("198.18.5.7:80").as_deref(), Some("ServiceEntry/default/narrow"));
-        assert_eq!(name("198.18.6.7:80").as_deref(), Some("ServiceEntry/default/wide"));
-        assert_eq!(name("198.18.5.7:81").as_deref(), Some("ServiceEntry/default/other-port"));
+        assert_eq!(
+            name("198.18.5.7:80").as_deref(),
+            Some("ServiceEntry/default/narrow")
+        );
+        assert_eq!(
+            name("198.18.6.7:80").as_deref(),
+            Some("ServiceEntry/default/wide")
+        );
+        assert_eq!(
+            name("198.18.5.7:81").as_deref(),
+            Some("ServiceEntry/default/other-port")
+        );
         assert_eq!(name("198.19.0.1:80"), None);
         assert_eq!(name("198.18.6.7:81"), None);
     }
@@ -502,12 +511,18 @@ mod tests {
             "newer",
             "  addresses: [240.240.0.1]\n  ports: [{number: 5432, name: tcp}]\n",
         )
-        .replace("name: newer}", "name: newer, creationTimestamp: '2024-02-01T00:00:00Z'}");
+        .replace(
+            "name: newer}",
+            "name: newer, creationTimestamp: '2024-02-01T00:00:00Z'}",
+        );
         let older = entry(
             "older",
             "  addresses: [240.240.0.1]\n  ports: [{number: 5432, name: tcp}]\n",
         )
-        .replace("name: older}", "name: older, creationTimestamp: '2023-01-01T00:00:00Z'}");
+        .replace(
+            "name: older}",
+            "name: older, creationTimestamp: '2023-01-01T00:00:00Z'}",
+        );
         let (registry, warnings) = Registry::build(&config(&[&newer, &older])).unwrap();
         assert_eq!(
             route_name(&registry, "240.240.0.1:5432").as_deref(),
@@ -536,7 +551,10 @@ mod tests {
         let (registry, _) = Registry::build(&config(&[&service])).unwrap();
         let service = &registry.services()[0];
         let heavy = (0..10_000)
-            .filter(|_| service.pick_endpoint().unwrap().address == EndpointAddress::Ip("198.18.0.1".parse().unwrap()))
+            .filter(|_| {
+                service.pick_endpoint().unwrap().address
+                    == EndpointAddress::Ip("198.18.0.1".parse().unwrap())
+            })
             .count();
         // Expected 9000; ±300 is ten standard deviations.
         assert!((8_700..=9_300).contains(&heavy), "{heavy}");
@@ -550,6 +568,9 @@ mod tests {
         );
         let error = Registry::build(&config(&[&dynamic])).unwrap_err();
         assert_eq!(error.findings[0].field, "spec.resolution");
-        assert!(error.to_string().contains("test.yaml: document 0"), "{error}");
+        assert!(
+            error.to_string().contains("test.yaml: document 0"),
+            "{error}"
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod bpf;
 pub mod daemon;
+pub mod dns;
 pub mod server;
 
 use std::{

@@ -2,6 +2,7 @@
 //!
 //! A client opens with one command line:
 //! - `WHO` → the server answers `<name> <local addr> <peer addr>` and closes;
+//! - `ECHO` → the server answers `<name>`, then echoes everything until EOF;
 //! - `BULK <n>` → the server reads to EOF, answers `<bytes read> <checksum>`, then
 //!   sends `n` bytes of [`pattern`] and closes.
 
@@ -73,6 +74,10 @@ fn serve(name: &str, stream: TcpStream) -> std::io::Result<()> {
             }
             writeln!(writer, "{} {:016x}", checksum.length, checksum.value())?;
             write_pattern(&mut writer, length)?;
+        }
+        ["ECHO"] => {
+            writeln!(writer, "{name}")?;
+            std::io::copy(&mut reader, &mut writer)?;
         }
         _ => {}
     }

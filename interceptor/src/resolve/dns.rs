@@ -12,9 +12,7 @@ use std::{
 
 use hickory_resolver::{
     TokioResolver,
-    config::{
-        ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts,
-    },
+    config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts},
     net::{DnsError, NetError, runtime::TokioRuntimeProvider},
 };
 use tracing::{debug, warn};
@@ -77,7 +75,8 @@ pub struct DnsCache {
 impl DnsCache {
     pub fn new(settings: DnsSettings) -> Result<Arc<Self>, DnsSetupError> {
         let (config, mut options) = if settings.servers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf().map_err(DnsSetupError::SystemConfig)?
+            hickory_resolver::system_conf::read_system_conf()
+                .map_err(DnsSetupError::SystemConfig)?
         } else {
             let servers = settings
                 .servers
@@ -176,7 +175,9 @@ impl DnsCache {
             ),
         };
         match &answer {
-            Ok(addresses) => debug!(host, ?addresses, ?ttl, elapsed = ?started.elapsed(), "resolved"),
+            Ok(addresses) => {
+                debug!(host, ?addresses, ?ttl, elapsed = ?started.elapsed(), "resolved")
+            }
             Err(error) => warn!(host, %error, "DNS lookup failed"),
         }
 

@@ -76,9 +76,11 @@ pub async fn targets(
         }
         Resolution::Dns | Resolution::DynamicDns => {
             let resolved = join_all(service.endpoints.iter().map(|endpoint| async move {
-                resolve_endpoint(endpoint, dns)
-                    .await
-                    .map(|addresses| addresses.into_iter().map(move |address| (endpoint, address)))
+                resolve_endpoint(endpoint, dns).await.map(|addresses| {
+                    addresses
+                        .into_iter()
+                        .map(move |address| (endpoint, address))
+                })
             }))
             .await;
             let mut backends: Vec<(&Endpoint, IpAddr)> = Vec::new();
@@ -194,9 +196,18 @@ mod tests {
             "api",
             "  addresses: [240.240.0.2]\n  resolution: STATIC\n  ports:\n  - {number: 80, name: http, targetPort: 8080}\n  - {number: 81, name: admin}\n  - {number: 82, name: plain}\n  endpoints:\n  - address: 198.18.0.1\n    ports: {admin: 9091}\n",
         );
-        assert_eq!(targets_for(&service, "240.240.0.2:80"), [tcp("198.18.0.1:8080")]);
-        assert_eq!(targets_for(&service, "240.240.0.2:81"), [tcp("198.18.0.1:9091")]);
-        assert_eq!(targets_for(&service, "240.240.0.2:82"), [tcp("198.18.0.1:82")]);
+        assert_eq!(
+            targets_for(&service, "240.240.0.2:80"),
+            [tcp("198.18.0.1:8080")]
+        );
+        assert_eq!(
+            targets_for(&service, "240.240.0.2:81"),
+            [tcp("198.18.0.1:9091")]
+        );
+        assert_eq!(
+            targets_for(&service, "240.240.0.2:82"),
+            [tcp("198.18.0.1:82")]
+        );
     }
 
     #[test]
@@ -205,7 +216,10 @@ mod tests {
             "passthrough",
             "  addresses: [198.18.0.0/24]\n  ports: [{number: 80, name: http, targetPort: 8080}]\n",
         );
-        assert_eq!(targets_for(&service, "198.18.0.9:80"), [tcp("198.18.0.9:8080")]);
+        assert_eq!(
+            targets_for(&service, "198.18.0.9:80"),
+            [tcp("198.18.0.9:8080")]
+        );
     }
 
     #[test]
