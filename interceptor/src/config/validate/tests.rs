@@ -766,10 +766,21 @@ fn cases() -> Vec<Case> {
 fn every_rule_has_a_passing_and_a_failing_document() {
     let mut failures = Vec::new();
     for case in cases() {
-        let expected = (case.severity, case.field.to_owned(), case.message.to_owned());
+        let expected = (
+            case.severity,
+            case.field.to_owned(),
+            case.message.to_owned(),
+        );
         let valid = summary(&findings(&case.valid));
-        if valid.iter().any(|(severity, _, _)| *severity == Severity::Error) || valid.contains(&expected) {
-            failures.push(format!("{}: valid document has findings: {valid:#?}", case.rule));
+        if valid
+            .iter()
+            .any(|(severity, _, _)| *severity == Severity::Error)
+            || valid.contains(&expected)
+        {
+            failures.push(format!(
+                "{}: valid document has findings: {valid:#?}",
+                case.rule
+            ));
         }
         let invalid = summary(&findings(&case.invalid));
         if !invalid.contains(&expected) {
@@ -823,7 +834,9 @@ fn partial_wildcard_errors_are_not_warnings() {
             "hosts: ['{host}']\n{TLS_443}\nresolution: NONE"
         ))));
         assert!(
-            found.iter().any(|(severity, field, _)| *severity == E && field == "spec.hosts[0]"),
+            found
+                .iter()
+                .any(|(severity, field, _)| *severity == E && field == "spec.hosts[0]"),
             "{host}: {found:?}"
         );
     }
@@ -856,11 +869,21 @@ fn join(documents: &[String]) -> String {
 #[test]
 fn port_only_tcp_entries_sharing_a_port_name_the_oldest_as_winner() {
     let body = |host: &str| {
-        format!("hosts: [{host}]\nports: [{{number: 5432, name: pg, protocol: TCP}}]\nresolution: NONE")
+        format!(
+            "hosts: [{host}]\nports: [{{number: 5432, name: pg, protocol: TCP}}]\nresolution: NONE"
+        )
     };
     let yaml = join(&[
-        se_named("newer", Some("2024-05-02T00:00:00Z"), &body("a.example.com")),
-        se_named("older", Some("2024-05-01T23:00:00-02:00"), &body("b.example.com")),
+        se_named(
+            "newer",
+            Some("2024-05-02T00:00:00Z"),
+            &body("a.example.com"),
+        ),
+        se_named(
+            "older",
+            Some("2024-05-01T23:00:00-02:00"),
+            &body("b.example.com"),
+        ),
         se_named("untimed", None, &body("c.example.com")),
     ]);
     let found = findings(&yaml);
@@ -873,10 +896,19 @@ fn port_only_tcp_entries_sharing_a_port_name_the_oldest_as_winner() {
     for finding in &conflicts {
         assert_eq!(finding.severity, W);
         assert_eq!(finding.field, "spec.ports[0]");
-        assert!(finding.message.contains("ServiceEntry/ns/newer (case.yaml document 0) wins"), "{}", finding.message);
+        assert!(
+            finding
+                .message
+                .contains("ServiceEntry/ns/newer (case.yaml document 0) wins"),
+            "{}",
+            finding.message
+        );
     }
     let losers: Vec<&str> = conflicts.iter().map(|f| f.object.as_str()).collect();
-    assert_eq!(losers, vec!["ServiceEntry/ns/older", "ServiceEntry/ns/untimed"]);
+    assert_eq!(
+        losers,
+        vec!["ServiceEntry/ns/older", "ServiceEntry/ns/untimed"]
+    );
 }
 
 #[test]
@@ -907,8 +939,16 @@ fn tls_and_http_port_only_entries_may_share_a_port() {
 #[test]
 fn opaque_port_only_entry_next_to_sni_entries_is_shadowed() {
     let yaml = join(&[
-        se_named("raw", None, "hosts: [raw.example.com]\nports: [{number: 443, name: raw}]\nresolution: NONE"),
-        se_named("tls", None, &format!("hosts: [a.example.com]\n{TLS_443}\nresolution: NONE")),
+        se_named(
+            "raw",
+            None,
+            "hosts: [raw.example.com]\nports: [{number: 443, name: raw}]\nresolution: NONE",
+        ),
+        se_named(
+            "tls",
+            None,
+            &format!("hosts: [a.example.com]\n{TLS_443}\nresolution: NONE"),
+        ),
     ]);
     let found = findings(&yaml);
     assert!(
@@ -923,11 +963,21 @@ fn opaque_port_only_entry_next_to_sni_entries_is_shadowed() {
 #[test]
 fn two_entries_claiming_one_address_and_port() {
     let body = |host: &str, address: &str| {
-        format!("hosts: [{host}]\naddresses: ['{address}']\nports: [{{number: 5432, name: pg, protocol: TCP}}]\nresolution: STATIC")
+        format!(
+            "hosts: [{host}]\naddresses: ['{address}']\nports: [{{number: 5432, name: pg, protocol: TCP}}]\nresolution: STATIC"
+        )
     };
     let yaml = join(&[
-        se_named("first", Some("2024-01-01T00:00:00Z"), &body("a.example.com", "10.0.0.1")),
-        se_named("second", Some("2024-01-01T00:00:00.5Z"), &body("b.example.com", "10.0.0.1/32")),
+        se_named(
+            "first",
+            Some("2024-01-01T00:00:00Z"),
+            &body("a.example.com", "10.0.0.1"),
+        ),
+        se_named(
+            "second",
+            Some("2024-01-01T00:00:00.5Z"),
+            &body("b.example.com", "10.0.0.1/32"),
+        ),
         se_named("other", None, &body("c.example.com", "10.0.0.2")),
     ]);
     let found = findings(&yaml);
@@ -938,12 +988,20 @@ fn two_entries_claiming_one_address_and_port() {
     assert_eq!(conflicts.len(), 1, "{found:#?}");
     assert_eq!(conflicts[0].object, "ServiceEntry/ns/second");
     assert_eq!(conflicts[0].field, "spec.addresses[0]");
-    assert!(conflicts[0].message.starts_with("address 10.0.0.1 port 5432 is also claimed by ServiceEntry/ns/first"));
+    assert!(
+        conflicts[0]
+            .message
+            .starts_with("address 10.0.0.1 port 5432 is also claimed by ServiceEntry/ns/first")
+    );
 }
 
 #[test]
 fn unparsable_creation_timestamp_warns() {
-    let yaml = se_named("x", Some("yesterday"), &format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS"));
+    let yaml = se_named(
+        "x",
+        Some("yesterday"),
+        &format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS"),
+    );
     let found = summary(&findings(&yaml));
     assert_eq!(
         found,
@@ -960,10 +1018,25 @@ mod helpers {
 
     #[test]
     fn ip_parsing_follows_go_netip() {
-        for good in ["1.2.3.4", "0.0.0.0", "::", "2001:db8::1", "fe80::1%eth0", "::ffff:1.2.3.4"] {
+        for good in [
+            "1.2.3.4",
+            "0.0.0.0",
+            "::",
+            "2001:db8::1",
+            "fe80::1%eth0",
+            "::ffff:1.2.3.4",
+        ] {
             assert!(is_valid_ip(good), "{good}");
         }
-        for bad in ["01.2.3.4", "1.2.3", "256.1.1.1", "fe80::1%", "1.2.3.4%eth0", "", "a.b.c.d"] {
+        for bad in [
+            "01.2.3.4",
+            "1.2.3",
+            "256.1.1.1",
+            "fe80::1%",
+            "1.2.3.4%eth0",
+            "",
+            "a.b.c.d",
+        ] {
             assert!(!is_valid_ip(bad), "{bad}");
         }
         assert!(validate_ip_subnet("2001:db8::/32").is_ok());
@@ -988,7 +1061,10 @@ mod helpers {
         assert!(validate_wildcard_domain("*-foo.example.com").is_ok());
         assert_eq!(
             validate_fqdn(&"a".repeat(256)),
-            Err(format!("domain name {:?} too long (max 255)", "a".repeat(256)))
+            Err(format!(
+                "domain name {:?} too long (max 255)",
+                "a".repeat(256)
+            ))
         );
         assert!(validate_fqdn("Upper.Case.Example").is_ok());
         assert!(validate_label_key(&format!("{}/a", "a".repeat(254))).is_err());
