@@ -66,6 +66,15 @@ struct ValidateArgs {
     /// ServiceEntry YAML files or directories of them.
     #[arg(required = true)]
     paths: Vec<PathBuf>,
+    /// `text`: one line per finding; `json`: machine-readable findings.
+    #[arg(long, value_enum, default_value_t = ValidateOutput::Text)]
+    output: ValidateOutput,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ValidateOutput {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -156,9 +165,11 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    for finding in &findings {
-        println!("{finding}");
-    }
+    let format = match args.output {
+        ValidateOutput::Text => config::OutputFormat::Text,
+        ValidateOutput::Json => config::OutputFormat::Json,
+    };
+    print!("{}", config::render(&findings, format));
     if findings
         .iter()
         .any(|finding| finding.severity == config::Severity::Error)

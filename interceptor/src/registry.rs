@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::config::{
     ConfigSet, Finding, Protocol, Resolution, ServiceEntry, Severity, Source, Sourced, object_name,
+    validate,
 };
 
 /// A ServiceEntry as the data path uses it.
@@ -125,8 +126,10 @@ impl Registry {
     /// cannot serve yet. Entries are considered oldest first, so where two claim the
     /// same destination the older one wins, as in Istio.
     pub fn build(config: &ConfigSet) -> Result<(Self, BuildWarnings), BuildError> {
-        let mut entries: Vec<&Sourced<ServiceEntry>> = config.service_entries.iter().collect();
-        entries.sort_by_key(|entry| precedence_key(entry));
+        // Oldest first, in the same order validation uses to say which entry wins.
+        let entries = validate::entry_order(&config.service_entries)
+            .into_iter()
+            .map(|index| &config.service_entries[index]);
 
         let mut registry = Registry::default();
         let mut errors = Vec::new();
@@ -147,7 +150,7 @@ impl Registry {
                 }
             };
             if let Some(service) = Service::from_entry(entry, &mut report) {
-                registry.add(service, &mut report);
+                registry.add(service);
             }
         }
         if !errors.is_empty() {
@@ -159,7 +162,7 @@ impl Registry {
         Ok((registry, warnings))
     }
 
-    fn add(&mut self, service: Service, report: &mut impl FnMut(Severity, String, String)) {
+    fn add(&mut self, service: Service) {
         let index = self.services.len();
         let rule_id = index as u32;
         let addresses = service.addresses.clone();
@@ -187,19 +190,14 @@ impl Registry {
                         groups.last_mut().expect("just pushed")
                     }
                 };
-                let key = u32::from(network.network());
-                if let Some(&(winner, _)) = group.networks.get(&key) {
-                    report(
-                        Severity::Warning,
-                        "spec.addresses".into(),
-                        format!(
-                            "{network}:{} is already claimed by {}, which is older and wins",
-                            port.number, self.services[winner].name
-                        ),
-                    );
+                // An older entry already claims this address and port; validation has
+                // warned about it, naming the winner.
+                let std::collections::hash_map::Entry::Vacant(slot) =
+                    group.networks.entry(u32::from(network.network()))
+                else {
                     continue;
-                }
-                group.networks.insert(key, (index, port_index));
+                };
+                slot.insert((index, port_index));
                 self.intercepts
                     .addresses
                     .push((*network, port.number, rule_id));
@@ -243,22 +241,6 @@ fn prefix_mask(prefix_len: u8) -> u32 {
     u32::MAX
         .checked_shl(32 - u32::from(prefix_len))
         .unwrap_or(0)
-}
-
-/// Istio's precedence: older creationTimestamp first, then name, then namespace.
-/// RFC 3339 timestamps in UTC sort as text. Entries without one come after, in load
-/// order, which the stable sort keeps.
-fn precedence_key(entry: &Sourced<ServiceEntry>) -> (bool, String, String, String) {
-    let metadata = &entry.resource.metadata;
-    match &metadata.creation_timestamp {
-        Some(timestamp) => (
-            false,
-            timestamp.clone(),
-            metadata.name.clone(),
-            metadata.namespace().to_owned(),
-        ),
-        None => (true, String::new(), String::new(), String::new()),
-    }
 }
 
 impl Service {
@@ -451,6 +433,7 @@ pub(crate) mod test_support {
                     resource: serde_yaml::from_str(yaml).expect("valid ServiceEntry"),
                 })
                 .collect(),
+            ..ConfigSet::default()
         }
     }
 
@@ -528,8 +511,10 @@ mod tests {
             route_name(&registry, "240.240.0.1:5432").as_deref(),
             Some("ServiceEntry/default/older")
         );
-        assert_eq!(warnings.len(), 1);
-        assert!(warnings[0].message.contains("ServiceEntry/default/older"));
+        assert!(
+            warnings.is_empty(),
+            "validation reports conflicts: {warnings:?}"
+        );
         assert_eq!(registry.intercepts().addresses.len(), 1);
 
         let first = entry("first", "  ports: [{number: 6379, name: redis}]\n");

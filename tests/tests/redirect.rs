@@ -389,3 +389,48 @@ fn ten_mib_each_way_arrive_intact() {
         "the download arrived damaged"
     );
 }
+
+#[test]
+fn an_invalid_config_is_refused_whole_and_nothing_is_attached() {
+    let sandbox = Sandbox::new("invalid");
+    let config = sandbox.workdir.join("invalid.yaml");
+    // The first document is fine; the second has an error. Nothing may be applied.
+    std::fs::write(
+        &config,
+        format!(
+            "{NONE_RANGE}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: broken}}\nspec:\n  hosts: [broken.test.example]\n  addresses: [240.240.9.0/24]\n  ports: [{{number: 7000, name: tcp, targetPort: 70000}}]\n  resolution: DNS\n"
+        ),
+    )
+    .unwrap();
+    let error = integration_tests::Daemon::start(&config, &sandbox.cgroup, &[])
+        .err()
+        .expect("the daemon must refuse an invalid config");
+    let message = format!("{error:#}");
+    assert!(message.contains("document 1"), "{message}");
+    assert!(message.contains("ServiceEntry/default/broken"), "{message}");
+    assert!(message.contains("spec.ports[0].targetPort"), "{message}");
+    assert!(
+        message.contains("CIDR addresses are allowed only for NONE/STATIC"),
+        "{message}"
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        0
+    );
+
+    let validate = std::process::Command::new(integration_tests::daemon::binary().unwrap())
+        .arg("validate")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(validate.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&validate.stdout);
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|line| line.starts_with("error:"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+}

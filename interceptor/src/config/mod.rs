@@ -5,7 +5,12 @@
 
 mod finding;
 pub mod model;
+pub mod report;
+mod shape;
 pub mod validate;
+
+#[cfg(test)]
+mod tests;
 
 use std::{
     fs,
@@ -14,6 +19,7 @@ use std::{
 
 pub use finding::{Finding, Severity};
 pub use model::*;
+pub use report::{OutputFormat, render};
 use serde::Deserialize as _;
 
 const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
@@ -35,6 +41,9 @@ pub struct Sourced<T> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigSet {
     pub service_entries: Vec<Sourced<ServiceEntry>>,
+    pub workload_entries: Vec<Sourced<WorkloadEntry>>,
+    pub virtual_services: Vec<Sourced<VirtualService>>,
+    pub destination_rules: Vec<Sourced<DestinationRule>>,
 }
 
 /// A successful load: the resources and the warnings (never errors) found on the way.
@@ -80,6 +89,19 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
         })?;
         load_documents(&file, &text, &mut loaded, &mut findings);
     }
+    finish(loaded, findings)
+}
+
+/// Loads YAML text that is already in memory, as if it had been read from `file`
+/// (which is only used to locate findings). Same rules as [`load`].
+pub fn load_str(file: &Path, text: &str) -> Result<Loaded, LoadError> {
+    let mut loaded = Loaded::default();
+    let mut findings = Vec::new();
+    load_documents(file, text, &mut loaded, &mut findings);
+    finish(loaded, findings)
+}
+
+fn finish(mut loaded: Loaded, mut findings: Vec<Finding>) -> Result<Loaded, LoadError> {
     findings.extend(validate::config_set(&loaded.config));
     let (errors, warnings): (Vec<_>, Vec<_>) = findings
         .into_iter()
@@ -199,6 +221,14 @@ fn load_object(
         ));
         return;
     }
+    if !HANDLED_KINDS.contains(&kind.as_str()) {
+        loaded.skipped.push(format!(
+            "{}: document {}: {api_version} {kind}",
+            source.file.display(),
+            source.document
+        ));
+        return;
+    }
     if !SERVED_VERSIONS.contains(&version) {
         findings.push(error_finding(
             source,
@@ -213,20 +243,58 @@ fn load_object(
         ));
         return;
     }
-    match kind.as_str() {
-        "ServiceEntry" => match decode::<ServiceEntry>(value) {
-            Ok(entry) => loaded.config.service_entries.push(Sourced {
-                source: source.clone(),
-                resource: entry,
-            }),
-            Err((field, message)) => findings.push(error_finding(source, &kind, &field, message)),
-        },
-        _ => loaded.skipped.push(format!(
-            "{}: document {}: {api_version} {kind}",
-            source.file.display(),
-            source.document
-        )),
+    let object = object_label(&kind, &value);
+    let shape_problems = shape::check(&kind, &value);
+    if !shape_problems.is_empty() {
+        for (field, message) in shape_problems {
+            findings.push(error_finding(source, &object, &field, message));
+        }
+        return;
     }
+    let config = &mut loaded.config;
+    let decoded = match kind.as_str() {
+        "ServiceEntry" => decode_into(source, value, &mut config.service_entries),
+        "WorkloadEntry" => decode_into(source, value, &mut config.workload_entries),
+        "VirtualService" => decode_into(source, value, &mut config.virtual_services),
+        _ => decode_into(source, value, &mut config.destination_rules),
+    };
+    if let Err((field, message)) = decoded {
+        findings.push(error_finding(source, &object, &field, message));
+    }
+}
+
+/// `Kind/namespace/name` when the metadata can be read, else just the kind, so
+/// that decode errors still name the object.
+fn object_label(kind: &str, document: &serde_yaml::Value) -> String {
+    let metadata = match document.get("metadata") {
+        None => Some(ObjectMeta::default()),
+        Some(metadata) => serde_yaml::from_value::<ObjectMeta>(metadata.clone()).ok(),
+    };
+    match metadata {
+        Some(metadata) => object_name(kind, &metadata),
+        None => kind.to_owned(),
+    }
+}
+
+/// The `networking.istio.io` kinds this program reads; others are skipped.
+const HANDLED_KINDS: [&str; 4] = [
+    "ServiceEntry",
+    "WorkloadEntry",
+    "VirtualService",
+    "DestinationRule",
+];
+
+fn decode_into<T: serde::de::DeserializeOwned>(
+    source: &Source,
+    value: serde_yaml::Value,
+    into: &mut Vec<Sourced<T>>,
+) -> Result<(), (String, String)> {
+    let resource = decode::<T>(value)?;
+    into.push(Sourced {
+        source: source.clone(),
+        resource,
+    });
+    Ok(())
 }
 
 /// Decodes strictly, as kubectl's strict decoding does, and reports the failing field path.
