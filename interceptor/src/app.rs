@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use crate::{
     config::{self, LoadError},
     kernel::{Kernel, KernelConfig, KernelError},
-    proxy::{self, ProxyConfig, Shared},
+    proxy::{self, OutboundPolicy, ProxyConfig, Shared},
     registry::{BuildError, Registry},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
 };
@@ -29,6 +29,8 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub dns: DnsSettings,
+    pub outbound_policy: OutboundPolicy,
+    pub sniff_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         config: ProxyConfig {
             bypass_mark: config.bypass_mark,
             connect_timeout: config.connect_timeout,
+            outbound_policy: config.outbound_policy,
+            sniff_timeout: config.sniff_timeout,
         },
     });
     let shutdown = CancellationToken::new();

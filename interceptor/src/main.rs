@@ -2,7 +2,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use interceptor::{app, config, resolve::DnsSettings};
+use interceptor::{app, config, proxy::OutboundPolicy, resolve::DnsSettings};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -44,6 +44,14 @@ struct RunArgs {
     drain_timeout: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// What happens to intercepted traffic that matches no service (Istio's
+    /// outboundTrafficPolicy): forwarded to its original destination, or refused.
+    #[arg(long, value_enum, default_value_t = OutboundPolicyArg::AllowAny)]
+    outbound_policy: OutboundPolicyArg,
+    /// How long a client on a TLS or HTTP port-only port has to send its ClientHello
+    /// or request head, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    sniff_timeout_ms: u64,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
@@ -75,6 +83,12 @@ struct ValidateArgs {
 enum ValidateOutput {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OutboundPolicyArg {
+    AllowAny,
+    RegistryOnly,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -145,6 +159,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             negative_ttl: Duration::from_secs(args.dns_negative_ttl),
             query_timeout: Duration::from_millis(args.dns_timeout_ms),
         },
+        outbound_policy: match args.outbound_policy {
+            OutboundPolicyArg::AllowAny => OutboundPolicy::AllowAny,
+            OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
+        },
+        sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
     }))?;
     Ok(())
 }

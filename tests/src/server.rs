@@ -2,6 +2,7 @@
 //!
 //! A client opens with one command line:
 //! - `WHO` → the server answers `<name> <local addr> <peer addr>` and closes;
+//! - `GET <target> HTTP/1.1` → an HTTP response whose body is `<name>`;
 //! - `ECHO` → the server answers `<name>`, then echoes everything until EOF;
 //! - `BULK <n>` → the server reads to EOF, answers `<bytes read> <checksum>`, then
 //!   sends `n` bytes of [`pattern`] and closes.
@@ -74,6 +75,18 @@ fn serve(name: &str, stream: TcpStream) -> std::io::Result<()> {
             }
             writeln!(writer, "{} {:016x}", checksum.length, checksum.value())?;
             write_pattern(&mut writer, length)?;
+        }
+        ["GET", _target, _version] => {
+            // Consume the request head, then answer with the server's name.
+            let mut line = String::new();
+            while reader.read_line(&mut line)? > 0 && line != "\r\n" {
+                line.clear();
+            }
+            write!(
+                writer,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                name.len()
+            )?;
         }
         ["ECHO"] => {
             writeln!(writer, "{name}")?;
@@ -191,4 +204,26 @@ pub fn who(addr: &str) -> std::io::Result<Who> {
             format!("bad WHO answer {answer:?} from {addr}"),
         )),
     }
+}
+
+/// Sends an HTTP/1.1 GET with `Host: host` and returns the body: the server's name.
+pub fn http_get(addr: &str, host: &str) -> std::io::Result<(String, bool)> {
+    let mut stream = connect(addr)?;
+    let through_proxy = stream.peer_addr()?.to_string() == crate::PROXY;
+    write!(
+        stream,
+        "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("bad response {response:?}"),
+            )
+        })?;
+    Ok((body, through_proxy))
 }

@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     Daemon, Sandbox, TestServer,
     dns::DnsServer,
-    server::{connect, who},
+    server::{connect, http_get, who},
 };
 
 fn start(sandbox: &Sandbox, dns: &DnsServer, yaml: &str, extra: &[&str]) -> Daemon {
@@ -177,8 +177,14 @@ spec:
 "#,
         &[],
     );
-    // No addresses: the entry claims port 80 for every destination.
-    let counts = tally("198.18.0.99:80", 60);
+    // No addresses: the entry claims port 80 for every destination, and HTTP
+    // requests for foo.bar.com are spread over the three endpoints.
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..60 {
+        let (server, through_proxy) = http_get("198.18.0.99:80", "foo.bar.com").unwrap();
+        assert!(through_proxy);
+        *counts.entry(server).or_default() += 1;
+    }
     assert_eq!(counts.get("unmapped"), None, "{counts:?}");
     for name in ["us", "uk", "in"] {
         assert!(counts.get(name).copied().unwrap_or(0) >= 5, "{counts:?}");

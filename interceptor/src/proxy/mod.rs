@@ -8,21 +8,41 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
 use crate::{
     kernel::OriginalDestinations,
-    registry::Registry,
+    registry::{HostKind, Lookup, PortRoutes, Registry},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
+use http::{HttpRequest, parse_request_head};
+use sni::{ClientHello, parse_client_hello};
+
+pub mod http;
+pub mod sni;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
+    pub outbound_policy: OutboundPolicy,
+    /// How long a client on a host-routed port has to send its ClientHello or
+    /// request head.
+    pub sniff_timeout: Duration,
+}
+
+/// Istio's meshConfig.outboundTrafficPolicy, for intercepted traffic no service matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutboundPolicy {
+    #[default]
+    AllowAny,
+    RegistryOnly,
 }
 
 /// State every connection task shares.
@@ -65,6 +85,7 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         "connection",
         client = %peer,
         original_dst = Empty,
+        host = Empty,
         service = Empty,
         endpoint = Empty,
     );
@@ -94,7 +115,35 @@ async fn forward(
     span.record("original_dst", tracing::field::display(original));
 
     let registry = shared.registry.load_full();
-    let targets = match registry.route(original) {
+    // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
+    let mut preface = Vec::new();
+    let route = match registry.lookup(original) {
+        Lookup::Route(route) => Some(route),
+        Lookup::ByHost(routes) => {
+            match sniff_host(
+                &mut client,
+                &mut preface,
+                routes,
+                shared.config.sniff_timeout,
+            )
+            .await
+            {
+                Ok((kind, host)) => {
+                    if let Some(host) = &host {
+                        span.record("host", host.as_str());
+                    }
+                    registry.route_by_host(routes, kind, host.as_deref())
+                }
+                Err(error) => {
+                    warn!(%error, bytes = preface.len(), "closing: cannot route by host");
+                    reset(client);
+                    return;
+                }
+            }
+        }
+        Lookup::Unmatched => None,
+    };
+    let targets = match route {
         Some(route) => {
             span.record("service", route.service.name.as_str());
             match resolve::targets(&route, original, &shared.dns).await {
@@ -106,9 +155,15 @@ async fn forward(
                 }
             }
         }
-        // The config changed between the redirect and now; outbound traffic policy
-        // ALLOW_ANY sends unmatched traffic to where it was going.
-        None => vec![Target::Tcp(SocketAddr::V4(original))],
+        None => match shared.config.outbound_policy {
+            // Istio's ALLOW_ANY: what matches no service goes where it was going.
+            OutboundPolicy::AllowAny => vec![Target::Tcp(SocketAddr::V4(original))],
+            OutboundPolicy::RegistryOnly => {
+                warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
+                reset(client);
+                return;
+            }
+        },
     };
     drop(registry);
 
@@ -119,12 +174,8 @@ async fn forward(
     span.record("endpoint", tracing::field::display(&target));
     let _ = client.set_nodelay(true);
     let copied = match upstream {
-        Upstream::Tcp(mut upstream) => {
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-        }
-        Upstream::Unix(mut upstream) => {
-            tokio::io::copy_bidirectional(&mut client, &mut upstream).await
-        }
+        Upstream::Tcp(mut upstream) => relay(&mut client, &mut upstream, &preface).await,
+        Upstream::Unix(mut upstream) => relay(&mut client, &mut upstream, &preface).await,
     };
     match copied {
         Ok((sent, received)) => info!(
@@ -140,6 +191,82 @@ async fn forward(
         ),
     }
 }
+
+/// Replays the sniffed preface, then copies both ways with half-close.
+async fn relay<U>(
+    client: &mut TcpStream,
+    upstream: &mut U,
+    preface: &[u8],
+) -> std::io::Result<(u64, u64)>
+where
+    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    upstream.write_all(preface).await?;
+    let (sent, received) = tokio::io::copy_bidirectional(client, upstream).await?;
+    Ok((sent + preface.len() as u64, received))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SniffError {
+    #[error("not a TLS ClientHello: {0}")]
+    NotTls(&'static str),
+    #[error("not an HTTP request: {0}")]
+    NotHttp(&'static str),
+    #[error("no ClientHello or request head within {0:?}")]
+    Timeout(Duration),
+    #[error("the client closed before sending a ClientHello or request head")]
+    Closed,
+    #[error("the ClientHello or request head exceeds {MAX_PREFACE_BYTES} bytes")]
+    TooLarge,
+    #[error("reading from the client: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Enough for any real ClientHello (post-quantum key shares included) or request head.
+const MAX_PREFACE_BYTES: usize = 64 * 1024;
+
+/// Reads the start of the connection into `preface` until it names a host: a TLS
+/// ClientHello's SNI, or else (if the port has HTTP routes) a request's Host.
+async fn sniff_host(
+    client: &mut TcpStream,
+    preface: &mut Vec<u8>,
+    routes: &PortRoutes,
+    timeout: Duration,
+) -> Result<(HostKind, Option<String>), SniffError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(&first) = preface.first() {
+            if first == TLS_HANDSHAKE_RECORD || routes.http.is_empty() {
+                match parse_client_hello(preface) {
+                    ClientHello::Complete { server_name } => {
+                        return Ok((HostKind::Sni, server_name));
+                    }
+                    ClientHello::Invalid(reason) => return Err(SniffError::NotTls(reason)),
+                    ClientHello::Incomplete => {}
+                }
+            } else {
+                match parse_request_head(preface) {
+                    HttpRequest::Complete { host } => return Ok((HostKind::Http, host)),
+                    HttpRequest::Invalid(reason) => return Err(SniffError::NotHttp(reason)),
+                    HttpRequest::Incomplete => {}
+                }
+            }
+        }
+        if preface.len() >= MAX_PREFACE_BYTES {
+            return Err(SniffError::TooLarge);
+        }
+        let read = tokio::time::timeout_at(deadline, client.read(&mut chunk))
+            .await
+            .map_err(|_| SniffError::Timeout(timeout))??;
+        if read == 0 {
+            return Err(SniffError::Closed);
+        }
+        preface.extend_from_slice(&chunk[..read]);
+    }
+}
+
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Tries the targets in order until one accepts, all within one connect deadline;
 /// each attempt gets an equal share of what is left, so one black-holed address

@@ -16,7 +16,7 @@ use rand::seq::SliceRandom as _;
 
 use crate::{
     config::Resolution,
-    registry::{Endpoint, EndpointAddress, Route},
+    registry::{Endpoint, EndpointAddress, Route, weighted_index},
 };
 pub use dns::{DnsCache, DnsSettings, LookupError};
 
@@ -66,7 +66,8 @@ pub async fn targets(
                 .ok_or(ResolveError::NoEndpoint)
         }
         Resolution::DnsRoundRobin => {
-            let endpoint = service.endpoints.first().ok_or(ResolveError::NoEndpoint)?;
+            let endpoints = routed_endpoints(route);
+            let endpoint = endpoints.first().ok_or(ResolveError::NoEndpoint)?;
             if let Some(target) = literal_target(endpoint, route) {
                 return Ok(vec![target]);
             }
@@ -75,7 +76,8 @@ pub async fn targets(
             Ok(vec![tcp_target(endpoint, route, *first)])
         }
         Resolution::Dns | Resolution::DynamicDns => {
-            let resolved = join_all(service.endpoints.iter().map(|endpoint| async move {
+            let endpoints = routed_endpoints(route);
+            let resolved = join_all(endpoints.iter().map(|endpoint| async move {
                 resolve_endpoint(endpoint, dns).await.map(|addresses| {
                     addresses
                         .into_iter()
@@ -105,6 +107,34 @@ pub async fn targets(
                 .map(|(endpoint, address)| tcp_target(endpoint, route, address))
                 .collect())
         }
+    }
+}
+
+/// A DNS service made of its own hosts resolves only the host the connection was
+/// routed by (its SNI or Host); one with explicit endpoints uses all of them.
+fn routed_endpoints(route: &Route) -> std::borrow::Cow<'_, [Endpoint]> {
+    let service = &route.service;
+    let Some(host) = route
+        .host
+        .as_deref()
+        .filter(|_| service.endpoints_from_hosts)
+    else {
+        return std::borrow::Cow::Borrowed(&service.endpoints);
+    };
+    let matching: Vec<Endpoint> = service
+        .endpoints
+        .iter()
+        .filter(|endpoint| matches!(&endpoint.address, EndpointAddress::Hostname(name) if name.eq_ignore_ascii_case(host)))
+        .cloned()
+        .collect();
+    if matching.is_empty() {
+        std::borrow::Cow::Owned(vec![Endpoint {
+            address: EndpointAddress::Hostname(host.to_owned()),
+            ports: Default::default(),
+            weight: 1,
+        }])
+    } else {
+        std::borrow::Cow::Owned(matching)
     }
 }
 
@@ -139,21 +169,6 @@ fn tcp_target(endpoint: &Endpoint, route: &Route, address: IpAddr) -> Target {
         .copied()
         .unwrap_or(port.default_endpoint_port);
     Target::Tcp(SocketAddr::new(address, number))
-}
-
-fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> usize {
-    let total: u64 = weights.clone().sum();
-    if total == 0 {
-        return 0;
-    }
-    let mut ticket = rand::random_range(0..total);
-    for (index, weight) in weights.enumerate() {
-        if ticket < weight {
-            return index;
-        }
-        ticket -= weight;
-    }
-    0
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 //! reload can later swap it behind one pointer while connections keep the snapshot
 //! they started with.
 
+mod hosts;
+
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddrV4},
@@ -13,9 +15,11 @@ use std::{
 use ipnet::{IpNet, Ipv4Net};
 use serde::Serialize;
 
+pub use hosts::HostTable;
+
 use crate::config::{
-    ConfigSet, Finding, Protocol, Resolution, ServiceEntry, Severity, Source, Sourced, object_name,
-    validate,
+    ConfigSet, Finding, Protocol, Resolution, ServiceEntry, Severity, Source, Sourced,
+    VirtualService, object_name, validate,
 };
 
 /// A ServiceEntry as the data path uses it.
@@ -30,6 +34,9 @@ pub struct Service {
     pub resolution: Resolution,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
+    /// The endpoints are the service's own hosts (DNS without `endpoints`), so a
+    /// connection routed by one host resolves that host only.
+    pub endpoints_from_hosts: bool,
     /// Running sums of endpoint weights, for a weighted pick with one binary search.
     #[serde(skip)]
     cumulative_weights: Vec<u64>,
@@ -76,6 +83,76 @@ pub struct Endpoint {
 pub struct Route {
     pub service: Arc<Service>,
     pub port: usize,
+    /// The host the connection was routed by (SNI, Host header or VirtualService
+    /// destination); a DNS service without endpoints resolves this host only.
+    pub host: Option<String>,
+}
+
+/// What a registry lookup decided from the original destination alone.
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Route(Route),
+    /// Several services share the port without addresses: the TLS SNI or the HTTP
+    /// Host header decides.
+    ByHost(&'a PortRoutes),
+    /// Intercepted, but nothing matches (the config changed since the redirect):
+    /// the outbound traffic policy decides.
+    Unmatched,
+}
+
+/// One weighted choice of where a host-routed connection goes.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    service: usize,
+    port: usize,
+    /// The host to resolve, when the route names one; `None` means the connection's
+    /// own SNI or Host (a wildcard entry).
+    host: Option<String>,
+    weight: u64,
+}
+
+/// How connections to one port-only port are routed.
+#[derive(Debug, Default)]
+pub struct PortRoutes {
+    /// By TLS SNI: TLS and HTTPS ports, and VirtualService `tls` routes.
+    pub tls: HostTable<Arc<[Backend]>>,
+    /// By HTTP Host header: HTTP-family ports.
+    pub http: HostTable<Arc<[Backend]>>,
+    /// The oldest opaque (TCP or unset-protocol) service on the port, which takes
+    /// what no host matches.
+    opaque: Option<(usize, usize)>,
+    /// SNI patterns a VirtualService set, which a later VirtualService must not remove
+    /// as some service's default route.
+    tls_overridden: std::collections::HashSet<String>,
+}
+
+/// Which request field routes a port-only connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostKind {
+    Sni,
+    Http,
+}
+
+/// Picks an index with probability proportional to its weight (the first if all are 0).
+pub fn weighted_index(weights: impl Iterator<Item = u64> + Clone) -> usize {
+    let total: u64 = weights.clone().sum();
+    if total == 0 {
+        return 0;
+    }
+    let mut ticket = rand::random_range(0..total);
+    for (index, weight) in weights.enumerate() {
+        if ticket < weight {
+            return index;
+        }
+        ticket -= weight;
+    }
+    0
+}
+
+impl PortRoutes {
+    fn needs_host(&self) -> bool {
+        !self.tls.is_empty() || !self.http.is_empty()
+    }
 }
 
 impl Route {
@@ -100,8 +177,8 @@ pub struct Registry {
     /// so a lookup costs one hash probe per distinct prefix length on that port, however
     /// many entries are loaded.
     by_address: HashMap<u16, Vec<PrefixGroup>>,
-    /// Per port, the services without addresses, oldest first (Istio's precedence).
-    by_port: HashMap<u16, Vec<(usize, usize)>>,
+    /// Per port, how connections to services without addresses are routed.
+    by_port: HashMap<u16, PortRoutes>,
     intercepts: InterceptSet,
 }
 
@@ -153,6 +230,9 @@ impl Registry {
                 registry.add(service);
             }
         }
+        for virtual_service in &config.virtual_services {
+            registry.add_virtual_service(virtual_service, &mut warnings);
+        }
         if !errors.is_empty() {
             return Err(BuildError { findings: errors });
         }
@@ -168,11 +248,27 @@ impl Registry {
         let addresses = service.addresses.clone();
         for (port_index, port) in service.ports.iter().enumerate() {
             if addresses.is_empty() {
-                let claimants = self.by_port.entry(port.number).or_default();
-                if claimants.is_empty() {
+                if !self.by_port.contains_key(&port.number) {
                     self.intercepts.ports.push((port.number, rule_id));
                 }
-                claimants.push((index, port_index));
+                let routes = self.by_port.entry(port.number).or_default();
+                let table = if port.protocol.is_tls() {
+                    &mut routes.tls
+                } else if port.protocol.is_http() {
+                    &mut routes.http
+                } else {
+                    routes.opaque.get_or_insert((index, port_index));
+                    continue;
+                };
+                for host in &service.hosts {
+                    let backend = Backend {
+                        service: index,
+                        port: port_index,
+                        host: (!host.starts_with('*')).then(|| host.clone()),
+                        weight: 1,
+                    };
+                    table.insert_if_absent(host, Arc::from([backend]));
+                }
                 continue;
             }
             for network in &addresses {
@@ -206,9 +302,162 @@ impl Registry {
         self.services.push(Arc::new(service));
     }
 
-    /// Finds the service for an original destination: the longest address prefix on
-    /// that port first, then the oldest service that claims the port without addresses.
-    pub fn route(&self, destination: SocketAddrV4) -> Option<Route> {
+    /// Applies a VirtualService's `tls` routes: for the SNI hosts it matches, on the
+    /// port-only TLS ports of the services it applies to, its destinations replace the
+    /// services' own SNI routes. As in Istio, once a VirtualService matches on a port,
+    /// the default SNI routes of the services it covers are not generated there.
+    fn add_virtual_service(
+        &mut self,
+        source: &Sourced<VirtualService>,
+        warnings: &mut Vec<Finding>,
+    ) {
+        let virtual_service = &source.resource;
+        if !virtual_service.spec.applies_to_mesh() || virtual_service.spec.tls.is_empty() {
+            return;
+        }
+        let name = object_name("VirtualService", &virtual_service.metadata);
+        let covered: Vec<usize> = self
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, service)| {
+                service.hosts.iter().any(|host| {
+                    virtual_service
+                        .spec
+                        .hosts
+                        .iter()
+                        .any(|vs_host| validate::names::hosts_match(host, vs_host))
+                })
+            })
+            .map(|(index, _)| index)
+            .collect();
+        for (route_index, route) in virtual_service.spec.tls.iter().enumerate() {
+            for tls_match in &route.matches {
+                let ports: Vec<u16> = covered
+                    .iter()
+                    .flat_map(|&index| {
+                        let service = &self.services[index];
+                        service
+                            .ports
+                            .iter()
+                            .filter(|port| port.protocol.is_tls() && service.addresses.is_empty())
+                            .map(|port| port.number)
+                            .collect::<Vec<_>>()
+                    })
+                    .filter(|number| tls_match.port == 0 || u64::from(*number) == tls_match.port)
+                    .collect();
+                for listener_port in ports {
+                    let mut backends = Vec::new();
+                    for (destination_index, destination) in route.route.iter().enumerate() {
+                        let Some(target) = &destination.destination else {
+                            continue;
+                        };
+                        let port_number = target
+                            .port
+                            .and_then(|selector| u16::try_from(selector.number).ok())
+                            .filter(|number| *number != 0)
+                            .unwrap_or(listener_port);
+                        match self.destination_backend(&name, &target.host, port_number) {
+                            Some((service, port)) => backends.push(Backend {
+                                service,
+                                port,
+                                host: (!target.host.starts_with('*')).then(|| target.host.clone()),
+                                // A lone destination takes all traffic whatever its weight.
+                                weight: if route.route.len() == 1 { 1 } else { destination.weight.max(0) as u64 },
+                            }),
+                            None => warnings.push(Finding {
+                                severity: Severity::Warning,
+                                file: source.source.file.clone(),
+                                document: source.source.document,
+                                object: name.clone(),
+                                field: format!("spec.tls[{route_index}].route[{destination_index}].destination.port"),
+                                message: format!("{} has no port {port_number}; this destination is ignored", target.host),
+                            }),
+                        }
+                    }
+                    if backends.iter().all(|backend| backend.weight == 0) {
+                        continue;
+                    }
+                    let backends: Arc<[Backend]> = Arc::from(backends);
+                    let Some(routes) = self.by_port.get_mut(&listener_port) else {
+                        continue;
+                    };
+                    for &index in &covered {
+                        for host in &self.services[index].hosts {
+                            if !routes.tls_overridden.contains(host) {
+                                routes.tls.remove(host);
+                            }
+                        }
+                    }
+                    for sni in &tls_match.sni_hosts {
+                        routes.tls.insert(sni, Arc::clone(&backends));
+                        routes.tls_overridden.insert(sni.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// The service a VirtualService destination host names: a ServiceEntry host
+    /// (exact first, then a wildcard), or else a DNS name resolved as it is.
+    fn destination_backend(
+        &mut self,
+        owner: &str,
+        host: &str,
+        port: u16,
+    ) -> Option<(usize, usize)> {
+        let by_name = |exact: bool| {
+            self.services.iter().position(|service| {
+                service.hosts.iter().any(|candidate| {
+                    if exact {
+                        candidate == host
+                    } else {
+                        validate::names::hosts_match(candidate, host)
+                    }
+                })
+            })
+        };
+        if let Some(index) = by_name(true).or_else(|| by_name(false)) {
+            let port_index = self.services[index]
+                .ports
+                .iter()
+                .position(|p| p.number == port)?;
+            return Some((index, port_index));
+        }
+        let service = Service {
+            name: format!("{owner} destination {host}"),
+            source: self
+                .services
+                .first()
+                .map(|s| s.source.clone())
+                .unwrap_or(Source {
+                    file: Default::default(),
+                    document: 0,
+                }),
+            hosts: vec![host.to_owned()],
+            addresses: Vec::new(),
+            resolution: Resolution::Dns,
+            ports: vec![Port {
+                number: port,
+                name: "tls".into(),
+                protocol: Protocol::Tls,
+                default_endpoint_port: port,
+            }],
+            endpoints: vec![Endpoint {
+                address: EndpointAddress::Hostname(host.to_owned()),
+                ports: HashMap::new(),
+                weight: 1,
+            }],
+            endpoints_from_hosts: true,
+            cumulative_weights: vec![1],
+        };
+        self.services.push(Arc::new(service));
+        Some((self.services.len() - 1, 0))
+    }
+
+    /// Decides what it can from the original destination: the longest address prefix on
+    /// that port first, then the port-only routes of the port.
+    pub fn lookup(&self, destination: SocketAddrV4) -> Lookup<'_> {
         let port = destination.port();
         let address = u32::from(*destination.ip());
         let by_address = self.by_address.get(&port).and_then(|groups| {
@@ -217,15 +466,57 @@ impl Registry {
                 group.networks.get(&(address & mask)).copied()
             })
         });
-        let (service, port) = by_address.or_else(|| {
-            self.by_port
-                .get(&port)
-                .and_then(|claimants| claimants.first().copied())
-        })?;
-        Some(Route {
+        if let Some((service, port)) = by_address {
+            return Lookup::Route(self.route_to(service, port, None));
+        }
+        match self.by_port.get(&port) {
+            Some(routes) if routes.needs_host() => Lookup::ByHost(routes),
+            Some(PortRoutes {
+                opaque: Some((service, port)),
+                ..
+            }) => Lookup::Route(self.route_to(*service, *port, None)),
+            _ => Lookup::Unmatched,
+        }
+    }
+
+    /// Routes a port-only connection by the host it named (TLS SNI or HTTP Host),
+    /// falling back to the port's opaque service. `None`: nothing matches, and the
+    /// outbound traffic policy decides.
+    pub fn route_by_host(
+        &self,
+        routes: &PortRoutes,
+        table: HostKind,
+        host: Option<&str>,
+    ) -> Option<Route> {
+        let table = match table {
+            HostKind::Sni => &routes.tls,
+            HostKind::Http => &routes.http,
+        };
+        if let Some(backends) = host.and_then(|host| table.lookup(host)) {
+            let chosen = &backends[weighted_index(backends.iter().map(|backend| backend.weight))];
+            let routed_host = chosen.host.clone().or_else(|| host.map(str::to_owned));
+            return Some(self.route_to(chosen.service, chosen.port, routed_host));
+        }
+        let (service, port) = routes.opaque?;
+        Some(self.route_to(service, port, None))
+    }
+
+    fn route_to(&self, service: usize, port: usize, host: Option<String>) -> Route {
+        Route {
             service: Arc::clone(&self.services[service]),
             port,
-        })
+            host,
+        }
+    }
+
+    /// The route for a destination when no host is known: address or opaque port
+    /// routes only. For tests and callers that never sniff.
+    pub fn route(&self, destination: SocketAddrV4) -> Option<Route> {
+        match self.lookup(destination) {
+            Lookup::Route(route) => Some(route),
+            Lookup::ByHost(routes) => self.route_by_host(routes, HostKind::Sni, None),
+            Lookup::Unmatched => None,
+        }
     }
 
     pub fn intercepts(&self) -> &InterceptSet {
@@ -360,9 +651,9 @@ impl Service {
         }
         // Without endpoints, a DNS service resolves its own hosts, as Istio makes one
         // endpoint per host.
-        if spec.endpoints().is_empty()
-            && matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin)
-        {
+        let endpoints_from_hosts = spec.endpoints().is_empty()
+            && matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+        if endpoints_from_hosts {
             endpoints.extend(
                 spec.hosts
                     .iter()
@@ -389,6 +680,7 @@ impl Service {
             resolution: spec.resolution,
             ports,
             endpoints,
+            endpoints_from_hosts,
             cumulative_weights,
             addresses,
         })
