@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod daemon;
 pub mod dns;
 pub mod server;
+pub mod tls;
 
 use std::{
     fs,

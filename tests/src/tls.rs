@@ -1,0 +1,163 @@
+//! Real TLS for the SNI tests: a CA made per test with rcgen, rustls servers on test
+//! hosts, and a rustls client that can also send its ClientHello in awkward pieces.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, TcpListener, TcpStream},
+    sync::Arc,
+    time::Duration,
+};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::{
+    ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+};
+
+pub struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    certificate: CertificateDer<'static>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "interceptor test CA");
+        let key = KeyPair::generate().expect("CA key");
+        let certificate = params
+            .self_signed(&key)
+            .expect("CA certificate")
+            .der()
+            .clone();
+        Self {
+            issuer: Issuer::new(params, key),
+            certificate,
+        }
+    }
+
+    pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
+        let key = KeyPair::generate().expect("server key");
+        let params =
+            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .expect("server params");
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![certificate.der().clone()], key)
+                .expect("server config"),
+        )
+    }
+
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.certificate.clone())
+            .expect("trust the test CA");
+        Arc::new(
+            ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A TLS server that completes the handshake and answers `<name> <sni>`.
+pub fn start_tls_server(name: &str, addr: &str, config: Arc<ServerConfig>) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let name = name.to_owned();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let (name, config) = (name.clone(), Arc::clone(&config));
+            std::thread::spawn(move || {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+                let Ok(connection) = ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = StreamOwned::new(connection, stream);
+                while tls.conn.is_handshaking() {
+                    if tls.conn.complete_io(&mut tls.sock).is_err() {
+                        return;
+                    }
+                }
+                let sni = tls.conn.server_name().unwrap_or("-").to_owned();
+                let _ = writeln!(tls, "{name} {sni}");
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+                let _ = tls.sock.shutdown(Shutdown::Write);
+            });
+        }
+    });
+}
+
+/// How the client sends its ClientHello.
+#[derive(Debug, Clone, Copy)]
+pub enum HelloDelivery {
+    /// As rustls writes it.
+    Whole,
+    /// Re-framed into TLS records of at most this many bytes, each written in its own
+    /// TCP segment with a pause in between.
+    Fragmented(usize),
+}
+
+/// Completes a TLS handshake with `sni` to `addr` (possibly through the proxy) and
+/// returns what the server answered: its name and the SNI it saw.
+pub fn tls_who(
+    addr: &str,
+    sni: &str,
+    config: &Arc<ClientConfig>,
+    delivery: HelloDelivery,
+) -> std::io::Result<String> {
+    let mut stream = crate::server::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let name = ServerName::try_from(sni.to_owned()).expect("valid SNI");
+    let mut connection =
+        ClientConnection::new(Arc::clone(config), name).map_err(std::io::Error::other)?;
+    if let HelloDelivery::Fragmented(size) = delivery {
+        let mut hello = Vec::new();
+        connection.write_tls(&mut hello)?;
+        send_fragmented(&mut stream, &hello, size)?;
+    }
+    let mut tls = StreamOwned::new(connection, stream);
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer)?;
+    Ok(answer.trim().to_owned())
+}
+
+fn send_fragmented(stream: &mut TcpStream, hello: &[u8], size: usize) -> std::io::Result<()> {
+    assert_eq!(hello[0], 0x16, "rustls wrote a handshake record");
+    let payload = &hello[5..];
+    for piece in payload.chunks(size) {
+        let mut record = vec![0x16, 0x03, 0x01];
+        record.extend_from_slice(&(piece.len() as u16).to_be_bytes());
+        record.extend_from_slice(piece);
+        // Split each record across two writes too, so record and segment boundaries differ.
+        let (head, tail) = record.split_at(3.min(record.len()));
+        stream.write_all(head)?;
+        std::thread::sleep(Duration::from_millis(20));
+        stream.write_all(tail)?;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
