@@ -36,6 +36,15 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
+    /// Fuzz the parsers that read untrusted client bytes (ClientHello, HTTP request
+    /// head) with cargo fuzz, each for a bounded time. Not part of CI.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run (default: all).
+        targets: Vec<String>,
+    },
     /// Set up, build (release) and run the daemon on the bundled examples/ config,
     /// attached to a dedicated cgroup. Arguments after `--` go to `interceptor run`.
     Run {
@@ -56,6 +65,7 @@ fn main() -> Result<()> {
         }
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Run { daemon_args } => run(&root, &daemon_args),
+        Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
     }
 }
 
@@ -140,4 +150,28 @@ fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
         let _ = std::fs::remove_dir(&cgroup);
     }
     result
+}
+
+const FUZZ_TARGETS: &[&str] = &["client_hello", "http_request_head"];
+
+fn fuzz(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
+    setup::ensure_toolchain()?;
+    setup::ensure_cargo_tool("fuzz", "cargo-fuzz")?;
+    let targets: Vec<&str> = if targets.is_empty() {
+        FUZZ_TARGETS.to_vec()
+    } else {
+        targets.iter().map(String::as_str).collect()
+    };
+    for target in targets {
+        println!("xtask: fuzzing {target} for {seconds} s");
+        check(
+            cargo()
+                .current_dir(root.join("fuzz"))
+                .args(["fuzz", "run", target, "--"])
+                .arg(format!("-max_total_time={seconds}"))
+                // cargo fuzz passes -Z flags; this allows them on the stable toolchain.
+                .env("RUSTC_BOOTSTRAP", "1"),
+        )?;
+    }
+    Ok(())
 }

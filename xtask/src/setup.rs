@@ -164,3 +164,19 @@ pub fn remove_stale_test_cgroups() -> Result<()> {
     }
     Ok(())
 }
+
+/// Installs a cargo subcommand from crates.io unless `cargo <subcommand>` works.
+pub fn ensure_cargo_tool(subcommand: &str, package: &str) -> Result<()> {
+    let present = crate::cargo()
+        .args([subcommand, "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|status| status.success())
+        .unwrap_or(false);
+    if present {
+        return Ok(());
+    }
+    println!("xtask: installing {package}");
+    check(crate::cargo().args(["install", "--locked", package]).stdin(Stdio::null()))
+}
