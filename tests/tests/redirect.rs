@@ -434,3 +434,21 @@ fn an_invalid_config_is_refused_whole_and_nothing_is_attached() {
         "{stdout}"
     );
 }
+
+#[test]
+fn an_upstream_that_refuses_resets_the_client_promptly() {
+    let sandbox = Sandbox::new("upstream-refuses");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    // Nothing listens on 198.18.0.10:7000.
+    let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    let started = std::time::Instant::now();
+    let mut stream = connect("198.18.0.10:7000").expect("the redirect itself works");
+    let _ = stream.write_all(b"WHO\n");
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => assert!(answer.is_empty()),
+        Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    daemon.wait_for_log("upstream connect failed; resetting the client", 1);
+}
