@@ -1,0 +1,519 @@
+//! The scenarios. A failed path is recorded in the report and the run goes on, so one
+//! broken path still leaves the other figures; the run then exits non-zero.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Result, bail, ensure};
+
+use super::{
+    Scenario, Sizes,
+    procs::{Proc, SpawnOptions, bail_if_interrupted},
+    proto::{BACKEND_IP, BULK_PORT, CONN_PORT, ECHO_PORT, Job, Outcome, PROXY, Spec, Target, vip},
+    proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
+    report::{Check, PathRow, Report, ScaleRow},
+    sandbox::Sandbox,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    Direct,
+    Interceptor,
+    Haproxy,
+}
+
+impl Route {
+    const ALL: [Self; 3] = [Self::Direct, Self::Interceptor, Self::Haproxy];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Interceptor => "interceptor",
+            Self::Haproxy => "haproxy",
+        }
+    }
+
+    fn target(self, port: u16) -> Target {
+        let (addr, peer) = match self {
+            Self::Direct => {
+                let addr = SocketAddrV4::new(BACKEND_IP, port);
+                (addr, addr)
+            }
+            Self::Interceptor => (SocketAddrV4::new(vip(0), port), PROXY),
+            Self::Haproxy => {
+                let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, haproxy_port(port));
+                (addr, addr)
+            }
+        };
+        Target {
+            addr,
+            peer,
+            vips: 0,
+        }
+    }
+}
+
+pub struct Bench<'a> {
+    pub sandbox: &'a Sandbox,
+    pub interceptor: PathBuf,
+    /// This executable, run as `bench-client`.
+    pub client: PathBuf,
+    pub sizes: Sizes,
+    pub threads: usize,
+    pub report: Report,
+}
+
+/// A figure per route, in `Route::ALL` order.
+type Figures = [Option<f64>; 3];
+
+impl Bench<'_> {
+    pub fn run(&mut self, scenario: Scenario) {
+        println!("xtask bench: {scenario:?}");
+        let result = match scenario {
+            Scenario::Bulk => self.bulk(),
+            Scenario::Latency => self.latency(),
+            Scenario::ConnRate => self.conn_rate(),
+            Scenario::Memory => self.memory(),
+            Scenario::ConfigScale => self.config_scale(),
+        };
+        if let Err(error) = result {
+            self.report.fail(format!("{scenario:?}: {error:#}"));
+        }
+    }
+
+    fn base_config(&self) -> Result<PathBuf> {
+        let path = self.sandbox.workdir.join("base.yaml");
+        fs::write(&path, service_entries_yaml(1, &BACKEND_PORTS))?;
+        Ok(path)
+    }
+
+    fn start_proxies(&self) -> Result<(Daemon, Haproxy)> {
+        let daemon = Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox)?;
+        let haproxy = Haproxy::start(self.sandbox, self.threads)?;
+        Ok((daemon, haproxy))
+    }
+
+    fn stop_proxies(&mut self, daemon: Daemon, haproxy: Haproxy) {
+        haproxy.stop();
+        if let Err(error) = daemon.stop() {
+            self.report.fail(format!("{error:#}"));
+        }
+    }
+
+    fn spawn_client(&self, job: Job) -> Result<Proc> {
+        let mut command = Command::new(&self.client);
+        command.arg("bench-client");
+        let mut process = Proc::spawn(
+            "bench-client",
+            &mut command,
+            SpawnOptions {
+                stop_signal: libc::SIGKILL,
+                cgroup_procs: Some(self.sandbox.cgroup_procs_fd()),
+                pipe_stdin: true,
+                pipe_stdout: true,
+                on_stderr: None,
+            },
+        )?;
+        let spec = Spec {
+            cgroup: self.sandbox.cgroup_relative.clone(),
+            job,
+        };
+        process.write_line(&serde_json::to_string(&spec)?)?;
+        Ok(process)
+    }
+
+    /// Runs one client job to completion; any error in it fails the path.
+    fn client(&self, job: Job, timeout: Duration) -> Result<Outcome> {
+        let mut process = self.spawn_client(job)?;
+        let outcome = read_outcome(&mut process, timeout)?;
+        let status = process.wait(Duration::from_secs(10))?;
+        ensure!(status.success(), "bench-client exited with {status}");
+        Ok(outcome)
+    }
+
+    /// Runs `job` on each route: a figure per route, failures recorded.
+    fn each_route(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        job: impl Fn(Target) -> Job,
+        port: u16,
+        figure: impl Fn(&Outcome) -> Option<f64>,
+    ) -> [Option<Outcome>; 3] {
+        let mut outcomes = [None, None, None];
+        for (index, route) in Route::ALL.into_iter().enumerate() {
+            if bail_if_interrupted().is_err() {
+                break;
+            }
+            let label = format!("{name}, {}", route.name());
+            match self.client(job(route.target(port)), timeout) {
+                Ok(outcome) => {
+                    if let Some(value) = figure(&outcome) {
+                        println!("  {label}: {value:.2}");
+                    }
+                    self.report.detail(&label, &outcome);
+                    outcomes[index] = Some(outcome);
+                }
+                Err(error) => self.report.fail(format!("{label}: {error:#}")),
+            }
+        }
+        outcomes
+    }
+
+    fn bulk(&mut self) -> Result<()> {
+        let (daemon, haproxy) = self.start_proxies()?;
+        let bytes = self.sizes.bulk_bytes_per_stream;
+        for streams in [1usize, 8] {
+            let total = bytes * streams as u64;
+            let timeout = Duration::from_secs(60 + total / (20 << 20));
+            let name = format!("bulk, {streams} stream(s) × {}", size_label(bytes));
+            let gbits = |outcome: &Outcome| {
+                (outcome.seconds > 0.0).then(|| outcome.bytes as f64 * 8.0 / outcome.seconds / 1e9)
+            };
+            let outcomes = self.each_route(
+                &name,
+                timeout,
+                |target| Job::Bulk {
+                    target,
+                    streams,
+                    bytes,
+                },
+                BULK_PORT,
+                gbits,
+            );
+            let values = figures(&outcomes, gbits);
+            let [direct, icpt, haproxy_value] = values;
+            let pass = both(icpt, direct)
+                .zip(haproxy_value)
+                .map(|((icpt, direct), haproxy)| icpt >= 0.8 * direct && icpt > haproxy);
+            self.report
+                .rows
+                .push(PathRow::new(name, "Gbit/s", values).check(Check::new(
+                    "≥ 0.8× direct and > haproxy",
+                    pass,
+                    None,
+                )));
+        }
+        self.stop_proxies(daemon, haproxy);
+        Ok(())
+    }
+
+    fn latency(&mut self) -> Result<()> {
+        let (daemon, haproxy) = self.start_proxies()?;
+        let sizes = self.sizes.clone();
+        let timeout = Duration::from_secs(60 + sizes.rr_round_trips / 2_000);
+        let name = format!(
+            "rr {} B, {} round trips",
+            sizes.rr_size, sizes.rr_round_trips
+        );
+        let outcomes = self.each_route(
+            &name,
+            timeout,
+            |target| Job::Latency {
+                target,
+                warmup: sizes.rr_warmup,
+                round_trips: sizes.rr_round_trips,
+                size: sizes.rr_size,
+            },
+            ECHO_PORT,
+            |outcome| outcome.latency.map(|latency| latency.p50),
+        );
+        let p50 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p50));
+        let p99 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p99));
+        let p999 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p999));
+        let added = both(p50[1], p50[0]).map(|(icpt, direct)| icpt - direct);
+        self.report.rows.push(
+            PathRow::new("rr 1 KiB each way: p50", "µs", p50).check(Check::new(
+                "added ≤ 15 µs over direct",
+                added.map(|added| added <= 15.0),
+                added.map(|added| format!("{added:+.1} µs")),
+            )),
+        );
+        self.report.rows.push(
+            PathRow::new("rr 1 KiB each way: p99", "µs", p99).check(Check::new(
+                "≤ haproxy",
+                both(p99[1], p99[2]).map(|(icpt, haproxy)| icpt <= haproxy),
+                None,
+            )),
+        );
+        self.report
+            .rows
+            .push(PathRow::new("rr 1 KiB each way: p99.9", "µs", p999));
+        self.stop_proxies(daemon, haproxy);
+        Ok(())
+    }
+
+    fn conn_rate(&mut self) -> Result<()> {
+        let (daemon, haproxy) = self.start_proxies()?;
+        let sizes = self.sizes.clone();
+        let rate = |outcome: &Outcome| {
+            (outcome.seconds > 0.0).then(|| outcome.ok as f64 / outcome.seconds)
+        };
+        let name = format!(
+            "new conns, concurrency {}, {} s",
+            sizes.conn_concurrency,
+            sizes.conn_millis as f64 / 1000.0
+        );
+        let outcomes = self.each_route(
+            &name,
+            Duration::from_millis(sizes.conn_millis) + Duration::from_secs(60),
+            |target| Job::ConnRate {
+                target,
+                concurrency: sizes.conn_concurrency,
+                millis: sizes.conn_millis,
+                size: sizes.conn_size,
+            },
+            CONN_PORT,
+            rate,
+        );
+        let values = figures(&outcomes, rate);
+        self.report.rows.push(
+            PathRow::new(
+                format!("new conns/s, concurrency {}", sizes.conn_concurrency),
+                "conn/s",
+                values,
+            )
+            .check(Check::new(
+                "≥ haproxy",
+                both(values[1], values[2]).map(|(icpt, haproxy)| icpt >= haproxy),
+                None,
+            )),
+        );
+
+        // The same exchange one connection at a time: the per-connection latency.
+        let outcomes = self.each_route(
+            "connect + 1 RTT + close, sequential",
+            Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60),
+            |target| Job::ConnectLatency {
+                target,
+                connections: sizes.sequential_connections,
+                millis: sizes.sequential_millis,
+                size: sizes.conn_size,
+            },
+            CONN_PORT,
+            |outcome| outcome.latency.map(|latency| latency.p50),
+        );
+        let p50 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p50));
+        let p99 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p99));
+        let added = both(p50[1], p50[0]).map(|(icpt, direct)| icpt - direct);
+        self.report.rows.push(
+            PathRow::new("connect+RTT+close, one by one: p50", "µs", p50).check(Check::new(
+                "(no target)",
+                None,
+                added.map(|added| format!("{added:+.1} µs over direct")),
+            )),
+        );
+        self.report.rows.push(PathRow::new(
+            "connect+RTT+close, one by one: p99",
+            "µs",
+            p99,
+        ));
+        self.stop_proxies(daemon, haproxy);
+        Ok(())
+    }
+
+    fn memory(&mut self) -> Result<()> {
+        let connections = self.sizes.idle_connections;
+        let mut per_connection: Figures = [None; 3];
+
+        let daemon = Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox)?;
+        match self.idle_rss(Route::Interceptor, connections, || daemon.rss_bytes()) {
+            Ok(value) => per_connection[1] = Some(value),
+            Err(error) => self.report.fail(format!("memory, interceptor: {error:#}")),
+        }
+        if let Err(error) = daemon.stop() {
+            self.report.fail(format!("{error:#}"));
+        }
+
+        let haproxy = Haproxy::start(self.sandbox, self.threads)?;
+        match self.idle_rss(Route::Haproxy, connections, || haproxy.rss_bytes()) {
+            Ok(value) => per_connection[2] = Some(value),
+            Err(error) => self.report.fail(format!("memory, haproxy: {error:#}")),
+        }
+        haproxy.stop();
+
+        self.report.rows.push(
+            PathRow::new(
+                format!("RSS per idle conn ({connections} open)"),
+                "KiB/conn",
+                per_connection,
+            )
+            .check(Check::new(
+                "≤ 8 KiB per connection",
+                per_connection[1].map(|kib| kib <= 8.0),
+                None,
+            )),
+        );
+        Ok(())
+    }
+
+    /// Opens `connections` through `route` (one small round trip each, so the proxy
+    /// has connected upstream), and returns the proxy's RSS growth per connection in
+    /// KiB.
+    fn idle_rss(
+        &mut self,
+        route: Route,
+        connections: u64,
+        rss: impl Fn() -> Result<u64>,
+    ) -> Result<f64> {
+        let before = rss()?;
+        let mut client = self.spawn_client(Job::Hold {
+            target: route.target(CONN_PORT),
+            connections,
+        })?;
+        let opened = read_outcome(&mut client, Duration::from_secs(60 + connections / 100))?;
+        ensure!(
+            opened.ok == connections,
+            "opened {} of {connections}",
+            opened.ok
+        );
+        // Let the proxy finish its side of the last connections.
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss()?;
+        client.write_line("close")?;
+        let closed = read_outcome(&mut client, Duration::from_secs(60))?;
+        let status = client.wait(Duration::from_secs(10))?;
+        ensure!(status.success(), "bench-client exited with {status}");
+        ensure!(
+            closed.ok == connections,
+            "closed {} of {connections}",
+            closed.ok
+        );
+        let kib = (after as f64 - before as f64) / connections as f64 / 1024.0;
+        println!(
+            "  memory, {}: RSS {:.1} MiB → {:.1} MiB with {connections} idle connections: {kib:.2} KiB each",
+            route.name(),
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0
+        );
+        self.report.detail(
+            format!("memory, {}", route.name()),
+            serde_json::json!({
+                "connections": connections,
+                "rss_before_bytes": before,
+                "rss_after_bytes": after,
+                "kib_per_connection": kib,
+                "open_seconds": opened.seconds,
+            }),
+        );
+        Ok(kib)
+    }
+
+    fn config_scale(&mut self) -> Result<()> {
+        let sizes = self.sizes.clone();
+        let (small, large) = (sizes.scale_small, sizes.scale_large);
+        self.report.scale_entries = (small, large);
+        let mut ready_ms = [None, None];
+        let mut latency = [None, None];
+        for (slot, entries) in [small, large].into_iter().enumerate() {
+            bail_if_interrupted()?;
+            let config = self.sandbox.workdir.join(format!("scale-{entries}.yaml"));
+            fs::write(&config, service_entries_yaml(entries, &[CONN_PORT]))?;
+            let mut readies = Vec::new();
+            for repeat in 0..sizes.scale_repeats {
+                let daemon = Daemon::start(&self.interceptor, &config, self.sandbox)?;
+                readies.push(daemon.ready_after.as_secs_f64() * 1000.0);
+                if repeat + 1 == sizes.scale_repeats {
+                    // Every connection goes to another entry's VIP, all of them in turn.
+                    let target = Target {
+                        addr: SocketAddrV4::new(vip(0), CONN_PORT),
+                        peer: PROXY,
+                        vips: entries,
+                    };
+                    let job = Job::ConnectLatency {
+                        target,
+                        connections: sizes.sequential_connections,
+                        millis: sizes.sequential_millis,
+                        size: sizes.conn_size,
+                    };
+                    let timeout =
+                        Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60);
+                    match self.client(job, timeout) {
+                        Ok(outcome) => {
+                            latency[slot] = outcome.latency;
+                            self.report
+                                .detail(format!("config scale, {entries} entries"), &outcome);
+                        }
+                        Err(error) => self.report.fail(format!(
+                            "config scale, connections with {entries} entries: {error:#}"
+                        )),
+                    }
+                }
+                daemon.stop()?;
+            }
+            readies.sort_by(f64::total_cmp);
+            let median = readies[readies.len() / 2];
+            println!("  {entries} entries: ready after {median:.1} ms (median of {readies:.1?})");
+            self.report.detail(
+                format!("config scale, {entries} entries, ready ms"),
+                &readies,
+            );
+            ready_ms[slot] = Some(median);
+        }
+        let per_entry = both(ready_ms[1], ready_ms[0])
+            .map(|(large_ms, small_ms)| (large_ms - small_ms) * 1000.0 / f64::from(large - small));
+        self.report.scale_rows.push(
+            ScaleRow::new("spawn → ready (median)", "ms", ready_ms[0], ready_ms[1]).check(
+                Check::new(
+                    "(no target)",
+                    None,
+                    per_entry.map(|us| format!("{us:.1} µs per extra entry")),
+                ),
+            ),
+        );
+        let p50 = latency.map(|latency| latency.map(|l| l.p50));
+        let p99 = latency.map(|latency| latency.map(|l| l.p99));
+        let flat = both(p50[1], p50[0]).map(|(large, small)| large <= small * 1.10);
+        self.report.scale_rows.push(
+            ScaleRow::new("connect+RTT+close via VIPs: p50", "µs", p50[0], p50[1])
+                .check(Check::new("flat: 10k/10 ≤ 1.10×", flat, None)),
+        );
+        self.report.scale_rows.push(ScaleRow::new(
+            "connect+RTT+close via VIPs: p99",
+            "µs",
+            p99[0],
+            p99[1],
+        ));
+        Ok(())
+    }
+}
+
+fn read_outcome(process: &mut Proc, timeout: Duration) -> Result<Outcome> {
+    let line = process.read_line(timeout)?;
+    let outcome: Outcome = serde_json::from_str(&line)
+        .map_err(|error| anyhow::anyhow!("bad client output {line:?}: {error}"))?;
+    if let Some(error) = outcome.error {
+        bail!("{error}");
+    }
+    if outcome.errors > 0 {
+        bail!(
+            "{} operation(s) failed ({} succeeded); the first: {}",
+            outcome.errors,
+            outcome.ok,
+            outcome.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    ensure!(outcome.ok > 0, "no operation completed");
+    Ok(outcome)
+}
+
+fn figures(outcomes: &[Option<Outcome>; 3], figure: impl Fn(&Outcome) -> Option<f64>) -> Figures {
+    [0, 1, 2].map(|index| outcomes[index].as_ref().and_then(&figure))
+}
+
+fn both(a: Option<f64>, b: Option<f64>) -> Option<(f64, f64)> {
+    a.zip(b)
+}
+
+fn size_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
