@@ -132,10 +132,11 @@ pub fn haproxy_version() -> String {
         .output()
         .ok()
         .and_then(|output| {
+            // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
             String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .next()
-                .map(str::to_owned)
+                .split_whitespace()
+                .nth(2)
+                .map(|version| format!("haproxy {version}"))
         })
         .unwrap_or_else(|| "unknown".into())
 }
@@ -150,8 +151,11 @@ pub struct Haproxy {
 
 impl Haproxy {
     pub fn start(sandbox: &Sandbox, threads: usize) -> Result<Self> {
+        // HAProxy refuses to start when 2 × maxconn + its own descriptors exceed what
+        // it may raise RLIMIT_NOFILE to.
+        let maxconn = (sandbox.open_files.saturating_sub(100) / 2).saturating_sub(20);
         let mut config = format!(
-            "global\n  nbthread {threads}\n  maxconn 50000\n\ndefaults\n  mode tcp\n  maxconn 50000\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
+            "global\n  nbthread {threads}\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
         );
         for port in BACKEND_PORTS {
             let _ = write!(

@@ -28,12 +28,14 @@ pub struct Sandbox {
     pub cgroup_relative: String,
     cgroup_procs: File,
     pub workdir: PathBuf,
+    /// RLIMIT_NOFILE of the harness and its children.
+    pub open_files: u64,
 }
 
 impl Sandbox {
     /// Must run on the main thread before any other thread exists.
     pub fn create() -> Result<Self> {
-        raise_open_files_limit()?;
+        let open_files = raise_open_files_limit()?;
         let root = setup::cgroup2_root()?;
         remove_stale_cgroups(&root);
         let name = format!("interceptor-bench-{}", std::process::id());
@@ -56,6 +58,7 @@ impl Sandbox {
             cgroup_relative: format!("/{name}"),
             cgroup_procs,
             workdir,
+            open_files,
         };
         let _ = fs::remove_dir_all(&sandbox.workdir);
         fs::create_dir_all(&sandbox.workdir)?;
@@ -96,24 +99,37 @@ impl Drop for Sandbox {
     }
 }
 
-fn raise_open_files_limit() -> Result<()> {
+/// Raises RLIMIT_NOFILE (inherited by every child) as far as allowed and returns the
+/// soft limit now in force. Above the hard limit needs CAP_SYS_RESOURCE, which a
+/// container's root may lack; then the hard limit is the ceiling.
+fn raise_open_files_limit() -> Result<u64> {
     let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|raw| raw.trim().parse::<u64>().ok())
         .unwrap_or(1_048_576);
-    let limit = libc::rlimit {
-        rlim_cur: OPEN_FILES.min(ceiling),
-        rlim_max: OPEN_FILES.min(ceiling),
+    let wanted = OPEN_FILES.min(ceiling);
+    let mut current = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: setrlimit with a valid rlimit; children inherit it.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
-        bail!(
-            "raising RLIMIT_NOFILE to {}: {}",
-            limit.rlim_cur,
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: getrlimit writes into a valid rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut current) } != 0 {
+        bail!("getrlimit: {}", std::io::Error::last_os_error());
     }
-    Ok(())
+    for (soft, hard) in [
+        (wanted, wanted.max(current.rlim_max)),
+        (wanted.min(current.rlim_max), current.rlim_max),
+    ] {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit with a valid rlimit; children inherit it.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+            return Ok(soft);
+        }
+    }
+    bail!("raising RLIMIT_NOFILE: {}", std::io::Error::last_os_error())
 }
 
 /// Bench cgroups whose harness no longer runs (it was SIGKILLed before cleanup).

@@ -318,7 +318,19 @@ impl Bench<'_> {
     }
 
     fn memory(&mut self) -> Result<()> {
-        let connections = self.sizes.idle_connections;
+        // A proxy holds two descriptors per connection.
+        let affordable = self.sandbox.open_files.saturating_sub(200) / 2;
+        let connections = self.sizes.idle_connections.min(affordable);
+        if connections < self.sizes.idle_connections {
+            println!(
+                "  memory: RLIMIT_NOFILE is {} and cannot be raised (no CAP_SYS_RESOURCE): {connections} idle connections instead of {}",
+                self.sandbox.open_files, self.sizes.idle_connections
+            );
+        }
+        ensure!(
+            connections > 0,
+            "RLIMIT_NOFILE is too low to hold any connection"
+        );
         let mut per_connection: Figures = [None; 3];
 
         let daemon = Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox)?;
