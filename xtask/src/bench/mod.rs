@@ -43,7 +43,8 @@ pub struct BenchArgs {
     /// Run only this scenario; repeat for several. Default: all.
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
-    /// Write the JSON here instead of target/bench/<timestamp>.json and latest.json.
+    /// Write the JSON here instead of target/bench/<UTC timestamp>.json and
+    /// target/bench/latest.json.
     #[arg(long)]
     json: Option<PathBuf>,
     /// Internal: this is the release build, already built; skip setup and build.
@@ -230,10 +231,10 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         "details": report.details,
     });
     let text = serde_json::to_string_pretty(&document)? + "\n";
-    let written = match &args.json {
+    let written = match args.json.as_deref().map(user_path) {
         Some(path) => {
-            write_file(path, &text)?;
-            vec![path.clone()]
+            write_file(&path, &text)?;
+            vec![path]
         }
         None => {
             let directory = target_dir(root).join("bench");
@@ -257,6 +258,15 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// xtask runs from the workspace root; a relative path the user typed means the
+/// directory they ran cargo in, which the shell left in PWD.
+fn user_path(path: &Path) -> PathBuf {
+    match env::var_os("PWD").map(PathBuf::from) {
+        Some(pwd) if path.is_relative() && pwd.is_absolute() => pwd.join(path),
+        _ => path.to_path_buf(),
+    }
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {

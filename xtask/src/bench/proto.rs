@@ -113,6 +113,42 @@ pub struct Outcome {
     pub seconds: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<Percentiles>,
+    /// CPU the proxy on the path used during the job; filled in by the harness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_cpu: Option<CpuTime>,
+}
+
+/// CPU time of a process, in seconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct CpuTime {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTime {
+    /// From /proc/<pid>/stat (all threads), at the kernel's clock-tick resolution.
+    pub fn of(pid: u32) -> Option<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces; the fields after it may not.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Some(Self {
+            user: fields.get(11)?.parse::<f64>().ok()? / ticks,
+            system: fields.get(12)?.parse::<f64>().ok()? / ticks,
+        })
+    }
+
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
 }
 
 /// Latency summary in microseconds.

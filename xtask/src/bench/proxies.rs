@@ -114,6 +114,10 @@ impl Daemon {
         rss_bytes(self.process.pid())
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// SIGTERM; the daemon must exit 0.
     pub fn stop(mut self) -> Result<()> {
         let status = self.process.stop(STOP_TIMEOUT)?;
@@ -210,6 +214,10 @@ impl Haproxy {
 
     pub fn rss_bytes(&self) -> Result<u64> {
         rss_bytes(self.process.pid())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
     }
 
     pub fn stop(mut self) {

@@ -16,6 +16,15 @@ pub struct Check {
 }
 
 impl Check {
+    /// No target, just a remark for the table.
+    pub fn note(detail: String) -> Self {
+        Self {
+            target: String::new(),
+            pass: None,
+            detail: Some(detail),
+        }
+    }
+
     pub fn new(target: &str, pass: Option<bool>, detail: Option<String>) -> Self {
         Self {
             target: target.to_owned(),
@@ -220,6 +229,7 @@ fn verdict(check: Option<&Check>) -> String {
         None => "n/a ",
     };
     match &check.detail {
+        Some(detail) if check.target.is_empty() => detail.clone(),
         Some(detail) => format!("{mark} {} ({detail})", check.target),
         None => format!("{mark} {}", check.target),
     }

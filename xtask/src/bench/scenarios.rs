@@ -14,7 +14,10 @@ use anyhow::{Result, bail, ensure};
 use super::{
     Scenario, Sizes,
     procs::{Proc, SpawnOptions, bail_if_interrupted},
-    proto::{BACKEND_IP, BULK_PORT, CONN_PORT, ECHO_PORT, Job, Outcome, PROXY, Spec, Target, vip},
+    proto::{
+        BACKEND_IP, BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, PROXY, Spec, Target,
+        vip,
+    },
     proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
     report::{Check, PathRow, Report, ScaleRow},
     sandbox::Sandbox,
@@ -136,10 +139,12 @@ impl Bench<'_> {
         Ok(outcome)
     }
 
-    /// Runs `job` on each route: a figure per route, failures recorded.
+    /// Runs `job` on each route: an outcome per route (with the CPU the proxy on that
+    /// route used), failures recorded.
     fn each_route(
         &mut self,
         name: &str,
+        proxies: (&Daemon, &Haproxy),
         timeout: Duration,
         job: impl Fn(Target) -> Job,
         port: u16,
@@ -151,8 +156,18 @@ impl Bench<'_> {
                 break;
             }
             let label = format!("{name}, {}", route.name());
+            let proxy = match route {
+                Route::Direct => None,
+                Route::Interceptor => Some(proxies.0.pid()),
+                Route::Haproxy => Some(proxies.1.pid()),
+            };
+            let cpu_before = proxy.and_then(CpuTime::of);
             match self.client(job(route.target(port)), timeout) {
-                Ok(outcome) => {
+                Ok(mut outcome) => {
+                    outcome.proxy_cpu = proxy
+                        .and_then(CpuTime::of)
+                        .zip(cpu_before)
+                        .map(|(after, before)| after.since(before));
                     if let Some(value) = figure(&outcome) {
                         println!("  {label}: {value:.2}");
                     }
@@ -165,18 +180,59 @@ impl Bench<'_> {
         outcomes
     }
 
+    /// A row with the proxies' CPU per unit of work (`per(outcome)` units), and the
+    /// interceptor's user/system split.
+    fn cpu_row(
+        &mut self,
+        figure: String,
+        unit: &'static str,
+        outcomes: &[Option<Outcome>; 3],
+        scale: f64,
+        per: impl Fn(&Outcome) -> f64,
+    ) {
+        let cpu = |outcome: &Outcome| {
+            let work = per(outcome);
+            outcome
+                .proxy_cpu
+                .filter(|_| work > 0.0)
+                .map(|cpu| cpu.total() * scale / work)
+        };
+        let values = figures(outcomes, cpu);
+        let split = outcomes[1]
+            .as_ref()
+            .and_then(|outcome| outcome.proxy_cpu)
+            .filter(|cpu| cpu.total() > 0.0)
+            .map(|cpu| {
+                format!(
+                    "interceptor CPU: {:.0}% system, {:.0}% user",
+                    100.0 * cpu.system / cpu.total(),
+                    100.0 * cpu.user / cpu.total()
+                )
+            });
+        let mut row = PathRow::new(figure, unit, values);
+        if let Some(split) = split {
+            row = row.check(Check::note(split));
+        }
+        self.report.rows.push(row);
+    }
+
     fn bulk(&mut self) -> Result<()> {
         let (daemon, haproxy) = self.start_proxies()?;
         let bytes = self.sizes.bulk_bytes_per_stream;
         for streams in [1usize, 8] {
             let total = bytes * streams as u64;
             let timeout = Duration::from_secs(60 + total / (20 << 20));
-            let name = format!("bulk, {streams} stream(s) × {}", size_label(bytes));
+            let name = format!(
+                "bulk, {streams} stream{} × {}",
+                if streams == 1 { "" } else { "s" },
+                size_label(bytes)
+            );
             let gbits = |outcome: &Outcome| {
                 (outcome.seconds > 0.0).then(|| outcome.bytes as f64 * 8.0 / outcome.seconds / 1e9)
             };
             let outcomes = self.each_route(
                 &name,
+                (&daemon, &haproxy),
                 timeout,
                 |target| Job::Bulk {
                     target,
@@ -198,6 +254,16 @@ impl Bench<'_> {
                     pass,
                     None,
                 )));
+            self.cpu_row(
+                format!(
+                    "  proxy CPU, {streams} stream{}",
+                    if streams == 1 { "" } else { "s" }
+                ),
+                "ms/GiB",
+                &outcomes,
+                1000.0,
+                |outcome| outcome.bytes as f64 / f64::from(1u32 << 30),
+            );
         }
         self.stop_proxies(daemon, haproxy);
         Ok(())
@@ -213,6 +279,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
+            (&daemon, &haproxy),
             timeout,
             |target| Job::Latency {
                 target,
@@ -244,6 +311,13 @@ impl Bench<'_> {
         self.report
             .rows
             .push(PathRow::new("rr 1 KiB each way: p99.9", "µs", p999));
+        self.cpu_row(
+            "  proxy CPU per round trip".into(),
+            "µs",
+            &outcomes,
+            1e6,
+            |outcome| outcome.ok as f64,
+        );
         self.stop_proxies(daemon, haproxy);
         Ok(())
     }
@@ -261,6 +335,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
+            (&daemon, &haproxy),
             Duration::from_millis(sizes.conn_millis) + Duration::from_secs(60),
             |target| Job::ConnRate {
                 target,
@@ -284,10 +359,18 @@ impl Bench<'_> {
                 None,
             )),
         );
+        self.cpu_row(
+            "  proxy CPU per connection".into(),
+            "µs",
+            &outcomes,
+            1e6,
+            |outcome| outcome.ok as f64,
+        );
 
         // The same exchange one connection at a time: the per-connection latency.
         let outcomes = self.each_route(
             "connect + 1 RTT + close, sequential",
+            (&daemon, &haproxy),
             Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60),
             |target| Job::ConnectLatency {
                 target,
@@ -302,10 +385,10 @@ impl Bench<'_> {
         let p99 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p99));
         let added = both(p50[1], p50[0]).map(|(icpt, direct)| icpt - direct);
         self.report.rows.push(
-            PathRow::new("connect+RTT+close, one by one: p50", "µs", p50).check(Check::new(
-                "(no target)",
-                None,
-                added.map(|added| format!("{added:+.1} µs over direct")),
+            PathRow::new("connect+RTT+close, one by one: p50", "µs", p50).check(Check::note(
+                added.map_or_else(String::new, |added| {
+                    format!("interceptor {added:+.1} µs over direct")
+                }),
             )),
         );
         self.report.rows.push(PathRow::new(
@@ -471,10 +554,8 @@ impl Bench<'_> {
             .map(|(large_ms, small_ms)| (large_ms - small_ms) * 1000.0 / f64::from(large - small));
         self.report.scale_rows.push(
             ScaleRow::new("spawn → ready (median)", "ms", ready_ms[0], ready_ms[1]).check(
-                Check::new(
-                    "(no target)",
-                    None,
-                    per_entry.map(|us| format!("{us:.1} µs per extra entry")),
+                Check::note(
+                    per_entry.map_or_else(String::new, |us| format!("{us:.1} µs per extra entry")),
                 ),
             ),
         );
@@ -482,8 +563,9 @@ impl Bench<'_> {
         let p99 = latency.map(|latency| latency.map(|l| l.p99));
         let flat = both(p50[1], p50[0]).map(|(large, small)| large <= small * 1.10);
         self.report.scale_rows.push(
-            ScaleRow::new("connect+RTT+close via VIPs: p50", "µs", p50[0], p50[1])
-                .check(Check::new("flat: 10k/10 ≤ 1.10×", flat, None)),
+            ScaleRow::new("connect+RTT+close via VIPs: p50", "µs", p50[0], p50[1]).check(
+                Check::new(&format!("flat: {large}/{small} ≤ 1.10×"), flat, None),
+            ),
         );
         self.report.scale_rows.push(ScaleRow::new(
             "connect+RTT+close via VIPs: p99",
