@@ -80,6 +80,9 @@ impl Scenario {
 /// How much each scenario does.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sizes {
+    /// Each path-comparison figure is the median of this many rounds, the routes'
+    /// order rotating each round.
+    pub rounds: usize,
     pub bulk_bytes_per_stream: u64,
     pub rr_warmup: u64,
     pub rr_round_trips: u64,
@@ -99,6 +102,7 @@ impl Sizes {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
+                rounds: 1,
                 bulk_bytes_per_stream: 16 << 20,
                 rr_warmup: 100,
                 rr_round_trips: 2_000,
@@ -115,6 +119,7 @@ impl Sizes {
             }
         } else {
             Self {
+                rounds: 3,
                 bulk_bytes_per_stream: 1 << 30,
                 rr_warmup: 5_000,
                 rr_round_trips: 100_000,
@@ -212,7 +217,8 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         .to_owned();
     let haproxy = proxies::haproxy_version();
     let title = format!(
-        "interceptor bench ({mode}, {threads} CPUs, kernel {kernel}, {haproxy}; interceptor and haproxy with {threads} threads)"
+        "interceptor bench ({mode}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
+        sizes.rounds
     );
     println!("\n{}", report.table(&title));
     let document = serde_json::json!({

@@ -73,6 +73,8 @@ pub struct Bench<'a> {
 
 /// A figure per route, in `Route::ALL` order.
 type Figures = [Option<f64>; 3];
+/// Every round's outcome per route, in `Route::ALL` order.
+type Outcomes = [Vec<Outcome>; 3];
 
 impl Bench<'_> {
     pub fn run(&mut self, scenario: Scenario) {
@@ -139,8 +141,10 @@ impl Bench<'_> {
         Ok(outcome)
     }
 
-    /// Runs `job` on each route: an outcome per route (with the CPU the proxy on that
-    /// route used), failures recorded.
+    /// Runs `job` on each route, `sizes.rounds` times with the order rotating each
+    /// round, so a change in background load spreads over all routes: the outcomes per
+    /// route (with the CPU the proxy on that route used). A route that fails is recorded
+    /// and not retried.
     fn each_route(
         &mut self,
         name: &str,
@@ -149,32 +153,45 @@ impl Bench<'_> {
         job: impl Fn(Target) -> Job,
         port: u16,
         figure: impl Fn(&Outcome) -> Option<f64>,
-    ) -> [Option<Outcome>; 3] {
-        let mut outcomes = [None, None, None];
-        for (index, route) in Route::ALL.into_iter().enumerate() {
-            if bail_if_interrupted().is_err() {
-                break;
-            }
-            let label = format!("{name}, {}", route.name());
-            let proxy = match route {
-                Route::Direct => None,
-                Route::Interceptor => Some(proxies.0.pid()),
-                Route::Haproxy => Some(proxies.1.pid()),
-            };
-            let cpu_before = proxy.and_then(CpuTime::of);
-            match self.client(job(route.target(port)), timeout) {
-                Ok(mut outcome) => {
-                    outcome.proxy_cpu = proxy
-                        .and_then(CpuTime::of)
-                        .zip(cpu_before)
-                        .map(|(after, before)| after.since(before));
-                    if let Some(value) = figure(&outcome) {
-                        println!("  {label}: {value:.2}");
-                    }
-                    self.report.detail(&label, &outcome);
-                    outcomes[index] = Some(outcome);
+    ) -> Outcomes {
+        let rounds = self.sizes.rounds;
+        let mut outcomes: Outcomes = Default::default();
+        let mut failed = [false; 3];
+        for round in 0..rounds {
+            for offset in 0..Route::ALL.len() {
+                let index = (round + offset) % Route::ALL.len();
+                let route = Route::ALL[index];
+                if failed[index] || bail_if_interrupted().is_err() {
+                    continue;
                 }
-                Err(error) => self.report.fail(format!("{label}: {error:#}")),
+                let label = if rounds > 1 {
+                    format!("{name}, {}, round {}", route.name(), round + 1)
+                } else {
+                    format!("{name}, {}", route.name())
+                };
+                let proxy = match route {
+                    Route::Direct => None,
+                    Route::Interceptor => Some(proxies.0.pid()),
+                    Route::Haproxy => Some(proxies.1.pid()),
+                };
+                let cpu_before = proxy.and_then(CpuTime::of);
+                match self.client(job(route.target(port)), timeout) {
+                    Ok(mut outcome) => {
+                        outcome.proxy_cpu = proxy
+                            .and_then(CpuTime::of)
+                            .zip(cpu_before)
+                            .map(|(after, before)| after.since(before));
+                        if let Some(value) = figure(&outcome) {
+                            println!("  {label}: {value:.2}");
+                        }
+                        self.report.detail(&label, &outcome);
+                        outcomes[index].push(outcome);
+                    }
+                    Err(error) => {
+                        failed[index] = true;
+                        self.report.fail(format!("{label}: {error:#}"));
+                    }
+                }
             }
         }
         outcomes
@@ -186,7 +203,7 @@ impl Bench<'_> {
         &mut self,
         figure: String,
         unit: &'static str,
-        outcomes: &[Option<Outcome>; 3],
+        outcomes: &Outcomes,
         scale: f64,
         per: impl Fn(&Outcome) -> f64,
     ) {
@@ -199,8 +216,12 @@ impl Bench<'_> {
         };
         let values = figures(outcomes, cpu);
         let split = outcomes[1]
-            .as_ref()
-            .and_then(|outcome| outcome.proxy_cpu)
+            .iter()
+            .filter_map(|outcome| outcome.proxy_cpu)
+            .reduce(|sum, cpu| CpuTime {
+                user: sum.user + cpu.user,
+                system: sum.system + cpu.system,
+            })
             .filter(|cpu| cpu.total() > 0.0)
             .map(|cpu| {
                 format!(
@@ -503,64 +524,72 @@ impl Bench<'_> {
         let sizes = self.sizes.clone();
         let (small, large) = (sizes.scale_small, sizes.scale_large);
         self.report.scale_entries = (small, large);
-        let mut ready_ms = [None, None];
-        let mut latency = [None, None];
-        for (slot, entries) in [small, large].into_iter().enumerate() {
-            bail_if_interrupted()?;
+        let mut configs = Vec::new();
+        for entries in [small, large] {
             let config = self.sandbox.workdir.join(format!("scale-{entries}.yaml"));
             fs::write(&config, service_entries_yaml(entries, &[CONN_PORT]))?;
-            let mut readies = Vec::new();
-            for repeat in 0..sizes.scale_repeats {
-                let daemon = Daemon::start(&self.interceptor, &config, self.sandbox)?;
-                readies.push(daemon.ready_after.as_secs_f64() * 1000.0);
-                if repeat + 1 == sizes.scale_repeats {
-                    // Every connection goes to another entry's VIP, all of them in turn.
-                    let target = Target {
-                        addr: SocketAddrV4::new(vip(0), CONN_PORT),
-                        peer: PROXY,
-                        vips: entries,
-                    };
-                    let job = Job::ConnectLatency {
-                        target,
-                        connections: sizes.sequential_connections,
-                        millis: sizes.sequential_millis,
-                        size: sizes.conn_size,
-                    };
-                    let timeout =
-                        Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60);
-                    match self.client(job, timeout) {
-                        Ok(outcome) => {
-                            latency[slot] = outcome.latency;
-                            self.report
-                                .detail(format!("config scale, {entries} entries"), &outcome);
+            configs.push((entries, config));
+        }
+        let mut ready_ms = [Vec::new(), Vec::new()];
+        let mut latencies = [Vec::new(), Vec::new()];
+        // The two configurations alternate, so background load hits both alike.
+        for repeat in 0..sizes.scale_repeats {
+            for (slot, (entries, config)) in configs.iter().enumerate() {
+                bail_if_interrupted()?;
+                let daemon = Daemon::start(&self.interceptor, config, self.sandbox)?;
+                let ready = daemon.ready_after.as_secs_f64() * 1000.0;
+                ready_ms[slot].push(ready);
+                // Every connection goes to another entry's VIP, all of them in turn.
+                let target = Target {
+                    addr: SocketAddrV4::new(vip(0), CONN_PORT),
+                    peer: PROXY,
+                    vips: *entries,
+                };
+                let job = Job::ConnectLatency {
+                    target,
+                    connections: sizes.sequential_connections,
+                    millis: sizes.sequential_millis,
+                    size: sizes.conn_size,
+                };
+                let timeout =
+                    Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60);
+                let label = format!("config scale, {entries} entries, round {}", repeat + 1);
+                match self.client(job, timeout) {
+                    Ok(outcome) => {
+                        if let Some(latency) = outcome.latency {
+                            println!(
+                                "  {label}: ready after {ready:.1} ms, connect+RTT+close p50 {:.1} µs",
+                                latency.p50
+                            );
+                            latencies[slot].push(latency);
                         }
-                        Err(error) => self.report.fail(format!(
-                            "config scale, connections with {entries} entries: {error:#}"
-                        )),
+                        self.report.detail(&label, &outcome);
                     }
+                    Err(error) => self.report.fail(format!("{label}: {error:#}")),
                 }
                 daemon.stop()?;
             }
-            readies.sort_by(f64::total_cmp);
-            let median = readies[readies.len() / 2];
-            println!("  {entries} entries: ready after {median:.1} ms (median of {readies:.1?})");
+        }
+        for (slot, (entries, _)) in configs.iter().enumerate() {
             self.report.detail(
                 format!("config scale, {entries} entries, ready ms"),
-                &readies,
+                &ready_ms[slot],
             );
-            ready_ms[slot] = Some(median);
         }
-        let per_entry = both(ready_ms[1], ready_ms[0])
+        let ready = ready_ms.map(median);
+        let per_entry = both(ready[1], ready[0])
             .map(|(large_ms, small_ms)| (large_ms - small_ms) * 1000.0 / f64::from(large - small));
         self.report.scale_rows.push(
-            ScaleRow::new("spawn → ready (median)", "ms", ready_ms[0], ready_ms[1]).check(
-                Check::note(
-                    per_entry.map_or_else(String::new, |us| format!("{us:.1} µs per extra entry")),
-                ),
-            ),
+            ScaleRow::new("spawn → ready (median)", "ms", ready[0], ready[1]).check(Check::note(
+                per_entry.map_or_else(String::new, |us| format!("{us:.1} µs per extra entry")),
+            )),
         );
-        let p50 = latency.map(|latency| latency.map(|l| l.p50));
-        let p99 = latency.map(|latency| latency.map(|l| l.p99));
+        let p50 = latencies
+            .each_ref()
+            .map(|runs| median(runs.iter().map(|latency| latency.p50).collect()));
+        let p99 = latencies
+            .each_ref()
+            .map(|runs| median(runs.iter().map(|latency| latency.p99).collect()));
         let flat = both(p50[1], p50[0]).map(|(large, small)| large <= small * 1.10);
         self.report.scale_rows.push(
             ScaleRow::new("connect+RTT+close via VIPs: p50", "µs", p50[0], p50[1]).check(
@@ -596,8 +625,14 @@ fn read_outcome(process: &mut Proc, timeout: Duration) -> Result<Outcome> {
     Ok(outcome)
 }
 
-fn figures(outcomes: &[Option<Outcome>; 3], figure: impl Fn(&Outcome) -> Option<f64>) -> Figures {
-    [0, 1, 2].map(|index| outcomes[index].as_ref().and_then(&figure))
+/// Per route, the median over its rounds.
+fn figures(outcomes: &Outcomes, figure: impl Fn(&Outcome) -> Option<f64>) -> Figures {
+    [0, 1, 2].map(|index| median(outcomes[index].iter().filter_map(&figure).collect()))
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 fn both(a: Option<f64>, b: Option<f64>) -> Option<(f64, f64)> {
