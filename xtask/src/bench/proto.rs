@@ -224,3 +224,60 @@ impl Verifier {
         self.bytes += chunk.len() as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_verifier_accepts_the_pattern_in_any_chunking() {
+        let stream: Vec<u8> = reference()[..PERIOD]
+            .iter()
+            .chain(&reference()[..PERIOD])
+            .copied()
+            .collect();
+        let mut verifier = Verifier::default();
+        for chunk in stream.chunks(7_919) {
+            verifier.update(chunk);
+        }
+        assert_eq!(verifier.bytes, 2 * PERIOD as u64);
+        assert_eq!(verifier.mismatch_at, None);
+    }
+
+    #[test]
+    fn the_verifier_catches_a_changed_or_dropped_byte() {
+        let mut changed = reference()[..PERIOD].to_vec();
+        changed[100_000] ^= 1;
+        let mut verifier = Verifier::default();
+        verifier.update(&changed);
+        assert_eq!(verifier.mismatch_at, Some(0));
+
+        let mut dropped = reference()[..4096].to_vec();
+        dropped.remove(10);
+        let mut verifier = Verifier::default();
+        verifier.update(&dropped[..2048]);
+        verifier.update(&dropped[2048..]);
+        assert_eq!(verifier.mismatch_at, Some(0));
+    }
+
+    #[test]
+    fn percentiles_pick_ranks() {
+        let latency = Percentiles::from_nanos((1..=1000).map(|us| us * 1000).collect()).unwrap();
+        assert_eq!(
+            (latency.p50, latency.p99, latency.p999, latency.max),
+            (500.0, 990.0, 999.0, 1000.0)
+        );
+        assert!(Percentiles::from_nanos(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn vips_are_distinct_host_addresses() {
+        let vips: std::collections::HashSet<Ipv4Addr> = (0..10_000).map(vip).collect();
+        assert_eq!(vips.len(), 10_000);
+        assert!(
+            vips.iter()
+                .all(|vip| vip.octets()[..2] == [240, 240] && !matches!(vip.octets()[3], 0 | 255))
+        );
+        assert_eq!(vip(0), Ipv4Addr::new(240, 240, 0, 1));
+    }
+}
