@@ -61,6 +61,12 @@ impl Route {
     }
 }
 
+/// The proxies a scenario runs; `None` for one that failed to start.
+struct Proxies {
+    daemon: Option<Daemon>,
+    haproxy: Option<Haproxy>,
+}
+
 pub struct Bench<'a> {
     pub sandbox: &'a Sandbox,
     pub interceptor: PathBuf,
@@ -79,6 +85,7 @@ type Outcomes = [Vec<Outcome>; 3];
 impl Bench<'_> {
     pub fn run(&mut self, scenario: Scenario) {
         println!("xtask bench: {scenario:?}");
+        let failures_before = self.report.failures.len();
         let result = match scenario {
             Scenario::Bulk => self.bulk(),
             Scenario::Latency => self.latency(),
@@ -87,7 +94,10 @@ impl Bench<'_> {
             Scenario::ConfigScale => self.config_scale(),
         };
         if let Err(error) = result {
-            self.report.fail(format!("{scenario:?}: {error:#}"));
+            self.report.fail(format!("{error:#}"));
+        }
+        for failure in &mut self.report.failures[failures_before..] {
+            *failure = format!("{scenario:?}: {failure}");
         }
     }
 
@@ -97,15 +107,27 @@ impl Bench<'_> {
         Ok(path)
     }
 
-    fn start_proxies(&self) -> Result<(Daemon, Haproxy)> {
-        let daemon = Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox)?;
-        let haproxy = Haproxy::start(self.sandbox, self.threads)?;
-        Ok((daemon, haproxy))
+    /// Both proxies; one that does not start is a failed path, and the routes through
+    /// the other proxy and the direct route still run.
+    fn start_proxies(&mut self) -> Result<Proxies> {
+        let config = self.base_config()?;
+        let daemon = Daemon::start(&self.interceptor, &config, self.sandbox)
+            .map_err(|error| self.report.fail(format!("starting interceptor: {error:#}")))
+            .ok();
+        bail_if_interrupted()?;
+        let haproxy = Haproxy::start(self.sandbox, self.threads)
+            .map_err(|error| self.report.fail(format!("starting haproxy: {error:#}")))
+            .ok();
+        Ok(Proxies { daemon, haproxy })
     }
 
-    fn stop_proxies(&mut self, daemon: Daemon, haproxy: Haproxy) {
-        haproxy.stop();
-        if let Err(error) = daemon.stop() {
+    fn stop_proxies(&mut self, proxies: Proxies) {
+        if let Some(haproxy) = proxies.haproxy {
+            haproxy.stop();
+        }
+        if let Some(daemon) = proxies.daemon
+            && let Err(error) = daemon.stop()
+        {
             self.report.fail(format!("{error:#}"));
         }
     }
@@ -148,7 +170,7 @@ impl Bench<'_> {
     fn each_route(
         &mut self,
         name: &str,
-        proxies: (&Daemon, &Haproxy),
+        proxies: &Proxies,
         timeout: Duration,
         job: impl Fn(Target) -> Job,
         port: u16,
@@ -171,8 +193,14 @@ impl Bench<'_> {
                 };
                 let proxy = match route {
                     Route::Direct => None,
-                    Route::Interceptor => Some(proxies.0.pid()),
-                    Route::Haproxy => Some(proxies.1.pid()),
+                    Route::Interceptor => match &proxies.daemon {
+                        Some(daemon) => Some(daemon.pid()),
+                        None => continue,
+                    },
+                    Route::Haproxy => match &proxies.haproxy {
+                        Some(haproxy) => Some(haproxy.pid()),
+                        None => continue,
+                    },
                 };
                 let cpu_before = proxy.and_then(CpuTime::of);
                 match self.client(job(route.target(port)), timeout) {
@@ -238,7 +266,7 @@ impl Bench<'_> {
     }
 
     fn bulk(&mut self) -> Result<()> {
-        let (daemon, haproxy) = self.start_proxies()?;
+        let proxies = self.start_proxies()?;
         let bytes = self.sizes.bulk_bytes_per_stream;
         for streams in [1usize, 8] {
             let total = bytes * streams as u64;
@@ -253,7 +281,7 @@ impl Bench<'_> {
             };
             let outcomes = self.each_route(
                 &name,
-                (&daemon, &haproxy),
+                &proxies,
                 timeout,
                 |target| Job::Bulk {
                     target,
@@ -286,12 +314,12 @@ impl Bench<'_> {
                 |outcome| outcome.bytes as f64 / f64::from(1u32 << 30),
             );
         }
-        self.stop_proxies(daemon, haproxy);
+        self.stop_proxies(proxies);
         Ok(())
     }
 
     fn latency(&mut self) -> Result<()> {
-        let (daemon, haproxy) = self.start_proxies()?;
+        let proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let timeout = Duration::from_secs(60 + sizes.rr_round_trips / 2_000);
         let name = format!(
@@ -300,7 +328,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
-            (&daemon, &haproxy),
+            &proxies,
             timeout,
             |target| Job::Latency {
                 target,
@@ -339,12 +367,12 @@ impl Bench<'_> {
             1e6,
             |outcome| outcome.ok as f64,
         );
-        self.stop_proxies(daemon, haproxy);
+        self.stop_proxies(proxies);
         Ok(())
     }
 
     fn conn_rate(&mut self) -> Result<()> {
-        let (daemon, haproxy) = self.start_proxies()?;
+        let proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let rate = |outcome: &Outcome| {
             (outcome.seconds > 0.0).then(|| outcome.ok as f64 / outcome.seconds)
@@ -356,7 +384,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
-            (&daemon, &haproxy),
+            &proxies,
             Duration::from_millis(sizes.conn_millis) + Duration::from_secs(60),
             |target| Job::ConnRate {
                 target,
@@ -391,7 +419,7 @@ impl Bench<'_> {
         // The same exchange one connection at a time: the per-connection latency.
         let outcomes = self.each_route(
             "connect + 1 RTT + close, sequential",
-            (&daemon, &haproxy),
+            &proxies,
             Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60),
             |target| Job::ConnectLatency {
                 target,
@@ -417,7 +445,7 @@ impl Bench<'_> {
             "µs",
             p99,
         ));
-        self.stop_proxies(daemon, haproxy);
+        self.stop_proxies(proxies);
         Ok(())
     }
 
@@ -437,21 +465,29 @@ impl Bench<'_> {
         );
         let mut per_connection: Figures = [None; 3];
 
-        let daemon = Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox)?;
-        match self.idle_rss(Route::Interceptor, connections, || daemon.rss_bytes()) {
-            Ok(value) => per_connection[1] = Some(value),
-            Err(error) => self.report.fail(format!("memory, interceptor: {error:#}")),
+        match Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox) {
+            Ok(daemon) => {
+                match self.idle_rss(Route::Interceptor, connections, || daemon.rss_bytes()) {
+                    Ok(value) => per_connection[1] = Some(value),
+                    Err(error) => self.report.fail(format!("memory, interceptor: {error:#}")),
+                }
+                if let Err(error) = daemon.stop() {
+                    self.report.fail(format!("{error:#}"));
+                }
+            }
+            Err(error) => self.report.fail(format!("starting interceptor: {error:#}")),
         }
-        if let Err(error) = daemon.stop() {
-            self.report.fail(format!("{error:#}"));
+        bail_if_interrupted()?;
+        match Haproxy::start(self.sandbox, self.threads) {
+            Ok(haproxy) => {
+                match self.idle_rss(Route::Haproxy, connections, || haproxy.rss_bytes()) {
+                    Ok(value) => per_connection[2] = Some(value),
+                    Err(error) => self.report.fail(format!("memory, haproxy: {error:#}")),
+                }
+                haproxy.stop();
+            }
+            Err(error) => self.report.fail(format!("starting haproxy: {error:#}")),
         }
-
-        let haproxy = Haproxy::start(self.sandbox, self.threads)?;
-        match self.idle_rss(Route::Haproxy, connections, || haproxy.rss_bytes()) {
-            Ok(value) => per_connection[2] = Some(value),
-            Err(error) => self.report.fail(format!("memory, haproxy: {error:#}")),
-        }
-        haproxy.stop();
 
         self.report.rows.push(
             PathRow::new(
