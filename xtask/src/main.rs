@@ -1,8 +1,9 @@
-//! Project tasks: `cargo xtask setup | build | test | run`.
+//! Project tasks: `cargo xtask setup | build | test | run | bench`.
 //!
 //! Every task bootstraps what it needs first, so each works on a fresh Debian machine
 //! run as root, with no prompts (CI has no stdin).
 
+mod bench;
 mod setup;
 
 use std::{
@@ -51,6 +52,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         daemon_args: Vec<String>,
     },
+    /// Measure what the proxy costs against direct connections and HAProxy, in a
+    /// network namespace of its own (needs root). Writes target/bench/*.json.
+    Bench(bench::BenchArgs),
+    /// Internal: the benchmark's load generator, started by `bench` in its cgroup.
+    #[command(name = "bench-client", hide = true)]
+    BenchClient,
 }
 
 fn main() -> Result<()> {
@@ -66,6 +73,8 @@ fn main() -> Result<()> {
         Task::Test { cargo_test_args } => test(&root, &cargo_test_args),
         Task::Run { daemon_args } => run(&root, &daemon_args),
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
+        Task::Bench(args) => bench::run(&root, args),
+        Task::BenchClient => bench::client_main(),
     }
 }
 

@@ -1,0 +1,293 @@
+//! `cargo xtask bench`: what does the proxy cost?
+//!
+//! Every figure is measured side by side, in one run, on three paths from a client in
+//! the bench cgroup to a backend in the bench network namespace:
+//! - **direct**: to the backend's own address, which no ServiceEntry matches;
+//! - **interceptor**: to a ServiceEntry VIP, which connect4 redirects to the proxy;
+//! - **haproxy**: to HAProxy in TCP mode, configured explicitly.
+//!
+//! The debug `cargo xtask` builds the daemon and xtask in release mode, then re-executes
+//! the release xtask (`--prebuilt`), so the backends and the load generator are
+//! optimised builds too.
+
+mod client;
+mod procs;
+mod proto;
+mod proxies;
+mod report;
+mod sandbox;
+mod scenarios;
+mod servers;
+
+use std::{
+    env,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use serde::Serialize;
+
+pub use client::main as client_main;
+
+use crate::{cargo, check, setup};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Tiny sizes, a few seconds in all: fails if any path does not work, never on
+    /// the figures.
+    #[arg(long)]
+    quick: bool,
+    /// Run only this scenario; repeat for several. Default: all.
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Write the JSON here instead of target/bench/<UTC timestamp>.json and
+    /// target/bench/latest.json.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal: this is the release build, already built; skip setup and build.
+    #[arg(long, hide = true)]
+    prebuilt: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// One and eight bulk streams: Gbit/s.
+    Bulk,
+    /// 1 KiB request/response on a persistent connection: p50, p99, p99.9.
+    Latency,
+    /// Connect, one request, one response, close: at concurrency 64, and one by one.
+    ConnRate,
+    /// Proxy RSS per idle connection.
+    Memory,
+    /// Load time and per-connection cost with 10 and with 10,000 ServiceEntries.
+    ConfigScale,
+}
+
+impl Scenario {
+    const ALL: [Self; 5] = [
+        Self::Bulk,
+        Self::Latency,
+        Self::ConnRate,
+        Self::Memory,
+        Self::ConfigScale,
+    ];
+}
+
+/// How much each scenario does.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sizes {
+    /// Each path-comparison figure is the median of this many rounds, the routes'
+    /// order rotating each round.
+    pub rounds: usize,
+    pub bulk_bytes_per_stream: u64,
+    pub rr_warmup: u64,
+    pub rr_round_trips: u64,
+    pub rr_size: usize,
+    pub conn_concurrency: usize,
+    pub conn_millis: u64,
+    pub conn_size: usize,
+    pub sequential_connections: u64,
+    pub sequential_millis: u64,
+    pub idle_connections: u64,
+    pub scale_small: u32,
+    pub scale_large: u32,
+    pub scale_repeats: usize,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 1,
+                bulk_bytes_per_stream: 16 << 20,
+                rr_warmup: 100,
+                rr_round_trips: 2_000,
+                rr_size: 1024,
+                conn_concurrency: 64,
+                conn_millis: 500,
+                conn_size: 128,
+                sequential_connections: 300,
+                sequential_millis: 2_000,
+                idle_connections: 300,
+                scale_small: 10,
+                scale_large: 1_000,
+                scale_repeats: 1,
+            }
+        } else {
+            Self {
+                rounds: 3,
+                bulk_bytes_per_stream: 1 << 30,
+                rr_warmup: 5_000,
+                rr_round_trips: 100_000,
+                rr_size: 1024,
+                conn_concurrency: 64,
+                conn_millis: 10_000,
+                conn_size: 128,
+                sequential_connections: 10_000,
+                sequential_millis: 10_000,
+                idle_connections: 10_000,
+                scale_small: 10,
+                scale_large: 10_000,
+                scale_repeats: 3,
+            }
+        }
+    }
+}
+
+pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    ensure!(
+        unsafe { libc::geteuid() } == 0,
+        "cargo xtask bench needs root: it creates a network namespace and a cgroup and loads BPF programs"
+    );
+    if !args.prebuilt {
+        setup::ensure_toolchain()?;
+        setup::ensure_debian_packages(&["haproxy", "iproute2"])?;
+        check(cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "interceptor",
+            "--package",
+            "xtask",
+        ]))?;
+        let release = target_dir(root).join("release/xtask");
+        let error = Command::new(&release)
+            .args(env::args_os().skip(1))
+            .arg("--prebuilt")
+            .exec();
+        return Err(error).with_context(|| format!("executing {}", release.display()));
+    }
+
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|scenario| args.scenarios.is_empty() || args.scenarios.contains(scenario))
+        .collect();
+    let sizes = Sizes::new(args.quick);
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or_default();
+    let interceptor = target_dir(root).join("release/interceptor");
+    ensure!(
+        interceptor.exists(),
+        "{} is missing: run `cargo xtask bench` (without --prebuilt)",
+        interceptor.display()
+    );
+
+    // Must come first: the namespace is entered by this thread before any other exists.
+    let sandbox = sandbox::Sandbox::create()?;
+    procs::install_signal_handlers()?;
+    let _backends = servers::start()?;
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let mut bench = scenarios::Bench {
+        sandbox: &sandbox,
+        interceptor,
+        client: env::current_exe()?,
+        sizes: sizes.clone(),
+        threads,
+        report: report::Report::default(),
+    };
+    let mode = if args.quick { "quick" } else { "full" };
+    println!(
+        "xtask bench: {mode} run of {} in a fresh network namespace, clients in {}",
+        scenarios
+            .iter()
+            .map(|scenario| format!("{scenario:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        sandbox.cgroup.display()
+    );
+    for scenario in &scenarios {
+        if procs::interrupted() {
+            break;
+        }
+        bench.run(*scenario);
+    }
+    let report = bench.report;
+    drop(sandbox);
+
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let haproxy = proxies::haproxy_version();
+    let title = format!(
+        "interceptor bench ({mode}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
+        sizes.rounds
+    );
+    println!("\n{}", report.table(&title));
+    let document = serde_json::json!({
+        "version": 1,
+        "timestamp": report::utc_stamp(started),
+        "mode": mode,
+        "scenarios": scenarios,
+        "host": { "cpus": threads, "kernel": kernel, "haproxy": haproxy },
+        "sizes": sizes,
+        "rows": report.rows,
+        "config_scale": {
+            "entries": [report.scale_entries.0, report.scale_entries.1],
+            "rows": report.scale_rows,
+        },
+        "failures": report.failures,
+        "details": report.details,
+    });
+    let text = serde_json::to_string_pretty(&document)? + "\n";
+    let written = match args.json.as_deref().map(user_path) {
+        Some(path) => {
+            write_file(&path, &text)?;
+            vec![path]
+        }
+        None => {
+            let directory = target_dir(root).join("bench");
+            let stamped = directory.join(format!("{}.json", report::utc_stamp(started)));
+            let latest = directory.join("latest.json");
+            write_file(&stamped, &text)?;
+            write_file(&latest, &text)?;
+            vec![stamped, latest]
+        }
+    };
+    for path in written {
+        println!("xtask bench: wrote {}", path.display());
+    }
+    if procs::interrupted() {
+        bail!("interrupted");
+    }
+    if !report.failures.is_empty() {
+        bail!(
+            "{} benchmark path(s) failed (see above)",
+            report.failures.len()
+        );
+    }
+    Ok(())
+}
+
+/// xtask runs from the workspace root; a relative path the user typed means the
+/// directory they ran cargo in, which the shell left in PWD.
+fn user_path(path: &Path) -> PathBuf {
+    match env::var_os("PWD").map(PathBuf::from) {
+        Some(pwd) if path.is_relative() && pwd.is_absolute() => pwd.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+/// `CARGO_TARGET_DIR` (relative to the workspace) or the workspace's `target/`.
+fn target_dir(root: &Path) -> PathBuf {
+    match env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root.join(dir),
+        None => root.join("target"),
+    }
+}

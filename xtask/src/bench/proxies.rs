@@ -1,0 +1,237 @@
+//! The two proxies under test: the interceptor daemon and HAProxy in TCP mode.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    process::Command,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use super::{
+    procs::{Proc, SpawnOptions, bail_if_interrupted},
+    proto::{BACKEND_IP, BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, PROXY, vip},
+    sandbox::Sandbox,
+};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+pub const BACKEND_PORTS: [u16; 3] = [BULK_PORT, ECHO_PORT, CONN_PORT];
+
+/// `count` ServiceEntries, entry `i` with VIP `vip(i)`, STATIC to the backend host on
+/// each of `ports`.
+pub fn service_entries_yaml(count: u32, ports: &[u16]) -> String {
+    let mut yaml = String::with_capacity(count as usize * 400);
+    for index in 0..count {
+        let _ = write!(
+            yaml,
+            "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: bench-{index}\n  namespace: bench\nspec:\n  hosts: [bench-{index}.bench.internal]\n  addresses: [{}]\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports:\n",
+            vip(index)
+        );
+        for port in ports {
+            let _ = write!(
+                yaml,
+                "  - number: {port}\n    name: tcp-{port}\n    protocol: TCP\n"
+            );
+        }
+        let _ = write!(yaml, "  endpoints:\n  - address: {BACKEND_IP}\n");
+    }
+    yaml
+}
+
+pub struct Daemon {
+    process: Proc,
+    /// From spawn to the `ready` log line.
+    pub ready_after: Duration,
+}
+
+impl Daemon {
+    pub fn start(binary: &Path, config: &Path, sandbox: &Sandbox) -> Result<Self> {
+        let (ready_sender, ready) = mpsc::channel();
+        let on_stderr = move |line: &str| {
+            if line.split_whitespace().any(|word| word == "ready") {
+                let _ = ready_sender.send(Instant::now());
+            }
+        };
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .arg("--cgroup")
+            .arg(&sandbox.cgroup)
+            .args(["--proxy-addr", &PROXY.to_string(), "--drain-timeout", "2"])
+            // `ready` is an info line of interceptor::app; per-connection lines are
+            // info lines of interceptor::proxy and would distort the numbers.
+            .env("RUST_LOG", "interceptor::app=info,warn");
+        let spawned = Instant::now();
+        let mut process = Proc::spawn(
+            "interceptor",
+            &mut command,
+            SpawnOptions {
+                stop_signal: libc::SIGTERM,
+                cgroup_procs: None,
+                pipe_stdin: false,
+                pipe_stdout: false,
+                on_stderr: Some(Box::new(on_stderr)),
+            },
+        )?;
+        let deadline = spawned + READY_TIMEOUT;
+        loop {
+            bail_if_interrupted()?;
+            match ready.recv_timeout(Duration::from_millis(20)) {
+                Ok(at) => {
+                    return Ok(Self {
+                        process,
+                        ready_after: at.duration_since(spawned),
+                    });
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Some(status) = process.try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!(
+                    "interceptor exited with {status} before ready{}",
+                    process.stderr_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "interceptor not ready after {READY_TIMEOUT:?}{}",
+                    process.stderr_tail()
+                );
+            }
+        }
+    }
+
+    pub fn rss_bytes(&self) -> Result<u64> {
+        rss_bytes(self.process.pid())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// SIGTERM; the daemon must exit 0.
+    pub fn stop(mut self) -> Result<()> {
+        let status = self.process.stop(STOP_TIMEOUT)?;
+        ensure!(
+            status.success(),
+            "interceptor exited with {status} on SIGTERM{}",
+            self.process.stderr_tail()
+        );
+        Ok(())
+    }
+}
+
+pub fn haproxy_version() -> String {
+    Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .ok()
+        .and_then(|output| {
+            // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
+            String::from_utf8_lossy(&output.stdout)
+                .split_whitespace()
+                .nth(2)
+                .map(|version| format!("haproxy {version}"))
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn haproxy_port(backend_port: u16) -> u16 {
+    HAPROXY_PORT_BASE + (backend_port - 5000)
+}
+
+pub struct Haproxy {
+    process: Proc,
+}
+
+impl Haproxy {
+    pub fn start(sandbox: &Sandbox, threads: usize) -> Result<Self> {
+        // HAProxy refuses to start when 2 × maxconn + its own descriptors exceed what
+        // it may raise RLIMIT_NOFILE to.
+        let maxconn = (sandbox.open_files.saturating_sub(100) / 2).saturating_sub(20);
+        let mut config = format!(
+            "global\n  nbthread {threads}\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
+        );
+        for port in BACKEND_PORTS {
+            let _ = write!(
+                config,
+                "\nlisten bench-{port}\n  bind 127.0.0.1:{}\n  server backend {BACKEND_IP}:{port}\n",
+                haproxy_port(port)
+            );
+        }
+        let path = sandbox.workdir.join("haproxy.cfg");
+        fs::write(&path, config)?;
+        let mut command = Command::new("haproxy");
+        command.arg("-db").arg("-f").arg(&path);
+        let mut process = Proc::spawn(
+            "haproxy",
+            &mut command,
+            SpawnOptions {
+                stop_signal: libc::SIGTERM,
+                cgroup_procs: None,
+                pipe_stdin: false,
+                pipe_stdout: true,
+                on_stderr: None,
+            },
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let probes: Vec<SocketAddr> = BACKEND_PORTS
+            .iter()
+            .map(|&port| SocketAddr::from(([127, 0, 0, 1], haproxy_port(port))))
+            .collect();
+        loop {
+            bail_if_interrupted()?;
+            if let Some(status) = process.try_wait()? {
+                std::thread::sleep(Duration::from_millis(100));
+                bail!("haproxy exited with {status}{}", process.stderr_tail());
+            }
+            // The harness is outside the bench cgroup, so its probes are never
+            // redirected.
+            if probes
+                .iter()
+                .all(|addr| TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok())
+            {
+                return Ok(Self { process });
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "haproxy is not listening after 10 s{}",
+                    process.stderr_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn rss_bytes(&self) -> Result<u64> {
+        rss_bytes(self.process.pid())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn stop(mut self) {
+        let _ = self.process.stop(STOP_TIMEOUT);
+    }
+}
+
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib * 1024)
+}
