@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod config;
+pub mod copy;
 pub mod kernel;
 pub mod proxy;
 pub mod registry;

@@ -449,6 +449,10 @@ fn an_upstream_that_refuses_resets_the_client_promptly() {
         Ok(_) => assert!(answer.is_empty()),
         Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
     }
-    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     daemon.wait_for_log("upstream connect failed; resetting the client", 1);
 }

@@ -125,6 +125,8 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
         "warnings",
     ]))?;
     build_daemon(false)?;
+    // The benchmark's smoke mode: every path must work, whatever the figures say.
+    check(cargo().args(["xtask", "bench", "--quick"]))?;
     check(
         cargo()
             .args(["test", "--workspace"])

@@ -178,5 +178,9 @@ pub fn ensure_cargo_tool(subcommand: &str, package: &str) -> Result<()> {
         return Ok(());
     }
     println!("xtask: installing {package}");
-    check(crate::cargo().args(["install", "--locked", package]).stdin(Stdio::null()))
+    check(
+        crate::cargo()
+            .args(["install", "--locked", package])
+            .stdin(Stdio::null()),
+    )
 }

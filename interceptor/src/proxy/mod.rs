@@ -9,13 +9,14 @@ use std::{
 
 use arc_swap::ArcSwap;
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
 use crate::{
+    copy,
     kernel::OriginalDestinations,
     registry::{HostKind, Lookup, PortRoutes, Registry},
     resolve::{self, DnsCache, Target},
@@ -174,8 +175,8 @@ async fn forward(
     span.record("endpoint", tracing::field::display(&target));
     let _ = client.set_nodelay(true);
     let copied = match upstream {
-        Upstream::Tcp(mut upstream) => relay(&mut client, &mut upstream, &preface).await,
-        Upstream::Unix(mut upstream) => relay(&mut client, &mut upstream, &preface).await,
+        Upstream::Tcp(upstream) => relay(&client, &upstream, &preface).await,
+        Upstream::Unix(upstream) => relay(&client, &upstream, &preface).await,
     };
     match copied {
         Ok((sent, received)) => info!(
@@ -193,16 +194,13 @@ async fn forward(
 }
 
 /// Replays the sniffed preface, then copies both ways with half-close.
-async fn relay<U>(
-    client: &mut TcpStream,
-    upstream: &mut U,
+async fn relay(
+    client: &TcpStream,
+    upstream: &impl copy::Socket,
     preface: &[u8],
-) -> std::io::Result<(u64, u64)>
-where
-    U: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    upstream.write_all(preface).await?;
-    let (sent, received) = tokio::io::copy_bidirectional(client, upstream).await?;
+) -> std::io::Result<(u64, u64)> {
+    copy::write_all(upstream, preface).await?;
+    let (sent, received) = copy::bidirectional(client, upstream).await?;
     Ok((sent + preface.len() as u64, received))
 }
 
