@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, LoadError},
+    copy::CopyMode,
     kernel::{Kernel, KernelConfig, KernelError},
     proxy::{self, OutboundPolicy, ProxyConfig, Shared},
     registry::{BuildError, Registry},
@@ -31,6 +32,7 @@ pub struct RunConfig {
     pub dns: DnsSettings,
     pub outbound_policy: OutboundPolicy,
     pub sniff_timeout: Duration,
+    pub copy_mode: CopyMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +106,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             connect_timeout: config.connect_timeout,
             outbound_policy: config.outbound_policy,
             sniff_timeout: config.sniff_timeout,
+            copy_mode: config.copy_mode,
         },
     });
     let shutdown = CancellationToken::new();

@@ -2,7 +2,7 @@ use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use interceptor::{app, config, proxy::OutboundPolicy, resolve::DnsSettings};
+use interceptor::{app, config, copy::CopyMode, proxy::OutboundPolicy, resolve::DnsSettings};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -52,6 +52,10 @@ struct RunArgs {
     /// or request head, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     sniff_timeout_ms: u64,
+    /// How the proxy moves bytes: `userspace` (adaptive buffers) or `splice` (bulk
+    /// directions switch to splice(2)).
+    #[arg(long, value_enum, default_value_t = CopyModeArg::Userspace)]
+    copy_mode: CopyModeArg,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
@@ -89,6 +93,12 @@ enum ValidateOutput {
 enum OutboundPolicyArg {
     AllowAny,
     RegistryOnly,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CopyModeArg {
+    Userspace,
+    Splice,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -164,6 +174,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
         },
         sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
+        copy_mode: match args.copy_mode {
+            CopyModeArg::Userspace => CopyMode::Userspace,
+            CopyModeArg::Splice => CopyMode::Splice,
+        },
     }))?;
     Ok(())
 }

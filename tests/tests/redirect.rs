@@ -344,11 +344,20 @@ fn sigterm_detaches_and_exits_zero() {
 
 #[test]
 fn ten_mib_each_way_arrive_intact() {
+    ten_mib_each_way("userspace");
+}
+
+#[test]
+fn ten_mib_each_way_arrive_intact_through_splice() {
+    ten_mib_each_way("splice");
+}
+
+fn ten_mib_each_way(copy_mode: &str) {
     const TEN_MIB: usize = 10 * 1024 * 1024;
-    let sandbox = Sandbox::new("bulk");
+    let sandbox = Sandbox::new(&format!("bulk-{copy_mode}"));
     sandbox.add_host("198.18.0.10".parse().unwrap());
     let _server = TestServer::start("bulk", "198.18.0.10:7000");
-    let _daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    let _daemon = sandbox.start_daemon(NONE_RANGE, &["--copy-mode", copy_mode]);
 
     let mut stream = connect("198.18.0.10:7000").expect("connect");
     assert_eq!(stream.peer_addr().unwrap().to_string(), PROXY);

@@ -36,6 +36,7 @@ pub struct ProxyConfig {
     /// How long a client on a host-routed port has to send its ClientHello or
     /// request head.
     pub sniff_timeout: Duration,
+    pub copy_mode: copy::CopyMode,
 }
 
 /// Istio's meshConfig.outboundTrafficPolicy, for intercepted traffic no service matches.
@@ -175,8 +176,12 @@ async fn forward(
     span.record("endpoint", tracing::field::display(&target));
     let _ = client.set_nodelay(true);
     let copied = match upstream {
-        Upstream::Tcp(upstream) => relay(&client, &upstream, &preface).await,
-        Upstream::Unix(upstream) => relay(&client, &upstream, &preface).await,
+        Upstream::Tcp(upstream) => {
+            relay(&client, &upstream, &preface, shared.config.copy_mode).await
+        }
+        Upstream::Unix(upstream) => {
+            relay(&client, &upstream, &preface, shared.config.copy_mode).await
+        }
     };
     match copied {
         Ok((sent, received)) => info!(
@@ -198,9 +203,10 @@ async fn relay(
     client: &TcpStream,
     upstream: &impl copy::Socket,
     preface: &[u8],
+    mode: copy::CopyMode,
 ) -> std::io::Result<(u64, u64)> {
     copy::write_all(upstream, preface).await?;
-    let (sent, received) = copy::bidirectional(client, upstream).await?;
+    let (sent, received) = copy::bidirectional(client, upstream, mode).await?;
     Ok((sent + preface.len() as u64, received))
 }
 

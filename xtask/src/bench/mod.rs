@@ -47,6 +47,10 @@ pub struct BenchArgs {
     /// target/bench/latest.json.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// An extra flag for the interceptor daemon, e.g. `--daemon-arg=--copy-mode=splice`,
+    /// to compare its data paths; repeat for several.
+    #[arg(long = "daemon-arg", allow_hyphen_values = true)]
+    pub daemon_args: Vec<String>,
     /// Internal: this is the release build, already built; skip setup and build.
     #[arg(long, hide = true)]
     prebuilt: bool,
@@ -163,6 +167,14 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         return Err(error).with_context(|| format!("executing {}", release.display()));
     }
 
+    if !args.daemon_args.is_empty() {
+        // SAFETY: single-threaded here; children inherit the variable.
+        unsafe { env::set_var(proxies::DAEMON_ARGS_ENV, args.daemon_args.join("\x1f")) };
+        println!(
+            "xtask bench: interceptor runs with {}",
+            args.daemon_args.join(" ")
+        );
+    }
     let scenarios: Vec<Scenario> = Scenario::ALL
         .into_iter()
         .filter(|scenario| args.scenarios.is_empty() || args.scenarios.contains(scenario))

@@ -66,6 +66,7 @@ impl Daemon {
             .arg("--cgroup")
             .arg(&sandbox.cgroup)
             .args(["--proxy-addr", &PROXY.to_string(), "--drain-timeout", "2"])
+            .args(daemon_args())
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines of interceptor::proxy and would distort the numbers.
             .env("RUST_LOG", "interceptor::app=info,warn");
@@ -234,4 +235,20 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmRSS line")?;
     Ok(kib * 1024)
+}
+
+/// The `--daemon-arg` flags of this run, passed down through the environment so the
+/// re-executed release build sees them too.
+pub const DAEMON_ARGS_ENV: &str = "INTERCEPTOR_BENCH_DAEMON_ARGS";
+
+fn daemon_args() -> Vec<String> {
+    std::env::var(DAEMON_ARGS_ENV)
+        .map(|joined| {
+            joined
+                .split('\x1f')
+                .filter(|arg| !arg.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
