@@ -54,7 +54,7 @@ struct RunArgs {
     sniff_timeout_ms: u64,
     /// How the proxy moves bytes: `userspace` (adaptive buffers) or `splice` (bulk
     /// directions switch to splice(2)).
-    #[arg(long, value_enum, default_value_t = CopyModeArg::Userspace)]
+    #[arg(long, value_enum, default_value_t = CopyModeArg::Splice)]
     copy_mode: CopyModeArg,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]

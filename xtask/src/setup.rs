@@ -84,15 +84,11 @@ fn ensure_rust_src() -> Result<()> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    let works = Command::new("bpf-linker")
-        .arg("--version")
-        .env("PATH", path_with_cargo_bin())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|status| status.success())
-        .unwrap_or(false);
-    if works {
+    if succeeds(
+        Command::new("bpf-linker")
+            .arg("--version")
+            .env("PATH", path_with_cargo_bin()),
+    ) {
         return Ok(());
     }
     println!("xtask: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes)");
@@ -167,14 +163,7 @@ pub fn remove_stale_test_cgroups() -> Result<()> {
 
 /// Installs a cargo subcommand from crates.io unless `cargo <subcommand>` works.
 pub fn ensure_cargo_tool(subcommand: &str, package: &str) -> Result<()> {
-    let present = crate::cargo()
-        .args([subcommand, "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|status| status.success())
-        .unwrap_or(false);
-    if present {
+    if succeeds(crate::cargo().args([subcommand, "--version"])) {
         return Ok(());
     }
     println!("xtask: installing {package}");
@@ -183,4 +172,13 @@ pub fn ensure_cargo_tool(subcommand: &str, package: &str) -> Result<()> {
             .args(["install", "--locked", package])
             .stdin(Stdio::null()),
     )
+}
+
+/// Whether a probe command runs and exits 0; its output is not wanted.
+fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
 }
