@@ -155,6 +155,14 @@ fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
         Some(cgroup)
     };
     daemon.args(daemon_args);
+    // Ctrl-C reaches the whole process group: the daemon shuts down on it, and xtask
+    // must outlive the daemon to remove the demo cgroup. The daemon installs its own
+    // handlers, so it does not inherit the ignored disposition.
+    // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+    }
     let result = check(&mut daemon);
     if let Some(cgroup) = demo_cgroup {
         // Fails harmlessly while a shell still lives in it.
