@@ -177,10 +177,10 @@ async fn forward(
     let _ = client.set_nodelay(true);
     let copied = match upstream {
         Upstream::Tcp(upstream) => {
-            relay(&client, &upstream, &preface, shared.config.copy_mode).await
+            relay(&client, &upstream, preface, shared.config.copy_mode).await
         }
         Upstream::Unix(upstream) => {
-            relay(&client, &upstream, &preface, shared.config.copy_mode).await
+            relay(&client, &upstream, preface, shared.config.copy_mode).await
         }
     };
     match copied {
@@ -202,12 +202,15 @@ async fn forward(
 async fn relay(
     client: &TcpStream,
     upstream: &impl copy::Socket,
-    preface: &[u8],
+    preface: Vec<u8>,
     mode: copy::CopyMode,
 ) -> std::io::Result<(u64, u64)> {
-    copy::write_all(upstream, preface).await?;
+    copy::write_all(upstream, &preface).await?;
+    let preface_len = preface.len() as u64;
+    // Long-lived connections should not keep the ClientHello or request head.
+    drop(preface);
     let (sent, received) = copy::bidirectional(client, upstream, mode).await?;
-    Ok((sent + preface.len() as u64, received))
+    Ok((sent + preface_len, received))
 }
 
 #[derive(Debug, thiserror::Error)]
