@@ -107,6 +107,20 @@ impl Sandbox {
             .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
     }
 
+    /// An IPv6 test host, from the unique-local range, which exists only in here.
+    pub fn add_host_v6(&self, addr: std::net::Ipv6Addr) {
+        run_ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])
+        .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
+    }
+
     /// Writes `yaml` as the config and starts the daemon in this sandbox's cgroup,
     /// which is also the cgroup the programs attach to: the daemon's own connections
     /// are exposed to its programs, as they are when it runs at a host's cgroup root.

@@ -341,3 +341,49 @@ spec:
         assert_eq!(answer.trim(), expected);
     }
 }
+
+#[test]
+fn ipv6_answers_are_used_and_the_clients_ipv4_family_is_preferred() {
+    let sandbox = Sandbox::new("dns-ipv6");
+    let dns = DnsServer::start();
+    sandbox.add_host("198.18.0.95".parse().unwrap());
+    sandbox.add_host_v6("fd00:198:18::10".parse().unwrap());
+    sandbox.add_host_v6("fd00:198:18::11".parse().unwrap());
+    let _v6_only = TestServer::start("v6-only", "[fd00:198:18::10]:7600");
+    let _v4 = TestServer::start("v4", "198.18.0.95:7600");
+    let _v6 = TestServer::start("v6", "[fd00:198:18::11]:7600");
+    dns.set("v6only.dns.test", &["fd00:198:18::10"], 30);
+    // The AAAA record comes first in the answer; the IPv4 client still gets IPv4.
+    dns.set("dual.dns.test", &["fd00:198:18::11", "198.18.0.95"], 30);
+    let _daemon = start(
+        &sandbox,
+        &dns,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: v6-only}
+spec:
+  hosts: [v6only.dns.test]
+  addresses: [240.240.3.40]
+  ports: [{number: 7600, name: tcp, protocol: TCP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: dual}
+spec:
+  hosts: [dual.dns.test]
+  addresses: [240.240.3.41]
+  ports: [{number: 7600, name: tcp, protocol: TCP}]
+  resolution: DNS_ROUND_ROBIN
+"#,
+        &[],
+    );
+    let seen = who("240.240.3.40:7600").expect("an IPv6-only upstream");
+    assert_eq!(seen.server, "v6-only");
+    assert!(seen.server_peer.is_ipv6(), "{seen:?}");
+    assert_eq!(
+        tally("240.240.3.41:7600", 10),
+        HashMap::from([("v4".to_owned(), 10)])
+    );
+}
