@@ -29,6 +29,7 @@ pub struct DnsServer {
     pub addr: SocketAddr,
     zone: Arc<Mutex<Zone>>,
     silent: Arc<AtomicBool>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -42,8 +43,13 @@ impl DnsServer {
         let zone = Arc::new(Mutex::new(Zone::default()));
         let silent = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (thread_zone, thread_silent, thread_stop) =
-            (Arc::clone(&zone), Arc::clone(&silent), Arc::clone(&stop));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (thread_zone, thread_silent, thread_stop, thread_delay) = (
+            Arc::clone(&zone),
+            Arc::clone(&silent),
+            Arc::clone(&stop),
+            Arc::clone(&delay_ms),
+        );
         std::thread::spawn(move || {
             let mut buffer = [0u8; 4096];
             while !thread_stop.load(Ordering::SeqCst) {
@@ -52,6 +58,10 @@ impl DnsServer {
                 };
                 if thread_silent.load(Ordering::SeqCst) {
                     continue;
+                }
+                let delay = thread_delay.load(Ordering::SeqCst);
+                if delay > 0 {
+                    std::thread::sleep(Duration::from_millis(delay));
                 }
                 if let Some(answer) = answer(&thread_zone, &buffer[..length]) {
                     let _ = socket.send_to(&answer, peer);
@@ -62,6 +72,7 @@ impl DnsServer {
             addr,
             zone,
             silent,
+            delay_ms,
             stop,
         }
     }
@@ -84,6 +95,12 @@ impl DnsServer {
     /// While silent, the server reads queries and answers none.
     pub fn set_silent(&self, silent: bool) {
         self.silent.store(silent, Ordering::SeqCst);
+    }
+
+    /// Answers every query only after `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn queries(&self, name: &str) -> usize {

@@ -387,3 +387,48 @@ spec:
         HashMap::from([("v4".to_owned(), 10)])
     );
 }
+
+#[test]
+fn answers_are_refreshed_in_the_background_while_in_use() {
+    let sandbox = Sandbox::new("dns-refresh");
+    let dns = DnsServer::start();
+    sandbox.add_host("198.18.0.96".parse().unwrap());
+    let _server = TestServer::start("fresh", "198.18.0.96:7700");
+    dns.set("busy.dns.test", &["198.18.0.96"], 2);
+    let _daemon = start(
+        &sandbox,
+        &dns,
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: busy}
+spec:
+  hosts: [busy.dns.test]
+  addresses: [240.240.3.50]
+  ports: [{number: 7700, name: tcp, protocol: TCP}]
+  resolution: DNS
+"#,
+        &[],
+    );
+    assert_eq!(who("240.240.3.50:7700").unwrap().server, "fresh");
+    // From now on every answer takes 600 ms: a connection that waited for DNS would
+    // show it. The 2 s TTL runs out twice during the loop.
+    dns.set_delay(Duration::from_millis(600));
+    let mut slowest = Duration::ZERO;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        let connect_started = Instant::now();
+        assert_eq!(who("240.240.3.50:7700").unwrap().server, "fresh");
+        slowest = slowest.max(connect_started.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        dns.queries("busy.dns.test") >= 3,
+        "no refresh: {} queries",
+        dns.queries("busy.dns.test")
+    );
+    assert!(
+        slowest < Duration::from_millis(300),
+        "a connection waited on DNS: {slowest:?}"
+    );
+}

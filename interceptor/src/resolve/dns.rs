@@ -121,16 +121,25 @@ impl DnsCache {
         let now = Instant::now();
         {
             let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(entry) = entries.get_mut(host)
-                && now < entry.expires_at
-            {
-                if now >= entry.refresh_at && !entry.refreshing {
-                    entry.refreshing = true;
-                    let cache = Arc::clone(self);
-                    let host = host.to_owned();
-                    tokio::spawn(async move { cache.refresh(&host).await });
+            if let Some(entry) = entries.get_mut(host) {
+                if now < entry.expires_at {
+                    if now >= entry.refresh_at && !entry.refreshing {
+                        entry.refreshing = true;
+                        let cache = Arc::clone(self);
+                        let host = host.to_owned();
+                        tokio::spawn(async move { cache.refresh(&host).await });
+                    }
+                    return entry.answer.clone();
                 }
-                return entry.answer.clone();
+                // A refresh started while the answer was valid is still running: keep
+                // serving the answer it will replace rather than wait for it, for as
+                // long as a lookup may take.
+                if entry.refreshing
+                    && entry.answer.is_ok()
+                    && now < entry.expires_at + self.settings.query_timeout * 4
+                {
+                    return entry.answer.clone();
+                }
             }
         }
         self.refresh(host).await
