@@ -382,9 +382,16 @@ impl Registry {
                     let Some(routes) = self.by_port.get_mut(&listener_port) else {
                         continue;
                     };
+                    // Istio makes one service per host, so only the hosts this
+                    // VirtualService covers lose their default route.
                     for &index in &covered {
                         for host in &self.services[index].hosts {
-                            if !routes.tls_overridden.contains(host) {
+                            let covered_host = virtual_service
+                                .spec
+                                .hosts
+                                .iter()
+                                .any(|vs_host| validate::names::hosts_match(host, vs_host));
+                            if covered_host && !routes.tls_overridden.contains(host) {
                                 routes.tls.remove(host);
                             }
                         }
@@ -849,5 +856,49 @@ mod tests {
             error.to_string().contains("test.yaml: document 0"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn virtual_service_tls_routes_override_sni_and_split_by_weight() {
+        let mut config = config(&[
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: apis}\nspec:\n  hosts: [api.example.com, \"*.example.org\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: NONE\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: blue}\nspec:\n  hosts: [blue.internal]\n  addresses: [240.240.0.7]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.7}]\n",
+        ]);
+        config.virtual_services.push(Sourced {
+            source: Source {
+                file: std::path::PathBuf::from("vs.yaml"),
+                document: 0,
+            },
+            resource: serde_yaml::from_str(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  hosts: [\"*.example.org\"]\n  tls:\n  - match: [{sniHosts: [www.example.org], port: 443}]\n    route:\n    - {destination: {host: blue.internal, port: {number: 8443}}, weight: 80}\n    - {destination: {host: green.external}, weight: 20}\n",
+            )
+            .unwrap(),
+        });
+        let (registry, warnings) = Registry::build(&config).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let Lookup::ByHost(routes) = registry.lookup("198.18.9.9:443".parse().unwrap()) else {
+            panic!("port 443 is routed by host");
+        };
+        let route = |sni: &str| registry.route_by_host(routes, HostKind::Sni, Some(sni));
+        assert_eq!(
+            route("api.example.com").unwrap().service.name,
+            "ServiceEntry/default/apis"
+        );
+        // The VirtualService covers *.example.org, so its default SNI route is gone.
+        assert!(route("other.example.org").is_none());
+        let mut blue = 0;
+        for _ in 0..1_000 {
+            let chosen = route("www.example.org").unwrap();
+            if chosen.service.name == "ServiceEntry/default/blue" {
+                assert_eq!(chosen.port().number, 8443);
+                blue += 1;
+            } else {
+                assert_eq!(chosen.host.as_deref(), Some("green.external"));
+                assert_eq!(chosen.service.resolution, Resolution::Dns);
+                assert_eq!(chosen.port().number, 443);
+            }
+        }
+        // 800 expected; ±80 is more than six standard deviations.
+        assert!((720..=880).contains(&blue), "{blue}");
     }
 }
