@@ -1,6 +1,8 @@
 //! The proxy: accepts redirected connections, recovers where each was going, picks
 //! the upstream from the registry snapshot, and forwards bytes both ways.
 
+pub mod tracking;
+
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -8,12 +10,15 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
+use self::tracking::{ConnectionGuard, ConnectionTable};
 use crate::{
     kernel::OriginalDestinations,
+    metrics::FailureReason,
     registry::Registry,
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
@@ -31,6 +36,8 @@ pub struct Shared {
     pub original_destinations: Arc<OriginalDestinations>,
     pub dns: Arc<DnsCache>,
     pub config: ProxyConfig,
+    /// Live connections, for `/connections` and the connection metrics.
+    pub connections: Arc<ConnectionTable>,
 }
 
 /// Accepts until `shutdown` fires; connections run on `connections` so the caller
@@ -44,7 +51,15 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => {
+                // The programs were detached before `shutdown` fired, so nothing new
+                // is redirected here; clients already redirected may be queued, and
+                // they would get a reset if the listener closed on them.
+                while let Some(Ok((client, peer))) = listener.accept().now_or_never() {
+                    connections.spawn(handle(Arc::clone(&shared), client, peer));
+                }
+                break;
+            }
         };
         match accepted {
             Ok((client, peer)) => {
@@ -68,7 +83,8 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         service = Empty,
         endpoint = Empty,
     );
-    forward(shared, client, peer, &span)
+    let conn = shared.connections.open(peer);
+    forward(shared, client, peer, &span, &conn)
         .instrument(span.clone())
         .await;
 }
@@ -78,6 +94,7 @@ async fn forward(
     mut client: TcpStream,
     peer: SocketAddr,
     span: &tracing::Span,
+    conn: &ConnectionGuard,
 ) {
     let started = Instant::now();
     let original = match peer {
@@ -88,19 +105,23 @@ async fn forward(
         // Only connections connect4 redirected have a record; anything else reached
         // the proxy port directly and must not be relayed anywhere.
         warn!("refused: no redirect record for this client (direct connection to the proxy?)");
+        conn.failed(FailureReason::no_redirect_record);
         reset(client);
         return;
     };
     span.record("original_dst", tracing::field::display(original));
+    conn.set_original_destination(original);
 
     let registry = shared.registry.load_full();
     let targets = match registry.route(original) {
         Some(route) => {
             span.record("service", route.service.name.as_str());
+            conn.set_service(&route.service);
             match resolve::targets(&route, original, &shared.dns).await {
                 Ok(targets) => targets,
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
+                    conn.failed(&error);
                     reset(client);
                     return;
                 }
@@ -113,10 +134,12 @@ async fn forward(
     drop(registry);
 
     let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
+        conn.failed(FailureReason::upstream_connect);
         reset(client);
         return;
     };
     span.record("endpoint", tracing::field::display(&target));
+    conn.connected(&target);
     let _ = client.set_nodelay(true);
     let copied = match upstream {
         Upstream::Tcp(mut upstream) => {
@@ -126,6 +149,7 @@ async fn forward(
             tokio::io::copy_bidirectional(&mut client, &mut upstream).await
         }
     };
+    conn.finished(&copied);
     match copied {
         Ok((sent, received)) => info!(
             bytes_sent = sent,
