@@ -315,6 +315,8 @@ mod tests {
                 let _ = sender.try_send(());
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            // The watcher's sender lives as long as the daemon.
+            sender
         });
         let started = tokio::time::Instant::now();
         receiver.recv().await;
