@@ -7,7 +7,7 @@
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::{
         Arc, OnceLock,
@@ -30,7 +30,11 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use crate::{
-    kernel::MapOccupancy, metrics::Metrics, proxy::tracking::ConnectionTable, registry::Registry,
+    kernel::MapOccupancy,
+    metrics::Metrics,
+    proxy::tracking::{ConnectionInfo, ConnectionTable},
+    registry::Registry,
+    sockdiag,
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -84,6 +88,8 @@ impl Readiness {
 pub struct AdminState {
     pub readiness: Readiness,
     pub config_paths: Vec<PathBuf>,
+    /// The proxy listener, whose accepted sockets the kernel reports live bytes for.
+    pub proxy_addr: SocketAddrV4,
     /// The snapshot the proxy routes with; empty until the config is loaded.
     pub registry: Arc<ArcSwap<Registry>>,
     pub connections: Arc<ConnectionTable>,
@@ -145,7 +151,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
                 services: registry.services().iter().map(AsRef::as_ref).collect(),
             })
         }
-        "/connections" => json(&state.connections.snapshot()),
+        "/connections" => json(&connections(state).await),
         "/metrics" => metrics(state).await,
         "/" => respond(
             StatusCode::OK,
@@ -169,6 +175,31 @@ struct ConfigDump<'a> {
     config_paths: &'a [PathBuf],
     /// In precedence order (oldest first), each with its file and document index.
     services: Vec<&'a crate::registry::Service>,
+}
+
+/// The live connections, with the bytes the kernel has counted on each so far.
+async fn connections(state: &AdminState) -> Vec<ConnectionInfo> {
+    let mut connections = state.connections.snapshot();
+    if connections.is_empty() {
+        return connections;
+    }
+    let proxy = state.proxy_addr;
+    match tokio::task::spawn_blocking(move || sockdiag::accepted_socket_bytes(proxy)).await {
+        Ok(Ok(sockets)) => {
+            for connection in &mut connections {
+                let SocketAddr::V4(client) = connection.client else {
+                    continue;
+                };
+                if let (None, Some(bytes)) = (connection.sent_bytes, sockets.get(&client)) {
+                    connection.sent_bytes = Some(bytes.from_client);
+                    connection.received_bytes = Some(bytes.to_client);
+                }
+            }
+        }
+        Ok(Err(error)) => warn!(%error, "cannot read socket diagnostics; bytes are left out"),
+        Err(error) => warn!(%error, "socket diagnostics task failed"),
+    }
+    connections
 }
 
 async fn metrics(state: &AdminState) -> Response<Full<Bytes>> {

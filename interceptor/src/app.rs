@@ -89,11 +89,15 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
 
+    let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
+        return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
+    };
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
     let admin_state = Arc::new(AdminState {
         readiness: Readiness::default(),
         config_paths: config.config_paths.clone(),
+        proxy_addr: proxy_v4,
         registry: Arc::clone(&registry),
         connections: ConnectionTable::new(Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
@@ -105,9 +109,6 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
 
     let initial = load_registry(&config.config_paths)?;
     let dns = DnsCache::new(config.dns.clone())?;
-    let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
-        return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
-    };
 
     // Listen before attaching, so no connection is ever redirected to a closed port.
     let listener = TcpListener::bind(config.proxy_addr)

@@ -10,5 +10,6 @@ pub mod proxy;
 pub mod registry;
 pub mod reload;
 pub mod resolve;
+pub mod sockdiag;
 pub mod socket;
 pub mod systemd;

@@ -392,6 +392,25 @@ fn connections_and_config_dump_show_what_the_daemon_is_doing() {
     assert_eq!(connection["host"], "echo.ops.test");
     assert_eq!(connection["endpoint"], "198.18.10.1:7000");
     assert_eq!(connection["state"], "forwarding");
+    // Live bytes, as the kernel counts them on the client socket: "ECHO\n" and
+    // "hello\n" from the client; "server\n" and the echo back to it.
+    let expected = ("ECHO\nhello\n".len() as u64, "server\nhello\n".len() as u64);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed: serde_json::Value = serde_json::from_str(&get_ok("/connections")).unwrap();
+        let bytes = (
+            listed[0]["sent_bytes"].as_u64(),
+            listed[0]["received_bytes"].as_u64(),
+        );
+        if bytes == (Some(expected.0), Some(expected.1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live bytes {bytes:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     open.finish();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -69,9 +69,10 @@ pub struct ConnectionInfo {
     /// Seconds since the epoch.
     pub accepted_at: f64,
     pub age_seconds: f64,
-    /// Bytes from the client so far, when the kernel could say (see `live_bytes`).
+    /// Bytes from the client so far: filled in by the admin server from the
+    /// kernel's count on the client socket (see `sockdiag`).
     pub sent_bytes: Option<u64>,
-    /// Bytes to the client so far (acknowledged by it).
+    /// Bytes to the client so far, acknowledged by it.
     pub received_bytes: Option<u64>,
 }
 
