@@ -1,6 +1,12 @@
-//! Wiring: load config, bind the proxy, attach the programs, serve, shut down.
+//! Wiring: bind the admin server, load config, bind the proxy, attach the programs,
+//! serve and reload, shut down.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use tokio::{net::TcpListener, signal::unix::SignalKind};
@@ -8,12 +14,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    admin::{self, AdminError, AdminState, Phase, Readiness},
     config::{self, LoadError},
     copy::CopyMode,
     kernel::{Kernel, KernelConfig, KernelError},
-    proxy::{self, OutboundPolicy, ProxyConfig, Shared},
+    metrics::Metrics,
+    proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
     registry::{BuildError, Registry},
+    reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
+    systemd,
 };
 
 /// Records older than this never reached the proxy: their client gave up or the
@@ -33,6 +43,8 @@ pub struct RunConfig {
     pub outbound_policy: OutboundPolicy,
     pub sniff_timeout: Duration,
     pub copy_mode: CopyMode,
+    pub admin_addr: SocketAddr,
+    pub admin_allow_non_loopback: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +65,8 @@ pub enum AppError {
     Dns(#[from] DnsSetupError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// Loads and checks the whole configuration; nothing is applied unless all of it is valid.
@@ -72,15 +86,33 @@ pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, AppError> {
 }
 
 pub async fn run(config: RunConfig) -> Result<(), AppError> {
-    let registry = load_registry(&config.config_paths)?;
-    let dns = DnsCache::new(config.dns.clone())?;
+    // Before anything slow: SIGHUP's default action would kill a daemon that is
+    // still starting, and a SIGTERM then must wait for a clean shutdown.
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(AppError::Signals);
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let hangup = signal(SignalKind::hangup())?;
+
     let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
         return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
     };
-    let mut terminate =
-        tokio::signal::unix::signal(SignalKind::terminate()).map_err(AppError::Signals)?;
-    let mut interrupt =
-        tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AppError::Signals)?;
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
+    let admin_state = Arc::new(AdminState {
+        readiness: Readiness::default(),
+        config_paths: config.config_paths.clone(),
+        proxy_addr: proxy_v4,
+        registry: Arc::clone(&registry),
+        connections: ConnectionTable::new(Arc::clone(&metrics)),
+        metrics: Arc::clone(&metrics),
+        maps: OnceLock::new(),
+    });
+    // First, so a readiness probe during start-up gets a 503, not a refused connection.
+    let admin_listener = admin::bind(config.admin_addr, config.admin_allow_non_loopback).await?;
+    let admin_server = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state)));
+
+    let initial = load_registry(&config.config_paths)?;
+    let dns = DnsCache::new(config.dns.clone())?;
 
     // Listen before attaching, so no connection is ever redirected to a closed port.
     let listener = TcpListener::bind(config.proxy_addr)
@@ -89,16 +121,19 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             addr: config.proxy_addr,
             source,
         })?;
-    let kernel = Kernel::attach(&KernelConfig {
+    let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
         bypass_mark: config.bypass_mark,
-    })?;
-    kernel.sync(registry.intercepts())?;
+    })?);
+    kernel.sync(initial.intercepts())?;
+    let _ = admin_state.maps.set(kernel.map_occupancy());
+    registry.store(Arc::new(initial));
+    metrics.config_applied();
 
     let original_destinations = kernel.original_destinations();
     let shared = Arc::new(Shared {
-        registry: Arc::new(ArcSwap::from_pointee(registry)),
+        registry: Arc::clone(&registry),
         original_destinations: Arc::clone(&original_destinations),
         dns,
         config: ProxyConfig {
@@ -108,6 +143,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             sniff_timeout: config.sniff_timeout,
             copy_mode: config.copy_mode,
         },
+        connections: Arc::clone(&admin_state.connections),
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -127,11 +163,25 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             }
         }
     });
+    let stop_reloading = CancellationToken::new();
+    let reloader = tokio::spawn(reload::run(
+        Arc::new(Reloader {
+            config_paths: config.config_paths.clone(),
+            registry: Arc::clone(&registry),
+            kernel: Arc::clone(&kernel),
+            metrics: Arc::clone(&metrics),
+        }),
+        hangup,
+        stop_reloading.clone(),
+    ));
 
+    admin_state.readiness.set(Phase::Serving);
+    systemd::ready();
     info!(
         proxy = %config.proxy_addr,
+        admin = %config.admin_addr,
         cgroup = %config.cgroup.display(),
-        services = shared.registry.load().services().len(),
+        services = registry.load().services().len(),
         "ready"
     );
 
@@ -140,8 +190,12 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         _ = interrupt.recv() => "SIGINT",
     };
     info!(signal, "shutting down");
+    admin_state.readiness.set(Phase::Draining);
+    systemd::stopping();
     // Detach first: new connections go direct rather than to a proxy that is closing.
     kernel.detach();
+    stop_reloading.cancel();
+    let _ = reloader.await;
     shutdown.cancel();
     let _ = accept_loop.await;
     sweeper.abort();
@@ -155,6 +209,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             "drain timeout reached; closing the remaining connections"
         );
     }
+    admin_server.abort();
     info!("stopped");
     Ok(())
 }

@@ -11,7 +11,10 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -22,8 +25,9 @@ use aya::{
 };
 use interceptor_ebpf::{
     BYPASS_MARK_GLOBAL, ClientAddr, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
-    OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_MAP,
-    SERVICE_PORTS_MAP, ServiceAddrKey,
+    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, SERVICE_ADDR_PORT_BITS,
+    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
+    ServiceAddrKey,
 };
 use tracing::{debug, info};
 
@@ -76,11 +80,70 @@ pub struct KernelConfig {
 
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 pub struct Kernel {
-    // Field order matters: the maps are dropped after the programs' links.
-    ebpf: Ebpf,
+    // Field order matters: the maps are dropped after the programs' links. The
+    // programs sit behind a lock so shutdown can detach them while the reloader
+    // still holds the kernel to sync maps (which is harmless once detached).
+    ebpf: Mutex<Option<Ebpf>>,
     interceptions: Mutex<InterceptionMaps>,
     original_destinations: Arc<OriginalDestinations>,
+    intercept_counts: Arc<InterceptCounts>,
     cgroup: PathBuf,
+}
+
+/// Entries in the interception maps, kept by [`Kernel::sync`], which is the only
+/// writer: counting them on every scrape would walk up to 65,536 keys each.
+#[derive(Debug, Default)]
+struct InterceptCounts {
+    addresses: AtomicUsize,
+    ports: AtomicUsize,
+}
+
+/// How full one BPF map is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: usize,
+    pub capacity: u32,
+}
+
+/// Reads the occupancy of every map; cheap to clone, and keeps working after the
+/// programs are detached.
+#[derive(Clone)]
+pub struct MapOccupancy {
+    intercept_counts: Arc<InterceptCounts>,
+    original_destinations: Arc<OriginalDestinations>,
+}
+
+impl MapOccupancy {
+    /// The interception maps from the counts [`Kernel::sync`] keeps; the original
+    /// destination maps by walking their keys, which are few in steady state
+    /// (records live from connect to accept). May block for a walk of a full map:
+    /// call it off the async runtime.
+    pub fn read(&self) -> Vec<MapUsage> {
+        let (by_client, by_cookie) = self.original_destinations.len();
+        vec![
+            MapUsage {
+                name: SERVICE_ADDRS_MAP,
+                entries: self.intercept_counts.addresses.load(Ordering::Relaxed),
+                capacity: SERVICE_ADDRS_CAPACITY,
+            },
+            MapUsage {
+                name: SERVICE_PORTS_MAP,
+                entries: self.intercept_counts.ports.load(Ordering::Relaxed),
+                capacity: SERVICE_PORTS_CAPACITY,
+            },
+            MapUsage {
+                name: ORIG_BY_CLIENT_MAP,
+                entries: by_client,
+                capacity: ORIG_DST_CAPACITY,
+            },
+            MapUsage {
+                name: ORIG_BY_COOKIE_MAP,
+                entries: by_cookie,
+                capacity: ORIG_DST_CAPACITY,
+            },
+        ]
+    }
 }
 
 struct InterceptionMaps {
@@ -133,13 +196,14 @@ impl Kernel {
         info!(cgroup = %config.cgroup.display(), "programs attached");
 
         Ok(Self {
-            ebpf,
+            ebpf: Mutex::new(Some(ebpf)),
             interceptions: Mutex::new(InterceptionMaps {
                 addresses,
                 ports,
                 current: InterceptSet::default(),
             }),
             original_destinations,
+            intercept_counts: Arc::default(),
             cgroup: config.cgroup.clone(),
         })
     }
@@ -147,6 +211,11 @@ impl Kernel {
     /// Brings the interception maps to `wanted` in an order that never drops a
     /// destination both old and new config intercept: add new keys, then update
     /// changed values, then delete stale keys.
+    ///
+    /// If a step fails, the maps hold part of the change. The next sync (a rollback
+    /// to the running config, or a later reload) then rewrites every wanted key and
+    /// deletes every key either side may have left, so it converges however far the
+    /// failed one got.
     pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
         let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
         let old_addresses: StdHashMap<_, _> = maps
@@ -163,48 +232,60 @@ impl Kernel {
         let old_ports: StdHashMap<_, _> = maps.current.ports.iter().copied().collect();
         let new_ports: StdHashMap<_, _> = wanted.ports.iter().copied().collect();
 
-        let (added, changed): (Vec<_>, Vec<_>) = new_addresses
-            .iter()
-            .filter(|(key, id)| old_addresses.get(key) != Some(id))
-            .partition(|(key, _)| !old_addresses.contains_key(key));
-        for ((net, port), id) in added.into_iter().chain(changed) {
-            maps.addresses
-                .insert(&address_key(*net, *port), InterceptRule { rule_id: *id }, 0)
-                .map_err(map_error(SERVICE_ADDRS_MAP))?;
-        }
-        let (added, changed): (Vec<_>, Vec<_>) = new_ports
-            .iter()
-            .filter(|(port, id)| old_ports.get(port) != Some(id))
-            .partition(|(port, _)| !old_ports.contains_key(port));
-        for (port, id) in added.into_iter().chain(changed) {
-            maps.ports
-                .insert(*port, InterceptRule { rule_id: *id }, 0)
-                .map_err(map_error(SERVICE_PORTS_MAP))?;
-        }
-        let stale_addresses: HashSet<_> = old_addresses
-            .keys()
-            .filter(|key| !new_addresses.contains_key(key))
-            .collect();
-        for (net, port) in stale_addresses {
-            maps.addresses
-                .remove(&address_key(*net, *port))
-                .map_err(map_error(SERVICE_ADDRS_MAP))?;
-        }
-        for port in old_ports
-            .keys()
-            .filter(|port| !new_ports.contains_key(port))
-        {
-            maps.ports
-                .remove(port)
-                .map_err(map_error(SERVICE_PORTS_MAP))?;
-        }
-        debug!(
-            addresses = wanted.addresses.len(),
-            ports = wanted.ports.len(),
-            "interception maps synced"
+        let applied = apply_changes(
+            &mut maps,
+            (&old_addresses, &new_addresses),
+            (&old_ports, &new_ports),
         );
-        maps.current = wanted.clone();
-        Ok(())
+        maps.current = match &applied {
+            Ok(()) => {
+                debug!(
+                    addresses = wanted.addresses.len(),
+                    ports = wanted.ports.len(),
+                    "interception maps synced"
+                );
+                wanted.clone()
+            }
+            // Unknown values make the next sync rewrite every key; keys from both
+            // sides make it delete whatever it no longer wants.
+            Err(_) => InterceptSet {
+                addresses: old_addresses
+                    .keys()
+                    .chain(new_addresses.keys())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .map(|(net, port)| (*net, *port, UNKNOWN_RULE))
+                    .collect(),
+                ports: old_ports
+                    .keys()
+                    .chain(new_ports.keys())
+                    .collect::<HashSet<_>>()
+                    .into_iter()
+                    .map(|port| (*port, UNKNOWN_RULE))
+                    .collect(),
+            },
+        };
+        self.intercept_counts
+            .addresses
+            .store(maps.current.addresses.len(), Ordering::Relaxed);
+        self.intercept_counts
+            .ports
+            .store(maps.current.ports.len(), Ordering::Relaxed);
+        applied
+    }
+
+    /// What the interception maps hold now: after a failed [`Kernel::sync`], part of
+    /// the wanted set may be in place.
+    pub fn current_intercepts(&self) -> InterceptSet {
+        let maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        maps.current.clone()
+    }
+
+    pub fn map_occupancy(&self) -> MapOccupancy {
+        MapOccupancy {
+            intercept_counts: Arc::clone(&self.intercept_counts),
+            original_destinations: Arc::clone(&self.original_destinations),
+        }
     }
 
     pub fn original_destinations(&self) -> Arc<OriginalDestinations> {
@@ -216,9 +297,72 @@ impl Kernel {
     }
 
     /// Detaches the programs now, so new connections go direct while the proxy drains.
-    pub fn detach(self) {
-        drop(self.ebpf);
-        info!(cgroup = %self.cgroup.display(), "programs detached");
+    /// The maps stay, so records of connections already redirected can still be read.
+    pub fn detach(&self) {
+        let programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if programs.is_some() {
+            drop(programs);
+            info!(cgroup = %self.cgroup.display(), "programs detached");
+        }
+    }
+}
+
+/// A rule id no registry produces (ids are service indexes), standing for "this key
+/// may or may not be in the map, with any value".
+const UNKNOWN_RULE: u32 = u32::MAX;
+
+type AddressRules = StdHashMap<(ipnet::Ipv4Net, u16), u32>;
+type PortRules = StdHashMap<u16, u32>;
+
+fn apply_changes(
+    maps: &mut InterceptionMaps,
+    (old_addresses, new_addresses): (&AddressRules, &AddressRules),
+    (old_ports, new_ports): (&PortRules, &PortRules),
+) -> Result<(), KernelError> {
+    let (added, changed): (Vec<_>, Vec<_>) = new_addresses
+        .iter()
+        .filter(|(key, id)| old_addresses.get(key) != Some(id))
+        .partition(|(key, _)| !old_addresses.contains_key(key));
+    for ((net, port), id) in added.into_iter().chain(changed) {
+        maps.addresses
+            .insert(&address_key(*net, *port), InterceptRule { rule_id: *id }, 0)
+            .map_err(map_error(SERVICE_ADDRS_MAP))?;
+    }
+    let (added, changed): (Vec<_>, Vec<_>) = new_ports
+        .iter()
+        .filter(|(port, id)| old_ports.get(port) != Some(id))
+        .partition(|(port, _)| !old_ports.contains_key(port));
+    for (port, id) in added.into_iter().chain(changed) {
+        maps.ports
+            .insert(*port, InterceptRule { rule_id: *id }, 0)
+            .map_err(map_error(SERVICE_PORTS_MAP))?;
+    }
+    for (net, port) in old_addresses
+        .keys()
+        .filter(|key| !new_addresses.contains_key(key))
+    {
+        ignore_missing(maps.addresses.remove(&address_key(*net, *port)))
+            .map_err(map_error(SERVICE_ADDRS_MAP))?;
+    }
+    for port in old_ports
+        .keys()
+        .filter(|port| !new_ports.contains_key(port))
+    {
+        ignore_missing(maps.ports.remove(port)).map_err(map_error(SERVICE_PORTS_MAP))?;
+    }
+    Ok(())
+}
+
+/// A delete of a key that is already gone has done its job: after a failed sync the
+/// daemon only knows which keys may be present.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+            if io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
+        other => other,
     }
 }
 
@@ -301,6 +445,18 @@ impl OriginalDestinations {
                 u16::from_be_bytes(original.port),
             )
         })
+    }
+
+    /// Entries in (by client, by cookie), each capped at the map's capacity: a walk
+    /// that races with deletions can restart from the first key.
+    pub fn len(&self) -> (usize, usize) {
+        let maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
+        let (by_client, by_cookie) = &*maps;
+        let cap = ORIG_DST_CAPACITY as usize;
+        (
+            by_client.keys().take(cap).count(),
+            by_cookie.keys().take(cap).count(),
+        )
     }
 
     /// Deletes records older than `max_age`: connections that were redirected but

@@ -71,6 +71,14 @@ struct RunArgs {
     /// Timeout of one DNS query, in milliseconds (a lookup makes at most two).
     #[arg(long, default_value_t = 2000)]
     dns_timeout_ms: u64,
+    /// Where the admin server listens: /healthz/ready, /config_dump, /connections,
+    /// /metrics. Loopback only, unless --admin-allow-non-loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Allow a non-loopback --admin-addr. The admin server has no authentication and
+    /// shows the config and every live connection.
+    #[arg(long)]
+    admin_allow_non_loopback: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -178,6 +186,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             CopyModeArg::Userspace => CopyMode::Userspace,
             CopyModeArg::Splice => CopyMode::Splice,
         },
+        admin_addr: args.admin_addr,
+        admin_allow_non_loopback: args.admin_allow_non_loopback,
     }))?;
     Ok(())
 }

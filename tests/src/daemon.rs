@@ -35,6 +35,19 @@ pub fn binary() -> Result<PathBuf> {
 
 impl Daemon {
     pub fn start(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Result<Self> {
+        let mut daemon = Self::spawn(config, cgroup, extra_args, &[])?;
+        daemon.wait_ready()?;
+        Ok(daemon)
+    }
+
+    /// Starts the daemon with extra environment variables and returns at once,
+    /// without waiting for it to be ready.
+    pub fn spawn(
+        config: &Path,
+        cgroup: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let mut child = Command::new(binary()?)
             .arg("run")
             .arg("--config")
@@ -43,6 +56,7 @@ impl Daemon {
             .arg(cgroup)
             .args(extra_args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -59,26 +73,30 @@ impl Daemon {
                 logs.push('\n');
             }
         });
-        let mut daemon = Self {
+        Ok(Self {
             child: Some(child),
             logs,
-        };
+        })
+    }
+
+    /// Waits for the daemon's "ready" log line.
+    pub fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            if daemon.logs().contains(" ready ") {
-                return Ok(daemon);
+            if self.logs().contains(" ready ") {
+                return Ok(());
             }
-            if let Some(status) = daemon.child_mut().try_wait()? {
+            if let Some(status) = self.child_mut().try_wait()? {
                 std::thread::sleep(Duration::from_millis(100));
                 bail!(
                     "interceptor exited with {status} before ready:\n{}",
-                    daemon.logs()
+                    self.logs()
                 );
             }
             if Instant::now() > deadline {
                 bail!(
                     "interceptor not ready after {READY_TIMEOUT:?}:\n{}",
-                    daemon.logs()
+                    self.logs()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -5,6 +5,7 @@
 //! a fresh cgroup that holds the test process and the daemon. Both are torn down when
 //! the sandbox drops, also when the test panics.
 
+pub mod admin;
 pub mod bpf;
 pub mod daemon;
 pub mod dns;

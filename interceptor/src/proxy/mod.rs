@@ -1,6 +1,8 @@
 //! The proxy: accepts redirected connections, recovers where each was going, picks
 //! the upstream from the registry snapshot, and forwards bytes both ways.
 
+pub mod tracking;
+
 use std::{
     net::SocketAddr,
     sync::Arc,
@@ -8,6 +10,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use futures_util::FutureExt as _;
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
@@ -15,9 +18,11 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
+use self::tracking::{ConnectionGuard, ConnectionTable};
 use crate::{
     copy,
     kernel::OriginalDestinations,
+    metrics::FailureReason,
     registry::{HostKind, Lookup, PortRoutes, Registry},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
@@ -53,6 +58,8 @@ pub struct Shared {
     pub original_destinations: Arc<OriginalDestinations>,
     pub dns: Arc<DnsCache>,
     pub config: ProxyConfig,
+    /// Live connections, for `/connections` and the connection metrics.
+    pub connections: Arc<ConnectionTable>,
 }
 
 /// Accepts until `shutdown` fires; connections run on `connections` so the caller
@@ -66,7 +73,15 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => {
+                // The programs were detached before `shutdown` fired, so nothing new
+                // is redirected here; clients already redirected may be queued, and
+                // they would get a reset if the listener closed on them.
+                while let Some(Ok((client, peer))) = listener.accept().now_or_never() {
+                    connections.spawn(handle(Arc::clone(&shared), client, peer));
+                }
+                break;
+            }
         };
         match accepted {
             Ok((client, peer)) => {
@@ -91,7 +106,8 @@ async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
         service = Empty,
         endpoint = Empty,
     );
-    forward(shared, client, peer, &span)
+    let conn = shared.connections.open(peer);
+    forward(shared, client, peer, &span, &conn)
         .instrument(span.clone())
         .await;
 }
@@ -101,6 +117,7 @@ async fn forward(
     mut client: TcpStream,
     peer: SocketAddr,
     span: &tracing::Span,
+    conn: &ConnectionGuard,
 ) {
     let started = Instant::now();
     let original = match peer {
@@ -111,14 +128,17 @@ async fn forward(
         // Only connections connect4 redirected have a record; anything else reached
         // the proxy port directly and must not be relayed anywhere.
         warn!("refused: no redirect record for this client (direct connection to the proxy?)");
+        conn.failed(FailureReason::no_redirect_record);
         reset(client);
         return;
     };
     span.record("original_dst", tracing::field::display(original));
+    conn.set_original_destination(original);
 
     let registry = shared.registry.load_full();
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
     let mut preface = Vec::new();
+    let mut routed_host = None;
     let route = match registry.lookup(original) {
         Lookup::Route(route) => Some(route),
         Lookup::ByHost(routes) => {
@@ -134,10 +154,13 @@ async fn forward(
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
                     }
-                    registry.route_by_host(routes, kind, host.as_deref())
+                    let route = registry.route_by_host(routes, kind, host.as_deref());
+                    routed_host = host;
+                    route
                 }
                 Err(error) => {
                     warn!(%error, bytes = preface.len(), "closing: cannot route by host");
+                    conn.failed(FailureReason::no_host);
                     reset(client);
                     return;
                 }
@@ -148,10 +171,18 @@ async fn forward(
     let targets = match route {
         Some(route) => {
             span.record("service", route.service.name.as_str());
+            conn.set_service(&route.service);
+            if let Some(pattern) = routed_host
+                .as_deref()
+                .and_then(|host| matching_pattern(&route.service.hosts, host))
+            {
+                conn.set_host(pattern);
+            }
             match resolve::targets(&route, original, &shared.dns).await {
                 Ok(targets) => targets,
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
+                    conn.failed(&error);
                     reset(client);
                     return;
                 }
@@ -162,6 +193,7 @@ async fn forward(
             OutboundPolicy::AllowAny => vec![Target::Tcp(SocketAddr::V4(original))],
             OutboundPolicy::RegistryOnly => {
                 warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
+                conn.failed(FailureReason::registry_only);
                 reset(client);
                 return;
             }
@@ -170,10 +202,12 @@ async fn forward(
     drop(registry);
 
     let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
+        conn.failed(FailureReason::upstream_connect);
         reset(client);
         return;
     };
     span.record("endpoint", tracing::field::display(&target));
+    conn.connected(&target);
     let _ = client.set_nodelay(true);
     let copied = match upstream {
         Upstream::Tcp(upstream) => {
@@ -183,6 +217,7 @@ async fn forward(
             relay(&client, &upstream, preface, shared.config.copy_mode).await
         }
     };
+    conn.finished(&copied);
     match copied {
         Ok((sent, received)) => info!(
             bytes_sent = sent,
@@ -196,6 +231,29 @@ async fn forward(
             "connection closed with an error"
         ),
     }
+}
+
+/// The service's own host pattern that `host` matched: the exact name, or else the
+/// wildcard with the longest suffix. Metrics use it because the client cannot make up
+/// new values of it.
+fn matching_pattern<'a>(patterns: &'a [String], host: &str) -> Option<&'a str> {
+    patterns
+        .iter()
+        .find(|pattern| pattern.eq_ignore_ascii_case(host))
+        .or_else(|| {
+            patterns
+                .iter()
+                .filter_map(|pattern| Some((pattern, pattern.strip_prefix('*')?)))
+                .filter(|(_, suffix)| {
+                    host.len() > suffix.len()
+                        && host
+                            .to_ascii_lowercase()
+                            .ends_with(&suffix.to_ascii_lowercase())
+                })
+                .max_by_key(|(_, suffix)| suffix.len())
+                .map(|(pattern, _)| pattern)
+        })
+        .map(String::as_str)
 }
 
 /// Replays the sniffed preface, then copies both ways with half-close.

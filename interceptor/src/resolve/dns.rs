@@ -183,6 +183,7 @@ impl DnsCache {
                 self.settings.negative_ttl,
             ),
         };
+        crate::metrics::DNS.record_lookup(&answer);
         match &answer {
             Ok(addresses) => {
                 debug!(host, ?addresses, ?ttl, elapsed = ?started.elapsed(), "resolved")

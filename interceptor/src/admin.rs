@@ -1,0 +1,238 @@
+//! The admin server: readiness, the effective config, live connections and metrics,
+//! over plain HTTP/1.1 on a loopback address.
+//!
+//! It is bound before anything else starts, so a probe during start-up gets an
+//! honest 503 rather than a refused connection, and it keeps serving through the
+//! drain, so the 503 of shutdown and the last metrics stay visible.
+
+use std::{
+    convert::Infallible,
+    net::{SocketAddr, SocketAddrV4},
+    path::PathBuf,
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU8, Ordering},
+    },
+};
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::{CONTENT_TYPE, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use crate::{
+    kernel::MapOccupancy,
+    metrics::Metrics,
+    proxy::tracking::{ConnectionInfo, ConnectionTable},
+    registry::Registry,
+    sockdiag,
+};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const JSON: &str = "application/json";
+const TEXT: &str = "text/plain; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "the admin address {0} is not loopback: it exposes the config and live connections; pass --admin-allow-non-loopback to allow it"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on the admin address {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where the daemon is in its life, as `/healthz/ready` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Loading config, attaching programs: not intercepting yet.
+    Starting = 0,
+    /// Programs attached and the proxy accepting.
+    Serving = 1,
+    /// Shutdown began: programs detached, open connections draining.
+    Draining = 2,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicU8>);
+
+impl Readiness {
+    pub fn set(&self, phase: Phase) {
+        self.0.store(phase as u8, Ordering::Release);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.0.load(Ordering::Acquire) {
+            1 => Phase::Serving,
+            2 => Phase::Draining,
+            _ => Phase::Starting,
+        }
+    }
+}
+
+/// What the admin server reads; filled in as the daemon starts.
+pub struct AdminState {
+    pub readiness: Readiness,
+    pub config_paths: Vec<PathBuf>,
+    /// The proxy listener, whose accepted sockets the kernel reports live bytes for.
+    pub proxy_addr: SocketAddrV4,
+    /// The snapshot the proxy routes with; empty until the config is loaded.
+    pub registry: Arc<ArcSwap<Registry>>,
+    pub connections: Arc<ConnectionTable>,
+    pub metrics: Arc<Metrics>,
+    /// Set once the programs are loaded.
+    pub maps: OnceLock<MapOccupancy>,
+}
+
+/// Binds the admin listener, refusing a non-loopback address unless allowed.
+pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListener, AdminError> {
+    if !addr.ip().is_loopback() && !allow_non_loopback {
+        return Err(AdminError::NotLoopback(addr));
+    }
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AdminError::Listen { addr, source })
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "admin server listening");
+    }
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(route(&state, request).await) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%peer, %error, "admin connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".into());
+    }
+    match request.uri().path() {
+        "/healthz/ready" => ready(state),
+        "/config_dump" => {
+            let registry = state.registry.load();
+            json(&ConfigDump {
+                config_paths: &state.config_paths,
+                services: registry.services().iter().map(AsRef::as_ref).collect(),
+            })
+        }
+        "/connections" => json(&connections(state).await),
+        "/metrics" => metrics(state).await,
+        "/" => respond(
+            StatusCode::OK,
+            TEXT,
+            "/healthz/ready\n/config_dump\n/connections\n/metrics\n".into(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
+    }
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    match state.readiness.phase() {
+        Phase::Serving => respond(StatusCode::OK, TEXT, "ready\n".into()),
+        Phase::Starting => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into()),
+        Phase::Draining => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
+    }
+}
+
+#[derive(Serialize)]
+struct ConfigDump<'a> {
+    config_paths: &'a [PathBuf],
+    /// In precedence order (oldest first), each with its file and document index.
+    services: Vec<&'a crate::registry::Service>,
+}
+
+/// The live connections, with the bytes the kernel has counted on each so far.
+async fn connections(state: &AdminState) -> Vec<ConnectionInfo> {
+    let mut connections = state.connections.snapshot();
+    if connections.is_empty() {
+        return connections;
+    }
+    let proxy = state.proxy_addr;
+    match tokio::task::spawn_blocking(move || sockdiag::accepted_socket_bytes(proxy)).await {
+        Ok(Ok(sockets)) => {
+            for connection in &mut connections {
+                let SocketAddr::V4(client) = connection.client else {
+                    continue;
+                };
+                if let (None, Some(bytes)) = (connection.sent_bytes, sockets.get(&client)) {
+                    connection.sent_bytes = Some(bytes.from_client);
+                    connection.received_bytes = Some(bytes.to_client);
+                }
+            }
+        }
+        Ok(Err(error)) => warn!(%error, "cannot read socket diagnostics; bytes are left out"),
+        Err(error) => warn!(%error, "socket diagnostics task failed"),
+    }
+    connections
+}
+
+async fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
+    if let Some(maps) = state.maps.get() {
+        let maps = maps.clone();
+        // Walking a map's keys is a syscall per key: keep it off the runtime threads.
+        match tokio::task::spawn_blocking(move || maps.read()).await {
+            Ok(usage) => state.metrics.set_map_usage(&usage),
+            Err(error) => warn!(%error, "reading BPF map occupancy failed"),
+        }
+    }
+    respond(StatusCode::OK, OPENMETRICS, state.metrics.encode().into())
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            respond(StatusCode::OK, JSON, body.into())
+        }
+        Err(error) => respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            TEXT,
+            format!("cannot serialize: {error}\n").into(),
+        ),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}

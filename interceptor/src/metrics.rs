@@ -1,0 +1,356 @@
+//! Prometheus metrics, served by the admin server at `/metrics`.
+//!
+//! Every metric lives in one [`Metrics`] value that the proxy, the reloader and the
+//! admin server share. Per-connection updates are atomic adds on counters resolved
+//! once per connection; label sets are bounded by the configuration (ServiceEntry
+//! names and their hosts) and fixed enums, never by client addresses.
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, LazyLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::{kernel::MapUsage, resolve::LookupError};
+
+/// The `service_entry` label of connections no ServiceEntry matched: the config
+/// changed between the redirect and the accept, and the connection went to its
+/// original destination (ALLOW_ANY). No ServiceEntry name can take this value,
+/// since real names are `ServiceEntry/<namespace>/<name>`.
+pub const UNMATCHED: &str = "unmatched";
+
+/// Why a connection was not forwarded.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // The variant names are the label values.
+pub enum FailureReason {
+    /// Nothing connect4 redirected: a direct connection to the proxy port.
+    no_redirect_record,
+    /// The service has no usable endpoint.
+    no_upstream,
+    /// The endpoint's hostname did not resolve.
+    dns,
+    /// Every upstream address refused or timed out.
+    upstream_connect,
+    /// A TLS or HTTP port-only port, but no ClientHello or request head arrived in time
+    /// (garbage, a silent client, or one that closed).
+    no_host,
+    /// Nothing matched and the outbound traffic policy is REGISTRY_ONLY.
+    registry_only,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub reason: FailureReason,
+}
+
+/// Bounded by the configuration: the ServiceEntry's name, and one of its own hosts
+/// (the first, or the one SNI/Host routing matched), never a client-supplied name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub service_entry: String,
+    pub host: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    ok,
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DnsFailure {
+    /// NXDOMAIN, or a name without address records.
+    no_records,
+    /// Timeout, refused, server failure: the lookup itself did not work.
+    error,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsFailureLabels {
+    pub reason: DnsFailure,
+}
+
+/// DNS counters, process-wide so the DNS cache can count its lookups with one line
+/// and no new constructor argument: `crate::metrics::DNS.record_lookup(&answer)`.
+pub struct DnsMetrics {
+    lookups: Counter,
+    failures: Family<DnsFailureLabels, Counter>,
+}
+
+pub static DNS: LazyLock<DnsMetrics> = LazyLock::new(|| DnsMetrics {
+    lookups: Counter::default(),
+    failures: Family::default(),
+});
+
+impl DnsMetrics {
+    /// Counts one lookup sent to the name servers (a cache miss or refresh, not a
+    /// cache hit) and, if it failed, why.
+    pub fn record_lookup(&self, answer: &Result<Arc<[IpAddr]>, LookupError>) {
+        self.lookups.inc();
+        if let Err(error) = answer {
+            let reason = match error {
+                LookupError::NoRecords { .. } => DnsFailure::no_records,
+                LookupError::Failed { .. } => DnsFailure::error,
+            };
+            self.failures
+                .get_or_create(&DnsFailureLabels { reason })
+                .inc();
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub connections_opened: Counter,
+    pub connections_closed: Counter,
+    pub connections_failed: Family<FailureLabels, Counter>,
+    pub connections_open: Gauge,
+    pub sent_bytes: Family<TrafficLabels, Counter>,
+    pub received_bytes: Family<TrafficLabels, Counter>,
+    pub connect_duration: Histogram,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub config_last_reload_success: Gauge<f64, std::sync::atomic::AtomicU64>,
+    map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("interceptor");
+        let metrics = Self {
+            connections_opened: Counter::default(),
+            connections_closed: Counter::default(),
+            connections_failed: Family::default(),
+            connections_open: Gauge::default(),
+            sent_bytes: Family::default(),
+            received_bytes: Family::default(),
+            // 100 µs to ~6.5 s: loopback and LAN upstreams at the low end, a connect
+            // timeout (5 s by default) at the top.
+            connect_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 17)),
+            config_reloads: Family::default(),
+            config_last_reload_success: Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "connections_opened",
+            "Connections the proxy accepted",
+            metrics.connections_opened.clone(),
+        );
+        registry.register(
+            "connections_closed",
+            "Connections that were forwarded and have ended",
+            metrics.connections_closed.clone(),
+        );
+        registry.register(
+            "connections_failed",
+            "Connections reset without being forwarded, by reason",
+            metrics.connections_failed.clone(),
+        );
+        registry.register(
+            "connections_open",
+            "Connections accepted and not yet ended",
+            metrics.connections_open.clone(),
+        );
+        registry.register_with_unit(
+            "sent",
+            "Bytes forwarded from clients to upstreams, counted when a connection ends",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.sent_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "received",
+            "Bytes forwarded from upstreams to clients, counted when a connection ends",
+            prometheus_client::registry::Unit::Bytes,
+            metrics.received_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "upstream_connect_duration",
+            "Latency the proxy adds before forwarding: from accept to upstream connected",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.connect_duration.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads by result; a failed reload leaves the running config in place",
+            metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the running configuration was applied, in seconds since the epoch",
+            metrics.config_last_reload_success.clone(),
+        );
+        registry.register(
+            "bpf_map_entries",
+            "Entries in each BPF map",
+            metrics.map_entries.clone(),
+        );
+        registry.register(
+            "bpf_map_max_entries",
+            "Capacity of each BPF map",
+            metrics.map_capacity.clone(),
+        );
+        registry.register(
+            "dns_lookups",
+            "DNS lookups sent to the name servers (cache misses and refreshes)",
+            DNS.lookups.clone(),
+        );
+        registry.register(
+            "dns_lookup_failures",
+            "DNS lookups that produced no address, by reason",
+            DNS.failures.clone(),
+        );
+        // Every reason and result exists from the start, so a rate() over them works
+        // before the first failure.
+        for reason in [
+            FailureReason::no_redirect_record,
+            FailureReason::no_upstream,
+            FailureReason::dns,
+            FailureReason::upstream_connect,
+        ] {
+            metrics
+                .connections_failed
+                .get_or_create_owned(&FailureLabels { reason });
+        }
+        for result in [ReloadResult::ok, ReloadResult::failed] {
+            metrics
+                .config_reloads
+                .get_or_create_owned(&ReloadLabels { result });
+        }
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    pub fn connection_failed(&self, reason: FailureReason) {
+        self.connections_failed
+            .get_or_create(&FailureLabels { reason })
+            .inc();
+    }
+
+    pub fn reloaded(&self, result: ReloadResult) {
+        self.config_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+        if result == ReloadResult::ok {
+            self.config_applied();
+        }
+    }
+
+    /// A configuration was applied, at start-up or by a reload.
+    pub fn config_applied(&self) {
+        self.config_last_reload_success.set(unix_seconds());
+    }
+
+    /// Records the occupancy of the BPF maps, read just before a scrape.
+    pub fn set_map_usage(&self, usage: &[MapUsage]) {
+        for map in usage {
+            let labels = MapLabels { map: map.name };
+            self.map_entries
+                .get_or_create(&labels)
+                .set(i64::try_from(map.entries).unwrap_or(i64::MAX));
+            self.map_capacity
+                .get_or_create(&labels)
+                .set(i64::from(map.capacity));
+        }
+    }
+
+    /// The Prometheus (OpenMetrics) text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let metrics = Metrics::new();
+        metrics.connections_opened.inc();
+        metrics
+            .sent_bytes
+            .get_or_create(&TrafficLabels {
+                service_entry: "ServiceEntry/ns/api".into(),
+                host: "api.example.com".into(),
+            })
+            .inc_by(42);
+        metrics.connect_duration.observe(0.001);
+        metrics.reloaded(ReloadResult::failed);
+        let text = metrics.encode();
+        for expected in [
+            "interceptor_connections_opened_total 1",
+            "interceptor_connections_failed_total{reason=\"dns\"} 0",
+            "interceptor_sent_bytes_total{service_entry=\"ServiceEntry/ns/api\",host=\"api.example.com\"} 42",
+            "interceptor_upstream_connect_duration_seconds_count 1",
+            "interceptor_config_reloads_total{result=\"failed\"} 1",
+            "interceptor_config_reloads_total{result=\"ok\"} 0",
+            "interceptor_dns_lookups_total",
+            "# EOF",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn dns_failures_are_counted_by_reason() {
+        let before = DNS.lookups.get();
+        DNS.record_lookup(&Err(LookupError::NoRecords {
+            host: "missing.example".into(),
+        }));
+        DNS.record_lookup(&Ok(Arc::from(vec![IpAddr::from([192, 0, 2, 1])])));
+        assert!(DNS.lookups.get() >= before + 2);
+        let no_records = DNS
+            .failures
+            .get_or_create(&DnsFailureLabels {
+                reason: DnsFailure::no_records,
+            })
+            .get();
+        assert!(no_records >= 1);
+    }
+}

@@ -1,0 +1,329 @@
+//! Live reload: on SIGHUP or a change to the config files, load and check the whole
+//! config again and, only if all of it is valid, apply it without touching a
+//! connection.
+//!
+//! Apply order: the kernel maps first, then the registry snapshot.
+//! - The proxy routes every redirect with whichever snapshot it loads at accept, and a
+//!   destination no snapshot routes goes to its original address (ALLOW_ANY). So in
+//!   either order the short window between the two steps only ever costs a connection
+//!   to a brand-new destination its interception (it reaches its original address,
+//!   as it did before the reload); nothing the old and new config both intercept is
+//!   affected, because [`Kernel::sync`] never removes a key both want.
+//! - What decides it is failure: a map update can fail half way (a full map, a kernel
+//!   error). Syncing first means the registry is swapped only once the maps hold the
+//!   new set, so a failed reload never leaves the new routing live over old maps; the
+//!   maps are synced back to the running snapshot and the reload counts as failed.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::{signal::unix::Signal, sync::mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::{
+    app::{AppError, load_registry},
+    kernel::{Kernel, KernelError},
+    metrics::{Metrics, ReloadResult},
+    registry::Registry,
+    systemd,
+};
+
+/// Editors and config management write in bursts (truncate, write, rename, chmod):
+/// reload once the files have been quiet this long.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// A writer that never pauses still gets its changes applied this often.
+const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the new configuration is invalid; the running one stays: {0}")]
+    Invalid(#[source] AppError),
+    #[error("cannot update the BPF maps; the running configuration stays: {0}")]
+    Kernel(#[source] KernelError),
+    #[error("the reload task stopped: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("cannot watch {}: {source}", path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
+/// What a reload needs, shared with the rest of the daemon.
+pub struct Reloader {
+    pub config_paths: Vec<PathBuf>,
+    pub registry: Arc<ArcSwap<Registry>>,
+    pub kernel: Arc<Kernel>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Loads, checks and applies the configuration, and counts the result. Blocking
+    /// (file reads, YAML, map syscalls): run it off the runtime threads.
+    pub fn reload(&self, trigger: &str) -> Result<(), ReloadError> {
+        let started = Instant::now();
+        let result = self.apply();
+        match &result {
+            Ok(services) => {
+                self.metrics.reloaded(ReloadResult::ok);
+                info!(
+                    trigger,
+                    services,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "configuration reloaded"
+                );
+            }
+            Err(error) => {
+                self.metrics.reloaded(ReloadResult::failed);
+                error!(trigger, "reload failed: {error}");
+            }
+        }
+        result.map(|_| ())
+    }
+
+    fn apply(&self) -> Result<usize, ReloadError> {
+        let new = load_registry(&self.config_paths).map_err(ReloadError::Invalid)?;
+        if let Err(error) = self.kernel.sync(new.intercepts()) {
+            let running = self.registry.load();
+            if let Err(rollback) = self.kernel.sync(running.intercepts()) {
+                // The maps now hold a mix, and routing falls back to ALLOW_ANY for
+                // what the running snapshot lacks; the next reload converges them.
+                error!(%rollback, "cannot restore the BPF maps of the running configuration");
+            }
+            return Err(ReloadError::Kernel(error));
+        }
+        let services = new.services().len();
+        // Connections load the snapshot once, at accept: each sees the old config or
+        // the new one, never a mix, and open ones keep what they loaded.
+        self.registry.store(Arc::new(new));
+        Ok(services)
+    }
+}
+
+/// Reloads on SIGHUP and on changes under the config paths until `shutdown`. If the
+/// paths cannot be watched, SIGHUP still works.
+pub async fn run(reloader: Arc<Reloader>, mut hangup: Signal, shutdown: CancellationToken) {
+    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
+    let _watcher = match watch(&reloader.config_paths, changed_tx) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            warn!("{error}; config changes need a SIGHUP to apply");
+            None
+        }
+    };
+    loop {
+        let trigger = tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = hangup.recv() => "SIGHUP",
+            Some(()) = changed.recv() => {
+                debounce(&mut changed).await;
+                "file change"
+            }
+        };
+        systemd::reloading(monotonic_usec());
+        let task = Arc::clone(&reloader);
+        if let Err(join) = tokio::task::spawn_blocking(move || task.reload(trigger)).await {
+            // The swap is a reload's last step: one that did not finish applied nothing.
+            reloader.metrics.reloaded(ReloadResult::failed);
+            error!("{}", ReloadError::Task(join));
+        }
+        systemd::ready();
+    }
+}
+
+/// Starts watching the config paths; each relevant event sends on `changed`.
+fn watch(
+    paths: &[PathBuf],
+    changed: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, WatchError> {
+    let watched = watch_targets(paths);
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(event) if is_relevant(&event, &watched) => {
+                // A full channel already holds a pending change: nothing is lost.
+                let _ = changed.try_send(());
+            }
+            Ok(_) => {}
+            Err(error) => warn!(%error, "config watch error"),
+        })
+        .map_err(|source| WatchError::Watch {
+            path: PathBuf::from("(inotify)"),
+            source,
+        })?;
+    for directory in watch_directories(paths) {
+        watcher
+            .watch(&directory, RecursiveMode::NonRecursive)
+            .map_err(|source| WatchError::Watch {
+                path: directory.clone(),
+                source,
+            })?;
+    }
+    Ok(watcher)
+}
+
+/// Waits until no change has arrived for [`DEBOUNCE`], or [`MAX_DEBOUNCE`] passed.
+async fn debounce(changed: &mut mpsc::Receiver<()>) {
+    let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+    loop {
+        let quiet_until = (tokio::time::Instant::now() + DEBOUNCE).min(deadline);
+        match tokio::time::timeout_at(quiet_until, changed.recv()).await {
+            Ok(Some(())) if tokio::time::Instant::now() < deadline => continue,
+            _ => return,
+        }
+    }
+}
+
+/// What a config path's events look like: a directory's own entries, or one file.
+#[derive(Debug, Clone)]
+enum WatchTarget {
+    Directory(PathBuf),
+    File(PathBuf),
+}
+
+fn watch_targets(paths: &[PathBuf]) -> Vec<WatchTarget> {
+    paths
+        .iter()
+        .map(|path| {
+            let absolute = absolute(path);
+            if absolute.is_dir() {
+                WatchTarget::Directory(absolute)
+            } else {
+                WatchTarget::File(absolute)
+            }
+        })
+        .collect()
+}
+
+/// A directory is watched itself; a file through its directory, because editors and
+/// config management replace files by renaming over them, which a watch on the old
+/// inode would never see.
+fn watch_directories(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut directories: Vec<PathBuf> = watch_targets(paths)
+        .into_iter()
+        .map(|target| match target {
+            WatchTarget::Directory(directory) => directory,
+            WatchTarget::File(file) => file
+                .parent()
+                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+        })
+        .collect();
+    directories.sort();
+    directories.dedup();
+    directories
+}
+
+fn is_relevant(event: &notify::Event, watched: &[WatchTarget]) -> bool {
+    if event.kind.is_access() {
+        return false;
+    }
+    event.paths.iter().any(|path| {
+        watched.iter().any(|target| match target {
+            // Any entry: a new file, a removed one, or a Kubernetes ConfigMap's
+            // `..data` symlink swap, which changes every file at once.
+            WatchTarget::Directory(directory) => path.parent() == Some(directory.as_path()),
+            WatchTarget::File(file) => path == file,
+        })
+    })
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::{
+        Event, EventKind,
+        event::{AccessKind, CreateKind, ModifyKind},
+    };
+
+    use super::*;
+
+    fn event(kind: EventKind, path: &str) -> Event {
+        Event::new(kind).add_path(PathBuf::from(path))
+    }
+
+    #[test]
+    fn a_file_is_watched_through_its_directory_and_only_its_events_count() {
+        let watched = vec![WatchTarget::File(PathBuf::from("/etc/interceptor.yaml"))];
+        assert_eq!(
+            watch_directories(&[PathBuf::from("/etc/interceptor.yaml")]),
+            [PathBuf::from("/etc")]
+        );
+        assert!(is_relevant(
+            &event(EventKind::Modify(ModifyKind::Any), "/etc/interceptor.yaml"),
+            &watched
+        ));
+        assert!(!is_relevant(
+            &event(EventKind::Modify(ModifyKind::Any), "/etc/passwd"),
+            &watched
+        ));
+    }
+
+    #[test]
+    fn a_directory_counts_any_entry_but_not_reads() {
+        let watched = vec![WatchTarget::Directory(PathBuf::from("/etc/interceptor"))];
+        assert!(is_relevant(
+            &event(
+                EventKind::Create(CreateKind::File),
+                "/etc/interceptor/..data"
+            ),
+            &watched
+        ));
+        assert!(!is_relevant(
+            &event(
+                EventKind::Access(AccessKind::Any),
+                "/etc/interceptor/a.yaml"
+            ),
+            &watched
+        ));
+        assert!(!is_relevant(
+            &event(
+                EventKind::Modify(ModifyKind::Any),
+                "/etc/interceptor/sub/a.yaml"
+            ),
+            &watched
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_changes_is_one_reload() {
+        let (sender, mut receiver) = mpsc::channel(1);
+        let writer = tokio::spawn(async move {
+            for _ in 0..5 {
+                let _ = sender.try_send(());
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The watcher's sender lives as long as the daemon.
+            sender
+        });
+        let started = tokio::time::Instant::now();
+        receiver.recv().await;
+        debounce(&mut receiver).await;
+        // The last change came at ~200 ms; quiet for 200 ms after it.
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert!(started.elapsed() < MAX_DEBOUNCE);
+        writer.await.unwrap();
+    }
+}

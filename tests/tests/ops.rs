@@ -1,0 +1,635 @@
+//! Operating the daemon: live reload (SIGHUP and file changes), the admin server
+//! (readiness, config dump, live connections, metrics), graceful shutdown, and the
+//! systemd notify protocol.
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::{Shutdown, TcpStream},
+    os::linux::net::SocketAddrExt as _,
+    os::unix::net::{SocketAddr as UnixAddr, UnixDatagram},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Daemon, PROXY, Sandbox, TestServer,
+    admin::{ADMIN, get, get_from, get_ok, scrape, scrape_until},
+    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
+    server::{connect, who},
+};
+
+const ADMIN_ARGS: [&str; 2] = ["--admin-addr", ADMIN];
+
+/// A VIP with one STATIC endpoint, both on port 7000.
+fn vip_entry(name: &str, vip: &str, endpoint: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: ops
+spec:
+  hosts: [{name}.ops.test]
+  addresses: [{vip}]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: {endpoint}
+"#
+    )
+}
+
+/// Writes `yaml` to `path` the way config management does: a temporary file in the
+/// same directory, renamed over the old one.
+fn replace_file(path: &Path, yaml: &str) {
+    let temporary = path.with_extension("yaml.tmp");
+    std::fs::write(&temporary, yaml).expect("write temporary config");
+    std::fs::rename(&temporary, path).expect("rename over the config");
+}
+
+/// An ECHO session: the server's name, then every line back.
+struct Echo {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    server: String,
+}
+
+impl Echo {
+    fn open(addr: &str) -> Self {
+        let mut writer = connect(addr).unwrap_or_else(|error| panic!("connect {addr}: {error}"));
+        writer.write_all(b"ECHO\n").expect("send ECHO");
+        let mut reader = BufReader::new(writer.try_clone().expect("clone"));
+        let mut server = String::new();
+        reader.read_line(&mut server).expect("server name");
+        Self {
+            reader,
+            writer,
+            server: server.trim().to_owned(),
+        }
+    }
+
+    fn round_trip(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send a line");
+        let mut echoed = String::new();
+        self.reader.read_line(&mut echoed).expect("read the echo");
+        assert_eq!(echoed, format!("{line}\n"), "the echo came back wrong");
+    }
+
+    /// Half-closes and reads to the server's EOF.
+    fn finish(mut self) {
+        self.writer.shutdown(Shutdown::Write).expect("half-close");
+        let mut rest = String::new();
+        self.reader.read_to_string(&mut rest).expect("read to EOF");
+        assert!(rest.is_empty(), "unexpected bytes {rest:?}");
+    }
+}
+
+fn reloads(result: &str) -> f64 {
+    scrape().must("interceptor_config_reloads_total", &[("result", result)])
+}
+
+fn wait_for_reloads(result: &str, count: f64) {
+    scrape_until(Duration::from_secs(10), |scrape| {
+        scrape.value("interceptor_config_reloads_total", &[("result", result)]) >= Some(count)
+    });
+}
+
+#[test]
+fn a_reload_keeps_open_connections_and_new_connections_follow_the_new_config() {
+    let sandbox = Sandbox::new("ops-reload");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    sandbox.add_host("198.18.10.2".parse().unwrap());
+    let _old = TestServer::start("old", "198.18.10.1:7000");
+    let _new = TestServer::start("new", "198.18.10.2:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &ADMIN_ARGS,
+    );
+    let config = sandbox.workdir.join("config.yaml");
+
+    let mut open = Echo::open("240.240.10.1:7000");
+    assert_eq!(open.server, "old");
+    open.round_trip("before the reload");
+
+    replace_file(&config, &vip_entry("echo", "240.240.10.1", "198.18.10.2"));
+    wait_for_reloads("ok", 1.0);
+    assert!(
+        get_ok("/config_dump").contains("198.18.10.2"),
+        "the dump shows the new endpoint"
+    );
+
+    // The connection opened under the old config still flows, to the old server.
+    open.round_trip("after the reload");
+    let seen = who("240.240.10.1:7000").expect("connect after the reload");
+    assert!(seen.went_through_proxy());
+    assert_eq!(seen.server, "new", "a new connection uses the new config");
+    open.round_trip("still there");
+    open.finish();
+    assert_eq!(reloads("failed"), 0.0);
+    assert!(daemon.logs().contains("configuration reloaded"));
+}
+
+#[test]
+fn an_invalid_reload_changes_nothing_and_is_counted() {
+    let sandbox = Sandbox::new("ops-invalid-reload");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _old = TestServer::start("old", "198.18.10.1:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &ADMIN_ARGS,
+    );
+    let config = sandbox.workdir.join("config.yaml");
+    let dump_before = get_ok("/config_dump");
+
+    // Valid YAML, invalid config: a second entry with a port out of range.
+    let invalid = format!(
+        "{}---\n{}",
+        vip_entry("echo", "240.240.10.1", "198.18.10.2"),
+        vip_entry("broken", "240.240.10.9", "198.18.10.1").replace("number: 7000", "number: 70000")
+    );
+    replace_file(&config, &invalid);
+    wait_for_reloads("failed", 1.0);
+
+    assert_eq!(reloads("ok"), 0.0);
+    assert_eq!(
+        get_ok("/config_dump"),
+        dump_before,
+        "the running config changed"
+    );
+    let seen = who("240.240.10.1:7000").expect("the old routing still works");
+    assert_eq!(seen.server, "old");
+    assert!(seen.went_through_proxy());
+    // Nothing of the new config reached the kernel either: its VIP is not intercepted.
+    let error = connect("240.240.10.9:7000").expect_err("240.240.10.9 was never applied");
+    assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+    let logs = daemon.logs();
+    assert!(logs.contains("reload failed"), "{logs}");
+    assert!(logs.contains("ServiceEntry/ops/broken"), "{logs}");
+}
+
+#[test]
+fn sighup_reloads() {
+    let sandbox = Sandbox::new("ops-sighup");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &ADMIN_ARGS,
+    );
+    assert_eq!(reloads("ok"), 0.0);
+
+    // The files did not change, so only the signal can cause this reload.
+    daemon.signal(libc::SIGHUP);
+    wait_for_reloads("ok", 1.0);
+    daemon.wait_for_log("trigger=\"SIGHUP\"", 1);
+    assert!(who("240.240.10.1:7000").unwrap().went_through_proxy());
+    assert_eq!(reloads("failed"), 0.0);
+}
+
+#[test]
+fn a_file_change_reloads_once_per_burst() {
+    let sandbox = Sandbox::new("ops-inotify");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    sandbox.add_host("198.18.10.2".parse().unwrap());
+    let _old = TestServer::start("old", "198.18.10.1:7000");
+    let _new = TestServer::start("new", "198.18.10.2:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &ADMIN_ARGS,
+    );
+    assert_eq!(who("240.240.10.1:7000").unwrap().server, "old");
+
+    // An in-place write (truncate, write, close) is a burst of events.
+    std::fs::write(
+        sandbox.workdir.join("config.yaml"),
+        vip_entry("echo", "240.240.10.1", "198.18.10.2"),
+    )
+    .unwrap();
+    wait_for_reloads("ok", 1.0);
+    daemon.wait_for_log("trigger=\"file change\"", 1);
+    assert_eq!(who("240.240.10.1:7000").unwrap().server, "new");
+
+    // Well past the debounce: the burst was one reload.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(reloads("ok"), 1.0);
+
+    // A second file in the same directory is not the config: no reload.
+    std::fs::write(sandbox.workdir.join("unrelated.txt"), "x").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(reloads("ok"), 1.0);
+}
+
+#[test]
+fn metrics_parse_and_match_the_traffic() {
+    let sandbox = Sandbox::new("ops-metrics");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    // Nothing listens on 198.18.10.1:7001: the second entry's connects fail.
+    let config = format!(
+        "{}---\n{}",
+        vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        vip_entry("dead", "240.240.10.2", "198.18.10.1").replace(
+            "  - address: 198.18.10.1\n",
+            "  - address: 198.18.10.1\n    ports: {tcp: 7001}\n"
+        )
+    );
+    let _daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+
+    const CONNECTIONS: usize = 4;
+    let (mut sent, mut received) = (0, 0);
+    for index in 0..CONNECTIONS {
+        let mut echo = Echo::open("240.240.10.1:7000");
+        let payload = "x".repeat(100 * (index + 1));
+        echo.round_trip(&payload);
+        echo.finish();
+        sent += "ECHO\n".len() + payload.len() + 1;
+        received += "server\n".len() + payload.len() + 1;
+    }
+    // A direct connection to the proxy port has no redirect record.
+    let mut direct = connect(PROXY).expect("the proxy listens");
+    let _ = direct.read_to_end(&mut Vec::new());
+    // The dead entry's endpoint refuses.
+    let mut dead = connect("240.240.10.2:7000").expect("the redirect itself succeeds");
+    let _ = dead.read_to_end(&mut Vec::new());
+
+    let metrics = scrape_until(Duration::from_secs(10), |scrape| {
+        scrape.value("interceptor_connections_closed_total", &[]) == Some(CONNECTIONS as f64)
+            && scrape.value("interceptor_connections_failed_total", &[]) == Some(2.0)
+    });
+    let entry = [
+        ("service_entry", "ServiceEntry/ops/echo"),
+        ("host", "echo.ops.test"),
+    ];
+    let expectations = [
+        (
+            "interceptor_connections_opened_total",
+            &[][..],
+            CONNECTIONS as f64 + 2.0,
+        ),
+        ("interceptor_connections_open", &[], 0.0),
+        (
+            "interceptor_connections_failed_total",
+            &[("reason", "no_redirect_record")],
+            1.0,
+        ),
+        (
+            "interceptor_connections_failed_total",
+            &[("reason", "upstream_connect")],
+            1.0,
+        ),
+        (
+            "interceptor_connections_failed_total",
+            &[("reason", "dns")],
+            0.0,
+        ),
+        ("interceptor_sent_bytes_total", &entry, sent as f64),
+        ("interceptor_received_bytes_total", &entry, received as f64),
+        (
+            "interceptor_upstream_connect_duration_seconds_count",
+            &[],
+            CONNECTIONS as f64,
+        ),
+        (
+            "interceptor_upstream_connect_duration_seconds_bucket",
+            &[("le", "+Inf")],
+            CONNECTIONS as f64,
+        ),
+        (
+            "interceptor_bpf_map_entries",
+            &[("map", "SERVICE_ADDRS")],
+            2.0,
+        ),
+        (
+            "interceptor_bpf_map_entries",
+            &[("map", "SERVICE_PORTS")],
+            0.0,
+        ),
+        (
+            "interceptor_bpf_map_entries",
+            &[("map", "ORIG_BY_CLIENT")],
+            0.0,
+        ),
+        (
+            "interceptor_bpf_map_max_entries",
+            &[("map", "SERVICE_ADDRS")],
+            65536.0,
+        ),
+        (
+            "interceptor_bpf_map_max_entries",
+            &[("map", "ORIG_BY_COOKIE")],
+            262144.0,
+        ),
+        ("interceptor_config_reloads_total", &[("result", "ok")], 0.0),
+        ("interceptor_dns_lookups_total", &[], 0.0),
+    ];
+    for (name, labels, expected) in expectations {
+        assert_eq!(metrics.must(name, labels), expected, "{name} {labels:?}");
+    }
+    assert!(metrics.must("interceptor_upstream_connect_duration_seconds_sum", &[]) > 0.0);
+    assert!(
+        metrics.must(
+            "interceptor_config_last_reload_success_timestamp_seconds",
+            &[]
+        ) > 1.0e9
+    );
+    assert_eq!(metrics.types["interceptor_connections_opened"], "counter");
+    assert_eq!(
+        metrics.types["interceptor_upstream_connect_duration_seconds"],
+        "histogram"
+    );
+    // No client address ever becomes a label (clients here connect from 127.0.0.1).
+    assert!(
+        metrics
+            .samples
+            .iter()
+            .flat_map(|sample| sample.labels.values())
+            .all(|value| !value.contains("127.0.0.1")),
+        "{:#?}",
+        metrics.samples
+    );
+}
+
+#[test]
+fn connections_and_config_dump_show_what_the_daemon_is_doing() {
+    let sandbox = Sandbox::new("ops-connections");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let _daemon = sandbox.start_daemon(
+        &format!(
+            "{}---\n{}",
+            vip_entry("first", "240.240.10.3", "198.18.10.1"),
+            vip_entry("echo", "240.240.10.1", "198.18.10.1")
+        ),
+        &ADMIN_ARGS,
+    );
+
+    let dump: serde_json::Value = serde_json::from_str(&get_ok("/config_dump")).unwrap();
+    let services = dump["services"].as_array().expect("services");
+    let echo = services
+        .iter()
+        .find(|service| service["name"] == "ServiceEntry/ops/echo")
+        .expect("the echo entry");
+    let config = sandbox.workdir.join("config.yaml");
+    assert_eq!(echo["source"]["file"], config.to_str().unwrap());
+    assert_eq!(echo["source"]["document"], 1);
+    assert_eq!(echo["endpoints"][0]["address"]["ip"], "198.18.10.1");
+
+    let mut open = Echo::open("240.240.10.1:7000");
+    open.round_trip("hello");
+    let client = open.writer.local_addr().unwrap().to_string();
+    let listed: serde_json::Value = serde_json::from_str(&get_ok("/connections")).unwrap();
+    let listed = listed.as_array().expect("a list");
+    assert_eq!(listed.len(), 1, "{listed:#?}");
+    let connection = &listed[0];
+    assert_eq!(connection["client"], client.as_str());
+    assert_eq!(connection["original_destination"], "240.240.10.1:7000");
+    assert_eq!(connection["service_entry"], "ServiceEntry/ops/echo");
+    assert_eq!(connection["host"], "echo.ops.test");
+    assert_eq!(connection["endpoint"], "198.18.10.1:7000");
+    assert_eq!(connection["state"], "forwarding");
+    // Live bytes, as the kernel counts them on the client socket: "ECHO\n" and
+    // "hello\n" from the client; "server\n" and the echo back to it.
+    let expected = ("ECHO\nhello\n".len() as u64, "server\nhello\n".len() as u64);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let listed: serde_json::Value = serde_json::from_str(&get_ok("/connections")).unwrap();
+        let bytes = (
+            listed[0]["sent_bytes"].as_u64(),
+            listed[0]["received_bytes"].as_u64(),
+        );
+        if bytes == (Some(expected.0), Some(expected.1)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "live bytes {bytes:?}, expected {expected:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    open.finish();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get_ok("/connections").trim() != "[]" {
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn readiness_is_503_while_starting_200_when_serving_and_503_when_draining() {
+    let sandbox = Sandbox::new("ops-ready");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    // Enough entries that loading and checking them keeps the daemon starting for a
+    // while after the admin server is up.
+    let mut config = vip_entry("echo", "240.240.10.1", "198.18.10.1");
+    for index in 0..2000 {
+        config.push_str("---\n");
+        config.push_str(&vip_entry(
+            &format!("filler-{index}"),
+            &format!("240.240.{}.{}", 100 + index / 250, 1 + index % 250),
+            "198.18.10.1",
+        ));
+    }
+    let path = sandbox.workdir.join("config.yaml");
+    std::fs::write(&path, &config).unwrap();
+    let mut daemon = Daemon::spawn(
+        &path,
+        &sandbox.cgroup,
+        &[&ADMIN_ARGS[..], &["--drain-timeout", "20"]].concat(),
+        &[],
+    )
+    .unwrap();
+
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((status, _)) = get("/healthz/ready") {
+            if statuses.last() != Some(&status) {
+                statuses.push(status);
+            }
+            if status == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "never ready: {}", daemon.logs());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(statuses, [503, 200], "readiness while starting");
+    // Ready means intercepting.
+    assert!(who("240.240.10.1:7000").unwrap().went_through_proxy());
+
+    let mut open = Echo::open("240.240.10.1:7000");
+    daemon.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match get("/healthz/ready") {
+            Ok((503, body)) => {
+                assert_eq!(body.trim(), "draining");
+                break;
+            }
+            Ok((200, _)) => {}
+            other => panic!("readiness during the drain: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "readiness never went 503");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    open.round_trip("draining");
+    open.finish();
+    assert_eq!(daemon.wait(), Some(0));
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_while_new_ones_go_direct() {
+    let sandbox = Sandbox::new("ops-drain");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    // NONE: the destination is real, so a connect that is not redirected still works
+    // and shows where it went.
+    let config = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: range, namespace: ops}
+spec:
+  hosts: [range.ops.test]
+  addresses: [198.18.10.0/24]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  resolution: NONE
+"#;
+    let mut daemon = sandbox.start_daemon(
+        config,
+        &[&ADMIN_ARGS[..], &["--drain-timeout", "20"]].concat(),
+    );
+    assert!(who("198.18.10.1:7000").unwrap().went_through_proxy());
+
+    let mut open = Echo::open("198.18.10.1:7000");
+    assert_eq!(open.writer.peer_addr().unwrap().to_string(), PROXY);
+    open.round_trip("before SIGTERM");
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    // Detached, by the kernel's own account.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap() != 0 {
+        assert!(Instant::now() < deadline, "still attached after SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let seen = who("198.18.10.1:7000").expect("a direct connection");
+    assert!(
+        !seen.went_through_proxy(),
+        "redirected after SIGTERM: {seen:?}"
+    );
+    assert_eq!(seen.server_peer, seen.client_local);
+
+    // The proxied connection keeps working through the drain.
+    for line in ["during the drain", "still draining"] {
+        open.round_trip(line);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(get_ok("/connections").matches("\"client\"").count(), 1);
+    open.finish();
+    assert_eq!(daemon.wait(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "exit waited for the drain timeout instead of the last connection"
+    );
+}
+
+#[test]
+fn the_drain_timeout_bounds_shutdown() {
+    let sandbox = Sandbox::new("ops-drain-timeout");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let mut daemon = sandbox.start_daemon(
+        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &[&ADMIN_ARGS[..], &["--drain-timeout", "1"]].concat(),
+    );
+    let mut open = Echo::open("240.240.10.1:7000");
+    open.round_trip("idle from here on");
+    let signalled = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(), Some(0));
+    let took = signalled.elapsed();
+    assert!(
+        (Duration::from_millis(900)..Duration::from_secs(5)).contains(&took),
+        "shutdown took {took:?} with a 1 s drain timeout"
+    );
+    assert!(daemon.logs().contains("drain timeout reached"));
+}
+
+#[test]
+fn systemd_is_notified_of_ready_reload_and_stopping() {
+    let sandbox = Sandbox::new("ops-sd-notify");
+    let name = format!("interceptor-ops-notify-{}", std::process::id());
+    let notify =
+        UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes()).unwrap()).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let path = sandbox.workdir.join("config.yaml");
+    std::fs::write(&path, vip_entry("echo", "240.240.10.1", "198.18.10.1")).unwrap();
+    let notify_socket = format!("@{name}");
+    let mut daemon = Daemon::spawn(
+        &path,
+        &sandbox.cgroup,
+        &ADMIN_ARGS,
+        &[("NOTIFY_SOCKET", notify_socket.as_str())],
+    )
+    .unwrap();
+    let receive = || {
+        let mut buffer = [0u8; 512];
+        let length = notify.recv(&mut buffer).expect("a notification");
+        String::from_utf8_lossy(&buffer[..length]).into_owned()
+    };
+
+    let ready = receive();
+    assert!(ready.starts_with("READY=1\n"), "{ready:?}");
+    // READY=1 comes only when serving.
+    assert_eq!(get("/healthz/ready").unwrap().0, 200);
+
+    daemon.signal(libc::SIGHUP);
+    let reloading = receive();
+    assert!(reloading.starts_with("RELOADING=1\n"), "{reloading:?}");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading:?}");
+    assert!(receive().starts_with("READY=1\n"));
+
+    daemon.signal(libc::SIGTERM);
+    let stopping = receive();
+    assert!(stopping.starts_with("STOPPING=1\n"), "{stopping:?}");
+    assert_eq!(daemon.wait(), Some(0));
+}
+
+#[test]
+fn the_admin_server_refuses_a_non_loopback_address_unless_allowed() {
+    let sandbox = Sandbox::new("ops-admin-addr");
+    sandbox.add_host("198.18.10.5".parse().unwrap());
+    let path = sandbox.workdir.join("config.yaml");
+    std::fs::write(&path, vip_entry("echo", "240.240.10.1", "198.18.10.1")).unwrap();
+    let exposed = ["--admin-addr", "198.18.10.5:15000"];
+
+    let error = Daemon::start(&path, &sandbox.cgroup, &exposed)
+        .err()
+        .expect("a non-loopback admin address is refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("--admin-allow-non-loopback"), "{message}");
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        0
+    );
+
+    let _daemon = Daemon::start(
+        &path,
+        &sandbox.cgroup,
+        &[&exposed[..], &["--admin-allow-non-loopback"]].concat(),
+    )
+    .unwrap();
+    let (status, body) = get_from("198.18.10.5:15000", "/healthz/ready").unwrap();
+    assert_eq!((status, body.trim()), (200, "ready"));
+}
