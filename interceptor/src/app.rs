@@ -23,7 +23,7 @@ use crate::{
     registry::{BuildError, Registry},
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
-    systemd,
+    socket, systemd,
 };
 
 /// Records older than this never reached the proxy: their client gave up or the
@@ -117,6 +117,10 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     // Listen before attaching, so no connection is ever redirected to a closed port.
     let listener = TcpListener::bind(config.proxy_addr)
         .await
+        .and_then(|listener| {
+            socket::set_nodelay_for_accepted(&listener)?;
+            Ok(listener)
+        })
         .map_err(|source| AppError::Listen {
             addr: config.proxy_addr,
             source,

@@ -208,7 +208,6 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
-    let _ = client.set_nodelay(true);
     let copied = match upstream {
         Upstream::Tcp(upstream) => {
             relay(&client, &upstream, preface, shared.config.copy_mode).await
