@@ -298,7 +298,6 @@ async fn sniff_host(
     timeout: Duration,
 ) -> Result<(HostKind, Option<String>), SniffError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut chunk = [0u8; 4096];
     loop {
         if let Some(&first) = preface.first() {
             if first == TLS_HANDSHAKE_RECORD || routes.http.is_empty() {
@@ -320,13 +319,15 @@ async fn sniff_host(
         if preface.len() >= MAX_PREFACE_BYTES {
             return Err(SniffError::TooLarge);
         }
-        let read = tokio::time::timeout_at(deadline, client.read(&mut chunk))
+        // Reading straight into the heap buffer keeps a read buffer out of the
+        // connection task itself, whose size every connection pays for its whole life.
+        preface.reserve(4096);
+        let read = tokio::time::timeout_at(deadline, client.read_buf(preface))
             .await
             .map_err(|_| SniffError::Timeout(timeout))??;
         if read == 0 {
             return Err(SniffError::Closed);
         }
-        preface.extend_from_slice(&chunk[..read]);
     }
 }
 
