@@ -227,3 +227,14 @@ pub fn http_get(addr: &str, host: &str) -> std::io::Result<(String, bool)> {
         })?;
     Ok((body, through_proxy))
 }
+
+/// Sends `request` and asserts the connection is closed without a byte of answer,
+/// by a reset or an empty EOF: what the proxy does to a connection it will not forward.
+pub fn assert_closed_unanswered(stream: &mut TcpStream, request: &[u8]) {
+    let _ = stream.write_all(request);
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => assert!(answer.is_empty(), "unexpected answer {answer:?}"),
+        Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}"),
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixListener,
     time::{Duration, Instant},
 };
@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     Daemon, Sandbox, TestServer,
     dns::DnsServer,
-    server::{connect, http_get, who},
+    server::{assert_closed_unanswered, connect, http_get, who},
 };
 
 fn start(sandbox: &Sandbox, dns: &DnsServer, yaml: &str, extra: &[&str]) -> Daemon {
@@ -195,12 +195,7 @@ spec:
 fn closed_quickly(destination: &str) -> Duration {
     let started = Instant::now();
     let mut stream = connect(destination).expect("the redirect itself works");
-    let _ = stream.write_all(b"WHO\n");
-    let mut answer = Vec::new();
-    match stream.read_to_end(&mut answer) {
-        Ok(_) => assert!(answer.is_empty(), "unexpected answer {answer:?}"),
-        Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
-    }
+    assert_closed_unanswered(&mut stream, b"WHO\n");
     started.elapsed()
 }
 

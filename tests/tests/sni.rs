@@ -2,7 +2,7 @@
 //! and the outbound traffic policy, with real TLS handshakes through the proxy.
 
 use std::{
-    io::{ErrorKind, Read as _, Write as _},
+    io::ErrorKind,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -10,7 +10,7 @@ use std::{
 use integration_tests::{
     Daemon, Sandbox, TestServer,
     dns::DnsServer,
-    server::{connect, http_get},
+    server::{assert_closed_unanswered, connect, http_get},
     tls::{HelloDelivery, TestCa, start_tls_server, tls_who},
 };
 use rustls::ClientConfig;
@@ -249,18 +249,12 @@ fn garbage_and_silent_clients_are_closed_cleanly_and_logged() {
     let daemon = world.start(SEEDS, &[]);
 
     let mut garbage = connect(NOWHERE).unwrap();
-    garbage
-        .write_all(b"this is not TLS at all\r\n\r\n")
-        .unwrap();
-    let mut answer = Vec::new();
-    let _ = garbage.read_to_end(&mut answer);
-    assert!(answer.is_empty());
+    assert_closed_unanswered(&mut garbage, b"this is not TLS at all\r\n\r\n");
     daemon.wait_for_log("not a TLS ClientHello", 1);
 
     let started = Instant::now();
     let mut silent = connect(NOWHERE).unwrap();
-    let _ = silent.read_to_end(&mut answer);
-    assert!(answer.is_empty());
+    assert_closed_unanswered(&mut silent, b"");
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
