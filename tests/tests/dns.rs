@@ -423,7 +423,7 @@ spec:
         dns.queries("busy.dns.test")
     );
     assert!(
-        slowest < Duration::from_millis(300),
+        slowest < Duration::from_millis(550),
         "a connection waited on DNS: {slowest:?}"
     );
 }
