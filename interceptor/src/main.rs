@@ -213,10 +213,16 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         ValidateOutput::Json => config::OutputFormat::Json,
     };
     print!("{}", config::render(&findings, format));
-    if findings
+    let errors = findings
         .iter()
-        .any(|finding| finding.severity == config::Severity::Error)
-    {
+        .filter(|finding| finding.severity == config::Severity::Error)
+        .count();
+    // On stderr, so stdout stays one line per finding (or pure JSON) for scripts.
+    eprintln!(
+        "interceptor validate: {errors} error(s), {} warning(s)",
+        findings.len() - errors
+    );
+    if errors > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
