@@ -39,7 +39,6 @@ const MAX_BUFFER: usize = 256 * 1024;
 pub trait Socket: AsRawFd {
     fn readable(&self) -> impl Future<Output = io::Result<()>>;
     fn writable(&self) -> impl Future<Output = io::Result<()>>;
-    fn try_read_buf(&self, buffer: &mut Vec<u8>) -> io::Result<usize>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
 }
@@ -52,9 +51,6 @@ macro_rules! socket {
             }
             fn writable(&self) -> impl Future<Output = io::Result<()>> {
                 <$type>::writable(self)
-            }
-            fn try_read_buf(&self, buffer: &mut Vec<u8>) -> io::Result<usize> {
-                <$type>::try_read_buf(self, buffer)
             }
             fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
                 <$type>::try_write(self, bytes)
@@ -99,15 +95,18 @@ async fn one_way(from: &impl Socket, to: &impl Socket, mode: CopyMode) -> io::Re
         }
         let mut buffer = Vec::with_capacity(size);
         loop {
-            match from.try_read_buf(&mut buffer) {
-                Ok(0) => {
+            match read_some(from, &mut buffer) {
+                Ok(Read::Eof) => {
                     shutdown_write(to)?;
                     return Ok(total);
                 }
-                Ok(read) => {
+                Ok(Read::Data { bytes, drained }) => {
                     write_all(to, &buffer).await?;
-                    total += read as u64;
-                    let filled = read == buffer.capacity();
+                    total += bytes as u64;
+                    if drained {
+                        break;
+                    }
+                    let filled = bytes == buffer.capacity();
                     if filled && mode == CopyMode::Splice {
                         // Bulk: from here on this direction moves bytes in the kernel.
                         // Without a pipe (descriptor limit), it stays in user space.
@@ -123,10 +122,62 @@ async fn one_way(from: &impl Socket, to: &impl Socket, mode: CopyMode) -> io::Re
                         buffer.clear();
                     }
                 }
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(Read::WouldBlock) => break,
                 Err(error) => return Err(error),
             }
         }
+    }
+}
+
+enum Read {
+    Eof,
+    /// `drained`: the read came back short, so the socket had nothing more and tokio
+    /// has already been told to wait for the next edge.
+    Data {
+        bytes: usize,
+        drained: bool,
+    },
+    WouldBlock,
+}
+
+/// One recv into the buffer's spare capacity. A short read means the socket is
+/// drained: reporting it to tokio as WouldBlock (with the bytes kept) clears the
+/// readiness at once, which saves the recv that would only return EAGAIN on every
+/// message of request/response traffic. tokio only clears it if no new readiness
+/// arrived meanwhile, so no wake-up is lost.
+fn read_some(from: &impl Socket, buffer: &mut Vec<u8>) -> io::Result<Read> {
+    let mut short_read = 0;
+    let result = from.try_io(Interest::READABLE, || {
+        let spare = buffer.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: recv writes at most `room` bytes into the spare capacity we own.
+        let received = unsafe { libc::recv(from.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
+        if received < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let received = received as usize;
+        // SAFETY: the kernel initialised `received` bytes past the current length.
+        unsafe { buffer.set_len(buffer.len() + received) };
+        if received > 0 && received < room {
+            short_read = received;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(received)
+    });
+    match result {
+        Ok(0) => Ok(Read::Eof),
+        Ok(bytes) => Ok(Read::Data {
+            bytes,
+            drained: false,
+        }),
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock && short_read > 0 => {
+            Ok(Read::Data {
+                bytes: short_read,
+                drained: true,
+            })
+        }
+        Err(error) if error.kind() == io::ErrorKind::WouldBlock => Ok(Read::WouldBlock),
+        Err(error) => Err(error),
     }
 }
 
