@@ -49,6 +49,31 @@ pub enum FailureReason {
     registry_only,
 }
 
+impl FailureReason {
+    /// Every reason, so each series exists from the start; a `match` here would not
+    /// compile without a new variant, which keeps the list complete.
+    pub const ALL: [Self; 6] = [
+        Self::no_redirect_record,
+        Self::no_upstream,
+        Self::dns,
+        Self::upstream_connect,
+        Self::no_host,
+        Self::registry_only,
+    ];
+
+    #[cfg(test)]
+    fn is_listed(self) -> bool {
+        match self {
+            Self::no_redirect_record
+            | Self::no_upstream
+            | Self::dns
+            | Self::upstream_connect
+            | Self::no_host
+            | Self::registry_only => Self::ALL.contains(&self),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub reason: FailureReason,
@@ -232,12 +257,7 @@ impl Metrics {
         );
         // Every reason and result exists from the start, so a rate() over them works
         // before the first failure.
-        for reason in [
-            FailureReason::no_redirect_record,
-            FailureReason::no_upstream,
-            FailureReason::dns,
-            FailureReason::upstream_connect,
-        ] {
+        for reason in FailureReason::ALL {
             metrics
                 .connections_failed
                 .get_or_create_owned(&FailureLabels { reason });
@@ -305,6 +325,19 @@ fn unix_seconds() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_failure_reason_is_exported_from_the_start() {
+        assert!(FailureReason::ALL.iter().all(|reason| reason.is_listed()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &Metrics::new().registry).unwrap();
+        for reason in ["no_host", "registry_only", "no_redirect_record"] {
+            assert!(
+                text.contains(&format!("reason=\"{reason}\"")),
+                "{reason} missing:\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn names_follow_prometheus_conventions() {
