@@ -48,16 +48,7 @@ fn dns_spreads_over_every_address_and_drops_a_removed_one_after_its_ttl() {
     let _daemon = start(
         &sandbox,
         &dns,
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: api}
-spec:
-  hosts: [api.dns.test]
-  addresses: [240.240.3.1]
-  ports: [{number: 7100, name: tcp, protocol: TCP}]
-  resolution: DNS
-"#,
+        &dns_entry("api", "api.dns.test", "240.240.3.1", 7100, "DNS"),
         &[],
     );
     let counts = tally("240.240.3.1:7100", 90);
@@ -92,16 +83,7 @@ fn dns_round_robin_uses_the_first_address_and_leaves_open_connections_alone() {
     let _daemon = start(
         &sandbox,
         &dns,
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: rr}
-spec:
-  hosts: [rr.dns.test]
-  addresses: [240.240.3.2]
-  ports: [{number: 7200, name: tcp, protocol: TCP}]
-  resolution: DNS_ROUND_ROBIN
-"#,
+        &dns_entry("rr", "rr.dns.test", "240.240.3.2", 7200, "DNS_ROUND_ROBIN"),
         &[],
     );
     assert_eq!(
@@ -210,9 +192,12 @@ fn nxdomain_and_a_silent_server_close_the_client_promptly_and_log_why() {
         .iter()
         .enumerate()
         .map(|(index, name)| {
-            format!(
-                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.dns.test]\n  addresses: [240.240.3.{}]\n  ports: [{{number: 7300, name: tcp, protocol: TCP}}]\n  resolution: DNS\n",
-                10 + index
+            dns_entry(
+                name,
+                &format!("{name}.dns.test"),
+                &format!("240.240.3.{}", 10 + index),
+                7300,
+                "DNS",
             )
         })
         .collect::<Vec<_>>()
@@ -256,16 +241,7 @@ fn a_refusing_address_fails_over_to_the_next_one() {
     let daemon = start(
         &sandbox,
         &dns,
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: failover}
-spec:
-  hosts: [fo.dns.test]
-  addresses: [240.240.3.20]
-  ports: [{number: 7400, name: tcp, protocol: TCP}]
-  resolution: DNS
-"#,
+        &dns_entry("failover", "fo.dns.test", "240.240.3.20", 7400, "DNS"),
         &[],
     );
     assert_eq!(
@@ -353,25 +329,17 @@ fn ipv6_answers_are_used_and_the_clients_ipv4_family_is_preferred() {
     let _daemon = start(
         &sandbox,
         &dns,
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: v6-only}
-spec:
-  hosts: [v6only.dns.test]
-  addresses: [240.240.3.40]
-  ports: [{number: 7600, name: tcp, protocol: TCP}]
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: dual}
-spec:
-  hosts: [dual.dns.test]
-  addresses: [240.240.3.41]
-  ports: [{number: 7600, name: tcp, protocol: TCP}]
-  resolution: DNS_ROUND_ROBIN
-"#,
+        &[
+            dns_entry("v6-only", "v6only.dns.test", "240.240.3.40", 7600, "DNS"),
+            dns_entry(
+                "dual",
+                "dual.dns.test",
+                "240.240.3.41",
+                7600,
+                "DNS_ROUND_ROBIN",
+            ),
+        ]
+        .join("---\n"),
         &[],
     );
     let seen = who("240.240.3.40:7600").expect("an IPv6-only upstream");
@@ -393,16 +361,7 @@ fn answers_are_refreshed_in_the_background_while_in_use() {
     let _daemon = start(
         &sandbox,
         &dns,
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: busy}
-spec:
-  hosts: [busy.dns.test]
-  addresses: [240.240.3.50]
-  ports: [{number: 7700, name: tcp, protocol: TCP}]
-  resolution: DNS
-"#,
+        &dns_entry("busy", "busy.dns.test", "240.240.3.50", 7700, "DNS"),
         &[],
     );
     assert_eq!(who("240.240.3.50:7700").unwrap().server, "fresh");
@@ -426,4 +385,11 @@ spec:
         slowest < Duration::from_millis(550),
         "a connection waited on DNS: {slowest:?}"
     );
+}
+
+/// A TCP ServiceEntry with one host, one VIP and one port.
+fn dns_entry(name: &str, host: &str, vip: &str, port: u16, resolution: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: {port}, name: tcp, protocol: TCP}}]\n  resolution: {resolution}\n"
+    )
 }
