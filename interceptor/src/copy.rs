@@ -1,9 +1,10 @@
-//! Forwarding bytes both ways with half-close, holding buffers only while data flows.
+//! Forwarding bytes both ways with half-close, holding buffers only while data waits.
 //!
-//! A buffer is taken when a socket turns readable and dropped as soon as the socket
-//! would block, so an idle connection holds none: its cost is the task and the two
-//! sockets. A direction whose reads fill the buffer grows it (16 KiB to 256 KiB, as
-//! ztunnel does), so bulk transfers need few system calls.
+//! Reads land in one buffer per runtime thread and are written on at once; only the
+//! bytes a destination does not take right away are copied into a buffer the
+//! connection owns until they are written. An idle connection holds none: its cost is
+//! the task and the two sockets. A direction whose reads fill the read size grows it
+//! (16 KiB to 256 KiB, as ztunnel does), so bulk transfers need few system calls.
 //!
 //! In [`CopyMode::Splice`], a direction that fills a buffer switches to splice(2)
 //! through a pipe, so its bytes never enter user space. Request/response traffic
@@ -12,6 +13,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use tokio::{
@@ -70,18 +72,39 @@ socket!(UnixStream);
 
 /// Copies `client` ↔ `upstream` until both directions reached EOF, or either failed.
 /// Returns (bytes client → upstream, bytes upstream → client).
+///
+/// The caller must close both sockets when this returns: the direction that ends
+/// last leaves its FIN to that close, which sends it anyway, saving a shutdown(2) per
+/// connection.
 pub async fn bidirectional(
     client: &impl Socket,
     upstream: &impl Socket,
     mode: CopyMode,
 ) -> io::Result<(u64, u64)> {
+    let one_finished = AtomicBool::new(false);
     tokio::try_join!(
-        one_way(client, upstream, mode),
-        one_way(upstream, client, mode)
+        one_way(client, upstream, mode, &one_finished),
+        one_way(upstream, client, mode, &one_finished)
     )
 }
 
-async fn one_way(from: &impl Socket, to: &impl Socket, mode: CopyMode) -> io::Result<u64> {
+/// Passes an EOF from one socket on to the other.
+fn pass_eof(to: &impl Socket, one_finished: &AtomicBool) -> io::Result<()> {
+    if one_finished.swap(true, Ordering::Relaxed) {
+        // Both directions are done and the caller closes both sockets next; nothing
+        // is left unread on `to`, so its close sends the FIN.
+        Ok(())
+    } else {
+        shutdown_write(to)
+    }
+}
+
+async fn one_way(
+    from: &impl Socket,
+    to: &impl Socket,
+    mode: CopyMode,
+    one_finished: &AtomicBool,
+) -> io::Result<u64> {
     let mut total = 0u64;
     let mut size = INITIAL_BUFFER;
     let mut pipe: Option<Pipe> = None;
@@ -89,44 +112,78 @@ async fn one_way(from: &impl Socket, to: &impl Socket, mode: CopyMode) -> io::Re
         from.readable().await?;
         if let Some(pipe) = &pipe {
             if splice_while_ready(from, to, pipe, &mut total).await? {
+                pass_eof(to, one_finished)?;
                 return Ok(total);
             }
             continue;
         }
-        let mut buffer = Vec::with_capacity(size);
         loop {
-            match read_some(from, &mut buffer) {
-                Ok(Read::Eof) => {
-                    shutdown_write(to)?;
+            let (read, unsent) = read_and_forward(from, to, size);
+            let bytes = match read? {
+                Read::Eof => {
+                    pass_eof(to, one_finished)?;
                     return Ok(total);
                 }
-                Ok(Read::Data { bytes, drained }) => {
-                    write_all(to, &buffer).await?;
+                Read::WouldBlock => break,
+                Read::Data { bytes, drained } => {
+                    if let Some(unsent) = unsent {
+                        write_all(to, &unsent).await?;
+                    }
                     total += bytes as u64;
                     if drained {
                         break;
                     }
-                    let filled = bytes == buffer.capacity();
-                    if filled && mode == CopyMode::Splice {
-                        // Bulk: from here on this direction moves bytes in the kernel.
-                        // Without a pipe (descriptor limit), it stays in user space.
-                        pipe = Pipe::new().ok();
-                        if pipe.is_some() {
-                            break;
-                        }
-                    }
-                    if filled && size < MAX_BUFFER {
-                        size = (size * 4).min(MAX_BUFFER);
-                        buffer = Vec::with_capacity(size);
-                    } else {
-                        buffer.clear();
+                    bytes
+                }
+            };
+            if bytes == size {
+                if mode == CopyMode::Splice {
+                    // Bulk: from here on this direction moves bytes in the kernel.
+                    // Without a pipe (descriptor limit), it stays in user space.
+                    pipe = Pipe::new().ok();
+                    if pipe.is_some() {
+                        break;
                     }
                 }
-                Ok(Read::WouldBlock) => break,
-                Err(error) => return Err(error),
+                size = (size * 4).min(MAX_BUFFER);
             }
         }
     }
+}
+
+thread_local! {
+    /// Each runtime thread reads into one buffer that outlives connections, so
+    /// forwarding a message allocates nothing unless the destination pushes back.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::new());
+}
+
+/// One read of at most `size` bytes, written on at once as far as the destination
+/// takes it. Returns what was read and, if the destination would block, the bytes
+/// still to write, copied out of the shared buffer so the caller can wait.
+fn read_and_forward(
+    from: &impl Socket,
+    to: &impl Socket,
+    size: usize,
+) -> (io::Result<Read>, Option<Vec<u8>>) {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        scratch.reserve(size);
+        let read = match read_some(from, &mut scratch, size) {
+            Ok(read @ Read::Data { .. }) => read,
+            other => return (other, None),
+        };
+        let mut sent = 0;
+        while sent < scratch.len() {
+            match to.try_write(&scratch[sent..]) {
+                Ok(written) => sent += written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return (Err(error), None),
+            }
+        }
+        let unsent = (sent < scratch.len()).then(|| scratch[sent..].to_vec());
+        (Ok(read), unsent)
+    })
 }
 
 enum Read {
@@ -145,11 +202,11 @@ enum Read {
 /// readiness at once, which saves the recv that would only return EAGAIN on every
 /// message of request/response traffic. tokio only clears it if no new readiness
 /// arrived meanwhile, so no wake-up is lost.
-fn read_some(from: &impl Socket, buffer: &mut Vec<u8>) -> io::Result<Read> {
+fn read_some(from: &impl Socket, buffer: &mut Vec<u8>, limit: usize) -> io::Result<Read> {
     let mut short_read = 0;
     let result = from.try_io(Interest::READABLE, || {
         let spare = buffer.spare_capacity_mut();
-        let room = spare.len();
+        let room = spare.len().min(limit);
         // SAFETY: recv writes at most `room` bytes into the spare capacity we own.
         let received = unsafe { libc::recv(from.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
         if received < 0 {
@@ -262,7 +319,7 @@ fn splice(from: libc::c_int, to: libc::c_int, length: usize) -> io::Result<usize
 }
 
 /// Moves bytes socket → pipe → socket until the source would block (returns false)
-/// or reaches EOF (returns true, after passing the half-close on). The pipe is always
+/// or reaches EOF (returns true). The pipe is always
 /// drained before the next read, so EAGAIN on the read side can only mean that the
 /// socket has nothing more, never that the pipe is full.
 async fn splice_while_ready(
@@ -275,10 +332,7 @@ async fn splice_while_ready(
         let read = match from.try_io(Interest::READABLE, || {
             splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CAPACITY)
         }) {
-            Ok(0) => {
-                shutdown_write(to)?;
-                return Ok(true);
-            }
+            Ok(0) => return Ok(true),
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(error) => return Err(error),
