@@ -154,7 +154,7 @@ async fn one_way(
 thread_local! {
     /// Each runtime thread reads into one buffer that outlives connections, so
     /// forwarding a message allocates nothing unless the destination pushes back.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::new());
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One read of at most `size` bytes, written on at once as far as the destination
