@@ -116,6 +116,35 @@ pub struct Outcome {
     /// CPU the proxy on the path used during the job; filled in by the harness.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_cpu: Option<CpuTime>,
+    /// CPU seconds every process and interrupt on the machine used during the job
+    /// (client, proxy, backend and the kernel's network work); filled in by the
+    /// harness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_cpu: Option<f64>,
+}
+
+/// Busy CPU seconds of the whole machine since boot, from /proc/stat: everything but
+/// idle and I/O wait.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<f64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal (guest time is already in user).
+    let busy: f64 = fields
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(index, _)| *index != 3 && *index != 4)
+        .map(|(_, ticks)| ticks)
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Some(busy / ticks)
 }
 
 /// CPU time of a process, in seconds.

@@ -16,7 +16,7 @@ use super::{
     procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{
         BACKEND_IP, BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, PROXY, Spec, Target,
-        vip,
+        machine_busy_seconds, vip,
     },
     proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
     report::{Check, PathRow, Report, ScaleRow},
@@ -203,8 +203,12 @@ impl Bench<'_> {
                     },
                 };
                 let cpu_before = proxy.and_then(CpuTime::of);
+                let machine_before = machine_busy_seconds();
                 match self.client(job(route.target(port)), timeout) {
                     Ok(mut outcome) => {
+                        outcome.machine_cpu = machine_busy_seconds()
+                            .zip(machine_before)
+                            .map(|(after, before)| after - before);
                         outcome.proxy_cpu = proxy
                             .and_then(CpuTime::of)
                             .zip(cpu_before)
@@ -265,6 +269,42 @@ impl Bench<'_> {
         self.report.rows.push(row);
     }
 
+    /// What the whole machine (client, proxy, backend, kernel) spent per unit of work
+    /// on each path. With every CPU busy, it caps what a path can reach here; the note
+    /// says how far the interceptor's cap is from the direct path's measured figure.
+    /// `cap` turns CPU seconds per unit into units per second on one CPU.
+    fn machine_cpu_row(
+        &mut self,
+        figure: String,
+        unit: &'static str,
+        outcomes: &Outcomes,
+        (scale, per): (f64, impl Fn(&Outcome) -> f64),
+        direct_figure: Option<f64>,
+        cap: impl Fn(f64) -> f64,
+    ) {
+        let cpu_per_unit = |outcome: &Outcome| {
+            let work = per(outcome);
+            outcome
+                .machine_cpu
+                .filter(|_| work > 0.0)
+                .map(|cpu| cpu / work)
+        };
+        let seconds = figures(outcomes, cpu_per_unit);
+        let cpus = std::thread::available_parallelism().map_or(2, usize::from) as f64;
+        let note = seconds[1].zip(direct_figure).map(|(icpt, direct)| {
+            let capped = cpus * cap(icpt);
+            format!(
+                "{cpus} busy CPUs cap the interceptor path at {capped:.1} = {:.2}× direct",
+                capped / direct
+            )
+        });
+        let mut row = PathRow::new(figure, unit, seconds.map(|value| value.map(|v| v * scale)));
+        if let Some(note) = note {
+            row = row.check(Check::note(note));
+        }
+        self.report.rows.push(row);
+    }
+
     fn bulk(&mut self) -> Result<()> {
         let proxies = self.start_proxies()?;
         let bytes = self.sizes.bulk_bytes_per_stream;
@@ -312,6 +352,20 @@ impl Bench<'_> {
                 &outcomes,
                 1000.0,
                 |outcome| outcome.bytes as f64 / f64::from(1u32 << 30),
+            );
+            self.machine_cpu_row(
+                format!(
+                    "  machine CPU, {streams} stream{}",
+                    if streams == 1 { "" } else { "s" }
+                ),
+                "ms/GiB",
+                &outcomes,
+                (1000.0, |outcome: &Outcome| {
+                    outcome.bytes as f64 / f64::from(1u32 << 30)
+                }),
+                direct,
+                // CPU s per GiB → Gbit/s on one CPU.
+                |seconds_per_gib| 8.0 * 1.073_741_824 / seconds_per_gib,
             );
         }
         self.stop_proxies(proxies);
@@ -414,6 +468,14 @@ impl Bench<'_> {
             &outcomes,
             1e6,
             |outcome| outcome.ok as f64,
+        );
+        self.machine_cpu_row(
+            "  machine CPU per connection".into(),
+            "µs",
+            &outcomes,
+            (1e6, |outcome: &Outcome| outcome.ok as f64),
+            values[0],
+            |seconds_per_connection| 1.0 / seconds_per_connection,
         );
 
         // The same exchange one connection at a time: the per-connection latency.
