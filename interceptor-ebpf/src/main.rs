@@ -4,7 +4,11 @@
 #[cfg(target_arch = "bpf")]
 mod connect4;
 #[cfg(target_arch = "bpf")]
+mod connect6;
+#[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod redirect;
 #[cfg(target_arch = "bpf")]
 mod sockops;
 

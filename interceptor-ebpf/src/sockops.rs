@@ -2,11 +2,15 @@ use aya_ebpf::{
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
     programs::SockOpsContext,
 };
+use core::ptr::read_volatile;
 use interceptor_ebpf::ClientAddr;
 
 use crate::maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE};
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+/// The third word of ::ffff:a.b.c.d, as it sits in memory.
+const V4_MAPPED_MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
 /// sock_ops programs return 1 for success, like the other cgroup programs.
 const OK: u32 = 1;
 
@@ -27,22 +31,43 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
 /// sweeps records that no connection claimed.
 #[inline(always)]
 fn rekey_by_client_addr(ctx: &SockOpsContext) {
-    if ctx.family() != AF_INET {
+    let Some(local_addr) = local_ipv4(ctx) else {
         return;
-    }
+    };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let Some(original) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
         return;
     };
-    let local_addr = ctx.local_ip4();
     // local_port is in host byte order, unlike remote_port.
     let local_port = ctx.local_port() as u16;
     let client = ClientAddr {
-        addr: local_addr.to_ne_bytes(),
+        addr: local_addr,
         port: local_port.to_be_bytes(),
         _pad: [0; 2],
     };
     if ORIG_BY_CLIENT.insert(&client, &original, 0).is_ok() {
         let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+}
+
+/// The socket's local IPv4 address, also for a dual-stack socket connected to an
+/// IPv4-mapped address (connect6 redirected it): the proxy, listening on IPv4, sees
+/// the plain IPv4 address as the peer either way.
+#[inline(always)]
+fn local_ipv4(ctx: &SockOpsContext) -> Option<[u8; 4]> {
+    match ctx.family() {
+        AF_INET => Some(ctx.local_ip4().to_ne_bytes()),
+        AF_INET6 => {
+            let ops = ctx.ops;
+            // One 32-bit read per word: the verifier rejects wider context loads.
+            let word0 = unsafe { read_volatile(&(*ops).local_ip6[0]) };
+            let word1 = unsafe { read_volatile(&(*ops).local_ip6[1]) };
+            let word2 = unsafe { read_volatile(&(*ops).local_ip6[2]) };
+            if word0 != 0 || word1 != 0 || word2.to_ne_bytes() != V4_MAPPED_MARKER {
+                return None;
+            }
+            Some(unsafe { read_volatile(&(*ops).local_ip6[3]) }.to_ne_bytes())
+        }
+        _ => None,
     }
 }

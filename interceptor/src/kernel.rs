@@ -36,6 +36,7 @@ use crate::registry::InterceptSet;
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
 const CONNECT4_PROGRAM: &str = "egress_connect4";
+const CONNECT6_PROGRAM: &str = "egress_connect6";
 const SOCKOPS_PROGRAM: &str = "egress_sockops";
 
 #[derive(Debug, thiserror::Error)]
@@ -188,11 +189,14 @@ impl Kernel {
         sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error(SOCKOPS_PROGRAM))?;
-        let connect4: &mut CgroupSockAddr = program(&mut ebpf, CONNECT4_PROGRAM)?;
-        connect4.load().map_err(program_error(CONNECT4_PROGRAM))?;
-        connect4
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(CONNECT4_PROGRAM))?;
+        // connect6 handles dual-stack sockets connecting to IPv4-mapped addresses.
+        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+            let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect.load().map_err(program_error(name))?;
+            connect
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+        }
         info!(cgroup = %config.cgroup.display(), "programs attached");
 
         Ok(Self {

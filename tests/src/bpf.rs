@@ -5,6 +5,7 @@ use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
 
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+pub const BPF_CGROUP_INET6_CONNECT: u32 = 11;
 
 /// Number of programs attached to `cgroup` itself for `attach_type`.
 pub fn attached_programs(cgroup: &Path, attach_type: u32) -> io::Result<u32> {

@@ -9,7 +9,9 @@ use std::{
 
 use integration_tests::{
     PROXY, Sandbox, TestServer,
-    bpf::{BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs},
+    bpf::{
+        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
+    },
     server::{Checksum, assert_closed_unanswered, connect, pattern_checksum, who, write_pattern},
 };
 
@@ -289,6 +291,10 @@ spec:
         1
     );
     assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
+        1
+    );
+    assert_eq!(
         attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
         1
     );
@@ -303,6 +309,10 @@ spec:
 
     assert_eq!(
         attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        0
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
         0
     );
     assert_eq!(
@@ -335,6 +345,68 @@ fn sigterm_detaches_and_exits_zero() {
         attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
         0
     );
+}
+
+/// Java and anything else that opens AF_INET6 sockets reach IPv4 services as
+/// ::ffff:a.b.c.d, through connect6; those connects must be intercepted like IPv4
+/// ones, and native IPv6 destinations left alone.
+#[test]
+fn dual_stack_sockets_reaching_ipv4_mapped_addresses_are_intercepted() {
+    let sandbox = Sandbox::new("v4-mapped");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _vip_backend = TestServer::start("vip-backend", "198.18.0.10:7000");
+    let _port_backend = TestServer::start("port-backend", "198.18.0.10:7001");
+    let _native = TestServer::start("native-v6", "[::1]:7001");
+    let daemon = sandbox.start_daemon(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: vip
+spec:
+  hosts: [vip.test.example]
+  addresses: [240.240.3.3]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.0.10
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: any-address
+spec:
+  hosts: [any.test.example]
+  ports:
+  - number: 7001
+    name: tcp
+    protocol: TCP
+  resolution: NONE
+"#,
+        &[],
+    );
+    let mapped_proxy = "[::ffff:127.0.0.1]:15001";
+    assert_eq!(PROXY, "127.0.0.1:15001");
+
+    let seen = who("[::ffff:240.240.3.3]:7000").expect("VIP through a dual-stack socket");
+    assert_eq!(seen.server, "vip-backend");
+    assert_eq!(seen.client_peer.to_string(), mapped_proxy, "{seen:?}");
+
+    let seen = who("[::ffff:198.18.0.10]:7001").expect("port-only entry, dual-stack socket");
+    assert_eq!(seen.server, "port-backend");
+    assert_eq!(seen.client_peer.to_string(), mapped_proxy, "{seen:?}");
+
+    let logs = daemon.wait_for_log("connection closed", 2);
+    assert!(logs.contains("original_dst=240.240.3.3:7000"), "{logs}");
+    assert!(logs.contains("original_dst=198.18.0.10:7001"), "{logs}");
+
+    // Native IPv6 is not intercepted, even on a port a port-only entry claims.
+    let seen = who("[::1]:7001").expect("native IPv6 goes direct");
+    assert_eq!(seen.server, "native-v6");
+    assert_eq!(seen.client_peer.to_string(), "[::1]:7001");
 }
 
 #[test]
