@@ -9,7 +9,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::{net::TcpListener, signal::unix::SignalKind};
+use tokio::signal::unix::SignalKind;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -23,7 +23,7 @@ use crate::{
     registry::{BuildError, Registry},
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
-    socket, systemd,
+    systemd,
 };
 
 /// Records older than this never reached the proxy: their client gave up or the
@@ -43,6 +43,8 @@ pub struct RunConfig {
     pub outbound_policy: OutboundPolicy,
     pub sniff_timeout: Duration,
     pub copy_mode: CopyMode,
+    /// Proxy threads, each with its own listener and runtime.
+    pub workers: usize,
     pub admin_addr: SocketAddr,
     pub admin_allow_non_loopback: bool,
 }
@@ -63,6 +65,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Dns(#[from] DnsSetupError),
+    #[error("cannot start the proxy workers: {0}")]
+    Workers(#[source] std::io::Error),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -115,16 +119,12 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let dns = DnsCache::new(config.dns.clone())?;
 
     // Listen before attaching, so no connection is ever redirected to a closed port.
-    let listener = TcpListener::bind(config.proxy_addr)
-        .await
-        .and_then(|listener| {
-            socket::set_nodelay_for_accepted(&listener)?;
-            Ok(listener)
-        })
-        .map_err(|source| AppError::Listen {
+    let listeners = proxy::workers::bind(config.proxy_addr, config.workers).map_err(|source| {
+        AppError::Listen {
             addr: config.proxy_addr,
             source,
-        })?;
+        }
+    })?;
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
@@ -151,12 +151,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
-    let accept_loop = tokio::spawn(proxy::serve(
-        listener,
-        Arc::clone(&shared),
-        connections.clone(),
-        shutdown.clone(),
-    ));
+    let mut workers = proxy::workers::start(listeners, &shared, &connections, &shutdown)
+        .map_err(AppError::Workers)?;
     let sweeper = tokio::spawn(async move {
         let mut interval = tokio::time::interval(SWEEP_INTERVAL);
         loop {
@@ -201,7 +197,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     stop_reloading.cancel();
     let _ = reloader.await;
     shutdown.cancel();
-    let _ = accept_loop.await;
+    workers.stopped_accepting().await;
     sweeper.abort();
     connections.close();
     if tokio::time::timeout(config.drain_timeout, connections.wait())
@@ -213,6 +209,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             "drain timeout reached; closing the remaining connections"
         );
     }
+    workers.finish().await;
     admin_server.abort();
     info!("stopped");
     Ok(())

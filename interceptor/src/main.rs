@@ -56,6 +56,10 @@ struct RunArgs {
     /// directions switch to splice(2)).
     #[arg(long, value_enum, default_value_t = CopyModeArg::Splice)]
     copy_mode: CopyModeArg,
+    /// Proxy threads, each accepting on its own SO_REUSEPORT listener. Default: the
+    /// CPUs this process may use (cgroup CPU limits included).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
@@ -159,7 +163,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(cgroup) => cgroup,
         None => app::cgroup2_root().context("finding the cgroup2 root")?,
     };
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    // The proxy runs on its own threads (see proxy::workers); this runtime only
+    // serves the admin endpoints, reloads, DNS refreshes and signals.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
@@ -186,6 +197,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             CopyModeArg::Userspace => CopyMode::Userspace,
             CopyModeArg::Splice => CopyMode::Splice,
         },
+        workers,
         admin_addr: args.admin_addr,
         admin_allow_non_loopback: args.admin_allow_non_loopback,
     }))?;

@@ -113,12 +113,6 @@ fn set_mark(socket: &impl AsRawFd, mark: u32) -> io::Result<()> {
     set_u32_option(socket, libc::SOL_SOCKET, libc::SO_MARK, mark)
 }
 
-/// Sets TCP_NODELAY on a listener: Linux copies it to every accepted socket, which
-/// saves a system call per connection.
-pub fn set_nodelay_for_accepted(listener: &impl AsRawFd) -> io::Result<()> {
-    set_u32_option(listener, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)
-}
-
 fn set_u32_option(
     socket: &impl AsRawFd,
     level: libc::c_int,

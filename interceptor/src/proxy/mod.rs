@@ -2,6 +2,7 @@
 //! the upstream from the registry snapshot, and forwards bytes both ways.
 
 pub mod tracking;
+pub mod workers;
 
 use std::{
     net::SocketAddr,
