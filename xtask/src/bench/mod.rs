@@ -123,7 +123,7 @@ impl Sizes {
             }
         } else {
             Self {
-                rounds: 3,
+                rounds: 5,
                 bulk_bytes_per_stream: 1 << 30,
                 rr_warmup: 5_000,
                 rr_round_trips: 100_000,
