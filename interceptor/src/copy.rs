@@ -351,3 +351,120 @@ async fn splice_while_ready(
         *total += read as u64;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// Two connected loopback sockets: (the end a test drives, the end the copy uses).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outer = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (inner, _) = listener.accept().await.unwrap();
+        (outer, inner)
+    }
+
+    fn pattern(length: usize, seed: u8) -> Vec<u8> {
+        (0..length)
+            .map(|index| (index % 251) as u8 ^ seed)
+            .collect()
+    }
+
+    /// A slow reader on one side makes the copy hold unsent bytes and wait; a bulk
+    /// direction switches to splice; half-closes pass through in both orders, and the
+    /// counts match what went each way.
+    async fn slow_reader_and_half_close(mode: CopyMode) {
+        const UPLOAD: usize = 2 * 1024 * 1024;
+        const DOWNLOAD: usize = 300 * 1024;
+        let (mut client, client_inner) = pair().await;
+        let (mut upstream, upstream_inner) = pair().await;
+        // Small buffers towards the upstream, so the upload cannot hide in them.
+        socket2::SockRef::from(&upstream_inner)
+            .set_send_buffer_size(64 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&upstream)
+            .set_recv_buffer_size(64 * 1024)
+            .unwrap();
+        let relay =
+            tokio::spawn(async move { bidirectional(&client_inner, &upstream_inner, mode).await });
+
+        let upload = pattern(UPLOAD, 0x5a);
+        let writer = {
+            let upload = upload.clone();
+            tokio::spawn(async move {
+                client.write_all(&upload).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut download = Vec::new();
+                client.read_to_end(&mut download).await.unwrap();
+                download
+            })
+        };
+        // Read slowly at first, so the copy meets a full socket and must wait.
+        let mut received = Vec::with_capacity(UPLOAD);
+        let mut chunk = vec![0; 4096];
+        for _ in 0..64 {
+            let read = upstream.read(&mut chunk).await.unwrap();
+            received.extend_from_slice(&chunk[..read]);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        upstream.read_to_end(&mut received).await.unwrap();
+        assert!(received == upload, "upload arrived damaged or incomplete");
+
+        let download = pattern(DOWNLOAD, 0xa5);
+        upstream.write_all(&download).await.unwrap();
+        drop(upstream);
+        let downloaded = writer.await.unwrap();
+        assert!(
+            downloaded == download,
+            "download arrived damaged or incomplete"
+        );
+
+        let counts = relay.await.unwrap().unwrap();
+        assert_eq!(counts, (UPLOAD as u64, DOWNLOAD as u64));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn userspace_copy_survives_a_slow_reader_and_passes_half_closes() {
+        slow_reader_and_half_close(CopyMode::Userspace).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn splice_copy_survives_a_slow_reader_and_passes_half_closes() {
+        slow_reader_and_half_close(CopyMode::Splice).await;
+    }
+
+    /// The first direction to end sends its FIN at once, while the other keeps going.
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_first_eof_is_passed_on_while_the_other_direction_flows() {
+        let (mut client, client_inner) = pair().await;
+        let (mut upstream, upstream_inner) = pair().await;
+        let relay = tokio::spawn(async move {
+            bidirectional(&client_inner, &upstream_inner, CopyMode::default()).await
+        });
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut request = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), upstream.read_to_end(&mut request))
+            .await
+            .expect("the client's FIN reached the upstream while the copy still runs")
+            .unwrap();
+        assert_eq!(request, b"request");
+        assert!(!relay.is_finished());
+
+        upstream.write_all(b"response").await.unwrap();
+        drop(upstream);
+        let mut response = Vec::new();
+        client.read_to_end(&mut response).await.unwrap();
+        assert_eq!(response, b"response");
+        assert_eq!(relay.await.unwrap().unwrap(), (7, 8));
+    }
+}
