@@ -103,9 +103,22 @@ pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListe
     if !addr.ip().is_loopback() && !allow_non_loopback {
         return Err(AdminError::NotLoopback(addr));
     }
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Listen { addr, source })
+    match TcpListener::bind(addr).await {
+        // A previous interceptor still serving there (see proxy::workers::bind): take
+        // a free port rather than refuse to start next to it.
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
+            let listener = TcpListener::bind(SocketAddr::new(addr.ip(), 0))
+                .await
+                .map_err(|source| AdminError::Listen { addr, source })?;
+            warn!(
+                taken = %addr,
+                addr = %listener.local_addr().map_err(|source| AdminError::Listen { addr, source })?,
+                "the admin address is in use (a previous interceptor?); serving on a free port instead"
+            );
+            Ok(listener)
+        }
+        result => result.map_err(|source| AdminError::Listen { addr, source }),
+    }
 }
 
 /// Serves until the task is dropped.

@@ -97,8 +97,20 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
 
-    let SocketAddr::V4(proxy_v4) = config.proxy_addr else {
+    let SocketAddr::V4(_) = config.proxy_addr else {
         return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
+    };
+    // Listening comes before attaching, so no connection is ever redirected to a
+    // closed port; and before the admin server, which reports the port bound.
+    let (listeners, proxy_addr) =
+        proxy::workers::bind(config.proxy_addr, config.workers).map_err(|source| {
+            AppError::Listen {
+                addr: config.proxy_addr,
+                source,
+            }
+        })?;
+    let SocketAddr::V4(proxy_v4) = proxy_addr else {
+        return Err(KernelError::ProxyNotIpv4(proxy_addr).into());
     };
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
@@ -113,18 +125,12 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     });
     // First, so a readiness probe during start-up gets a 503, not a refused connection.
     let admin_listener = admin::bind(config.admin_addr, config.admin_allow_non_loopback).await?;
+    let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_addr);
     let admin_server = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state)));
 
     let initial = load_registry(&config.config_paths)?;
     let dns = DnsCache::new(config.dns.clone())?;
 
-    // Listen before attaching, so no connection is ever redirected to a closed port.
-    let listeners = proxy::workers::bind(config.proxy_addr, config.workers).map_err(|source| {
-        AppError::Listen {
-            addr: config.proxy_addr,
-            source,
-        }
-    })?;
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
@@ -178,8 +184,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     admin_state.readiness.set(Phase::Serving);
     systemd::ready();
     info!(
-        proxy = %config.proxy_addr,
-        admin = %config.admin_addr,
+        proxy = %proxy_addr,
+        admin = %admin_addr,
         cgroup = %config.cgroup.display(),
         services = registry.load().services().len(),
         "ready"

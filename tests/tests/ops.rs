@@ -542,6 +542,70 @@ spec:
     );
 }
 
+/// A restart without a gap: start the new daemon next to the running one, then stop
+/// the old one. The new one takes a free port, stays behind the old one's programs
+/// while both are attached, and redirects from the moment the old one detaches; no
+/// connection in between fails.
+#[test]
+fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
+    let sandbox = Sandbox::new("ops-handover");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let config = vip_entry("handover", "240.240.10.9", "198.18.10.1");
+    let mut old = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let new = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let logs = new.logs();
+    assert!(logs.contains("the proxy address is in use"), "{logs}");
+    assert!(logs.contains("the admin address is in use"), "{logs}");
+
+    let seen = who("240.240.10.9:7000").expect("through the old daemon");
+    assert_eq!(
+        seen.client_peer.to_string(),
+        PROXY,
+        "the older daemon redirects first"
+    );
+
+    // The sandbox's network namespace belongs to this thread, so the clients run here
+    // and the old daemon is stopped from another thread.
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        old.signal(libc::SIGTERM);
+        old.wait()
+    });
+    let mut proxies_seen = std::collections::BTreeSet::new();
+    let mut connections = 0;
+    let mut after_stop = None;
+    loop {
+        match who("240.240.10.9:7000") {
+            Ok(seen) => {
+                assert_eq!(seen.server, "server");
+                assert_eq!(seen.client_peer.ip().to_string(), "127.0.0.1", "{seen:?}");
+                proxies_seen.insert(seen.client_peer.port());
+                connections += 1;
+            }
+            Err(error) => panic!("connection {connections} failed during the handover: {error}"),
+        }
+        if stopper.is_finished() {
+            let stopped_at = *after_stop.get_or_insert_with(Instant::now);
+            if stopped_at.elapsed() > Duration::from_millis(200) {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        stopper.join().unwrap(),
+        Some(0),
+        "the old daemon exits cleanly"
+    );
+    assert_eq!(
+        proxies_seen.len(),
+        2,
+        "both daemons served in turn (proxy ports {proxies_seen:?}, {connections} connections)"
+    );
+    assert!(new.logs().contains("connection closed"));
+}
+
 #[test]
 fn the_drain_timeout_bounds_shutdown() {
     let sandbox = Sandbox::new("ops-drain-timeout");

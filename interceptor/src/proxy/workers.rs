@@ -17,7 +17,7 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{Shared, serve};
 
@@ -25,25 +25,59 @@ use super::{Shared, serve};
 const BACKLOG: i32 = 4096;
 
 /// One listener per worker on `addr`, TCP_NODELAY inherited by accepted sockets.
-pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    // SO_REUSEPORT would let a second daemon share the port unnoticed and receive
+/// Returns them with the address they listen on.
+///
+/// If another process (a previous interceptor, still draining or not yet stopped)
+/// listens on `addr`, the listeners take a free port on the same IP instead. Each
+/// daemon's programs redirect to its own port and keep their records in its own
+/// maps, so two daemons never receive each other's connections: the one attached
+/// first keeps redirecting, and the newer one takes over the moment the older one
+/// detaches, which makes "start the new one, then stop the old one" a restart without
+/// a gap.
+pub fn bind(
+    addr: SocketAddr,
+    workers: usize,
+) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+    // SO_REUSEPORT alone would let a second daemon join the same port and receive
     // connections whose records live in the first one's maps; a plain bind first
-    // fails if anything, another interceptor included, already listens there.
-    drop(std::net::TcpListener::bind(addr)?);
-    (0..workers.max(1))
-        .map(|_| {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            socket.set_cloexec(true)?;
-            socket.set_nonblocking(true)?;
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(true)?;
-            // Linux copies it to every accepted socket: a system call less per connection.
-            socket.set_tcp_nodelay(true)?;
-            socket.bind(&addr.into())?;
-            socket.listen(BACKLOG)?;
-            Ok(socket.into())
-        })
-        .collect()
+    // tells whether anything listens there.
+    let addr = match std::net::TcpListener::bind(addr) {
+        Ok(probe) => {
+            drop(probe);
+            addr
+        }
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
+            let fallback = SocketAddr::new(addr.ip(), 0);
+            warn!(
+                taken = %addr,
+                "the proxy address is in use (a previous interceptor?); listening on a free \
+                 port instead: this daemon redirects there once the other one detaches"
+            );
+            fallback
+        }
+        Err(error) => return Err(error),
+    };
+    let first = reuseport_listener(addr)?;
+    // With port 0 the first listener picked the port; the others join it.
+    let addr = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..workers.max(1) {
+        listeners.push(reuseport_listener(addr)?);
+    }
+    Ok((listeners, addr))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_cloexec(true)?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    // Linux copies it to every accepted socket: a system call less per connection.
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// The running worker threads.
