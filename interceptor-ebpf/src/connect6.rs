@@ -1,14 +1,10 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use core::ptr::{read_volatile, write_volatile};
 
-use crate::redirect::{port_bytes, redirect_ipv4, user_port_word};
+use crate::redirect::{ipv4_in_mapped, port_bytes, redirect_ipv4, user_port_word};
 
 /// connect6 must return 1: 0 would fail the application's connect() with EPERM.
 const ALLOW: i32 = 1;
-
-/// The third word of an IPv4-mapped IPv6 address (::ffff:a.b.c.d), as it sits in
-/// memory.
-const V4_MAPPED_MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
 
 /// Dual-stack sockets (the default for Java, and for anything that opens AF_INET6 and
 /// connects to an IPv4 address) reach IPv4 destinations as ::ffff:a.b.c.d through
@@ -19,13 +15,10 @@ const V4_MAPPED_MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let sock_addr = ctx.sock_addr;
     // One 32-bit read per word: the verifier rejects wider loads of user_ip6.
-    let word0 = unsafe { read_volatile(&(*sock_addr).user_ip6[0]) };
-    let word1 = unsafe { read_volatile(&(*sock_addr).user_ip6[1]) };
-    let word2 = unsafe { read_volatile(&(*sock_addr).user_ip6[2]) };
-    if word0 != 0 || word1 != 0 || word2.to_ne_bytes() != V4_MAPPED_MARKER {
+    let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*sock_addr).user_ip6[word]) });
+    let Some(dst_addr) = ipv4_in_mapped(words) else {
         return ALLOW;
-    }
-    let dst_addr = unsafe { read_volatile(&(*sock_addr).user_ip6[3]) }.to_ne_bytes();
+    };
     let dst_port = port_bytes(unsafe { read_volatile(&(*sock_addr).user_port) });
     if let Some(proxy) = redirect_ipv4(&ctx, dst_addr, dst_port) {
         unsafe {

@@ -91,3 +91,12 @@ pub fn port_bytes(user_port: u32) -> [u8; 2] {
 pub fn user_port_word(port: [u8; 2]) -> u32 {
     u32::from_ne_bytes([port[0], port[1], 0, 0])
 }
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), given as the
+/// four 32-bit words of a BPF context, as they sit in memory.
+#[inline(always)]
+pub fn ipv4_in_mapped(words: [u32; 4]) -> Option<[u8; 4]> {
+    const MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
+    (words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == MARKER)
+        .then(|| words[3].to_ne_bytes())
+}

@@ -5,12 +5,13 @@ use aya_ebpf::{
 use core::ptr::read_volatile;
 use interceptor_ebpf::ClientAddr;
 
-use crate::maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE};
+use crate::{
+    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE},
+    redirect::ipv4_in_mapped,
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-/// The third word of ::ffff:a.b.c.d, as it sits in memory.
-const V4_MAPPED_MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
 /// sock_ops programs return 1 for success, like the other cgroup programs.
 const OK: u32 = 1;
 
@@ -60,13 +61,8 @@ fn local_ipv4(ctx: &SockOpsContext) -> Option<[u8; 4]> {
         AF_INET6 => {
             let ops = ctx.ops;
             // One 32-bit read per word: the verifier rejects wider context loads.
-            let word0 = unsafe { read_volatile(&(*ops).local_ip6[0]) };
-            let word1 = unsafe { read_volatile(&(*ops).local_ip6[1]) };
-            let word2 = unsafe { read_volatile(&(*ops).local_ip6[2]) };
-            if word0 != 0 || word1 != 0 || word2.to_ne_bytes() != V4_MAPPED_MARKER {
-                return None;
-            }
-            Some(unsafe { read_volatile(&(*ops).local_ip6[3]) }.to_ne_bytes())
+            let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).local_ip6[word]) });
+            ipv4_in_mapped(words)
         }
         _ => None,
     }
