@@ -201,3 +201,26 @@ fn current_cgroup(root: &Path) -> Result<PathBuf> {
 
 /// The proxy's default listener inside every sandbox.
 pub const PROXY: &str = "127.0.0.1:15001";
+
+/// A ServiceEntry `namespace/name` for host `name.namespace.test`: the VIP `vip` with
+/// one STATIC endpoint, both on port 7000.
+pub fn vip_entry(namespace: &str, name: &str, vip: &str, endpoint: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  hosts: [{name}.{namespace}.test]
+  addresses: [{vip}]
+  ports:
+  - number: 7000
+    name: tcp
+    protocol: TCP
+  resolution: STATIC
+  endpoints:
+  - address: {endpoint}
+"#
+    )
+}

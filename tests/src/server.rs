@@ -228,6 +228,20 @@ pub fn http_get(addr: &str, host: &str) -> std::io::Result<(String, bool)> {
     Ok((body, through_proxy))
 }
 
+/// Connects to `addr`, sends `request` and asserts the connection is closed without
+/// a byte of answer. The proxy may reset it before connect() has even returned, which
+/// counts as closed; a refused connect (nothing listening) does not.
+pub fn assert_refused_by_proxy(addr: &str, request: &[u8]) {
+    match connect(addr) {
+        Ok(mut stream) => assert_closed_unanswered(&mut stream, request),
+        Err(error) => assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "connecting to {addr}: {error}"
+        ),
+    }
+}
+
 /// Sends `request` and asserts the connection is closed without a byte of answer,
 /// by a reset or an empty EOF: what the proxy does to a connection it will not forward.
 pub fn assert_closed_unanswered(stream: &mut TcpStream, request: &[u8]) {

@@ -15,32 +15,11 @@ use integration_tests::{
     Daemon, PROXY, Sandbox, TestServer,
     admin::{ADMIN, get, get_from, get_ok, scrape, scrape_until},
     bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
-    server::{connect, who},
+    server::{assert_refused_by_proxy, connect, who},
+    vip_entry,
 };
 
 const ADMIN_ARGS: [&str; 2] = ["--admin-addr", ADMIN];
-
-/// A VIP with one STATIC endpoint, both on port 7000.
-fn vip_entry(name: &str, vip: &str, endpoint: &str) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-  namespace: ops
-spec:
-  hosts: [{name}.ops.test]
-  addresses: [{vip}]
-  ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
-  resolution: STATIC
-  endpoints:
-  - address: {endpoint}
-"#
-    )
-}
 
 /// Writes `yaml` to `path` the way config management does: a temporary file in the
 /// same directory, renamed over the old one.
@@ -107,7 +86,7 @@ fn a_reload_keeps_open_connections_and_new_connections_follow_the_new_config() {
     let _old = TestServer::start("old", "198.18.10.1:7000");
     let _new = TestServer::start("new", "198.18.10.2:7000");
     let daemon = sandbox.start_daemon(
-        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
     let config = sandbox.workdir.join("config.yaml");
@@ -116,7 +95,10 @@ fn a_reload_keeps_open_connections_and_new_connections_follow_the_new_config() {
     assert_eq!(open.server, "old");
     open.round_trip("before the reload");
 
-    replace_file(&config, &vip_entry("echo", "240.240.10.1", "198.18.10.2"));
+    replace_file(
+        &config,
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"),
+    );
     wait_for_reloads("ok", 1.0);
     assert!(
         get_ok("/config_dump").contains("198.18.10.2"),
@@ -140,7 +122,7 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _old = TestServer::start("old", "198.18.10.1:7000");
     let daemon = sandbox.start_daemon(
-        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
     let config = sandbox.workdir.join("config.yaml");
@@ -149,8 +131,9 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
     // Valid YAML, invalid config: a second entry with a port out of range.
     let invalid = format!(
         "{}---\n{}",
-        vip_entry("echo", "240.240.10.1", "198.18.10.2"),
-        vip_entry("broken", "240.240.10.9", "198.18.10.1").replace("number: 7000", "number: 70000")
+        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"),
+        vip_entry("ops", "broken", "240.240.10.9", "198.18.10.1")
+            .replace("number: 7000", "number: 70000")
     );
     replace_file(&config, &invalid);
     wait_for_reloads("failed", 1.0);
@@ -178,7 +161,7 @@ fn sighup_reloads() {
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.10.1:7000");
     let daemon = sandbox.start_daemon(
-        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
     assert_eq!(reloads("ok"), 0.0);
@@ -199,7 +182,7 @@ fn a_file_change_reloads_once_per_burst() {
     let _old = TestServer::start("old", "198.18.10.1:7000");
     let _new = TestServer::start("new", "198.18.10.2:7000");
     let daemon = sandbox.start_daemon(
-        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
     assert_eq!(who("240.240.10.1:7000").unwrap().server, "old");
@@ -207,7 +190,7 @@ fn a_file_change_reloads_once_per_burst() {
     // An in-place write (truncate, write, close) is a burst of events.
     std::fs::write(
         sandbox.workdir.join("config.yaml"),
-        vip_entry("echo", "240.240.10.1", "198.18.10.2"),
+        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"),
     )
     .unwrap();
     wait_for_reloads("ok", 1.0);
@@ -232,8 +215,8 @@ fn metrics_parse_and_match_the_traffic() {
     // Nothing listens on 198.18.10.1:7001: the second entry's connects fail.
     let config = format!(
         "{}---\n{}",
-        vip_entry("echo", "240.240.10.1", "198.18.10.1"),
-        vip_entry("dead", "240.240.10.2", "198.18.10.1").replace(
+        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
+        vip_entry("ops", "dead", "240.240.10.2", "198.18.10.1").replace(
             "  - address: 198.18.10.1\n",
             "  - address: 198.18.10.1\n    ports: {tcp: 7001}\n"
         )
@@ -251,11 +234,9 @@ fn metrics_parse_and_match_the_traffic() {
         received += "server\n".len() + payload.len() + 1;
     }
     // A direct connection to the proxy port has no redirect record.
-    let mut direct = connect(PROXY).expect("the proxy listens");
-    let _ = direct.read_to_end(&mut Vec::new());
+    assert_refused_by_proxy(PROXY, b"");
     // The dead entry's endpoint refuses.
-    let mut dead = connect("240.240.10.2:7000").expect("the redirect itself succeeds");
-    let _ = dead.read_to_end(&mut Vec::new());
+    assert_refused_by_proxy("240.240.10.2:7000", b"");
 
     let metrics = scrape_until(Duration::from_secs(10), |scrape| {
         scrape.value("interceptor_connections_closed_total", &[]) == Some(CONNECTIONS as f64)
@@ -362,8 +343,8 @@ fn connections_and_config_dump_show_what_the_daemon_is_doing() {
     let _daemon = sandbox.start_daemon(
         &format!(
             "{}---\n{}",
-            vip_entry("first", "240.240.10.3", "198.18.10.1"),
-            vip_entry("echo", "240.240.10.1", "198.18.10.1")
+            vip_entry("ops", "first", "240.240.10.3", "198.18.10.1"),
+            vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1")
         ),
         &ADMIN_ARGS,
     );
@@ -430,10 +411,11 @@ fn readiness_is_503_while_starting_200_when_serving_and_503_when_draining() {
     let _server = TestServer::start("server", "198.18.10.1:7000");
     // Enough entries that loading and checking them keeps the daemon starting for a
     // while after the admin server is up.
-    let mut config = vip_entry("echo", "240.240.10.1", "198.18.10.1");
+    let mut config = vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1");
     for index in 0..2000 {
         config.push_str("---\n");
         config.push_str(&vip_entry(
+            "ops",
             &format!("filler-{index}"),
             &format!("240.240.{}.{}", 100 + index / 250, 1 + index % 250),
             "198.18.10.1",
@@ -551,7 +533,7 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     let sandbox = Sandbox::new("ops-handover");
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.10.1:7000");
-    let config = vip_entry("handover", "240.240.10.9", "198.18.10.1");
+    let config = vip_entry("ops", "handover", "240.240.10.9", "198.18.10.1");
     let mut old = sandbox.start_daemon(&config, &ADMIN_ARGS);
     let new = sandbox.start_daemon(&config, &ADMIN_ARGS);
     let logs = new.logs();
@@ -612,7 +594,7 @@ fn the_drain_timeout_bounds_shutdown() {
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.10.1:7000");
     let mut daemon = sandbox.start_daemon(
-        &vip_entry("echo", "240.240.10.1", "198.18.10.1"),
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &[&ADMIN_ARGS[..], &["--drain-timeout", "1"]].concat(),
     );
     let mut open = Echo::open("240.240.10.1:7000");
@@ -638,7 +620,11 @@ fn systemd_is_notified_of_ready_reload_and_stopping() {
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     let path = sandbox.workdir.join("config.yaml");
-    std::fs::write(&path, vip_entry("echo", "240.240.10.1", "198.18.10.1")).unwrap();
+    std::fs::write(
+        &path,
+        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
+    )
+    .unwrap();
     let notify_socket = format!("@{name}");
     let mut daemon = Daemon::spawn(
         &path,
@@ -675,7 +661,11 @@ fn the_admin_server_refuses_a_non_loopback_address_unless_allowed() {
     let sandbox = Sandbox::new("ops-admin-addr");
     sandbox.add_host("198.18.10.5".parse().unwrap());
     let path = sandbox.workdir.join("config.yaml");
-    std::fs::write(&path, vip_entry("echo", "240.240.10.1", "198.18.10.1")).unwrap();
+    std::fs::write(
+        &path,
+        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
+    )
+    .unwrap();
     let exposed = ["--admin-addr", "198.18.10.5:15000"];
 
     let error = Daemon::start(&path, &sandbox.cgroup, &exposed)

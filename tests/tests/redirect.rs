@@ -12,7 +12,8 @@ use integration_tests::{
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
-    server::{Checksum, assert_closed_unanswered, connect, pattern_checksum, who, write_pattern},
+    server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
+    vip_entry,
 };
 
 const NONE_RANGE: &str = r#"
@@ -254,12 +255,7 @@ spec:
 fn a_direct_connection_to_the_proxy_port_is_refused() {
     let sandbox = Sandbox::new("no-open-relay");
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
-    match connect(PROXY) {
-        Ok(mut stream) => assert_closed_unanswered(&mut stream, b"WHO\n"),
-        // The proxy can accept and reset it before connect() has returned; refused
-        // (nobody listening) would be a failure.
-        Err(error) => assert_eq!(error.kind(), ErrorKind::ConnectionReset, "{error}"),
-    }
+    assert_refused_by_proxy(PROXY, b"WHO\n");
     daemon.wait_for_log("refused: no redirect record", 1);
 }
 
@@ -271,22 +267,7 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
     let mut daemon = sandbox.start_daemon(
         &format!(
             "{NONE_RANGE}---\n{}",
-            r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: vip
-spec:
-  hosts: [vip.test.example]
-  addresses: [240.240.2.2]
-  ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
-  resolution: STATIC
-  endpoints:
-  - address: 198.18.0.10
-"#
+            vip_entry("egress", "vip", "240.240.2.2", "198.18.0.10")
         ),
         &[],
     );
@@ -361,23 +342,8 @@ fn dual_stack_sockets_reaching_ipv4_mapped_addresses_are_intercepted() {
     let _vip_backend = TestServer::start("vip-backend", "198.18.0.10:7000");
     let _port_backend = TestServer::start("port-backend", "198.18.0.10:7001");
     let _native = TestServer::start("native-v6", "[::1]:7001");
-    let daemon = sandbox.start_daemon(
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: vip
-spec:
-  hosts: [vip.test.example]
-  addresses: [240.240.3.3]
-  ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
-  resolution: STATIC
-  endpoints:
-  - address: 198.18.0.10
----
+    let config = vip_entry("egress", "vip", "240.240.3.3", "198.18.0.10")
+        + r#"---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata:
@@ -389,9 +355,8 @@ spec:
     name: tcp
     protocol: TCP
   resolution: NONE
-"#,
-        &[],
-    );
+"#;
+    let daemon = sandbox.start_daemon(&config, &[]);
     let mapped_proxy = "[::ffff:127.0.0.1]:15001";
     assert_eq!(PROXY, "127.0.0.1:15001");
 
@@ -522,8 +487,7 @@ fn an_upstream_that_refuses_resets_the_client_promptly() {
     // Nothing listens on 198.18.0.10:7000.
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
     let started = std::time::Instant::now();
-    let mut stream = connect("198.18.0.10:7000").expect("the redirect itself works");
-    assert_closed_unanswered(&mut stream, b"WHO\n");
+    assert_refused_by_proxy("198.18.0.10:7000", b"WHO\n");
     assert!(
         started.elapsed() < std::time::Duration::from_secs(2),
         "{:?}",
