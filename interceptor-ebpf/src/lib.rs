@@ -13,6 +13,8 @@ pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
 pub const ORIG_BY_COOKIE_MAP: &str = "ORIG_BY_COOKIE";
 /// Original destinations keyed by the client's address, where the proxy can find them.
 pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
+/// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
+pub const REDIRECTS_RING: &str = "REDIRECTS";
 
 /// Global: the proxy listener's IPv4 address, network byte order.
 pub const PROXY_ADDR_GLOBAL: &str = "PROXY_ADDR";
@@ -24,6 +26,10 @@ pub const BYPASS_MARK_GLOBAL: &str = "BYPASS_MARK";
 pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
 pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;
 pub const ORIG_DST_CAPACITY: u32 = 262_144;
+/// Bytes (a power of two, a multiple of the page size). A record takes 32 bytes with
+/// its header, so the proxy may fall 32,768 connections behind before sockops falls
+/// back to [`ORIG_BY_CLIENT_MAP`].
+pub const REDIRECTS_RING_BYTES: u32 = 1 << 20;
 
 /// Bits of [`ServiceAddrKey`] taken by the port. The port comes first in the key, so
 /// every stored prefix covers the whole port and a lookup only ever matches entries for
@@ -75,6 +81,15 @@ pub struct ClientAddr {
     /// Port, network byte order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
+}
+
+/// A redirected connection's record as sockops hands it to the proxy: read from a
+/// ring buffer in the proxy's memory, it costs the proxy no system call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectRecord {
+    pub client: ClientAddr,
+    pub original: OriginalDst,
 }
 
 #[cfg(feature = "user")]

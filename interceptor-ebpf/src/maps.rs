@@ -1,10 +1,10 @@
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap},
+    maps::{HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use interceptor_ebpf::{
-    ClientAddr, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, SERVICE_ADDRS_CAPACITY,
-    SERVICE_PORTS_CAPACITY, ServiceAddrKey,
+    ClientAddr, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, REDIRECTS_RING_BYTES,
+    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey,
 };
 
 #[map]
@@ -20,9 +20,13 @@ pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
 pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
+/// Where sockops leaves a record when [`REDIRECTS`] is full.
 #[map]
 pub static ORIG_BY_CLIENT: LruHashMap<ClientAddr, OriginalDst> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
+#[map]
+pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0);
 
 /// Set by the loader. Volatile reads keep LLVM from folding the zero initialisers.
 #[unsafe(no_mangle)]

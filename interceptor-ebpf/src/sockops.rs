@@ -3,15 +3,17 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::read_volatile;
-use interceptor_ebpf::ClientAddr;
+use interceptor_ebpf::{ClientAddr, RedirectRecord};
 
 use crate::{
-    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE},
+    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, REDIRECTS},
     redirect::ipv4_in_mapped,
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
+/// The proxy reads the ring when it accepts and never waits on it, so no wake-up.
+const BPF_RB_NO_WAKEUP: u64 = 1;
 /// sock_ops programs return 1 for success, like the other cgroup programs.
 const OK: u32 = 1;
 
@@ -24,7 +26,9 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
 }
 
 /// Moves the record connect4 made from the socket cookie, which the proxy cannot see,
-/// to the client's address, which is the peer address of the socket the proxy accepts.
+/// to the client's address, which is the peer address of the socket the proxy accepts:
+/// into the ring buffer the proxy reads without a system call, or, if the proxy has
+/// fallen that far behind, into the ORIG_BY_CLIENT map.
 ///
 /// The record is not deleted when the client closes: a client that writes and closes
 /// at once can reach TCP_CLOSE before the proxy has accepted, and deleting then would
@@ -46,7 +50,12 @@ fn rekey_by_client_addr(ctx: &SockOpsContext) {
         port: local_port.to_be_bytes(),
         _pad: [0; 2],
     };
-    if ORIG_BY_CLIENT.insert(&client, &original, 0).is_ok() {
+    let record = RedirectRecord { client, original };
+    let handed_over = REDIRECTS
+        .output::<RedirectRecord>(&record, BPF_RB_NO_WAKEUP)
+        .is_ok()
+        || ORIG_BY_CLIENT.insert(&client, &original, 0).is_ok();
+    if handed_over {
         let _ = ORIG_BY_COOKIE.remove(&cookie);
     }
 }

@@ -20,14 +20,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, lpm_trie::Key},
+    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, RingBuf, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_ebpf::{
     BYPASS_MARK_GLOBAL, ClientAddr, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
-    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, SERVICE_ADDR_PORT_BITS,
-    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
-    ServiceAddrKey,
+    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, REDIRECTS_RING,
+    RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
+    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey,
 };
 use tracing::{debug, info};
 
@@ -179,7 +179,10 @@ impl Kernel {
         let by_cookie: HashMap<MapData, u64, OriginalDst> =
             HashMap::try_from(take_map(&mut ebpf, ORIG_BY_COOKIE_MAP)?)
                 .map_err(map_error(ORIG_BY_COOKIE_MAP))?;
-        let original_destinations = Arc::new(OriginalDestinations::new(by_client, by_cookie)?);
+        let ring = RingBuf::try_from(take_map(&mut ebpf, REDIRECTS_RING)?)
+            .map_err(map_error(REDIRECTS_RING))?;
+        let original_destinations =
+            Arc::new(OriginalDestinations::new(by_client, by_cookie, ring)?);
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -409,17 +412,54 @@ type SweepableMaps = (
 
 /// The records connect4 and sockops leave for the proxy.
 pub struct OriginalDestinations {
-    /// A private descriptor of the by-client map for the per-connection path, which
-    /// takes records with one lock-free syscall.
+    /// Records sockops handed over through the ring buffer, not yet claimed.
+    handed_over: Mutex<HandedOver>,
+    /// A private descriptor of the by-client map, where sockops leaves records when the
+    /// ring is full; taking one costs one lock-free syscall.
     by_client_fd: OwnedFd,
     /// Typed handles for the sweeper, which is rare and may take a lock.
     sweepable: Mutex<SweepableMaps>,
+}
+
+struct HandedOver {
+    ring: RingBuf<MapData>,
+    unclaimed: StdHashMap<ClientAddr, OriginalDst>,
+}
+
+impl HandedOver {
+    /// Moves every record in the ring into `unclaimed`. A record is in the ring before
+    /// its connection can be accepted: sockops writes it when the client's handshake
+    /// completes, before the ACK that puts the connection in the accept queue.
+    fn drain_ring(&mut self) {
+        while let Some(item) = self.ring.next() {
+            if item.len() < std::mem::size_of::<RedirectRecord>() {
+                continue;
+            }
+            // SAFETY: sockops wrote a whole RedirectRecord, plain integers and bytes;
+            // the ring gives no alignment guarantee, hence the unaligned read.
+            let record =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<RedirectRecord>()) };
+            // A newer record for the same client address replaces an unclaimed older
+            // one: that connection is gone, or its address could not be reused.
+            self.unclaimed.insert(record.client, record.original);
+        }
+    }
+}
+
+/// Where the proxy found a connection's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordSource {
+    /// The ring buffer, read in the proxy's own memory.
+    Ring,
+    /// The fallback map, with a system call.
+    Map,
 }
 
 impl OriginalDestinations {
     fn new(
         by_client: HashMap<MapData, ClientAddr, OriginalDst>,
         by_cookie: HashMap<MapData, u64, OriginalDst>,
+        ring: RingBuf<MapData>,
     ) -> Result<Self, KernelError> {
         let by_client_fd = IterableMap::map(&by_client)
             .fd()
@@ -427,28 +467,44 @@ impl OriginalDestinations {
             .try_clone_to_owned()
             .map_err(KernelError::Dup)?;
         Ok(Self {
+            handed_over: Mutex::new(HandedOver {
+                ring,
+                unclaimed: StdHashMap::new(),
+            }),
             by_client_fd,
             sweepable: Mutex::new((by_client, by_cookie)),
         })
     }
 
-    /// Takes (reads and deletes) the original destination of the connection whose
-    /// client end is `client`. `None` means the connection was not redirected.
-    pub fn take(&self, client: SocketAddrV4) -> Option<SocketAddrV4> {
+    /// Takes the original destination of the connection whose client end is `client`,
+    /// so no other accept can claim it. `None` means the connection was not redirected.
+    pub fn take(&self, client: SocketAddrV4) -> Option<(SocketAddrV4, RecordSource)> {
         let key = ClientAddr {
             addr: client.ip().octets(),
             port: client.port().to_be_bytes(),
             _pad: [0; 2],
         };
-        let mut value = std::mem::MaybeUninit::<OriginalDst>::uninit();
-        lookup_and_delete(&self.by_client_fd, &key, value.as_mut_ptr()).then(|| {
-            // SAFETY: the kernel filled the whole value on success.
-            let original = unsafe { value.assume_init() };
-            SocketAddrV4::new(
-                Ipv4Addr::from(original.addr),
-                u16::from_be_bytes(original.port),
-            )
-        })
+        let handed_over = {
+            let mut handed_over = self.handed_over.lock().unwrap_or_else(|e| e.into_inner());
+            handed_over.drain_ring();
+            handed_over.unclaimed.remove(&key)
+        };
+        let (original, source) = match handed_over {
+            Some(original) => (original, RecordSource::Ring),
+            None => {
+                let mut value = std::mem::MaybeUninit::<OriginalDst>::uninit();
+                if !lookup_and_delete(&self.by_client_fd, &key, value.as_mut_ptr()) {
+                    return None;
+                }
+                // SAFETY: the kernel filled the whole value on success.
+                (unsafe { value.assume_init() }, RecordSource::Map)
+            }
+        };
+        let original = SocketAddrV4::new(
+            Ipv4Addr::from(original.addr),
+            u16::from_be_bytes(original.port),
+        );
+        Some((original, source))
     }
 
     /// Entries in (by client, by cookie), each capped at the map's capacity: a walk
@@ -468,6 +524,15 @@ impl OriginalDestinations {
     pub fn sweep(&self, max_age: Duration) -> usize {
         let now = monotonic_ns();
         let cutoff = now.saturating_sub(max_age.as_nanos() as u64);
+        let unclaimed_removed = {
+            let mut handed_over = self.handed_over.lock().unwrap_or_else(|e| e.into_inner());
+            handed_over.drain_ring();
+            let before = handed_over.unclaimed.len();
+            handed_over
+                .unclaimed
+                .retain(|_, original| original.redirected_at_ns >= cutoff);
+            before - handed_over.unclaimed.len()
+        };
         let mut maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
         let (by_client, by_cookie) = &mut *maps;
         let stale_clients: Vec<ClientAddr> = by_client
@@ -482,10 +547,11 @@ impl OriginalDestinations {
             .filter(|(_, original)| original.redirected_at_ns < cutoff)
             .map(|(key, _)| key)
             .collect();
-        stale_clients
-            .iter()
-            .filter(|key| by_client.remove(key).is_ok())
-            .count()
+        unclaimed_removed
+            + stale_clients
+                .iter()
+                .filter(|key| by_client.remove(key).is_ok())
+                .count()
             + stale_cookies
                 .iter()
                 .filter(|key| by_cookie.remove(key).is_ok())

@@ -22,7 +22,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{kernel::MapUsage, resolve::LookupError};
+use crate::{
+    kernel::{MapUsage, RecordSource},
+    resolve::LookupError,
+};
 
 /// The `service_entry` label of connections no ServiceEntry matched: the config
 /// changed between the redirect and the accept, and the connection went to its
@@ -100,6 +103,11 @@ pub struct ReloadLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordSourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: &'static str,
 }
@@ -160,6 +168,10 @@ pub struct Metrics {
     pub config_last_reload_success: Gauge<f64, std::sync::atomic::AtomicU64>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    redirect_records: Family<RecordSourceLabels, Counter>,
+    /// Handles on the two series of `redirect_records`, so counting costs no lookup.
+    records_from_ring: Counter,
+    records_from_map: Counter,
 }
 
 impl Default for Metrics {
@@ -185,7 +197,21 @@ impl Metrics {
             config_last_reload_success: Gauge::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            redirect_records: Family::default(),
+            records_from_ring: Counter::default(),
+            records_from_map: Counter::default(),
             registry: Registry::default(),
+        };
+        let source = |source| {
+            metrics
+                .redirect_records
+                .get_or_create(&RecordSourceLabels { source })
+                .clone()
+        };
+        let metrics = Self {
+            records_from_ring: source("ring"),
+            records_from_map: source("map"),
+            ..metrics
         };
         registry.register(
             "connections_opened",
@@ -246,6 +272,12 @@ impl Metrics {
             metrics.map_capacity.clone(),
         );
         registry.register(
+            "redirect_records",
+            "Redirect records the proxy took, by where it found them: ring (no system call) \
+             or map (the fallback sockops uses when the ring is full)",
+            metrics.redirect_records.clone(),
+        );
+        registry.register(
             "dns_lookups",
             "DNS lookups sent to the name servers (cache misses and refreshes)",
             DNS.lookups.clone(),
@@ -271,6 +303,13 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    pub fn redirect_record_taken(&self, source: RecordSource) {
+        match source {
+            RecordSource::Ring => self.records_from_ring.inc(),
+            RecordSource::Map => self.records_from_map.inc(),
+        };
     }
 
     pub fn connection_failed(&self, reason: FailureReason) {

@@ -268,6 +268,18 @@ fn metrics_parse_and_match_the_traffic() {
             &[("reason", "dns")],
             0.0,
         ),
+        // Every redirected connection's record came through the ring buffer, with no
+        // system call; the fallback map was never needed.
+        (
+            "interceptor_redirect_records_total",
+            &[("source", "ring")],
+            CONNECTIONS as f64 + 1.0,
+        ),
+        (
+            "interceptor_redirect_records_total",
+            &[("source", "map")],
+            0.0,
+        ),
         ("interceptor_sent_bytes_total", &entry, sent as f64),
         ("interceptor_received_bytes_total", &entry, received as f64),
         (

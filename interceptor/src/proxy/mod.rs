@@ -125,7 +125,7 @@ async fn forward(
         SocketAddr::V4(peer) => shared.original_destinations.take(peer),
         SocketAddr::V6(_) => None,
     };
-    let Some(original) = original else {
+    let Some((original, record_source)) = original else {
         // Only connections connect4 redirected have a record; anything else reached
         // the proxy port directly and must not be relayed anywhere.
         warn!("refused: no redirect record for this client (direct connection to the proxy?)");
@@ -134,7 +134,7 @@ async fn forward(
         return;
     };
     span.record("original_dst", tracing::field::display(original));
-    conn.set_original_destination(original);
+    conn.set_original_destination(original, record_source);
 
     let registry = shared.registry.load_full();
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.

@@ -18,6 +18,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    kernel::RecordSource,
     metrics::{FailureReason, Metrics, TrafficLabels, UNMATCHED},
     registry::Service,
     resolve::ResolveError,
@@ -178,7 +179,8 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    pub fn set_original_destination(&self, original: SocketAddrV4) {
+    pub fn set_original_destination(&self, original: SocketAddrV4, source: RecordSource) {
+        self.table.metrics.redirect_record_taken(source);
         self.record.state().original_destination = Some(original);
     }
 
@@ -281,7 +283,7 @@ mod tests {
         let table = ConnectionTable::new(Arc::clone(&metrics));
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
         let guard = table.open(client);
-        guard.set_original_destination("240.240.0.1:80".parse().unwrap());
+        guard.set_original_destination("240.240.0.1:80".parse().unwrap(), RecordSource::Ring);
         guard.connected(&"198.18.0.1:80");
         let listed = table.snapshot();
         assert_eq!(listed.len(), 1);
