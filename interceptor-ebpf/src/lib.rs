@@ -13,6 +13,9 @@ pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
 pub const ORIG_BY_COOKIE_MAP: &str = "ORIG_BY_COOKIE";
 /// Original destinations keyed by the client's address, where the proxy can find them.
 pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
+/// Original destinations by socket cookie for as long as the client's socket lives, so
+/// getpeername() on it shows where the application connected, not the proxy.
+pub const PEER_BY_COOKIE_MAP: &str = "PEER_BY_COOKIE";
 /// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
 pub const REDIRECTS_RING: &str = "REDIRECTS";
 

@@ -25,6 +25,12 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
 pub static ORIG_BY_CLIENT: LruHashMap<ClientAddr, OriginalDst> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
+/// Written when a redirected connection is established, deleted when its socket
+/// closes; LRU, so sockets that never report their close cannot fill it.
+#[map]
+pub static PEER_BY_COOKIE: LruHashMap<u64, OriginalDst> =
+    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+
 #[map]
 pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0);
 

@@ -1,12 +1,17 @@
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
+    },
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
     programs::SockOpsContext,
 };
 use core::ptr::read_volatile;
 use interceptor_ebpf::{ClientAddr, RedirectRecord};
 
 use crate::{
-    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, REDIRECTS},
+    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, PEER_BY_COOKIE, REDIRECTS},
     redirect::ipv4_in_mapped,
 };
 
@@ -19,8 +24,14 @@ const OK: u32 = 1;
 
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        rekey_by_client_addr(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_by_client_addr(&ctx),
+        // Only redirected sockets ask for state callbacks (below).
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+            let _ = PEER_BY_COOKIE.remove(&cookie);
+        }
+        _ => {}
     }
     OK
 }
@@ -57,6 +68,11 @@ fn rekey_by_client_addr(ctx: &SockOpsContext) {
         || ORIG_BY_CLIENT.insert(&client, &original, 0).is_ok();
     if handed_over {
         let _ = ORIG_BY_COOKIE.remove(&cookie);
+    }
+    // getpeername4/6 answer with the original destination while the socket lives; the
+    // state callback on close removes it again.
+    if PEER_BY_COOKIE.insert(&cookie, &original, 0).is_ok() {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
     }
 }
 

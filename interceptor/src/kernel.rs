@@ -37,6 +37,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 const CONNECT4_PROGRAM: &str = "egress_connect4";
 const CONNECT6_PROGRAM: &str = "egress_connect6";
+const GETPEERNAME4_PROGRAM: &str = "egress_getpeername4";
+const GETPEERNAME6_PROGRAM: &str = "egress_getpeername6";
 const SOCKOPS_PROGRAM: &str = "egress_sockops";
 
 #[derive(Debug, thiserror::Error)]
@@ -192,8 +194,15 @@ impl Kernel {
         sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error(SOCKOPS_PROGRAM))?;
-        // connect6 handles dual-stack sockets connecting to IPv4-mapped addresses.
-        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+        // connect6 handles dual-stack sockets connecting to IPv4-mapped addresses; the
+        // getpeername hooks show applications their original destination. They go on
+        // first, so no redirected socket ever reports the proxy as its peer.
+        for name in [
+            GETPEERNAME4_PROGRAM,
+            GETPEERNAME6_PROGRAM,
+            CONNECT4_PROGRAM,
+            CONNECT6_PROGRAM,
+        ] {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
             connect.load().map_err(program_error(name))?;
             connect

@@ -82,9 +82,11 @@ fn serve(name: &str, stream: TcpStream) -> std::io::Result<()> {
             while reader.read_line(&mut line)? > 0 && line != "\r\n" {
                 line.clear();
             }
+            // X-Peer: the peer the server saw, so the client can tell a proxy was between.
             write!(
                 writer,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                "HTTP/1.1 200 OK\r\nX-Peer: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{name}",
+                writer.peer_addr()?,
                 name.len()
             )?;
         }
@@ -165,14 +167,17 @@ pub struct Who {
     pub server_addr: SocketAddr,
     /// The peer the server saw: the proxy's upstream socket when redirected.
     pub server_peer: SocketAddr,
-    /// Where the client's socket says it is connected: the proxy when redirected.
+    /// Where the client's socket says it is connected: its original destination, also
+    /// when redirected (getpeername is rewritten).
     pub client_peer: SocketAddr,
     pub client_local: SocketAddr,
 }
 
 impl Who {
+    /// Through a proxy, the server's peer is the proxy's upstream socket; directly, it
+    /// is the client's own socket.
     pub fn went_through_proxy(&self) -> bool {
-        self.client_peer.to_string() == crate::PROXY
+        self.server_peer != self.client_local
     }
 }
 
@@ -209,7 +214,7 @@ pub fn who(addr: &str) -> std::io::Result<Who> {
 /// Sends an HTTP/1.1 GET with `Host: host` and returns the body: the server's name.
 pub fn http_get(addr: &str, host: &str) -> std::io::Result<(String, bool)> {
     let mut stream = connect(addr)?;
-    let through_proxy = stream.peer_addr()?.to_string() == crate::PROXY;
+    let client_local = stream.local_addr()?;
     write!(
         stream,
         "GET / HTTP/1.1\r\nHost: {host}\r\nUser-Agent: test\r\n\r\n"
@@ -225,6 +230,12 @@ pub fn http_get(addr: &str, host: &str) -> std::io::Result<(String, bool)> {
                 format!("bad response {response:?}"),
             )
         })?;
+    // Through a proxy the server's peer is the proxy's upstream socket, not ours.
+    let server_peer = response
+        .lines()
+        .find_map(|line| line.strip_prefix("X-Peer: "))
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no X-Peer header"))?;
+    let through_proxy = server_peer != client_local.to_string();
     Ok((body, through_proxy))
 }
 

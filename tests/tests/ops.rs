@@ -504,7 +504,11 @@ spec:
     assert!(who("198.18.10.1:7000").unwrap().went_through_proxy());
 
     let mut open = Echo::open("198.18.10.1:7000");
-    assert_eq!(open.writer.peer_addr().unwrap().to_string(), PROXY);
+    // getpeername shows the original destination, not the proxy.
+    assert_eq!(
+        open.writer.peer_addr().unwrap().to_string(),
+        "198.18.10.1:7000"
+    );
     open.round_trip("before SIGTERM");
     let signalled = Instant::now();
     daemon.signal(libc::SIGTERM);
@@ -553,9 +557,10 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     assert!(logs.contains("the admin address is in use"), "{logs}");
 
     let seen = who("240.240.10.9:7000").expect("through the old daemon");
-    assert_eq!(
-        seen.client_peer.to_string(),
-        PROXY,
+    assert!(seen.went_through_proxy(), "{seen:?}");
+    old.wait_for_log("connection closed", 1);
+    assert!(
+        !new.logs().contains("connection closed"),
         "the older daemon redirects first"
     );
 
@@ -564,17 +569,15 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(150));
         old.signal(libc::SIGTERM);
-        old.wait()
+        (old.wait(), old.logs())
     });
-    let mut proxies_seen = std::collections::BTreeSet::new();
     let mut connections = 0;
     let mut after_stop = None;
     loop {
         match who("240.240.10.9:7000") {
             Ok(seen) => {
                 assert_eq!(seen.server, "server");
-                assert_eq!(seen.client_peer.ip().to_string(), "127.0.0.1", "{seen:?}");
-                proxies_seen.insert(seen.client_peer.port());
+                assert!(seen.went_through_proxy(), "{seen:?}");
                 connections += 1;
             }
             Err(error) => panic!("connection {connections} failed during the handover: {error}"),
@@ -587,17 +590,15 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    assert_eq!(
-        stopper.join().unwrap(),
-        Some(0),
-        "the old daemon exits cleanly"
+    let (status, old_logs) = stopper.join().unwrap();
+    assert_eq!(status, Some(0), "the old daemon exits cleanly");
+    // Both served in turn: the old one until it stopped, the new one after.
+    let by_old = old_logs.matches("connection closed").count();
+    assert!(
+        by_old > 1,
+        "the old daemon served until it stopped ({by_old})"
     );
-    assert_eq!(
-        proxies_seen.len(),
-        2,
-        "both daemons served in turn (proxy ports {proxies_seen:?}, {connections} connections)"
-    );
-    assert!(new.logs().contains("connection closed"));
+    new.wait_for_log("connection closed", 1);
 }
 
 #[test]
