@@ -34,8 +34,6 @@ pub fn vip(index: u32) -> Ipv4Addr {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     pub addr: SocketAddrV4,
-    /// `PROXY` for intercepted connections, `addr` otherwise.
-    pub peer: SocketAddrV4,
     /// With `vips > 1`, connection `i` goes to `vip(i % vips)` on `addr`'s port.
     #[serde(default)]
     pub vips: u32,

@@ -15,7 +15,7 @@ use super::{
     Scenario, Sizes,
     procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{
-        BACKEND_IP, BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, PROXY, Spec, Target,
+        BACKEND_IP, BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target,
         machine_busy_seconds, vip,
     },
     proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
@@ -42,22 +42,12 @@ impl Route {
     }
 
     fn target(self, port: u16) -> Target {
-        let (addr, peer) = match self {
-            Self::Direct => {
-                let addr = SocketAddrV4::new(BACKEND_IP, port);
-                (addr, addr)
-            }
-            Self::Interceptor => (SocketAddrV4::new(vip(0), port), PROXY),
-            Self::Haproxy => {
-                let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, haproxy_port(port));
-                (addr, addr)
-            }
+        let addr = match self {
+            Self::Direct => SocketAddrV4::new(BACKEND_IP, port),
+            Self::Interceptor => SocketAddrV4::new(vip(0), port),
+            Self::Haproxy => SocketAddrV4::new(Ipv4Addr::LOCALHOST, haproxy_port(port)),
         };
-        Target {
-            addr,
-            peer,
-            vips: 0,
-        }
+        Target { addr, vips: 0 }
     }
 }
 
@@ -640,7 +630,6 @@ impl Bench<'_> {
                 // Every connection goes to another entry's VIP, all of them in turn.
                 let target = Target {
                     addr: SocketAddrV4::new(vip(0), CONN_PORT),
-                    peer: PROXY,
                     vips: *entries,
                 };
                 let job = Job::ConnectLatency {
