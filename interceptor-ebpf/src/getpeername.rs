@@ -2,12 +2,10 @@ use aya_ebpf::{
     EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use core::ptr::{read_volatile, write_volatile};
-use interceptor_ebpf::OriginalDst;
 
 use crate::{
     maps::{PEER_BY_COOKIE, proxy_addr, proxy_port},
-    redirect::{ipv4_in_mapped, port_bytes, user_port_word},
+    redirect::{Ipv4Endpoint, set_user_ipv4, set_user_mapped_ipv4, user_ipv4, user_mapped_ipv4},
 };
 
 /// getpeername programs must return 1, like the connect hooks.
@@ -18,17 +16,8 @@ const ALLOW: i32 = 1;
 /// sidecar) would.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    let sock_addr = ctx.sock_addr;
-    let peer_addr = unsafe { read_volatile(&(*sock_addr).user_ip4) }.to_ne_bytes();
-    let peer_port = port_bytes(unsafe { read_volatile(&(*sock_addr).user_port) });
-    if let Some(original) = original_if_proxy(&ctx, peer_addr, peer_port) {
-        unsafe {
-            write_volatile(
-                &mut (*sock_addr).user_ip4,
-                u32::from_ne_bytes(original.addr),
-            );
-            write_volatile(&mut (*sock_addr).user_port, user_port_word(original.port));
-        }
+    if let Some(original) = original_if_proxy(&ctx, user_ipv4(ctx.sock_addr)) {
+        set_user_ipv4(ctx.sock_addr, original);
     }
     ALLOW
 }
@@ -36,34 +25,20 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 /// The same for dual-stack sockets connect6 redirected (IPv4-mapped peers).
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    let sock_addr = ctx.sock_addr;
-    // One 32-bit read per word: the verifier rejects wider loads of user_ip6.
-    let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*sock_addr).user_ip6[word]) });
-    let Some(peer_addr) = ipv4_in_mapped(words) else {
-        return ALLOW;
-    };
-    let peer_port = port_bytes(unsafe { read_volatile(&(*sock_addr).user_port) });
-    if let Some(original) = original_if_proxy(&ctx, peer_addr, peer_port) {
-        unsafe {
-            write_volatile(
-                &mut (*sock_addr).user_ip6[3],
-                u32::from_ne_bytes(original.addr),
-            );
-            write_volatile(&mut (*sock_addr).user_port, user_port_word(original.port));
-        }
+    if let Some(peer) = user_mapped_ipv4(ctx.sock_addr)
+        && let Some(original) = original_if_proxy(&ctx, peer)
+    {
+        set_user_mapped_ipv4(ctx.sock_addr, original);
     }
     ALLOW
 }
 
 #[inline(always)]
-fn original_if_proxy(
-    ctx: &SockAddrContext,
-    peer_addr: [u8; 4],
-    peer_port: [u8; 2],
-) -> Option<OriginalDst> {
-    if peer_addr != proxy_addr() || peer_port != proxy_port() {
+fn original_if_proxy(ctx: &SockAddrContext, peer: Ipv4Endpoint) -> Option<Ipv4Endpoint> {
+    if peer != (proxy_addr(), proxy_port()) {
         return None;
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    unsafe { PEER_BY_COOKIE.get(&cookie) }.copied()
+    let original = unsafe { PEER_BY_COOKIE.get(&cookie) }?;
+    Some((original.addr, original.port))
 }

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
-use core::ptr::read_volatile;
+use core::ptr::{read_volatile, write_volatile};
 use interceptor_ebpf::{OriginalDst, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey};
 
 use crate::maps::{
@@ -80,16 +81,50 @@ pub fn redirect_ipv4(
     Some(proxy)
 }
 
+/// An IPv4 socket address as the hooks see it: both parts in network byte order.
+pub type Ipv4Endpoint = ([u8; 4], [u8; 2]);
+
+/// The IPv4 address and port of a connect4/getpeername4 context.
+#[inline(always)]
+pub fn user_ipv4(sock_addr: *mut bpf_sock_addr) -> Ipv4Endpoint {
+    // Each context field is read on its own: the verifier rejects merged loads.
+    let addr = unsafe { read_volatile(&(*sock_addr).user_ip4) }.to_ne_bytes();
+    (addr, user_port(sock_addr))
+}
+
+#[inline(always)]
+pub fn set_user_ipv4(sock_addr: *mut bpf_sock_addr, (addr, port): Ipv4Endpoint) {
+    unsafe { write_volatile(&mut (*sock_addr).user_ip4, u32::from_ne_bytes(addr)) };
+    set_user_port(sock_addr, port);
+}
+
+/// The IPv4 address and port of a connect6/getpeername6 context whose address is
+/// IPv4-mapped (::ffff:a.b.c.d); `None` for native IPv6.
+#[inline(always)]
+pub fn user_mapped_ipv4(sock_addr: *mut bpf_sock_addr) -> Option<Ipv4Endpoint> {
+    // One 32-bit read per word: the verifier rejects wider loads of user_ip6.
+    let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*sock_addr).user_ip6[word]) });
+    Some((ipv4_in_mapped(words)?, user_port(sock_addr)))
+}
+
+/// Rewrites the IPv4 part of an IPv4-mapped context address, and the port.
+#[inline(always)]
+pub fn set_user_mapped_ipv4(sock_addr: *mut bpf_sock_addr, (addr, port): Ipv4Endpoint) {
+    unsafe { write_volatile(&mut (*sock_addr).user_ip6[3], u32::from_ne_bytes(addr)) };
+    set_user_port(sock_addr, port);
+}
+
 /// user_port holds the port in network byte order in its first two bytes in memory.
 #[inline(always)]
-pub fn port_bytes(user_port: u32) -> [u8; 2] {
-    let word = user_port.to_ne_bytes();
+fn user_port(sock_addr: *mut bpf_sock_addr) -> [u8; 2] {
+    let word = unsafe { read_volatile(&(*sock_addr).user_port) }.to_ne_bytes();
     [word[0], word[1]]
 }
 
 #[inline(always)]
-pub fn user_port_word(port: [u8; 2]) -> u32 {
-    u32::from_ne_bytes([port[0], port[1], 0, 0])
+fn set_user_port(sock_addr: *mut bpf_sock_addr, port: [u8; 2]) {
+    let word = u32::from_ne_bytes([port[0], port[1], 0, 0]);
+    unsafe { write_volatile(&mut (*sock_addr).user_port, word) };
 }
 
 /// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), given as the
