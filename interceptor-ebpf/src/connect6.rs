@@ -1,22 +1,22 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::redirect::{redirect_ipv4, set_user_mapped_ipv4, user_mapped_ipv4};
+use crate::redirect::{proxy_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6};
 
 /// connect6 must return 1: 0 would fail the application's connect() with EPERM.
 const ALLOW: i32 = 1;
 
-/// Dual-stack sockets (the default for Java, and for anything that opens AF_INET6 and
-/// connects to an IPv4 address) reach IPv4 destinations as ::ffff:a.b.c.d through
-/// connect6; connect4 never sees them. Those connects are intercepted like IPv4 ones:
-/// the proxy listens on IPv4, and ::ffff:<proxy> reaches it from a dual-stack socket.
-/// Native IPv6 destinations are left alone.
+/// Native IPv6 connects go to the proxy's IPv6 listener. Dual-stack sockets (the
+/// default for Java, and for anything that opens AF_INET6 and connects to an IPv4
+/// address) reach IPv4 destinations as ::ffff:a.b.c.d through this hook, never
+/// connect4; they go to the IPv4 listener, which ::ffff:<proxy> reaches.
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
-    let Some((addr, port)) = user_mapped_ipv4(ctx.sock_addr) else {
+    let dst = user_ipv6(ctx.sock_addr);
+    let Some(proxy) = proxy_for_ipv6_socket(dst.0) else {
         return ALLOW;
     };
-    if let Some(proxy) = redirect_ipv4(&ctx, addr, port) {
-        set_user_mapped_ipv4(ctx.sock_addr, (proxy.addr, proxy.port));
+    if redirect(&ctx, dst, proxy) {
+        set_user_ipv6(ctx.sock_addr, proxy);
     }
     ALLOW
 }

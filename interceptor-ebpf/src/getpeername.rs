@@ -2,10 +2,13 @@ use aya_ebpf::{
     EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use interceptor_ebpf::{SocketAddress, ipv4_in_mapped};
 
 use crate::{
-    maps::{PEER_BY_COOKIE, proxy_addr, proxy_port},
-    redirect::{Ipv4Endpoint, set_user_ipv4, set_user_mapped_ipv4, user_ipv4, user_mapped_ipv4},
+    maps::{PEER_BY_COOKIE, proxy_ipv4},
+    redirect::{
+        proxy_for_ipv6_socket, same_endpoint, set_user_ipv4, set_user_ipv6, user_ipv4, user_ipv6,
+    },
 };
 
 /// getpeername programs must return 1, like the connect hooks.
@@ -16,29 +19,31 @@ const ALLOW: i32 = 1;
 /// sidecar) would.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    if let Some(original) = original_if_proxy(&ctx, user_ipv4(ctx.sock_addr)) {
-        set_user_ipv4(ctx.sock_addr, original);
+    if user_ipv4(ctx.sock_addr) == proxy_ipv4()
+        && let Some(original) = original_destination(&ctx)
+        && let Some(addr) = ipv4_in_mapped(original.addr)
+    {
+        set_user_ipv4(ctx.sock_addr, (addr, original.port));
     }
     ALLOW
 }
 
-/// The same for dual-stack sockets connect6 redirected (IPv4-mapped peers).
+/// The same for sockets connect6 redirected, native IPv6 and dual-stack alike.
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
-    if let Some(peer) = user_mapped_ipv4(ctx.sock_addr)
-        && let Some(original) = original_if_proxy(&ctx, peer)
+    let peer = user_ipv6(ctx.sock_addr);
+    if let Some(proxy) = proxy_for_ipv6_socket(peer.0)
+        && same_endpoint(peer, proxy)
+        && let Some(original) = original_destination(&ctx)
     {
-        set_user_mapped_ipv4(ctx.sock_addr, original);
+        set_user_ipv6(ctx.sock_addr, (original.addr, original.port));
     }
     ALLOW
 }
 
 #[inline(always)]
-fn original_if_proxy(ctx: &SockAddrContext, peer: Ipv4Endpoint) -> Option<Ipv4Endpoint> {
-    if peer != (proxy_addr(), proxy_port()) {
-        return None;
-    }
+fn original_destination(ctx: &SockAddrContext) -> Option<SocketAddress> {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let original = unsafe { PEER_BY_COOKIE.get(&cookie) }?;
-    Some((original.addr, original.port))
+    Some(original.dst)
 }

@@ -1,15 +1,22 @@
 //! Map types and names shared by the kernel programs and the daemon.
 //!
 //! Every type here is `#[repr(C)]` with explicit padding, so the two sides agree on the
-//! layout byte for byte. Addresses and ports are kept in network byte order, exactly as
-//! the kernel hands them to the programs, so the hot path never converts.
+//! layout byte for byte. Ports are kept in network byte order, exactly as the kernel
+//! hands them to the programs, so the hot path never converts.
+//!
+//! Addresses are IPv6-sized for both families: an IPv4 address is held IPv4-mapped
+//! (::ffff:a.b.c.d), which is also how a dual-stack socket shows it. One key type, one
+//! LPM trie and one record format then serve connect4, connect6 and both kinds of
+//! socket connect6 sees.
 #![no_std]
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// LPM trie of ServiceEntry `addresses` (IPs and CIDRs), each combined with one port.
 pub const SERVICE_ADDRS_MAP: &str = "SERVICE_ADDRS";
 /// Ports intercepted for every destination: ServiceEntries without `addresses`.
 pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
-/// Original destinations recorded by connect4, until the connection is established.
+/// Original destinations recorded by connect4/6, until the connection is established.
 pub const ORIG_BY_COOKIE_MAP: &str = "ORIG_BY_COOKIE";
 /// Original destinations keyed by the client's address, where the proxy can find them.
 pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
@@ -19,27 +26,90 @@ pub const PEER_BY_COOKIE_MAP: &str = "PEER_BY_COOKIE";
 /// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
 pub const REDIRECTS_RING: &str = "REDIRECTS";
 
-/// Global: the proxy listener's IPv4 address, network byte order.
-pub const PROXY_ADDR_GLOBAL: &str = "PROXY_ADDR";
-/// Global: the proxy listener's port, network byte order.
-pub const PROXY_PORT_GLOBAL: &str = "PROXY_PORT";
+/// Global: the proxy's IPv4 listener address, network byte order.
+pub const PROXY_ADDR4_GLOBAL: &str = "PROXY_ADDR4";
+/// Global: the proxy's IPv4 listener port, network byte order.
+pub const PROXY_PORT4_GLOBAL: &str = "PROXY_PORT4";
+/// Global: the proxy's IPv6 listener address, as [`Address`] words.
+pub const PROXY_ADDR6_GLOBAL: &str = "PROXY_ADDR6";
+/// Global: the proxy's IPv6 listener port, network byte order; zero when the proxy has
+/// no IPv6 listener, and native IPv6 connects are then left alone.
+pub const PROXY_PORT6_GLOBAL: &str = "PROXY_PORT6";
 /// Global: sockets carrying this SO_MARK are the daemon's own and are never redirected.
 pub const BYPASS_MARK_GLOBAL: &str = "BYPASS_MARK";
 
 pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
 pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;
 pub const ORIG_DST_CAPACITY: u32 = 262_144;
-/// Bytes (a power of two, a multiple of the page size). A record takes 32 bytes with
+/// Bytes (a power of two, a multiple of the page size). A record takes 64 bytes with
 /// its header, so the proxy may fall 32,768 connections behind before sockops falls
 /// back to [`ORIG_BY_CLIENT_MAP`].
-pub const REDIRECTS_RING_BYTES: u32 = 1 << 20;
+pub const REDIRECTS_RING_BYTES: u32 = 1 << 21;
 
-/// Bits of [`ServiceAddrKey`] taken by the port. The port comes first in the key, so
-/// every stored prefix covers the whole port and a lookup only ever matches entries for
-/// the destination's own port; the longest address prefix among those wins.
-pub const SERVICE_ADDR_PORT_BITS: u32 = 16;
+/// Bits of [`ServiceAddrKey`] before the address: the port and its padding, always
+/// zero. The port comes first in the key, so every stored prefix covers the whole port
+/// and a lookup only ever matches entries for the destination's own port; the longest
+/// address prefix among those wins.
+pub const SERVICE_ADDR_PORT_BITS: u32 = 32;
 /// Prefix length for a lookup of one exact destination.
-pub const SERVICE_ADDR_LOOKUP_PREFIX: u32 = SERVICE_ADDR_PORT_BITS + 32;
+pub const SERVICE_ADDR_LOOKUP_PREFIX: u32 = SERVICE_ADDR_PORT_BITS + 128;
+/// Prefix bits an IPv4 network gains when held IPv4-mapped.
+pub const IPV4_MAPPED_PREFIX_BITS: u8 = 96;
+
+/// An IPv6 address, or an IPv4 one mapped into IPv6, as the four 32-bit words BPF
+/// contexts expose (`user_ip6`, `local_ip6`): the address's bytes in network order, as
+/// they sit in memory. Words rather than bytes because programs compare and copy them
+/// a word at a time, as the verifier wants context fields read.
+pub type Address = [u32; 4];
+
+/// The third word of an IPv4-mapped address.
+const MAPPED_MARKER: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// `addr` (network byte order) as an IPv4-mapped [`Address`].
+#[inline(always)]
+pub const fn ipv4_mapped(addr: [u8; 4]) -> Address {
+    [0, 0, MAPPED_MARKER, u32::from_ne_bytes(addr)]
+}
+
+/// The IPv4 address (network byte order) inside an IPv4-mapped [`Address`].
+#[inline(always)]
+pub const fn ipv4_in_mapped(address: Address) -> Option<[u8; 4]> {
+    if address[0] == 0 && address[1] == 0 && address[2] == MAPPED_MARKER {
+        Some(address[3].to_ne_bytes())
+    } else {
+        None
+    }
+}
+
+/// An IP address as an [`Address`]: IPv4 mapped, IPv6 as is.
+pub fn address_of(ip: IpAddr) -> Address {
+    match ip {
+        IpAddr::V4(ip) => ipv4_mapped(ip.octets()),
+        IpAddr::V6(ip) => {
+            let octets = ip.octets();
+            core::array::from_fn(|word| {
+                u32::from_ne_bytes([
+                    octets[4 * word],
+                    octets[4 * word + 1],
+                    octets[4 * word + 2],
+                    octets[4 * word + 3],
+                ])
+            })
+        }
+    }
+}
+
+/// The IP address an [`Address`] holds: IPv4 if it is IPv4-mapped.
+pub fn ip_of(address: Address) -> IpAddr {
+    if let Some(ipv4) = ipv4_in_mapped(address) {
+        return IpAddr::V4(Ipv4Addr::from(ipv4));
+    }
+    let mut octets = [0; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(address) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    IpAddr::V6(Ipv6Addr::from(octets))
+}
 
 /// The data part of an LPM trie key for [`SERVICE_ADDRS_MAP`].
 #[repr(C)]
@@ -47,8 +117,9 @@ pub const SERVICE_ADDR_LOOKUP_PREFIX: u32 = SERVICE_ADDR_PORT_BITS + 32;
 pub struct ServiceAddrKey {
     /// Destination port, network byte order.
     pub port: [u8; 2],
-    /// Destination IPv4 address, network byte order.
-    pub addr: [u8; 4],
+    /// Zero, and part of every prefix (see [`SERVICE_ADDR_PORT_BITS`]).
+    pub _pad: [u8; 2],
+    pub addr: Address,
 }
 
 /// Value of the interception maps: which registry rule claimed the destination.
@@ -60,38 +131,51 @@ pub struct InterceptRule {
     pub rule_id: u32,
 }
 
-/// Where a redirected connection was going before connect4 rewrote it.
+/// A TCP socket address of either family.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct OriginalDst {
-    /// IPv4 address, network byte order.
-    pub addr: [u8; 4],
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketAddress {
+    pub addr: Address,
     /// Port, network byte order.
     pub port: [u8; 2],
     pub _pad: [u8; 2],
+}
+
+impl SocketAddress {
+    pub fn of(addr: core::net::SocketAddr) -> Self {
+        Self {
+            addr: address_of(addr.ip()),
+            port: addr.port().to_be_bytes(),
+            _pad: [0; 2],
+        }
+    }
+
+    /// The address as the proxy uses it: IPv4 if it is IPv4-mapped.
+    pub fn socket_addr(&self) -> core::net::SocketAddr {
+        core::net::SocketAddr::new(ip_of(self.addr), u16::from_be_bytes(self.port))
+    }
+}
+
+/// Where a redirected connection was going before connect4/6 rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub dst: SocketAddress,
+    pub _pad: [u8; 4],
     /// CLOCK_MONOTONIC time of the redirect, so the daemon can sweep records whose
     /// connection never reached it.
     pub redirected_at_ns: u64,
 }
 
-/// Key of [`ORIG_BY_CLIENT_MAP`]: the client's end of the connection to the proxy,
-/// which is the peer address the proxy sees on the accepted socket.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ClientAddr {
-    /// IPv4 address, network byte order.
-    pub addr: [u8; 4],
-    /// Port, network byte order.
-    pub port: [u8; 2],
-    pub _pad: [u8; 2],
-}
-
 /// A redirected connection's record as sockops hands it to the proxy: read from a
-/// ring buffer in the proxy's memory, it costs the proxy no system call.
+/// ring buffer in the proxy's memory, it costs the proxy no system call. `client` is
+/// the client's end of its connection to the proxy: the peer address the proxy sees
+/// on the accepted socket (IPv4-mapped for IPv4, as everywhere).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RedirectRecord {
-    pub client: ClientAddr,
+    pub client: SocketAddress,
+    pub _pad: [u8; 4],
     pub original: OriginalDst,
 }
 
@@ -102,5 +186,44 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceAddrKey {}
     unsafe impl aya::Pod for super::InterceptRule {}
     unsafe impl aya::Pod for super::OriginalDst {}
-    unsafe impl aya::Pod for super::ClientAddr {}
+    unsafe impl aya::Pod for super::SocketAddress {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<ServiceAddrKey>(), 2 + 2 + 16);
+        assert_eq!(size_of::<SocketAddress>(), 16 + 2 + 2);
+        assert_eq!(size_of::<OriginalDst>(), 20 + 4 + 8);
+        assert_eq!(size_of::<RedirectRecord>(), 20 + 4 + 32);
+    }
+
+    #[test]
+    fn addresses_round_trip_and_ipv4_is_mapped() {
+        for ip in ["198.18.0.10", "0.0.0.0", "2001:2::1", "::1", "::ffff:0:1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let back = ip_of(address_of(ip));
+            // ::ffff:0:1 is IPv4-mapped 0.0.0.1: the one spelling that changes family.
+            let expected = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                IpAddr::V4(_) => ip,
+            };
+            assert_eq!(back, expected);
+        }
+        let mapped = address_of("240.240.3.3".parse().unwrap());
+        assert_eq!(ipv4_in_mapped(mapped), Some([240, 240, 3, 3]));
+        assert_eq!(
+            mapped,
+            address_of("::ffff:240.240.3.3".parse::<IpAddr>().unwrap())
+        );
+        assert_eq!(
+            ipv4_in_mapped(address_of("2001:2::1".parse().unwrap())),
+            None
+        );
+    }
 }

@@ -3,8 +3,8 @@ use aya_ebpf::{
     maps::{HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use interceptor_ebpf::{
-    ClientAddr, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, REDIRECTS_RING_BYTES,
-    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey,
+    Address, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, REDIRECTS_RING_BYTES,
+    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey, SocketAddress,
 };
 
 #[map]
@@ -22,7 +22,7 @@ pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
 
 /// Where sockops leaves a record when [`REDIRECTS`] is full.
 #[map]
-pub static ORIG_BY_CLIENT: LruHashMap<ClientAddr, OriginalDst> =
+pub static ORIG_BY_CLIENT: LruHashMap<SocketAddress, OriginalDst> =
     LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
 
 /// Written when a redirected connection is established, deleted when its socket
@@ -36,20 +36,36 @@ pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0)
 
 /// Set by the loader. Volatile reads keep LLVM from folding the zero initialisers.
 #[unsafe(no_mangle)]
-static PROXY_ADDR: [u8; 4] = [0; 4];
+static PROXY_ADDR4: [u8; 4] = [0; 4];
 #[unsafe(no_mangle)]
-static PROXY_PORT: [u8; 2] = [0; 2];
+static PROXY_PORT4: [u8; 2] = [0; 2];
+#[unsafe(no_mangle)]
+static PROXY_ADDR6: Address = [0; 4];
+#[unsafe(no_mangle)]
+static PROXY_PORT6: [u8; 2] = [0; 2];
 #[unsafe(no_mangle)]
 static BYPASS_MARK: u32 = 0;
 
+/// The proxy's IPv4 listener: address and port, network byte order.
 #[inline(always)]
-pub fn proxy_addr() -> [u8; 4] {
-    unsafe { core::ptr::read_volatile(&PROXY_ADDR) }
+pub fn proxy_ipv4() -> ([u8; 4], [u8; 2]) {
+    unsafe {
+        (
+            core::ptr::read_volatile(&PROXY_ADDR4),
+            core::ptr::read_volatile(&PROXY_PORT4),
+        )
+    }
 }
 
+/// The proxy's IPv6 listener, if it has one.
 #[inline(always)]
-pub fn proxy_port() -> [u8; 2] {
-    unsafe { core::ptr::read_volatile(&PROXY_PORT) }
+pub fn proxy_ipv6() -> Option<(Address, [u8; 2])> {
+    let port = unsafe { core::ptr::read_volatile(&PROXY_PORT6) };
+    if port == [0, 0] {
+        return None;
+    }
+    let addr = [0, 1, 2, 3].map(|word| unsafe { core::ptr::read_volatile(&PROXY_ADDR6[word]) });
+    Some((addr, port))
 }
 
 #[inline(always)]

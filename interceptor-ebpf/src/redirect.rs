@@ -1,5 +1,6 @@
-//! The decision connect4 and connect6 share: is this connect to an intercepted
-//! IPv4 destination, and if so, record where it was going.
+//! The decision the connect hooks share: is this connect to an intercepted destination,
+//! and if so, record where it was going. Also the context accessors they and the
+//! getpeername hooks share.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -9,80 +10,95 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use core::ptr::{read_volatile, write_volatile};
-use interceptor_ebpf::{OriginalDst, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey};
+use interceptor_ebpf::{
+    Address, OriginalDst, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress,
+    ipv4_in_mapped, ipv4_mapped,
+};
 
 use crate::maps::{
-    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, proxy_addr, proxy_port,
+    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, proxy_ipv4, proxy_ipv6,
 };
 
 const IPPROTO_TCP: u32 = 6;
 
-/// Where connect4/connect6 should send the socket instead: the proxy's address and
-/// port, both in network byte order.
-pub struct Redirect {
-    pub addr: [u8; 4],
-    pub port: [u8; 2],
-}
+/// A socket address as the hooks see it: the address (IPv4-mapped for IPv4) and the
+/// port in network byte order.
+pub type Endpoint = (Address, [u8; 2]);
 
-/// `None` leaves the connect alone. `Some` means the original destination is recorded
-/// under the socket's cookie and the caller must rewrite the destination.
+/// An IPv4 socket address, both parts in network byte order.
+pub type Ipv4Endpoint = ([u8; 4], [u8; 2]);
+
+/// Whether the connect of `ctx` to `dst` is intercepted. If so, the original
+/// destination is recorded under the socket's cookie and the caller must rewrite the
+/// destination to `proxy`.
 #[inline(always)]
-pub fn redirect_ipv4(
-    ctx: &SockAddrContext,
-    dst_addr: [u8; 4],
-    dst_port: [u8; 2],
-) -> Option<Redirect> {
+pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxy: Endpoint) -> bool {
     let sock_addr = ctx.sock_addr;
     // Each context field is read on its own: LLVM would otherwise merge neighbouring
     // reads into one wide load, which the verifier rejects for this context.
     let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
     if protocol != IPPROTO_TCP {
-        return None;
+        return false;
     }
     let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return None;
+        return false;
     }
     let mark = unsafe { read_volatile(&(*sk).mark) };
     if mark != 0 && mark == bypass_mark() {
-        return None;
+        return false;
+    }
+    if same_endpoint(dst, proxy) {
+        return false;
     }
 
-    let proxy = Redirect {
-        addr: proxy_addr(),
-        port: proxy_port(),
-    };
-    if dst_addr == proxy.addr && dst_port == proxy.port {
-        return None;
-    }
-
+    let (addr, port) = dst;
     let key = Key::new(
         SERVICE_ADDR_LOOKUP_PREFIX,
         ServiceAddrKey {
-            port: dst_port,
-            addr: dst_addr,
+            port,
+            _pad: [0; 2],
+            addr,
         },
     );
     let intercepted = SERVICE_ADDRS.get(&key).is_some()
-        || unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(dst_port)) }.is_some();
+        || unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.is_some();
     if !intercepted {
-        return None;
+        return false;
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let original = OriginalDst {
-        addr: dst_addr,
-        port: dst_port,
-        _pad: [0; 2],
+        dst: SocketAddress {
+            addr,
+            port,
+            _pad: [0; 2],
+        },
+        _pad: [0; 4],
         redirected_at_ns: unsafe { bpf_ktime_get_ns() },
     };
     // Without a record the proxy would refuse the connection, so fail open instead.
-    ORIG_BY_COOKIE.insert(&cookie, &original, 0).ok()?;
-    Some(proxy)
+    ORIG_BY_COOKIE.insert(&cookie, &original, 0).is_ok()
 }
 
-/// An IPv4 socket address as the hooks see it: both parts in network byte order.
-pub type Ipv4Endpoint = ([u8; 4], [u8; 2]);
+/// Where an AF_INET6 socket reaching `addr` is sent instead: the IPv4 listener (as an
+/// IPv4-mapped address) for a dual-stack socket reaching an IPv4 destination, the IPv6
+/// listener for native IPv6. `None`: the proxy has no IPv6 listener.
+#[inline(always)]
+pub fn proxy_for_ipv6_socket(addr: Address) -> Option<Endpoint> {
+    if ipv4_in_mapped(addr).is_some() {
+        let (proxy_addr, proxy_port) = proxy_ipv4();
+        Some((ipv4_mapped(proxy_addr), proxy_port))
+    } else {
+        proxy_ipv6()
+    }
+}
+
+/// Word by word: a whole-array compare may become a library call BPF does not have.
+#[inline(always)]
+pub fn same_endpoint(a: Endpoint, b: Endpoint) -> bool {
+    a.0[0] == b.0[0] && a.0[1] == b.0[1] && a.0[2] == b.0[2] && a.0[3] == b.0[3] && a.1 == b.1
+}
 
 /// The IPv4 address and port of a connect4/getpeername4 context.
 #[inline(always)]
@@ -98,19 +114,19 @@ pub fn set_user_ipv4(sock_addr: *mut bpf_sock_addr, (addr, port): Ipv4Endpoint) 
     set_user_port(sock_addr, port);
 }
 
-/// The IPv4 address and port of a connect6/getpeername6 context whose address is
-/// IPv4-mapped (::ffff:a.b.c.d); `None` for native IPv6.
+/// The address (IPv6 or IPv4-mapped) and port of a connect6/getpeername6 context.
 #[inline(always)]
-pub fn user_mapped_ipv4(sock_addr: *mut bpf_sock_addr) -> Option<Ipv4Endpoint> {
+pub fn user_ipv6(sock_addr: *mut bpf_sock_addr) -> Endpoint {
     // One 32-bit read per word: the verifier rejects wider loads of user_ip6.
-    let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*sock_addr).user_ip6[word]) });
-    Some((ipv4_in_mapped(words)?, user_port(sock_addr)))
+    let addr = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*sock_addr).user_ip6[word]) });
+    (addr, user_port(sock_addr))
 }
 
-/// Rewrites the IPv4 part of an IPv4-mapped context address, and the port.
 #[inline(always)]
-pub fn set_user_mapped_ipv4(sock_addr: *mut bpf_sock_addr, (addr, port): Ipv4Endpoint) {
-    unsafe { write_volatile(&mut (*sock_addr).user_ip6[3], u32::from_ne_bytes(addr)) };
+pub fn set_user_ipv6(sock_addr: *mut bpf_sock_addr, (addr, port): Endpoint) {
+    for (word, value) in addr.into_iter().enumerate() {
+        unsafe { write_volatile(&mut (*sock_addr).user_ip6[word], value) };
+    }
     set_user_port(sock_addr, port);
 }
 
@@ -125,13 +141,4 @@ fn user_port(sock_addr: *mut bpf_sock_addr) -> [u8; 2] {
 fn set_user_port(sock_addr: *mut bpf_sock_addr, port: [u8; 2]) {
     let word = u32::from_ne_bytes([port[0], port[1], 0, 0]);
     unsafe { write_volatile(&mut (*sock_addr).user_port, word) };
-}
-
-/// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), given as the
-/// four 32-bit words of a BPF context, as they sit in memory.
-#[inline(always)]
-pub fn ipv4_in_mapped(words: [u32; 4]) -> Option<[u8; 4]> {
-    const MARKER: [u8; 4] = [0, 0, 0xff, 0xff];
-    (words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == MARKER)
-        .then(|| words[3].to_ne_bytes())
 }

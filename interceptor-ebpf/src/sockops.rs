@@ -8,12 +8,9 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::read_volatile;
-use interceptor_ebpf::{ClientAddr, RedirectRecord};
+use interceptor_ebpf::{Address, RedirectRecord, SocketAddress, ipv4_mapped};
 
-use crate::{
-    maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, PEER_BY_COOKIE, REDIRECTS},
-    redirect::ipv4_in_mapped,
-};
+use crate::maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, PEER_BY_COOKIE, REDIRECTS};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -47,7 +44,7 @@ pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
 /// sweeps records that no connection claimed.
 #[inline(always)]
 fn rekey_by_client_addr(ctx: &SockOpsContext) {
-    let Some(local_addr) = local_ipv4(ctx) else {
+    let Some(local_addr) = local_address(ctx) else {
         return;
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
@@ -56,12 +53,16 @@ fn rekey_by_client_addr(ctx: &SockOpsContext) {
     };
     // local_port is in host byte order, unlike remote_port.
     let local_port = ctx.local_port() as u16;
-    let client = ClientAddr {
+    let client = SocketAddress {
         addr: local_addr,
         port: local_port.to_be_bytes(),
         _pad: [0; 2],
     };
-    let record = RedirectRecord { client, original };
+    let record = RedirectRecord {
+        client,
+        _pad: [0; 4],
+        original,
+    };
     let handed_over = REDIRECTS
         .output::<RedirectRecord>(&record, BPF_RB_NO_WAKEUP)
         .is_ok()
@@ -76,18 +77,17 @@ fn rekey_by_client_addr(ctx: &SockOpsContext) {
     }
 }
 
-/// The socket's local IPv4 address, also for a dual-stack socket connected to an
-/// IPv4-mapped address (connect6 redirected it): the proxy, listening on IPv4, sees
-/// the plain IPv4 address as the peer either way.
+/// The socket's local address as the proxy sees its peer: IPv4-mapped for IPv4,
+/// which is also how a dual-stack socket that connect6 sent to the IPv4 listener
+/// holds it.
 #[inline(always)]
-fn local_ipv4(ctx: &SockOpsContext) -> Option<[u8; 4]> {
+fn local_address(ctx: &SockOpsContext) -> Option<Address> {
     match ctx.family() {
-        AF_INET => Some(ctx.local_ip4().to_ne_bytes()),
+        AF_INET => Some(ipv4_mapped(ctx.local_ip4().to_ne_bytes())),
         AF_INET6 => {
             let ops = ctx.ops;
             // One 32-bit read per word: the verifier rejects wider context loads.
-            let words = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).local_ip6[word]) });
-            ipv4_in_mapped(words)
+            Some([0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).local_ip6[word]) }))
         }
         _ => None,
     }

@@ -7,7 +7,7 @@
 
 use std::{
     convert::Infallible,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::PathBuf,
     sync::{
         Arc, OnceLock,
@@ -89,7 +89,8 @@ pub struct AdminState {
     pub readiness: Readiness,
     pub config_paths: Vec<PathBuf>,
     /// The proxy listener, whose accepted sockets the kernel reports live bytes for.
-    pub proxy_addr: SocketAddrV4,
+    /// The proxy's listeners (IPv4, and IPv6 if it has one).
+    pub proxy_addrs: Vec<SocketAddr>,
     /// The snapshot the proxy routes with; empty until the config is loaded.
     pub registry: Arc<ArcSwap<Registry>>,
     pub connections: Arc<ConnectionTable>,
@@ -196,14 +197,20 @@ async fn connections(state: &AdminState) -> Vec<ConnectionInfo> {
     if connections.is_empty() {
         return connections;
     }
-    let proxy = state.proxy_addr;
-    match tokio::task::spawn_blocking(move || sockdiag::accepted_socket_bytes(proxy)).await {
+    let listeners = state.proxy_addrs.clone();
+    let diagnostics = tokio::task::spawn_blocking(move || {
+        let mut sockets = std::collections::HashMap::new();
+        for listener in listeners {
+            sockets.extend(sockdiag::accepted_socket_bytes(listener)?);
+        }
+        Ok::<_, std::io::Error>(sockets)
+    });
+    match diagnostics.await {
         Ok(Ok(sockets)) => {
             for connection in &mut connections {
-                let SocketAddr::V4(client) = connection.client else {
-                    continue;
-                };
-                if let (None, Some(bytes)) = (connection.sent_bytes, sockets.get(&client)) {
+                if let (None, Some(bytes)) =
+                    (connection.sent_bytes, sockets.get(&connection.client))
+                {
                     connection.sent_bytes = Some(bytes.from_client);
                     connection.received_bytes = Some(bytes.to_client);
                 }

@@ -2,7 +2,7 @@
 //! serve and reload, shut down.
 
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Arc, OnceLock},
     time::Duration,
@@ -19,6 +19,7 @@ use crate::{
     copy::CopyMode,
     kernel::{Kernel, KernelConfig, KernelError},
     metrics::Metrics,
+    proxy::workers::ProxyListeners,
     proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
     registry::{BuildError, Registry},
     reload::{self, Reloader},
@@ -35,7 +36,9 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 pub struct RunConfig {
     pub config_paths: Vec<PathBuf>,
     pub cgroup: PathBuf,
-    pub proxy_addr: SocketAddr,
+    pub proxy_addr: SocketAddrV4,
+    /// The IPv6 listener, for native IPv6 destinations; `None` leaves them alone.
+    pub proxy_addr_v6: Option<SocketAddrV6>,
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
@@ -97,27 +100,17 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
 
-    let SocketAddr::V4(_) = config.proxy_addr else {
-        return Err(KernelError::ProxyNotIpv4(config.proxy_addr).into());
-    };
     // Listening comes before attaching, so no connection is ever redirected to a
     // closed port; and before the admin server, which reports the port bound.
-    let (listeners, proxy_addr) =
-        proxy::workers::bind(config.proxy_addr, config.workers).map_err(|source| {
-            AppError::Listen {
-                addr: config.proxy_addr,
-                source,
-            }
-        })?;
-    let SocketAddr::V4(proxy_v4) = proxy_addr else {
-        return Err(KernelError::ProxyNotIpv4(proxy_addr).into());
-    };
+    let listeners = ProxyListeners::bind(config.proxy_addr, config.proxy_addr_v6, config.workers)
+        .map_err(|(addr, source)| AppError::Listen { addr, source })?;
+    let (proxy_v4, proxy_v6) = (listeners.v4, listeners.v6);
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
     let admin_state = Arc::new(AdminState {
         readiness: Readiness::default(),
         config_paths: config.config_paths.clone(),
-        proxy_addr: proxy_v4,
+        proxy_addrs: listeners.addrs(),
         registry: Arc::clone(&registry),
         connections: ConnectionTable::new(Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
@@ -134,6 +127,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
+        proxy_v6,
         bypass_mark: config.bypass_mark,
     })?);
     kernel.sync(initial.intercepts())?;
@@ -184,7 +178,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     admin_state.readiness.set(Phase::Serving);
     systemd::ready();
     info!(
-        proxy = %proxy_addr,
+        proxy = %proxy_v4,
+        proxy_v6 = proxy_v6.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         admin = %admin_addr,
         cgroup = %config.cgroup.display(),
         services = registry.load().services().len(),

@@ -8,7 +8,7 @@
 use std::{
     collections::{HashMap as StdHashMap, HashSet},
     fs::File,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     sync::{
@@ -24,10 +24,11 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_ebpf::{
-    BYPASS_MARK_GLOBAL, ClientAddr, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
-    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR_GLOBAL, PROXY_PORT_GLOBAL, REDIRECTS_RING,
-    RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
-    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey,
+    BYPASS_MARK_GLOBAL, IPV4_MAPPED_PREFIX_BITS, InterceptRule, ORIG_BY_CLIENT_MAP,
+    ORIG_BY_COOKIE_MAP, ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
+    PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS,
+    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
+    ServiceAddrKey, SocketAddress, address_of,
 };
 use tracing::{debug, info};
 
@@ -67,8 +68,6 @@ pub enum KernelError {
     MissingMap(&'static str),
     #[error("BPF program {0} is missing from the object")]
     MissingProgram(&'static str),
-    #[error("the proxy address must be IPv4 for connect4 redirects, got {0}")]
-    ProxyNotIpv4(std::net::SocketAddr),
     #[error("cannot duplicate a map descriptor: {0}")]
     Dup(#[source] std::io::Error),
 }
@@ -77,7 +76,10 @@ pub enum KernelError {
 #[derive(Debug, Clone)]
 pub struct KernelConfig {
     pub cgroup: PathBuf,
+    /// Where IPv4 connects (and dual-stack sockets' IPv4-mapped ones) are sent.
     pub proxy: SocketAddrV4,
+    /// Where native IPv6 connects are sent; without it they are left alone.
+    pub proxy_v6: Option<SocketAddrV6>,
     pub bypass_mark: u32,
 }
 
@@ -163,11 +165,19 @@ impl Kernel {
             path: config.cgroup.clone(),
             source,
         })?;
-        let proxy_addr = config.proxy.ip().octets();
-        let proxy_port = config.proxy.port().to_be_bytes();
+        let proxy_addr4 = config.proxy.ip().octets();
+        let proxy_port4 = config.proxy.port().to_be_bytes();
+        // Port zero tells the programs there is no IPv6 listener.
+        let proxy_v6 = config
+            .proxy_v6
+            .map(|proxy| SocketAddress::of(SocketAddr::V6(proxy)));
+        let proxy_addr6 = proxy_v6.map_or([0; 4], |proxy| proxy.addr);
+        let proxy_port6 = proxy_v6.map_or([0; 2], |proxy| proxy.port);
         let mut ebpf = EbpfLoader::new()
-            .override_global(PROXY_ADDR_GLOBAL, &proxy_addr, true)
-            .override_global(PROXY_PORT_GLOBAL, &proxy_port, true)
+            .override_global(PROXY_ADDR4_GLOBAL, &proxy_addr4, true)
+            .override_global(PROXY_PORT4_GLOBAL, &proxy_port4, true)
+            .override_global(PROXY_ADDR6_GLOBAL, &proxy_addr6, true)
+            .override_global(PROXY_PORT6_GLOBAL, &proxy_port6, true)
             .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
             .load(PROGRAMS)?;
 
@@ -175,7 +185,7 @@ impl Kernel {
             .map_err(map_error(SERVICE_ADDRS_MAP))?;
         let ports = HashMap::try_from(take_map(&mut ebpf, SERVICE_PORTS_MAP)?)
             .map_err(map_error(SERVICE_PORTS_MAP))?;
-        let by_client: HashMap<MapData, ClientAddr, OriginalDst> =
+        let by_client: HashMap<MapData, SocketAddress, OriginalDst> =
             HashMap::try_from(take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?)
                 .map_err(map_error(ORIG_BY_CLIENT_MAP))?;
         let by_cookie: HashMap<MapData, u64, OriginalDst> =
@@ -194,9 +204,10 @@ impl Kernel {
         sockops
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error(SOCKOPS_PROGRAM))?;
-        // connect6 handles dual-stack sockets connecting to IPv4-mapped addresses; the
-        // getpeername hooks show applications their original destination. They go on
-        // first, so no redirected socket ever reports the proxy as its peer.
+        // connect6 handles native IPv6 and dual-stack sockets connecting to IPv4-mapped
+        // addresses; the getpeername hooks show applications their original
+        // destination. They go on first, so no redirected socket ever reports the
+        // proxy as its peer.
         for name in [
             GETPEERNAME4_PROGRAM,
             GETPEERNAME6_PROGRAM,
@@ -327,7 +338,7 @@ impl Kernel {
 /// may or may not be in the map, with any value".
 const UNKNOWN_RULE: u32 = u32::MAX;
 
-type AddressRules = StdHashMap<(ipnet::Ipv4Net, u16), u32>;
+type AddressRules = StdHashMap<(ipnet::IpNet, u16), u32>;
 type PortRules = StdHashMap<u16, u32>;
 
 fn apply_changes(
@@ -382,12 +393,18 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-fn address_key(network: ipnet::Ipv4Net, port: u16) -> Key<ServiceAddrKey> {
+/// IPv4 networks go in IPv4-mapped, as the programs look IPv4 destinations up.
+fn address_key(network: ipnet::IpNet, port: u16) -> Key<ServiceAddrKey> {
+    let prefix_len = match network {
+        ipnet::IpNet::V4(network) => IPV4_MAPPED_PREFIX_BITS + network.prefix_len(),
+        ipnet::IpNet::V6(network) => network.prefix_len(),
+    };
     Key::new(
-        SERVICE_ADDR_PORT_BITS + u32::from(network.prefix_len()),
+        SERVICE_ADDR_PORT_BITS + u32::from(prefix_len),
         ServiceAddrKey {
             port: port.to_be_bytes(),
-            addr: network.network().octets(),
+            _pad: [0; 2],
+            addr: address_of(network.network()),
         },
     )
 }
@@ -415,7 +432,7 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
 }
 
 type SweepableMaps = (
-    HashMap<MapData, ClientAddr, OriginalDst>,
+    HashMap<MapData, SocketAddress, OriginalDst>,
     HashMap<MapData, u64, OriginalDst>,
 );
 
@@ -432,7 +449,7 @@ pub struct OriginalDestinations {
 
 struct HandedOver {
     ring: RingBuf<MapData>,
-    unclaimed: StdHashMap<ClientAddr, OriginalDst>,
+    unclaimed: StdHashMap<SocketAddress, OriginalDst>,
 }
 
 impl HandedOver {
@@ -466,7 +483,7 @@ pub enum RecordSource {
 
 impl OriginalDestinations {
     fn new(
-        by_client: HashMap<MapData, ClientAddr, OriginalDst>,
+        by_client: HashMap<MapData, SocketAddress, OriginalDst>,
         by_cookie: HashMap<MapData, u64, OriginalDst>,
         ring: RingBuf<MapData>,
     ) -> Result<Self, KernelError> {
@@ -487,12 +504,8 @@ impl OriginalDestinations {
 
     /// Takes the original destination of the connection whose client end is `client`,
     /// so no other accept can claim it. `None` means the connection was not redirected.
-    pub fn take(&self, client: SocketAddrV4) -> Option<(SocketAddrV4, RecordSource)> {
-        let key = ClientAddr {
-            addr: client.ip().octets(),
-            port: client.port().to_be_bytes(),
-            _pad: [0; 2],
-        };
+    pub fn take(&self, client: SocketAddr) -> Option<(SocketAddr, RecordSource)> {
+        let key = SocketAddress::of(client);
         let handed_over = {
             let mut handed_over = self.handed_over.lock().unwrap_or_else(|e| e.into_inner());
             handed_over.drain_ring();
@@ -509,11 +522,7 @@ impl OriginalDestinations {
                 (unsafe { value.assume_init() }, RecordSource::Map)
             }
         };
-        let original = SocketAddrV4::new(
-            Ipv4Addr::from(original.addr),
-            u16::from_be_bytes(original.port),
-        );
-        Some((original, source))
+        Some((original.dst.socket_addr(), source))
     }
 
     /// Entries in (by client, by cookie), each capped at the map's capacity: a walk
@@ -544,7 +553,7 @@ impl OriginalDestinations {
         };
         let mut maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
         let (by_client, by_cookie) = &mut *maps;
-        let stale_clients: Vec<ClientAddr> = by_client
+        let stale_clients: Vec<SocketAddress> = by_client
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, original)| original.redirected_at_ns < cutoff)

@@ -1,4 +1,10 @@
-use std::{io::IsTerminal as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::IsTerminal as _,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -30,9 +36,14 @@ struct RunArgs {
     /// root, which intercepts the whole host.
     #[arg(long)]
     cgroup: Option<PathBuf>,
-    /// Where the proxy listens; redirected connections land here.
+    /// Where the proxy listens for redirected IPv4 connections (dual-stack sockets'
+    /// included).
     #[arg(long, default_value = "127.0.0.1:15001")]
-    proxy_addr: SocketAddr,
+    proxy_addr: SocketAddrV4,
+    /// Where the proxy listens for redirected native IPv6 connections, or `off` to
+    /// leave IPv6 destinations alone. Without IPv6 on the host it is off by itself.
+    #[arg(long, default_value = "[::1]:15001", value_parser = parse_proxy_addr_v6)]
+    proxy_addr_v6: ProxyAddrV6,
     /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
     #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
     bypass_mark: u32,
@@ -119,6 +130,19 @@ enum LogFormat {
     Json,
 }
 
+/// `Option` itself would make clap treat the flag as optional, not as "off".
+#[derive(Debug, Clone, Copy)]
+struct ProxyAddrV6(Option<SocketAddrV6>);
+
+fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
+    if raw == "off" {
+        return Ok(ProxyAddrV6(None));
+    }
+    raw.parse()
+        .map(|addr| ProxyAddrV6(Some(addr)))
+        .map_err(|_| format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"))
+}
+
 fn parse_u32(raw: &str) -> Result<u32, String> {
     let parsed = match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -178,6 +202,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         config_paths: args.config,
         cgroup,
         proxy_addr: args.proxy_addr,
+        proxy_addr_v6: args.proxy_addr_v6.0,
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),

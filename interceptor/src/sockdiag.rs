@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     io,
     mem::size_of,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
@@ -66,9 +66,7 @@ const INET_DIAG_MSG_LEN: usize = 72;
 const SOCKET_ID_OFFSET: usize = 4;
 
 /// Byte counts of every TCP socket accepted on `listener`, by the client's address.
-pub fn accepted_socket_bytes(
-    listener: SocketAddrV4,
-) -> io::Result<HashMap<SocketAddrV4, SocketBytes>> {
+pub fn accepted_socket_bytes(listener: SocketAddr) -> io::Result<HashMap<SocketAddr, SocketBytes>> {
     // SAFETY: plain socket(2); the descriptor is owned right away.
     let raw = unsafe {
         libc::socket(
@@ -91,7 +89,10 @@ pub fn accepted_socket_bytes(
             pid: 0,
         },
         request: InetDiagRequest {
-            family: libc::AF_INET as u8,
+            family: match listener {
+                SocketAddr::V4(_) => libc::AF_INET as u8,
+                SocketAddr::V6(_) => libc::AF_INET6 as u8,
+            },
             protocol: libc::IPPROTO_TCP as u8,
             extensions: 1 << (INET_DIAG_INFO - 1),
             _pad: 0,
@@ -175,13 +176,20 @@ pub fn accepted_socket_bytes(
 
 /// One `inet_diag_msg`: the socket's client address and byte counts, if the socket
 /// was accepted on `listener`.
-fn parse_socket(message: &[u8], listener: SocketAddrV4) -> Option<(SocketAddrV4, SocketBytes)> {
+fn parse_socket(message: &[u8], listener: SocketAddr) -> Option<(SocketAddr, SocketBytes)> {
     let id = message.get(SOCKET_ID_OFFSET..SOCKET_ID_OFFSET + size_of::<SocketId>())?;
     let local_port = u16::from_be_bytes([id[0], id[1]]);
     let remote_port = u16::from_be_bytes([id[2], id[3]]);
-    let local = Ipv4Addr::new(id[4], id[5], id[6], id[7]);
-    let remote = Ipv4Addr::new(id[20], id[21], id[22], id[23]);
-    if SocketAddrV4::new(local, local_port) != listener {
+    // Both addresses take 16 bytes; an IPv4 one fills the first 4.
+    let address = |bytes: &[u8]| -> Option<IpAddr> {
+        Some(match listener {
+            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
+            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        })
+    };
+    let local = address(&id[4..20])?;
+    let remote = address(&id[20..36])?;
+    if SocketAddr::new(local, local_port) != listener {
         return None;
     }
     let mut attributes = message.get(INET_DIAG_MSG_LEN..)?;
@@ -200,7 +208,7 @@ fn parse_socket(message: &[u8], listener: SocketAddrV4) -> Option<(SocketAddrV4,
                 )?,
                 to_client: read_u64(info, std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked))?,
             };
-            return Some((SocketAddrV4::new(remote, remote_port), bytes));
+            return Some((SocketAddr::new(remote, remote_port), bytes));
         }
         attributes = attributes.get(align(length)..).unwrap_or_default();
     }
@@ -228,11 +236,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_the_bytes_of_an_accepted_socket() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let std::net::SocketAddr::V4(address) = listener.local_addr().unwrap() else {
-            unreachable!("bound to IPv4");
-        };
+    fn counts_the_bytes_of_an_accepted_ipv4_socket() {
+        counts_the_bytes_of_an_accepted_socket("127.0.0.1:0");
+    }
+
+    #[test]
+    fn counts_the_bytes_of_an_accepted_ipv6_socket() {
+        counts_the_bytes_of_an_accepted_socket("[::1]:0");
+    }
+
+    fn counts_the_bytes_of_an_accepted_socket(listen_on: &str) {
+        let listener = TcpListener::bind(listen_on).unwrap();
+        let address = listener.local_addr().unwrap();
         let mut client = TcpStream::connect(address).unwrap();
         let (mut accepted, _) = listener.accept().unwrap();
         client.write_all(&[1; 1000]).unwrap();
@@ -242,9 +257,7 @@ mod tests {
         let mut echoed = [0u8; 300];
         client.read_exact(&mut echoed).unwrap();
 
-        let std::net::SocketAddr::V4(client_address) = client.local_addr().unwrap() else {
-            unreachable!("connected over IPv4");
-        };
+        let client_address = client.local_addr().unwrap();
         // The client's ACK of the 300 bytes may trail its read by a moment.
         for _ in 0..100 {
             let sockets = accepted_socket_bytes(address).unwrap();

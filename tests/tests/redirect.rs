@@ -373,10 +373,116 @@ spec:
     assert!(logs.contains("original_dst=240.240.3.3:7000"), "{logs}");
     assert!(logs.contains("original_dst=198.18.0.10:7001"), "{logs}");
 
-    // Native IPv6 is not intercepted, even on a port a port-only entry claims.
-    let seen = who("[::1]:7001").expect("native IPv6 goes direct");
+    // Native IPv6 on the port-only entry's port goes through the IPv6 listener.
+    let seen = who("[::1]:7001").expect("native IPv6 on a port-only port");
     assert_eq!(seen.server, "native-v6");
+    assert!(seen.went_through_proxy(), "{seen:?}");
     assert_eq!(seen.client_peer.to_string(), "[::1]:7001");
+}
+
+/// Istio allocates IPv6 VIPs from 2001:2::/48; like 240.240.0.0/16 here, nothing in
+/// the namespace routes there, so only a redirect reaches them.
+const IPV6_ENTRIES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: v6-vip
+  namespace: egress
+spec:
+  hosts: [v6-vip.egress.test]
+  addresses: ["2001:2::a"]
+  ports:
+  - number: 7000
+    name: tcp
+  resolution: STATIC
+  endpoints:
+  - address: "fd00:18::10"
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: dual-vip
+  namespace: egress
+spec:
+  hosts: [dual-vip.egress.test]
+  addresses: [240.240.6.6, "2001:2::6"]
+  ports:
+  - number: 7000
+    name: tcp
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.0.10
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: v6-range
+  namespace: egress
+spec:
+  hosts: [v6-range.egress.test]
+  addresses: ["fd00:18::/64"]
+  ports:
+  - number: 7002
+    name: tcp
+  resolution: NONE
+"#;
+
+#[test]
+fn native_ipv6_vips_and_cidrs_are_intercepted_through_the_ipv6_listener() {
+    let sandbox = Sandbox::new("ipv6");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_host_v6("fd00:18::10".parse().unwrap());
+    let _v6_backend = TestServer::start("v6-backend", "[fd00:18::10]:7000");
+    let _v4_backend = TestServer::start("v4-backend", "198.18.0.10:7000");
+    let _range_backend = TestServer::start("range-backend", "[fd00:18::10]:7002");
+    let _untouched = TestServer::start("untouched", "[fd00:18::10]:7003");
+    let daemon = sandbox.start_daemon(IPV6_ENTRIES, &[]);
+
+    let seen = who("[2001:2::a]:7000").expect("IPv6 VIP");
+    assert_eq!(seen.server, "v6-backend");
+    assert!(seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), "[2001:2::a]:7000");
+
+    // One entry with a VIP of each family; the IPv6 client reaches an IPv4 endpoint.
+    for vip in ["240.240.6.6:7000", "[2001:2::6]:7000"] {
+        let seen = who(vip).expect(vip);
+        assert_eq!(seen.server, "v4-backend", "{vip}");
+        assert!(seen.went_through_proxy(), "{vip}: {seen:?}");
+        assert_eq!(seen.client_peer.to_string(), vip);
+    }
+
+    // NONE over an IPv6 CIDR: forwarded to the address the client asked for.
+    let seen = who("[fd00:18::10]:7002").expect("IPv6 CIDR, NONE");
+    assert_eq!(seen.server, "range-backend");
+    assert!(seen.went_through_proxy(), "{seen:?}");
+
+    let seen = who("[fd00:18::10]:7003").expect("a port no entry claims");
+    assert_eq!(seen.server, "untouched");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+
+    let logs = daemon.wait_for_log("connection closed", 4);
+    for original in [
+        "original_dst=[2001:2::a]:7000",
+        "original_dst=[2001:2::6]:7000",
+        "original_dst=240.240.6.6:7000",
+        "original_dst=[fd00:18::10]:7002",
+    ] {
+        assert!(logs.contains(original), "{original} missing from:\n{logs}");
+    }
+}
+
+#[test]
+fn with_the_ipv6_listener_off_ipv6_destinations_go_direct() {
+    let sandbox = Sandbox::new("ipv6-off");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _v4_backend = TestServer::start("v4-backend", "198.18.0.10:7000");
+    let _daemon = sandbox.start_daemon(IPV6_ENTRIES, &["--proxy-addr-v6", "off"]);
+
+    let error = connect("[2001:2::6]:7000").expect_err("IPv6 is not intercepted");
+    assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+    let seen = who("240.240.6.6:7000").expect("the entry's IPv4 VIP still is");
+    assert_eq!(seen.server, "v4-backend");
+    assert!(seen.went_through_proxy(), "{seen:?}");
 }
 
 #[test]

@@ -121,11 +121,7 @@ async fn forward(
     conn: &ConnectionGuard,
 ) {
     let started = Instant::now();
-    let original = match peer {
-        SocketAddr::V4(peer) => shared.original_destinations.take(peer),
-        SocketAddr::V6(_) => None,
-    };
-    let Some((original, record_source)) = original else {
+    let Some((original, record_source)) = shared.original_destinations.take(peer) else {
         // Only connections connect4 redirected have a record; anything else reached
         // the proxy port directly and must not be relayed anywhere.
         warn!("refused: no redirect record for this client (direct connection to the proxy?)");
@@ -191,7 +187,7 @@ async fn forward(
         }
         None => match shared.config.outbound_policy {
             // Istio's ALLOW_ANY: what matches no service goes where it was going.
-            OutboundPolicy::AllowAny => vec![Target::Tcp(SocketAddr::V4(original))],
+            OutboundPolicy::AllowAny => vec![Target::Tcp(original)],
             OutboundPolicy::RegistryOnly => {
                 warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
                 conn.failed(FailureReason::registry_only);

@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -47,7 +47,7 @@ struct Record {
 
 #[derive(Default)]
 struct State {
-    original_destination: Option<SocketAddrV4>,
+    original_destination: Option<SocketAddr>,
     service_entry: Option<String>,
     host: Option<String>,
     endpoint: Option<String>,
@@ -61,7 +61,7 @@ struct State {
 pub struct ConnectionInfo {
     pub id: u64,
     pub client: SocketAddr,
-    pub original_destination: Option<SocketAddrV4>,
+    pub original_destination: Option<SocketAddr>,
     pub service_entry: Option<String>,
     pub host: Option<String>,
     pub endpoint: Option<String>,
@@ -179,7 +179,7 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    pub fn set_original_destination(&self, original: SocketAddrV4, source: RecordSource) {
+    pub fn set_original_destination(&self, original: SocketAddr, source: RecordSource) {
         self.table.metrics.redirect_record_taken(source);
         self.record.state().original_destination = Some(original);
     }

@@ -10,11 +10,12 @@
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
     thread::{self, JoinHandle},
 };
 
+use futures_util::future::join_all;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -24,6 +25,69 @@ use super::{Shared, serve};
 
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
+
+/// The proxy's listening sockets: one per worker on the IPv4 address, and one per
+/// worker on the IPv6 address if there is one.
+pub struct ProxyListeners {
+    pub v4: SocketAddrV4,
+    pub v6: Option<SocketAddrV6>,
+    per_worker: Vec<Vec<std::net::TcpListener>>,
+}
+
+impl ProxyListeners {
+    /// Binds both families. If IPv6 is unavailable on this host (disabled, or no
+    /// ::1), the proxy runs without its IPv6 listener and native IPv6 connects stay
+    /// direct. An error names the address that could not be bound.
+    pub fn bind(
+        v4: SocketAddrV4,
+        v6: Option<SocketAddrV6>,
+        workers: usize,
+    ) -> Result<Self, (SocketAddr, io::Error)> {
+        let (v4_listeners, v4) = bind(v4.into(), workers).map_err(|error| (v4.into(), error))?;
+        let SocketAddr::V4(v4) = v4 else {
+            unreachable!("bound to an IPv4 address")
+        };
+        let (v6_listeners, v6) = match v6 {
+            None => (Vec::new(), None),
+            Some(addr) => match bind(addr.into(), workers) {
+                Ok((listeners, SocketAddr::V6(bound))) => (listeners, Some(bound)),
+                Ok(_) => unreachable!("bound to an IPv6 address"),
+                Err(error) if ipv6_unavailable(&error) => {
+                    warn!(
+                        %addr, %error,
+                        "IPv6 is unavailable: native IPv6 destinations are not intercepted"
+                    );
+                    (Vec::new(), None)
+                }
+                Err(error) => return Err((addr.into(), error)),
+            },
+        };
+        let mut v6_listeners = v6_listeners.into_iter();
+        let per_worker = v4_listeners
+            .into_iter()
+            .map(|listener| {
+                std::iter::once(listener)
+                    .chain(v6_listeners.next())
+                    .collect()
+            })
+            .collect();
+        Ok(Self { v4, v6, per_worker })
+    }
+
+    /// Every address the proxy listens on.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        std::iter::once(SocketAddr::V4(self.v4))
+            .chain(self.v6.map(SocketAddr::V6))
+            .collect()
+    }
+}
+
+fn ipv6_unavailable(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT)
+    )
+}
 
 /// One listener per worker on `addr`, TCP_NODELAY inherited by accepted sockets.
 /// Returns them with the address they listen on.
@@ -35,10 +99,7 @@ const BACKLOG: i32 = 4096;
 /// first keeps redirecting, and the newer one takes over the moment the older one
 /// detaches, which makes "start the new one, then stop the old one" a restart without
 /// a gap.
-pub fn bind(
-    addr: SocketAddr,
-    workers: usize,
-) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
     // SO_REUSEPORT alone would let a second daemon join the same port and receive
     // connections whose records live in the first one's maps; a plain bind first
     // tells whether anything listens there.
@@ -71,6 +132,10 @@ pub fn bind(
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_cloexec(true)?;
+    if addr.is_ipv6() {
+        // The IPv4 listener takes IPv4 and dual-stack clients; this one only native IPv6.
+        socket.set_only_v6(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -91,18 +156,19 @@ pub struct Workers {
     release: CancellationToken,
 }
 
-/// Starts one worker per listener. Each accepts until `shutdown` fires and runs its
-/// connections on `connections`, so the caller can wait for them to drain.
+/// Starts one worker per IPv4 listener, which also accepts on one IPv6 listener. Each
+/// accepts until `shutdown` fires and runs its connections on `connections`, so the
+/// caller can wait for them to drain.
 pub fn start(
-    listeners: Vec<std::net::TcpListener>,
+    listeners: ProxyListeners,
     shared: &Arc<Shared>,
     connections: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> io::Result<Workers> {
     let (stopped_sender, stopped_accepting) = mpsc::unbounded_channel();
     let release = CancellationToken::new();
-    let mut threads = Vec::with_capacity(listeners.len());
-    for (index, listener) in listeners.into_iter().enumerate() {
+    let mut threads = Vec::with_capacity(listeners.per_worker.len());
+    for (index, worker_listeners) in listeners.per_worker.into_iter().enumerate() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -115,10 +181,21 @@ pub fn start(
             .name(format!("proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    match TcpListener::from_std(listener) {
-                        Ok(listener) => serve(listener, shared, connections, shutdown).await,
-                        Err(error) => error!(%error, "worker cannot use its listener"),
-                    }
+                    let accept_loops = worker_listeners.into_iter().filter_map(|listener| {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => Some(serve(
+                                listener,
+                                Arc::clone(&shared),
+                                connections.clone(),
+                                shutdown.clone(),
+                            )),
+                            Err(error) => {
+                                error!(%error, "worker cannot use its listener");
+                                None
+                            }
+                        }
+                    });
+                    join_all(accept_loops).await;
                     let _ = stopped.send(());
                     release.cancelled().await;
                 });

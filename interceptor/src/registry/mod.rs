@@ -8,11 +8,11 @@ mod hosts;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Arc,
 };
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::Serialize;
 
 pub use hosts::HostTable;
@@ -29,8 +29,8 @@ pub struct Service {
     pub name: String,
     pub source: Source,
     pub hosts: Vec<String>,
-    /// IPv4 addresses and CIDRs that identify this service's connections.
-    pub addresses: Vec<Ipv4Net>,
+    /// IPv4 and IPv6 addresses and CIDRs that identify this service's connections.
+    pub addresses: Vec<IpNet>,
     pub resolution: Resolution,
     pub ports: Vec<Port>,
     pub endpoints: Vec<Endpoint>,
@@ -165,7 +165,7 @@ impl Route {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct InterceptSet {
     /// (CIDR, port) → rule id.
-    pub addresses: Vec<(Ipv4Net, u16, u32)>,
+    pub addresses: Vec<(IpNet, u16, u32)>,
     /// port → rule id, for services without addresses.
     pub ports: Vec<(u16, u32)>,
 }
@@ -184,9 +184,10 @@ pub struct Registry {
 
 #[derive(Debug)]
 struct PrefixGroup {
+    /// In IPv6 bits: IPv4 networks are held IPv4-mapped, as the kernel holds them.
     prefix_len: u8,
     /// Network address (host bits cleared) → (service index, port index).
-    networks: HashMap<u32, (usize, usize)>,
+    networks: HashMap<u128, (usize, usize)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,15 +273,16 @@ impl Registry {
                 continue;
             }
             for network in &addresses {
+                let prefix_len = mapped_prefix_len(network);
                 let groups = self.by_address.entry(port.number).or_default();
                 let group = match groups
                     .iter_mut()
-                    .position(|group| group.prefix_len == network.prefix_len())
+                    .position(|group| group.prefix_len == prefix_len)
                 {
                     Some(position) => &mut groups[position],
                     None => {
                         groups.push(PrefixGroup {
-                            prefix_len: network.prefix_len(),
+                            prefix_len,
                             networks: HashMap::new(),
                         });
                         groups.last_mut().expect("just pushed")
@@ -289,7 +291,7 @@ impl Registry {
                 // An older entry already claims this address and port; validation has
                 // warned about it, naming the winner.
                 let std::collections::hash_map::Entry::Vacant(slot) =
-                    group.networks.entry(u32::from(network.network()))
+                    group.networks.entry(mapped_bits(network.network()))
                 else {
                     continue;
                 };
@@ -464,9 +466,9 @@ impl Registry {
 
     /// Decides what it can from the original destination: the longest address prefix on
     /// that port first, then the port-only routes of the port.
-    pub fn lookup(&self, destination: SocketAddrV4) -> Lookup<'_> {
+    pub fn lookup(&self, destination: SocketAddr) -> Lookup<'_> {
         let port = destination.port();
-        let address = u32::from(*destination.ip());
+        let address = mapped_bits(destination.ip());
         let by_address = self.by_address.get(&port).and_then(|groups| {
             groups.iter().find_map(|group| {
                 let mask = prefix_mask(group.prefix_len);
@@ -518,7 +520,7 @@ impl Registry {
 
     /// The route for a destination when no host is known: address or opaque port
     /// routes only. For tests and callers that never sniff.
-    pub fn route(&self, destination: SocketAddrV4) -> Option<Route> {
+    pub fn route(&self, destination: SocketAddr) -> Option<Route> {
         match self.lookup(destination) {
             Lookup::Route(route) => Some(route),
             Lookup::ByHost(routes) => self.route_by_host(routes, HostKind::Sni, None),
@@ -535,10 +537,26 @@ impl Registry {
     }
 }
 
-fn prefix_mask(prefix_len: u8) -> u32 {
-    u32::MAX
-        .checked_shl(32 - u32::from(prefix_len))
+fn prefix_mask(prefix_len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(prefix_len))
         .unwrap_or(0)
+}
+
+/// An address in one space for both families: IPv4 mapped into IPv6 (::ffff:a.b.c.d),
+/// so an IPv4 destination never matches an IPv6 network and the other way round.
+fn mapped_bits(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
+        IpAddr::V6(ip) => u128::from(ip),
+    }
+}
+
+fn mapped_prefix_len(network: &IpNet) -> u8 {
+    match network {
+        IpNet::V4(network) => 96 + network.prefix_len(),
+        IpNet::V6(network) => network.prefix_len(),
+    }
 }
 
 impl Service {
@@ -567,25 +585,13 @@ impl Service {
         let mut addresses = Vec::new();
         for (index, raw) in spec.addresses.iter().enumerate() {
             match parse_address(raw) {
-                Some(IpNet::V4(network)) => addresses.push(network.trunc()),
-                Some(IpNet::V6(_)) => report(
-                    Severity::Warning,
-                    format!("spec.addresses[{index}]"),
-                    format!("{raw}: IPv6 destinations are not intercepted yet; ignored"),
-                ),
+                Some(network) => addresses.push(network.trunc()),
                 None => report(
                     Severity::Error,
                     format!("spec.addresses[{index}]"),
                     format!("{raw} is not a valid IP or CIDR"),
                 ),
             }
-        }
-        if !spec.addresses.is_empty() && addresses.is_empty() {
-            report(
-                Severity::Warning,
-                "spec.addresses".into(),
-                "no IPv4 address: connections to this entry are never intercepted".into(),
-            );
         }
 
         let mut ports = Vec::new();
@@ -785,6 +791,39 @@ mod tests {
         );
         assert_eq!(name("198.19.0.1:80"), None);
         assert_eq!(name("198.18.6.7:81"), None);
+    }
+
+    #[test]
+    fn each_family_matches_only_its_own_networks() {
+        let every_ipv6 = entry(
+            "every-ipv6",
+            "  addresses: [\"::/0\"]\n  ports: [{number: 80, name: http}]\n",
+        );
+        let every_ipv4 = entry(
+            "every-ipv4",
+            "  addresses: [0.0.0.0/0]\n  ports: [{number: 80, name: http}]\n",
+        );
+        let narrow_ipv6 = entry(
+            "narrow-ipv6",
+            "  addresses: [\"2001:2::/64\"]\n  ports: [{number: 80, name: http}]\n",
+        );
+        let (registry, warnings) =
+            Registry::build(&config(&[&every_ipv6, &every_ipv4, &narrow_ipv6])).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let name = |destination| route_name(&registry, destination);
+        assert_eq!(
+            name("198.18.0.1:80").as_deref(),
+            Some("ServiceEntry/default/every-ipv4")
+        );
+        assert_eq!(
+            name("[2001:2::7]:80").as_deref(),
+            Some("ServiceEntry/default/narrow-ipv6")
+        );
+        assert_eq!(
+            name("[2001:3::7]:80").as_deref(),
+            Some("ServiceEntry/default/every-ipv6")
+        );
+        assert_eq!(name("[2001:2::7]:81"), None);
     }
 
     #[test]

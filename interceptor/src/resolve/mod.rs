@@ -6,7 +6,7 @@
 pub mod dns;
 
 use std::{
-    net::{IpAddr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
 };
@@ -49,16 +49,16 @@ pub enum ResolveError {
 /// weighted pick first, then the other addresses as fallbacks if it refuses.
 pub async fn targets(
     route: &Route,
-    original: SocketAddrV4,
+    original: SocketAddr,
     dns: &Arc<DnsCache>,
 ) -> Result<Vec<Target>, ResolveError> {
     let service = &route.service;
     let port = route.port();
     match service.resolution {
-        Resolution::None => Ok(vec![Target::Tcp(SocketAddr::V4(SocketAddrV4::new(
-            *original.ip(),
+        Resolution::None => Ok(vec![Target::Tcp(SocketAddr::new(
+            original.ip(),
             port.default_endpoint_port,
-        )))]),
+        ))]),
         Resolution::Static => {
             let endpoint = service.pick_endpoint().ok_or(ResolveError::NoEndpoint)?;
             literal_target(endpoint, route)
@@ -183,7 +183,7 @@ mod tests {
 
     fn targets_for(yaml: &str, destination: &str) -> Vec<Target> {
         let (registry, _) = Registry::build(&config(&[yaml])).unwrap();
-        let destination: SocketAddrV4 = destination.parse().unwrap();
+        let destination: SocketAddr = destination.parse().unwrap();
         let route = registry.route(destination).expect("routed");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
