@@ -39,6 +39,7 @@ pub struct RunConfig {
     pub proxy_addr: SocketAddrV4,
     /// The IPv6 listener, for native IPv6 destinations; `None` leaves them alone.
     pub proxy_addr_v6: Option<SocketAddrV6>,
+    pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
@@ -128,6 +129,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
         proxy_v6,
+        redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
     })?);
     kernel.sync(initial.intercepts())?;

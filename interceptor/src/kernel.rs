@@ -80,6 +80,8 @@ pub struct KernelConfig {
     pub proxy: SocketAddrV4,
     /// Where native IPv6 connects are sent; without it they are left alone.
     pub proxy_v6: Option<SocketAddrV6>,
+    /// Size of the REDIRECTS ring: a power of two, at least a page.
+    pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
 }
 
@@ -179,6 +181,7 @@ impl Kernel {
             .override_global(PROXY_ADDR6_GLOBAL, &proxy_addr6, true)
             .override_global(PROXY_PORT6_GLOBAL, &proxy_port6, true)
             .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
+            .set_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 
         let addresses = LpmTrie::try_from(take_map(&mut ebpf, SERVICE_ADDRS_MAP)?)

@@ -71,6 +71,13 @@ struct RunArgs {
     /// CPUs this process may use (cgroup CPU limits included).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
+    /// Bytes of the ring buffer through which sockops hands each redirected
+    /// connection's original destination to the proxy: a power of two, at least a
+    /// page. At 64 bytes a record, the default holds 32,768 connections the proxy has
+    /// not accepted yet; past that, records go to a map the proxy reads with a system
+    /// call (`interceptor_redirect_records_total{source="map"}` counts them).
+    #[arg(long, default_value_t = interceptor_ebpf::REDIRECTS_RING_BYTES, value_parser = parse_ring_bytes)]
+    redirect_ring_bytes: u32,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
@@ -128,6 +135,19 @@ enum CopyModeArg {
 enum LogFormat {
     Text,
     Json,
+}
+
+fn parse_ring_bytes(raw: &str) -> Result<u32, String> {
+    let bytes: u32 = raw.parse().map_err(|error| format!("{raw}: {error}"))?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    if bytes.is_power_of_two() && bytes >= page {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "{bytes} must be a power of two of at least the page size ({page})"
+        ))
+    }
 }
 
 /// `Option` itself would make clap treat the flag as optional, not as "off".
@@ -203,6 +223,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup,
         proxy_addr: args.proxy_addr,
         proxy_addr_v6: args.proxy_addr_v6.0,
+        redirect_ring_bytes: args.redirect_ring_bytes,
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),

@@ -208,6 +208,67 @@ fn a_file_change_reloads_once_per_burst() {
 }
 
 #[test]
+fn when_the_ring_is_full_records_fall_back_to_the_map_and_every_connection_is_served() {
+    let sandbox = Sandbox::new("ops-ring-full");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let config = vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1");
+    // One page holds 64 records of 64 bytes.
+    let daemon = sandbox.start_daemon(
+        &config,
+        &[
+            ADMIN_ARGS[0],
+            ADMIN_ARGS[1],
+            "--redirect-ring-bytes",
+            "4096",
+        ],
+    );
+
+    const CONNECTIONS: usize = 200;
+    const RING_RECORDS: f64 = 64.0;
+    // A stopped daemon reads nothing: the kernel still completes each handshake into
+    // the accept queue, and sockops writes each record, until the ring is full.
+    daemon.signal(libc::SIGSTOP);
+    let streams: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|index| {
+            connect("240.240.10.1:7000")
+                .unwrap_or_else(|error| panic!("connect {index} while stopped: {error}"))
+        })
+        .collect();
+    daemon.signal(libc::SIGCONT);
+
+    for (index, mut stream) in streams.into_iter().enumerate() {
+        stream.write_all(b"WHO\n").unwrap();
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .unwrap_or_else(|error| panic!("connection {index}: {error}"));
+        assert!(
+            answer.starts_with("server "),
+            "connection {index}: {answer:?}"
+        );
+    }
+    let records = |scrape: &integration_tests::admin::Scrape, source| {
+        scrape
+            .value("interceptor_redirect_records_total", &[("source", source)])
+            .unwrap_or(0.0)
+    };
+    let metrics = scrape_until(Duration::from_secs(10), |scrape| {
+        records(scrape, "ring") + records(scrape, "map") == CONNECTIONS as f64
+    });
+    let from_ring = records(&metrics, "ring");
+    assert!(
+        (1.0..=RING_RECORDS).contains(&from_ring),
+        "{from_ring} records from a ring of {RING_RECORDS}"
+    );
+    assert_eq!(records(&metrics, "map"), CONNECTIONS as f64 - from_ring);
+    assert_eq!(
+        metrics.value("interceptor_connections_failed_total", &[]),
+        Some(0.0)
+    );
+}
+
+#[test]
 fn metrics_parse_and_match_the_traffic() {
     let sandbox = Sandbox::new("ops-metrics");
     sandbox.add_host("198.18.10.1".parse().unwrap());
