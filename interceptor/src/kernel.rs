@@ -181,7 +181,7 @@ impl Kernel {
             .override_global(PROXY_ADDR6_GLOBAL, &proxy_addr6, true)
             .override_global(PROXY_PORT6_GLOBAL, &proxy_port6, true)
             .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
-            .set_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
+            .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 
         let addresses = LpmTrie::try_from(take_map(&mut ebpf, SERVICE_ADDRS_MAP)?)
