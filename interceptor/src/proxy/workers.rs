@@ -15,7 +15,6 @@ use std::{
     thread::{self, JoinHandle},
 };
 
-use futures_util::future::join_all;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -181,21 +180,25 @@ pub fn start(
             .name(format!("proxy-{index}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    let accept_loops = worker_listeners.into_iter().filter_map(|listener| {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => Some(serve(
+                    // A task per listener, so an accept on one never polls the other.
+                    let accept_loops: Vec<_> = worker_listeners
+                        .into_iter()
+                        .filter_map(|listener| match TcpListener::from_std(listener) {
+                            Ok(listener) => Some(tokio::spawn(serve(
                                 listener,
                                 Arc::clone(&shared),
                                 connections.clone(),
                                 shutdown.clone(),
-                            )),
+                            ))),
                             Err(error) => {
                                 error!(%error, "worker cannot use its listener");
                                 None
                             }
-                        }
-                    });
-                    join_all(accept_loops).await;
+                        })
+                        .collect();
+                    for accept_loop in accept_loops {
+                        let _ = accept_loop.await;
+                    }
                     let _ = stopped.send(());
                     release.cancelled().await;
                 });
