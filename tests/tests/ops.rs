@@ -155,6 +155,104 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
     assert!(logs.contains("ServiceEntry/ops/broken"), "{logs}");
 }
 
+/// A ServiceEntry for a database on VMs, its endpoints chosen by label, and the
+/// WorkloadEntries of `vms` (name, address, labels).
+fn selected_workloads(vms: &[(&str, &str, &str)]) -> String {
+    let mut yaml = String::from(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: db
+  namespace: data
+spec:
+  hosts: [db.vms.example]
+  addresses: [240.240.11.1]
+  ports:
+  - number: 5432
+    name: pg
+    protocol: TCP
+  resolution: STATIC
+  workloadSelector:
+    labels: {app: db}
+"#,
+    );
+    for (name, address, labels) in vms {
+        yaml.push_str(&format!(
+            "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: data\nspec:\n  address: {address}\n  labels: {labels}\n  ports: {{pg: 7000}}\n"
+        ));
+    }
+    yaml
+}
+
+/// Which servers 60 connections to the VIP reached.
+fn servers_behind(addr: &str) -> std::collections::BTreeSet<String> {
+    (0..60)
+        .map(|_| {
+            let seen = who(addr).unwrap_or_else(|error| panic!("connect {addr}: {error}"));
+            assert!(seen.went_through_proxy(), "{seen:?}");
+            seen.server
+        })
+        .collect()
+}
+
+#[test]
+fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
+    let sandbox = Sandbox::new("ops-selector");
+    for host in ["198.18.11.1", "198.18.11.2", "198.18.11.3"] {
+        sandbox.add_host(host.parse().unwrap());
+    }
+    let _a = TestServer::start("vm-a", "198.18.11.1:7000");
+    let _b = TestServer::start("vm-b", "198.18.11.2:7000");
+    let _c = TestServer::start("vm-c", "198.18.11.3:7000");
+    let daemon = sandbox.start_daemon(
+        &selected_workloads(&[
+            ("vm-a", "198.18.11.1", "{app: db}"),
+            ("vm-b", "198.18.11.2", "{app: db, version: v2}"),
+            ("vm-c", "198.18.11.3", "{app: web}"),
+        ]),
+        &ADMIN_ARGS,
+    );
+    assert_eq!(
+        servers_behind("240.240.11.1:5432"),
+        ["vm-a", "vm-b"].map(String::from).into(),
+        "the selector chooses app=db only, on the mapped port"
+    );
+    assert!(
+        get_ok("/config_dump").contains("WorkloadEntry/data/vm-b"),
+        "the dump names the WorkloadEntry behind each endpoint"
+    );
+
+    // vm-a is retired and vm-c relabelled: only the WorkloadEntries change.
+    replace_file(
+        &sandbox.workdir.join("config.yaml"),
+        &selected_workloads(&[
+            ("vm-b", "198.18.11.2", "{app: db, version: v2}"),
+            ("vm-c", "198.18.11.3", "{app: db}"),
+        ]),
+    );
+    wait_for_reloads("ok", 1.0);
+    assert_eq!(
+        servers_behind("240.240.11.1:5432"),
+        ["vm-b", "vm-c"].map(String::from).into()
+    );
+
+    // With nothing selected, connections are refused rather than sent anywhere.
+    replace_file(
+        &sandbox.workdir.join("config.yaml"),
+        &selected_workloads(&[("vm-c", "198.18.11.3", "{app: web}")]),
+    );
+    wait_for_reloads("ok", 2.0);
+    assert_refused_by_proxy("240.240.11.1:5432", b"WHO\n");
+    assert!(
+        daemon
+            .logs()
+            .contains("selects no usable WorkloadEntry in namespace data"),
+        "{}",
+        daemon.logs()
+    );
+}
+
 #[test]
 fn sighup_reloads() {
     let sandbox = Sandbox::new("ops-sighup");

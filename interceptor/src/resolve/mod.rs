@@ -128,11 +128,7 @@ fn routed_endpoints(route: &Route) -> std::borrow::Cow<'_, [Endpoint]> {
         .cloned()
         .collect();
     if matching.is_empty() {
-        std::borrow::Cow::Owned(vec![Endpoint {
-            address: EndpointAddress::Hostname(host.to_owned()),
-            ports: Default::default(),
-            weight: 1,
-        }])
+        std::borrow::Cow::Owned(vec![Endpoint::hostname(host)])
     } else {
         std::borrow::Cow::Owned(matching)
     }

@@ -15,7 +15,8 @@
 use std::{cmp::Ordering, collections::BTreeMap};
 
 use crate::config::{
-    Finding, Protocol, ServiceEntry, Severity, Sourced, object_name, validate::names::is_valid_ip,
+    Finding, ObjectMeta, Protocol, ServiceEntry, Severity, Sourced, object_name,
+    validate::names::is_valid_ip,
 };
 
 /// How a port is told apart from others on the same destination port.
@@ -80,23 +81,26 @@ impl PartialOrd for EntryOrder<'_> {
 
 /// Indices into `entries`, highest precedence (oldest) first.
 pub fn entry_order(entries: &[Sourced<ServiceEntry>]) -> Vec<usize> {
-    let keys: Vec<EntryOrder<'_>> = entries
-        .iter()
+    oldest_first(entries.iter().map(|entry| &entry.resource.metadata))
+}
+
+/// Indices of the objects with this metadata, oldest first, the order in which Istio
+/// lets objects take precedence: creation time, then name, then namespace; objects
+/// without a creation time come last, in load order.
+pub fn oldest_first<'a>(metadata: impl Iterator<Item = &'a ObjectMeta>) -> Vec<usize> {
+    let keys: Vec<EntryOrder<'_>> = metadata
         .enumerate()
-        .map(|(load_index, entry)| {
-            let metadata = &entry.resource.metadata;
-            EntryOrder {
-                created: metadata
-                    .creation_timestamp
-                    .as_deref()
-                    .and_then(parse_rfc3339),
-                name: &metadata.name,
-                namespace: metadata.namespace(),
-                load_index,
-            }
+        .map(|(load_index, metadata)| EntryOrder {
+            created: metadata
+                .creation_timestamp
+                .as_deref()
+                .and_then(parse_rfc3339),
+            name: &metadata.name,
+            namespace: metadata.namespace(),
+            load_index,
         })
         .collect();
-    let mut order: Vec<usize> = (0..entries.len()).collect();
+    let mut order: Vec<usize> = (0..keys.len()).collect();
     order.sort_by(|a, b| keys[*a].cmp(&keys[*b]));
     order
 }
