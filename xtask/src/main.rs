@@ -127,6 +127,7 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     build_daemon(false)?;
     // The benchmark's smoke mode: every path must work, whatever the figures say.
     check(cargo().args(["xtask", "bench", "--quick"]))?;
+    check(cargo().args(["xtask", "bench", "--quick", "--family", "ipv6"]))?;
     check(
         cargo()
             .args(["test", "--workspace"])

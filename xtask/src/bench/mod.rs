@@ -51,6 +51,11 @@ pub struct BenchArgs {
     /// to compare its data paths; repeat for several.
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     pub daemon_args: Vec<String>,
+    /// The address family of every path: IPv6 puts the backend on 2001:2:0:1::1, the
+    /// VIPs in 2001:2::/64 (through the daemon's IPv6 listener on [::1]:15001) and
+    /// HAProxy on [::1].
+    #[arg(long, value_enum, default_value_t = proto::Family::Ipv4)]
+    family: proto::Family,
     /// Internal: this is the release build, already built; skip setup and build.
     #[arg(long, hide = true)]
     prebuilt: bool,
@@ -175,6 +180,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             args.daemon_args.join(" ")
         );
     }
+    proto::set_family(args.family);
     let scenarios: Vec<Scenario> = Scenario::ALL
         .into_iter()
         .filter(|scenario| args.scenarios.is_empty() || args.scenarios.contains(scenario))
@@ -228,8 +234,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         .trim()
         .to_owned();
     let haproxy = proxies::haproxy_version();
+    let family = match args.family {
+        proto::Family::Ipv4 => "IPv4",
+        proto::Family::Ipv6 => "IPv6",
+    };
     let title = format!(
-        "interceptor bench ({mode}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
+        "interceptor bench ({mode}, {family}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
         sizes.rounds
     );
     println!("\n{}", report.table(&title));
@@ -237,6 +247,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         "version": 1,
         "timestamp": report::utc_stamp(started),
         "mode": mode,
+        "family": args.family,
         "scenarios": scenarios,
         "host": { "cpus": threads, "kernel": kernel, "haproxy": haproxy },
         "sizes": sizes,

@@ -2,38 +2,85 @@
 //! the fixed addresses of the benchmark network namespace.
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::OnceLock,
 };
 
 use serde::{Deserialize, Serialize};
 
-/// The backend host, on `lo` inside the namespace (198.18.0.0/15 is for benchmarks).
-pub const BACKEND_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The address family every path of a run uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ipv4,
+    Ipv6,
+}
+
+static FAMILY: OnceLock<Family> = OnceLock::new();
+
+/// Chooses the family for this process; the harness does it once, before any path runs.
+pub fn set_family(family: Family) {
+    let _ = FAMILY.set(family);
+}
+
+pub fn family() -> Family {
+    FAMILY.get().copied().unwrap_or_default()
+}
+
+/// The backend host, on `lo` inside the namespace; both ranges are for benchmarks.
+pub const BACKEND_IPV4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const BACKEND_IPV6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 1, 0, 0, 0, 1);
+
+pub fn backend_ip() -> IpAddr {
+    match family() {
+        Family::Ipv4 => BACKEND_IPV4.into(),
+        Family::Ipv6 => BACKEND_IPV6.into(),
+    }
+}
+
+pub fn loopback() -> IpAddr {
+    match family() {
+        Family::Ipv4 => Ipv4Addr::LOCALHOST.into(),
+        Family::Ipv6 => Ipv6Addr::LOCALHOST.into(),
+    }
+}
 /// Sink: reads and verifies the bulk pattern, then answers `OK <bytes>`.
 pub const BULK_PORT: u16 = 5001;
 /// Echo, one blocking thread per connection: the cleanest request/response baseline.
 pub const ECHO_PORT: u16 = 5002;
 /// Echo on tokio: many short or idle connections.
 pub const CONN_PORT: u16 = 5003;
-/// Where the interceptor's proxy listens.
-pub const PROXY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 15001);
+/// Where the interceptor's IPv4 proxy listens; the IPv6 one is on [::1] at the same
+/// port (the daemon's default).
+pub const PROXY: &str = "127.0.0.1:15001";
 /// HAProxy listens on 15100 + (backend port - 5000).
 pub const HAPROXY_PORT_BASE: u16 = 15100;
 /// Ephemeral ports stay clear of every listener above.
 pub const EPHEMERAL_PORTS: &str = "16000 65000";
 
-/// The `index`-th ServiceEntry VIP in 240.240.0.0/16, skipping .0 and .255.
-pub fn vip(index: u32) -> Ipv4Addr {
+/// The `index`-th ServiceEntry VIP of this run's family.
+pub fn vip(index: u32) -> IpAddr {
+    vip_in(family(), index)
+}
+
+/// In 240.240.0.0/16, skipping .0 and .255, or in 2001:2::/64 (where Istio
+/// auto-allocates, and in the IPv6 benchmarking range).
+fn vip_in(family: Family, index: u32) -> IpAddr {
     assert!(index < 250 * 256, "VIP index out of range");
-    Ipv4Addr::new(240, 240, (index / 250) as u8, (index % 250 + 1) as u8)
+    match family {
+        Family::Ipv4 => {
+            Ipv4Addr::new(240, 240, (index / 250) as u8, (index % 250 + 1) as u8).into()
+        }
+        Family::Ipv6 => Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, index as u16 + 1).into(),
+    }
 }
 
 /// Where a client connects, and where its socket must say it is connected, which tells
 /// whether the connection really was (or was not) redirected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
-    pub addr: SocketAddrV4,
+    pub addr: SocketAddr,
     /// With `vips > 1`, connection `i` goes to `vip(i % vips)` on `addr`'s port.
     #[serde(default)]
     pub vips: u32,
@@ -42,10 +89,16 @@ pub struct Target {
 impl Target {
     pub fn addr_for(&self, index: u64) -> SocketAddr {
         if self.vips > 1 {
-            let vip = vip((index % u64::from(self.vips)) as u32);
-            SocketAddr::V4(SocketAddrV4::new(vip, self.addr.port()))
+            // The client process does not know the run's family; the address does.
+            let family = if self.addr.is_ipv6() {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            };
+            let vip = vip_in(family, (index % u64::from(self.vips)) as u32);
+            SocketAddr::new(vip, self.addr.port())
         } else {
-            SocketAddr::V4(self.addr)
+            self.addr
         }
     }
 }
@@ -299,12 +352,37 @@ mod tests {
 
     #[test]
     fn vips_are_distinct_host_addresses() {
-        let vips: std::collections::HashSet<Ipv4Addr> = (0..10_000).map(vip).collect();
+        let vips: std::collections::HashSet<IpAddr> = (0..10_000)
+            .map(|index| vip_in(Family::Ipv4, index))
+            .collect();
         assert_eq!(vips.len(), 10_000);
-        assert!(
-            vips.iter()
-                .all(|vip| vip.octets()[..2] == [240, 240] && !matches!(vip.octets()[3], 0 | 255))
+        assert!(vips.iter().all(|vip| match vip {
+            IpAddr::V4(vip) =>
+                vip.octets()[..2] == [240, 240] && !matches!(vip.octets()[3], 0 | 255),
+            IpAddr::V6(_) => false,
+        }));
+        assert_eq!(vip_in(Family::Ipv4, 0), Ipv4Addr::new(240, 240, 0, 1));
+        let vips: std::collections::HashSet<IpAddr> = (0..10_000)
+            .map(|index| vip_in(Family::Ipv6, index))
+            .collect();
+        assert_eq!(vips.len(), 10_000);
+        assert_eq!(
+            vip_in(Family::Ipv6, 0),
+            "2001:2::1".parse::<IpAddr>().unwrap()
         );
-        assert_eq!(vip(0), Ipv4Addr::new(240, 240, 0, 1));
+    }
+
+    #[test]
+    fn a_target_spreads_over_vips_of_its_own_family() {
+        let target = Target {
+            addr: "[2001:2::1]:5003".parse().unwrap(),
+            vips: 3,
+        };
+        assert_eq!(target.addr_for(4), "[2001:2::2]:5003".parse().unwrap());
+        let target = Target {
+            addr: "240.240.0.1:5003".parse().unwrap(),
+            vips: 3,
+        };
+        assert_eq!(target.addr_for(5), "240.240.0.3:5003".parse().unwrap());
     }
 }

@@ -14,7 +14,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use super::{
     procs::{Proc, SpawnOptions, bail_if_interrupted},
-    proto::{BACKEND_IP, BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, PROXY, vip},
+    proto::{BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, PROXY, backend_ip, loopback, vip},
     sandbox::Sandbox,
 };
 
@@ -39,7 +39,7 @@ pub fn service_entries_yaml(count: u32, ports: &[u16]) -> String {
                 "  - number: {port}\n    name: tcp-{port}\n    protocol: TCP\n"
             );
         }
-        let _ = write!(yaml, "  endpoints:\n  - address: {BACKEND_IP}\n");
+        let _ = write!(yaml, "  endpoints:\n  - address: {}\n", backend_ip());
     }
     yaml
 }
@@ -65,7 +65,7 @@ impl Daemon {
             .arg(config)
             .arg("--cgroup")
             .arg(&sandbox.cgroup)
-            .args(["--proxy-addr", &PROXY.to_string(), "--drain-timeout", "2"])
+            .args(["--proxy-addr", PROXY, "--drain-timeout", "2"])
             .args(daemon_args())
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines of interceptor::proxy and would distort the numbers.
@@ -165,8 +165,9 @@ impl Haproxy {
         for port in BACKEND_PORTS {
             let _ = write!(
                 config,
-                "\nlisten bench-{port}\n  bind 127.0.0.1:{}\n  server backend {BACKEND_IP}:{port}\n",
-                haproxy_port(port)
+                "\nlisten bench-{port}\n  bind {}\n  server backend {}\n",
+                SocketAddr::new(loopback(), haproxy_port(port)),
+                SocketAddr::new(backend_ip(), port),
             );
         }
         let path = sandbox.workdir.join("haproxy.cfg");
@@ -187,7 +188,7 @@ impl Haproxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         let probes: Vec<SocketAddr> = BACKEND_PORTS
             .iter()
-            .map(|&port| SocketAddr::from(([127, 0, 0, 1], haproxy_port(port))))
+            .map(|&port| SocketAddr::new(loopback(), haproxy_port(port)))
             .collect();
         loop {
             bail_if_interrupted()?;

@@ -3,7 +3,8 @@
 //! The namespace is entered with `unshare(CLONE_NEWNET)` by the harness's main thread
 //! before it starts any other thread or child, so the backends, the daemon, HAProxy
 //! and the clients all live in it; it disappears with the harness process. It has
-//! loopback only, no default route, the backend host from 198.18.0.0/15 on `lo`.
+//! loopback only, no default route, and the backend host on `lo`: 198.18.0.1 and
+//! 2001:2:0:1::1, from the IPv4 and IPv6 benchmarking ranges.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -15,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 
-use super::proto::{BACKEND_IP, EPHEMERAL_PORTS};
+use super::proto::{BACKEND_IPV4, BACKEND_IPV6, EPHEMERAL_PORTS};
 use crate::setup;
 
 /// Enough descriptors for 10,000 idle connections through a proxy (two sockets each
@@ -167,22 +168,32 @@ fn enter_new_network_namespace() -> Result<()> {
         bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
     }
     ip(&["link", "set", "lo", "up"])?;
-    ip(&["addr", "add", &format!("{BACKEND_IP}/32"), "dev", "lo"])?;
+    ip(&["addr", "add", &format!("{BACKEND_IPV4}/32"), "dev", "lo"])?;
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{BACKEND_IPV6}/128"),
+        "dev",
+        "lo",
+    ])?;
     // /proc/sys/net follows the network namespace of the thread that opens it.
     // TIME_WAIT reuse for the 198.18/15 hosts too (the default 2 covers 127/8 only),
     // and a wide ephemeral range: the connection-rate runs open ~100k connections.
     fs::write("/proc/sys/net/ipv4/tcp_tw_reuse", "1").context("setting tcp_tw_reuse")?;
     fs::write("/proc/sys/net/ipv4/ip_local_port_range", EPHEMERAL_PORTS)
         .context("setting ip_local_port_range")?;
-    let routes = Command::new("ip")
-        .args(["-4", "route", "show", "default"])
-        .output()
-        .context("running ip (iproute2)")?;
-    ensure!(
-        routes.status.success() && routes.stdout.is_empty(),
-        "the bench network namespace has a default route: {}",
-        String::from_utf8_lossy(&routes.stdout)
-    );
+    for family in ["-4", "-6"] {
+        let routes = Command::new("ip")
+            .args([family, "route", "show", "default"])
+            .output()
+            .context("running ip (iproute2)")?;
+        ensure!(
+            routes.status.success() && routes.stdout.is_empty(),
+            "the bench network namespace has a default route: {}",
+            String::from_utf8_lossy(&routes.stdout)
+        );
+    }
     let links = Command::new("ip").args(["-o", "link", "show"]).output()?;
     let links = String::from_utf8_lossy(&links.stdout);
     ensure!(

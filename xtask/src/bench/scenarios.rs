@@ -1,13 +1,7 @@
 //! The scenarios. A failed path is recorded in the report and the run goes on, so one
 //! broken path still leaves the other figures; the run then exits non-zero.
 
-use std::{
-    fs,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::PathBuf,
-    process::Command,
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, bail, ensure};
 
@@ -15,7 +9,7 @@ use super::{
     Scenario, Sizes,
     procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{
-        BACKEND_IP, BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target,
+        BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
     },
     proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
@@ -43,9 +37,9 @@ impl Route {
 
     fn target(self, port: u16) -> Target {
         let addr = match self {
-            Self::Direct => SocketAddrV4::new(BACKEND_IP, port),
-            Self::Interceptor => SocketAddrV4::new(vip(0), port),
-            Self::Haproxy => SocketAddrV4::new(Ipv4Addr::LOCALHOST, haproxy_port(port)),
+            Self::Direct => SocketAddr::new(backend_ip(), port),
+            Self::Interceptor => SocketAddr::new(vip(0), port),
+            Self::Haproxy => SocketAddr::new(loopback(), haproxy_port(port)),
         };
         Target { addr, vips: 0 }
     }
@@ -629,7 +623,7 @@ impl Bench<'_> {
                 ready_ms[slot].push(ready);
                 // Every connection goes to another entry's VIP, all of them in turn.
                 let target = Target {
-                    addr: SocketAddrV4::new(vip(0), CONN_PORT),
+                    addr: SocketAddr::new(vip(0), CONN_PORT),
                     vips: *entries,
                 };
                 let job = Job::ConnectLatency {

@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::proto::{BACKEND_IP, BULK_PORT, CONN_PORT, ECHO_PORT, PERIOD, Verifier};
+use super::proto::{BULK_PORT, CONN_PORT, ECHO_PORT, PERIOD, Verifier, backend_ip};
 
 /// Socket reads time out after this long, so a stuck peer cannot pin a thread forever.
 const IDLE_LIMIT: Duration = Duration::from_secs(120);
@@ -29,10 +29,13 @@ pub fn start() -> Result<Backends> {
         .enable_all()
         .build()
         .context("starting the backend runtime")?;
-    let addr = SocketAddr::V4(SocketAddrV4::new(BACKEND_IP, CONN_PORT));
+    let addr = SocketAddr::new(backend_ip(), CONN_PORT);
     let listener = runtime
         .block_on(async {
-            let socket = tokio::net::TcpSocket::new_v4()?;
+            let socket = match addr {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
             socket.set_reuseaddr(true)?;
             socket.bind(addr)?;
             socket.listen(4096)
@@ -56,7 +59,7 @@ fn spawn_threaded(
     port: u16,
     serve: fn(TcpStream) -> std::io::Result<()>,
 ) -> Result<()> {
-    let addr = SocketAddrV4::new(BACKEND_IP, port);
+    let addr = SocketAddr::new(backend_ip(), port);
     let listener =
         TcpListener::bind(addr).with_context(|| format!("binding the {name} backend on {addr}"))?;
     thread::Builder::new()
