@@ -49,6 +49,8 @@ pub struct RunConfig {
     pub copy_mode: CopyMode,
     /// Proxy threads, each with its own listener and runtime.
     pub workers: usize,
+    /// How long an idle worker spins before it blocks; zero never spins.
+    pub busy_poll: Duration,
     pub admin_addr: SocketAddr,
     pub admin_allow_non_loopback: bool,
 }
@@ -70,7 +72,7 @@ pub enum AppError {
     #[error(transparent)]
     Dns(#[from] DnsSetupError),
     #[error("cannot start the proxy workers: {0}")]
-    Workers(#[source] std::io::Error),
+    Workers(#[source] proxy::workers::WorkersError),
     #[error("cannot install signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -153,8 +155,14 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
-    let mut workers = proxy::workers::start(listeners, &shared, &connections, &shutdown)
-        .map_err(AppError::Workers)?;
+    let mut workers = proxy::workers::start(
+        listeners,
+        config.busy_poll,
+        &shared,
+        &connections,
+        &shutdown,
+    )
+    .map_err(AppError::Workers)?;
     let sweeper = tokio::spawn(async move {
         let mut interval = tokio::time::interval(SWEEP_INTERVAL);
         loop {

@@ -253,6 +253,72 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     );
 }
 
+/// CPU time (user + system) the process has used, in milliseconds.
+fn cpu_millis(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
+    // The fields after the command name, which may itself contain spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("stat has a command name")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    ticks * 1000 / per_second
+}
+
+/// CPU the daemon uses while `during` runs and for `settle` afterwards.
+fn cpu_used(daemon: &Daemon, during: impl FnOnce(), settle: Duration) -> u64 {
+    let before = cpu_millis(daemon.pid());
+    during();
+    std::thread::sleep(settle);
+    cpu_millis(daemon.pid()) - before
+}
+
+#[test]
+fn busy_polling_spins_after_traffic_and_stops_when_idle() {
+    let sandbox = Sandbox::new("ops-busy-poll");
+    sandbox.add_host("198.18.12.1".parse().unwrap());
+    let _server = TestServer::start("polled", "198.18.12.1:7000");
+    // A budget long enough to see on the process's CPU clock (10 ms ticks).
+    let daemon = sandbox.start_daemon(
+        &vip_entry("ops", "polled", "240.240.12.1", "198.18.12.1"),
+        &["--busy-poll-us", "300000", "--workers", "1"],
+    );
+    // The worker spins once after starting, then blocks.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let idle = cpu_used(&daemon, || {}, Duration::from_millis(600));
+    let after_traffic = cpu_used(
+        &daemon,
+        || {
+            let seen = who("240.240.12.1:7000").expect("connect through the proxy");
+            assert!(seen.went_through_proxy());
+            assert_eq!(seen.server, "polled");
+        },
+        Duration::from_millis(800),
+    );
+    let idle_again = cpu_used(&daemon, || {}, Duration::from_millis(600));
+
+    // A spin of up to 300 ms follows the connection's last event; on a contended CI
+    // machine the thread may not get all of it.
+    assert!(
+        after_traffic >= 100,
+        "the worker did not spin after the connection: {after_traffic} ms of CPU"
+    );
+    assert!(
+        idle <= 60 && idle_again <= 60,
+        "an idle worker kept spinning: {idle} ms and {idle_again} ms of CPU in 600 ms"
+    );
+    assert!(
+        !daemon.logs().contains("busy polling is off"),
+        "{}",
+        daemon.logs()
+    );
+}
+
 #[test]
 fn sighup_reloads() {
     let sandbox = Sandbox::new("ops-sighup");

@@ -1,6 +1,7 @@
 //! The proxy: accepts redirected connections, recovers where each was going, picks
 //! the upstream from the registry snapshot, and forwards bytes both ways.
 
+pub mod busy_poll;
 pub mod tracking;
 pub mod workers;
 

@@ -13,6 +13,7 @@ use std::{
     net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     sync::Arc,
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -20,7 +21,11 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use super::{Shared, serve};
+use super::{
+    Shared,
+    busy_poll::{self, BusyPollError},
+    serve,
+};
 
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
@@ -145,6 +150,14 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum WorkersError {
+    #[error(transparent)]
+    Runtime(#[from] BusyPollError),
+    #[error("starting a worker thread: {0}")]
+    Spawn(#[source] io::Error),
+}
+
 /// The running worker threads.
 pub struct Workers {
     threads: Vec<JoinHandle<()>>,
@@ -160,17 +173,16 @@ pub struct Workers {
 /// caller can wait for them to drain.
 pub fn start(
     listeners: ProxyListeners,
+    busy_poll: Duration,
     shared: &Arc<Shared>,
     connections: &TaskTracker,
     shutdown: &CancellationToken,
-) -> io::Result<Workers> {
+) -> Result<Workers, WorkersError> {
     let (stopped_sender, stopped_accepting) = mpsc::unbounded_channel();
     let release = CancellationToken::new();
     let mut threads = Vec::with_capacity(listeners.per_worker.len());
     for (index, worker_listeners) in listeners.per_worker.into_iter().enumerate() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let runtime = busy_poll::worker_runtime(busy_poll)?;
         let shared = Arc::clone(shared);
         let connections = connections.clone();
         let shutdown = shutdown.clone();
@@ -202,7 +214,8 @@ pub fn start(
                     let _ = stopped.send(());
                     release.cancelled().await;
                 });
-            })?;
+            })
+            .map_err(WorkersError::Spawn)?;
         threads.push(thread);
     }
     info!(workers = threads.len(), "proxy workers started");
