@@ -37,6 +37,10 @@ pub const PROXY_ADDR6_GLOBAL: &str = "PROXY_ADDR6";
 pub const PROXY_PORT6_GLOBAL: &str = "PROXY_PORT6";
 /// Global: sockets carrying this SO_MARK are the daemon's own and are never redirected.
 pub const BYPASS_MARK_GLOBAL: &str = "BYPASS_MARK";
+/// Global: the cookie of the network namespace the proxy listens in. Only sockets in
+/// it are redirected, since the proxy's loopback address means nothing in another
+/// one; zero (a kernel without SO_NETNS_COOKIE) redirects in every namespace.
+pub const PROXY_NETNS_COOKIE_GLOBAL: &str = "PROXY_NETNS_COOKIE";
 
 pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
 pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;

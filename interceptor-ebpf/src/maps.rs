@@ -45,6 +45,8 @@ static PROXY_ADDR6: Address = [0; 4];
 static PROXY_PORT6: [u8; 2] = [0; 2];
 #[unsafe(no_mangle)]
 static BYPASS_MARK: u32 = 0;
+#[unsafe(no_mangle)]
+static PROXY_NETNS_COOKIE: u64 = 0;
 
 /// The proxy's IPv4 listener: address and port, network byte order.
 #[inline(always)]
@@ -71,4 +73,9 @@ pub fn proxy_ipv6() -> Option<(Address, [u8; 2])> {
 #[inline(always)]
 pub fn bypass_mark() -> u32 {
     unsafe { core::ptr::read_volatile(&BYPASS_MARK) }
+}
+
+#[inline(always)]
+pub fn proxy_netns_cookie() -> u64 {
+    unsafe { core::ptr::read_volatile(&PROXY_NETNS_COOKIE) }
 }

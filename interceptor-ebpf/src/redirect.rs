@@ -5,7 +5,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
@@ -17,6 +17,7 @@ use interceptor_ebpf::{
 
 use crate::maps::{
     ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, proxy_ipv4, proxy_ipv6,
+    proxy_netns_cookie,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -49,6 +50,12 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxy: Endpoint) -> bool {
         return false;
     }
     if same_endpoint(dst, proxy) {
+        return false;
+    }
+    // A container or pod in its own network namespace would be sent to its own
+    // loopback, where no proxy listens: it goes direct instead.
+    let proxy_netns = proxy_netns_cookie();
+    if proxy_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != proxy_netns {
         return false;
     }
 

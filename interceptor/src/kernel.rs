@@ -26,11 +26,11 @@ use aya::{
 use interceptor_ebpf::{
     BYPASS_MARK_GLOBAL, IPV4_MAPPED_PREFIX_BITS, InterceptRule, ORIG_BY_CLIENT_MAP,
     ORIG_BY_COOKIE_MAP, ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
-    PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS,
-    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
-    ServiceAddrKey, SocketAddress, address_of,
+    PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING,
+    RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
+    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress, address_of,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::registry::InterceptSet;
 
@@ -70,6 +70,30 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("cannot duplicate a map descriptor: {0}")]
     Dup(#[source] std::io::Error),
+}
+
+/// The cookie the kernel gives the network namespace this process runs in, which
+/// `bpf_get_netns_cookie` returns for sockets created in it.
+fn own_netns_cookie() -> std::io::Result<u64> {
+    // Any socket will do; an unbound one needs no address in the namespace.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie = 0u64;
+    let mut length = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: the option writes one u64 into `cookie`, whose size `length` gives.
+    let result = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut length,
+        )
+    };
+    if result == 0 {
+        Ok(cookie)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Settings the programs are loaded with.
@@ -175,12 +199,25 @@ impl Kernel {
             .map(|proxy| SocketAddress::of(SocketAddr::V6(proxy)));
         let proxy_addr6 = proxy_v6.map_or([0; 4], |proxy| proxy.addr);
         let proxy_port6 = proxy_v6.map_or([0; 2], |proxy| proxy.port);
+        let proxy_netns_cookie = match own_netns_cookie() {
+            Ok(cookie) => cookie,
+            Err(error) => {
+                warn!(
+                    %error,
+                    "cannot read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14): \
+                     connects from every network namespace in the cgroup are redirected, and those \
+                     outside this one fail"
+                );
+                0
+            }
+        };
         let mut ebpf = EbpfLoader::new()
             .override_global(PROXY_ADDR4_GLOBAL, &proxy_addr4, true)
             .override_global(PROXY_PORT4_GLOBAL, &proxy_port4, true)
             .override_global(PROXY_ADDR6_GLOBAL, &proxy_addr6, true)
             .override_global(PROXY_PORT6_GLOBAL, &proxy_port6, true)
             .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
+            .override_global(PROXY_NETNS_COOKIE_GLOBAL, &proxy_netns_cookie, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 

@@ -165,6 +165,22 @@ impl Drop for Sandbox {
     }
 }
 
+/// Moves the calling thread into a network namespace of its own, as a container's
+/// processes are, with loopback up and `hosts` on it; the thread stays in the test's
+/// cgroup. The namespace lives as long as the thread or a socket made in it.
+pub fn enter_container_network_namespace(hosts: &[Ipv4Addr]) {
+    // SAFETY: unshare affects only this thread's network namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    }
+    // `ip` runs in this thread's namespace: a child starts in its parent thread's.
+    run_ip(&["link", "set", "lo", "up"]).expect("bring up the container's loopback");
+    for host in hosts {
+        run_ip(&["addr", "add", &format!("{host}/32"), "dev", "lo"])
+            .unwrap_or_else(|error| panic!("adding {host} in the container: {error:#}"));
+    }
+}
+
 fn run_ip(args: &[&str]) -> Result<()> {
     let output = Command::new("ip")
         .args(args)

@@ -12,6 +12,7 @@ use integration_tests::{
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
+    enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
 };
@@ -62,6 +63,42 @@ fn none_resolution_forwards_an_address_range_to_the_original_destination() {
         "{logs}"
     );
     assert!(logs.contains("endpoint=198.18.0.11:7000"), "{logs}");
+}
+
+#[test]
+fn connects_from_another_network_namespace_go_direct() {
+    let sandbox = Sandbox::new("other-netns");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _here = TestServer::start("here", "198.18.0.10:7000");
+    let _daemon = sandbox.start_daemon(
+        &format!(
+            "{NONE_RANGE}---\n{}",
+            vip_entry("egress", "vip", "240.240.3.1", "198.18.0.10")
+        ),
+        &[],
+    );
+    assert!(
+        who("198.18.0.10:7000")
+            .expect("connect in the daemon's namespace")
+            .went_through_proxy()
+    );
+
+    // A container: in the cgroup the programs watch, but in a network namespace of its
+    // own, where the proxy's 127.0.0.1:15001 is nobody. Its connects must go where
+    // they were going, never to its own loopback.
+    let (seen, vip) = std::thread::spawn(|| {
+        enter_container_network_namespace(&["198.18.0.10".parse().unwrap()]);
+        let _container = TestServer::start("container", "198.18.0.10:7000");
+        (who("198.18.0.10:7000"), connect("240.240.3.1:7000"))
+    })
+    .join()
+    .expect("the container thread");
+    let seen = seen.expect("a connect from the container's namespace");
+    assert_eq!(seen.server, "container");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    // The VIP exists nowhere in the container, so only a redirect could have reached it.
+    let error = vip.expect_err("a VIP connect from the container went somewhere");
+    assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
 }
 
 #[test]
