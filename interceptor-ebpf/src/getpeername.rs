@@ -2,12 +2,13 @@ use aya_ebpf::{
     EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use interceptor_ebpf::{SocketAddress, ipv4_in_mapped};
+use interceptor_ebpf::{SocketAddress, ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
-    maps::{PEER_BY_COOKIE, proxy_ipv4},
+    maps::PEER_BY_COOKIE,
     redirect::{
-        proxy_for_ipv6_socket, same_endpoint, set_user_ipv4, set_user_ipv6, user_ipv4, user_ipv6,
+        proxies_for_ipv4, proxies_for_ipv6_socket, set_user_ipv4, set_user_ipv6, user_ipv4,
+        user_ipv6,
     },
 };
 
@@ -19,7 +20,8 @@ const ALLOW: i32 = 1;
 /// sidecar) would.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
-    if user_ipv4(ctx.sock_addr) == proxy_ipv4()
+    let (addr, port) = user_ipv4(ctx.sock_addr);
+    if proxies_for_ipv4().contain((ipv4_mapped(addr), port))
         && let Some(original) = original_destination(&ctx)
         && let Some(addr) = ipv4_in_mapped(original.addr)
     {
@@ -32,8 +34,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     let peer = user_ipv6(ctx.sock_addr);
-    if let Some(proxy) = proxy_for_ipv6_socket(peer.0)
-        && same_endpoint(peer, proxy)
+    if proxies_for_ipv6_socket(peer.0).contain(peer)
         && let Some(original) = original_destination(&ctx)
     {
         set_user_ipv6(ctx.sock_addr, (original.addr, original.port));

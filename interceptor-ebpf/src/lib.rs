@@ -41,6 +41,11 @@ pub const BYPASS_MARK_GLOBAL: &str = "BYPASS_MARK";
 /// it are redirected, since the proxy's loopback address means nothing in another
 /// one; zero (a kernel without SO_NETNS_COOKIE) redirects in every namespace.
 pub const PROXY_NETNS_COOKIE_GLOBAL: &str = "PROXY_NETNS_COOKIE";
+/// Global: where IPv4 connects from other network namespaces (containers) are sent,
+/// an address of the host they can reach, network byte order.
+pub const CONTAINER_PROXY_ADDR4_GLOBAL: &str = "CONTAINER_PROXY_ADDR4";
+/// Global: its port, network byte order; zero leaves other namespaces' connects alone.
+pub const CONTAINER_PROXY_PORT4_GLOBAL: &str = "CONTAINER_PROXY_PORT4";
 
 pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
 pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;

@@ -47,6 +47,10 @@ static PROXY_PORT6: [u8; 2] = [0; 2];
 static BYPASS_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static PROXY_NETNS_COOKIE: u64 = 0;
+#[unsafe(no_mangle)]
+static CONTAINER_PROXY_ADDR4: [u8; 4] = [0; 4];
+#[unsafe(no_mangle)]
+static CONTAINER_PROXY_PORT4: [u8; 2] = [0; 2];
 
 /// The proxy's IPv4 listener: address and port, network byte order.
 #[inline(always)]
@@ -73,6 +77,19 @@ pub fn proxy_ipv6() -> Option<(Address, [u8; 2])> {
 #[inline(always)]
 pub fn bypass_mark() -> u32 {
     unsafe { core::ptr::read_volatile(&BYPASS_MARK) }
+}
+
+/// Where IPv4 connects from other network namespaces go, if anywhere.
+#[inline(always)]
+pub fn container_proxy_ipv4() -> Option<([u8; 4], [u8; 2])> {
+    let port = unsafe { core::ptr::read_volatile(&CONTAINER_PROXY_PORT4) };
+    if port == [0, 0] {
+        return None;
+    }
+    Some((
+        unsafe { core::ptr::read_volatile(&CONTAINER_PROXY_ADDR4) },
+        port,
+    ))
 }
 
 #[inline(always)]

@@ -16,8 +16,8 @@ use interceptor_ebpf::{
 };
 
 use crate::maps::{
-    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, proxy_ipv4, proxy_ipv6,
-    proxy_netns_cookie,
+    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4, proxy_ipv4,
+    proxy_ipv6, proxy_netns_cookie,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -29,34 +29,49 @@ pub type Endpoint = (Address, [u8; 2]);
 /// An IPv4 socket address, both parts in network byte order.
 pub type Ipv4Endpoint = ([u8; 4], [u8; 2]);
 
-/// Whether the connect of `ctx` to `dst` is intercepted. If so, the original
-/// destination is recorded under the socket's cookie and the caller must rewrite the
-/// destination to `proxy`.
+/// Where a connect may be sent: the proxy's listener in its own network namespace, and
+/// the address it listens on for other namespaces (containers). Port zero means none:
+/// plain values rather than `Option`s, whose unset payload LLVM may copy from a
+/// register the verifier counts as unread.
+pub struct Proxies {
+    pub own_netns: Endpoint,
+    pub other_netns: Endpoint,
+}
+
+const NO_PROXY: Endpoint = ([0; 4], [0; 2]);
+
+/// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
+/// original destination is then recorded under the socket's cookie.
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxy: Endpoint) -> bool {
+pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Option<Endpoint> {
     let sock_addr = ctx.sock_addr;
     // Each context field is read on its own: LLVM would otherwise merge neighbouring
     // reads into one wide load, which the verifier rejects for this context.
     let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
     if protocol != IPPROTO_TCP {
-        return false;
+        return None;
     }
     let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return false;
+        return None;
     }
     let mark = unsafe { read_volatile(&(*sk).mark) };
     if mark != 0 && mark == bypass_mark() {
-        return false;
+        return None;
     }
-    if same_endpoint(dst, proxy) {
-        return false;
-    }
-    // A container or pod in its own network namespace would be sent to its own
-    // loopback, where no proxy listens: it goes direct instead.
+    // A container or pod in a network namespace of its own cannot reach the proxy's
+    // loopback address: it goes to the address the proxy has for containers, or, if
+    // there is none, direct.
     let proxy_netns = proxy_netns_cookie();
-    if proxy_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != proxy_netns {
-        return false;
+    let own_netns =
+        proxy_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == proxy_netns;
+    let proxy = if own_netns {
+        proxies.own_netns
+    } else {
+        proxies.other_netns
+    };
+    if proxy.1 == [0, 0] || same_endpoint(dst, proxy) {
+        return None;
     }
 
     let (addr, port) = dst;
@@ -71,7 +86,7 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxy: Endpoint) -> bool {
     let intercepted = SERVICE_ADDRS.get(&key).is_some()
         || unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.is_some();
     if !intercepted {
-        return false;
+        return None;
     }
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -85,19 +100,43 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxy: Endpoint) -> bool {
         redirected_at_ns: unsafe { bpf_ktime_get_ns() },
     };
     // Without a record the proxy would refuse the connection, so fail open instead.
-    ORIG_BY_COOKIE.insert(&cookie, &original, 0).is_ok()
+    ORIG_BY_COOKIE
+        .insert(&cookie, &original, 0)
+        .is_ok()
+        .then_some(proxy)
 }
 
-/// Where an AF_INET6 socket reaching `addr` is sent instead: the IPv4 listener (as an
-/// IPv4-mapped address) for a dual-stack socket reaching an IPv4 destination, the IPv6
-/// listener for native IPv6. `None`: the proxy has no IPv6 listener.
+/// Where an IPv4 connect may go, as IPv4-mapped endpoints.
 #[inline(always)]
-pub fn proxy_for_ipv6_socket(addr: Address) -> Option<Endpoint> {
+pub fn proxies_for_ipv4() -> Proxies {
+    let mapped = |(addr, port): Ipv4Endpoint| (ipv4_mapped(addr), port);
+    Proxies {
+        own_netns: mapped(proxy_ipv4()),
+        other_netns: container_proxy_ipv4().map_or(NO_PROXY, mapped),
+    }
+}
+
+/// Where an AF_INET6 socket reaching `addr` may go: the IPv4 listeners (as IPv4-mapped
+/// addresses) for a dual-stack socket reaching an IPv4 destination, the IPv6 listener
+/// for native IPv6 (which containers in other namespaces do not get yet).
+#[inline(always)]
+pub fn proxies_for_ipv6_socket(addr: Address) -> Proxies {
     if ipv4_in_mapped(addr).is_some() {
-        let (proxy_addr, proxy_port) = proxy_ipv4();
-        Some((ipv4_mapped(proxy_addr), proxy_port))
+        proxies_for_ipv4()
     } else {
-        proxy_ipv6()
+        Proxies {
+            own_netns: proxy_ipv6().unwrap_or(NO_PROXY),
+            other_netns: NO_PROXY,
+        }
+    }
+}
+
+impl Proxies {
+    /// Whether a socket connected to `peer` was connected to one of the proxies.
+    #[inline(always)]
+    pub fn contain(&self, peer: Endpoint) -> bool {
+        let is = |proxy: Endpoint| proxy.1 != [0, 0] && same_endpoint(peer, proxy);
+        is(self.own_netns) || is(self.other_netns)
     }
 }
 

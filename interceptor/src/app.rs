@@ -39,6 +39,9 @@ pub struct RunConfig {
     pub proxy_addr: SocketAddrV4,
     /// The IPv6 listener, for native IPv6 destinations; `None` leaves them alone.
     pub proxy_addr_v6: Option<SocketAddrV6>,
+    /// The listener for containers in other network namespaces; `None` leaves their
+    /// connects alone.
+    pub container_proxy_addr: Option<SocketAddrV4>,
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
@@ -105,9 +108,14 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
 
     // Listening comes before attaching, so no connection is ever redirected to a
     // closed port; and before the admin server, which reports the port bound.
-    let listeners = ProxyListeners::bind(config.proxy_addr, config.proxy_addr_v6, config.workers)
-        .map_err(|(addr, source)| AppError::Listen { addr, source })?;
-    let (proxy_v4, proxy_v6) = (listeners.v4, listeners.v6);
+    let listeners = ProxyListeners::bind(
+        config.proxy_addr,
+        config.proxy_addr_v6,
+        config.container_proxy_addr,
+        config.workers,
+    )
+    .map_err(|(addr, source)| AppError::Listen { addr, source })?;
+    let (proxy_v4, proxy_v6, container_proxy) = (listeners.v4, listeners.v6, listeners.containers);
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
     let admin_state = Arc::new(AdminState {
@@ -131,6 +139,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
         proxy_v6,
+        container_proxy,
         redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
     })?);
@@ -190,6 +199,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     info!(
         proxy = %proxy_v4,
         proxy_v6 = proxy_v6.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        container_proxy = container_proxy.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         admin = %admin_addr,
         cgroup = %config.cgroup.display(),
         services = registry.load().services().len(),

@@ -24,8 +24,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_ebpf::{
-    BYPASS_MARK_GLOBAL, IPV4_MAPPED_PREFIX_BITS, InterceptRule, ORIG_BY_CLIENT_MAP,
-    ORIG_BY_COOKIE_MAP, ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
+    BYPASS_MARK_GLOBAL, CONTAINER_PROXY_ADDR4_GLOBAL, CONTAINER_PROXY_PORT4_GLOBAL,
+    IPV4_MAPPED_PREFIX_BITS, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
+    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
     PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING,
     RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
     SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress, address_of,
@@ -104,6 +105,9 @@ pub struct KernelConfig {
     pub proxy: SocketAddrV4,
     /// Where native IPv6 connects are sent; without it they are left alone.
     pub proxy_v6: Option<SocketAddrV6>,
+    /// Where IPv4 connects from other network namespaces (containers) are sent;
+    /// without it they are left alone.
+    pub container_proxy: Option<SocketAddrV4>,
     /// Size of the REDIRECTS ring: a power of two, at least a page.
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
@@ -199,6 +203,12 @@ impl Kernel {
             .map(|proxy| SocketAddress::of(SocketAddr::V6(proxy)));
         let proxy_addr6 = proxy_v6.map_or([0; 4], |proxy| proxy.addr);
         let proxy_port6 = proxy_v6.map_or([0; 2], |proxy| proxy.port);
+        let container_addr4 = config
+            .container_proxy
+            .map_or([0; 4], |proxy| proxy.ip().octets());
+        let container_port4 = config
+            .container_proxy
+            .map_or([0; 2], |proxy| proxy.port().to_be_bytes());
         let proxy_netns_cookie = match own_netns_cookie() {
             Ok(cookie) => cookie,
             Err(error) => {
@@ -218,6 +228,8 @@ impl Kernel {
             .override_global(PROXY_PORT6_GLOBAL, &proxy_port6, true)
             .override_global(BYPASS_MARK_GLOBAL, &config.bypass_mark, true)
             .override_global(PROXY_NETNS_COOKIE_GLOBAL, &proxy_netns_cookie, true)
+            .override_global(CONTAINER_PROXY_ADDR4_GLOBAL, &container_addr4, true)
+            .override_global(CONTAINER_PROXY_PORT4_GLOBAL, &container_port4, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 

@@ -44,6 +44,13 @@ struct RunArgs {
     /// leave IPv6 destinations alone. Without IPv6 on the host it is off by itself.
     #[arg(long, default_value = "[::1]:15001", value_parser = parse_proxy_addr_v6)]
     proxy_addr_v6: ProxyAddrV6,
+    /// Where connects from processes in other network namespaces (containers, pods) in
+    /// the cgroup are redirected: an IPv4 address of this host they can reach, such as
+    /// the container bridge's or the node's, never loopback. The proxy listens there
+    /// too and answers only connections its programs redirected, so it relays nothing
+    /// for anyone else. Without it, their connects go direct.
+    #[arg(long, value_parser = parse_container_proxy_addr)]
+    container_proxy_addr: Option<SocketAddrV4>,
     /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
     #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
     bypass_mark: u32,
@@ -170,6 +177,19 @@ fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
         .map_err(|_| format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"))
 }
 
+fn parse_container_proxy_addr(raw: &str) -> Result<SocketAddrV4, String> {
+    let addr: SocketAddrV4 = raw
+        .parse()
+        .map_err(|_| format!("{raw} is not an IPv4 socket address (10.0.0.1:15001)"))?;
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        return Err(format!(
+            "{raw}: containers cannot reach this host on a loopback or unspecified address; \
+             give one of its addresses on their network"
+        ));
+    }
+    Ok(addr)
+}
+
 fn parse_u32(raw: &str) -> Result<u32, String> {
     let parsed = match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -230,6 +250,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup,
         proxy_addr: args.proxy_addr,
         proxy_addr_v6: args.proxy_addr_v6.0,
+        container_proxy_addr: args.container_proxy_addr,
         redirect_ring_bytes: args.redirect_ring_bytes,
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),

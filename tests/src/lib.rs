@@ -181,6 +181,11 @@ pub fn enter_container_network_namespace(hosts: &[Ipv4Addr]) {
     }
 }
 
+/// Runs `ip` in the calling thread's network namespace, or panics with its error.
+pub fn ip(args: &[&str]) {
+    run_ip(args).unwrap_or_else(|error| panic!("{error:#}"));
+}
+
 fn run_ip(args: &[&str]) -> Result<()> {
     let output = Command::new("ip")
         .args(args)

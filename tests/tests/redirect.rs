@@ -12,7 +12,7 @@ use integration_tests::{
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
-    enter_container_network_namespace,
+    enter_container_network_namespace, ip,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
 };
@@ -99,6 +99,69 @@ fn connects_from_another_network_namespace_go_direct() {
     // The VIP exists nowhere in the container, so only a redirect could have reached it.
     let error = vip.expect_err("a VIP connect from the container went somewhere");
     assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+}
+
+#[test]
+fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
+    let sandbox = Sandbox::new("container-proxy");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _endpoint = TestServer::start("endpoint", "198.18.0.10:7000");
+    // SAFETY: gettid has no preconditions.
+    let sandbox_netns = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe {
+        libc::gettid()
+    });
+
+    // The container: its own namespace, joined to the host's by a veth pair, as a
+    // container runtime's bridge would; the host end is 198.18.5.1, the container's
+    // 198.18.5.2. It waits for the daemon before connecting.
+    let (link_ready, link_is_ready) = std::sync::mpsc::channel();
+    let (daemon_ready, daemon_is_ready) = std::sync::mpsc::channel::<()>();
+    let container = std::thread::spawn(move || {
+        enter_container_network_namespace(&[]);
+        ip(&[
+            "link",
+            "add",
+            "icpt-ctr",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "icpt-host",
+        ]);
+        ip(&["link", "set", "icpt-host", "netns", &sandbox_netns]);
+        ip(&["addr", "add", "198.18.5.2/30", "dev", "icpt-ctr"]);
+        ip(&["link", "set", "icpt-ctr", "up"]);
+        link_ready.send(()).unwrap();
+        daemon_is_ready.recv().unwrap();
+        let seen = who("240.240.5.1:7000");
+        let unclaimed = connect("240.240.5.1:7001").map(|_| ());
+        (seen, unclaimed)
+    });
+    link_is_ready.recv().expect("the container set up its link");
+    ip(&["addr", "add", "198.18.5.1/30", "dev", "icpt-host"]);
+    ip(&["link", "set", "icpt-host", "up"]);
+    let daemon = sandbox.start_daemon(
+        &vip_entry("egress", "vip", "240.240.5.1", "198.18.0.10"),
+        &["--container-proxy-addr", "198.18.5.1:15001"],
+    );
+    daemon_ready.send(()).unwrap();
+    let (seen, unclaimed) = container.join().expect("the container thread");
+
+    let seen = seen.expect("the container reaches the VIP through the proxy");
+    assert_eq!(seen.server, "endpoint");
+    assert!(seen.went_through_proxy(), "{seen:?}");
+    // getpeername shows the container the VIP, not the proxy's address.
+    assert_eq!(seen.client_peer.to_string(), "240.240.5.1:7000");
+    let logs = daemon.wait_for_log("connection closed", 1);
+    assert!(logs.contains("client=198.18.5.2:"), "{logs}");
+    assert!(logs.contains("original_dst=240.240.5.1:7000"), "{logs}");
+    // Port 7001 is not the entry's: nothing redirects it, and the VIP routes nowhere.
+    assert_eq!(
+        unclaimed
+            .expect_err("an unclaimed port reached something")
+            .kind(),
+        ErrorKind::NetworkUnreachable
+    );
 }
 
 #[test]

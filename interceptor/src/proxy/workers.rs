@@ -30,11 +30,12 @@ use super::{
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
 
-/// The proxy's listening sockets: one per worker on the IPv4 address, and one per
-/// worker on the IPv6 address if there is one.
+/// The proxy's listening sockets: one per worker on the IPv4 address, one per worker
+/// on the IPv6 address and on the address for containers, for each there is.
 pub struct ProxyListeners {
     pub v4: SocketAddrV4,
     pub v6: Option<SocketAddrV6>,
+    pub containers: Option<SocketAddrV4>,
     per_worker: Vec<Vec<std::net::TcpListener>>,
 }
 
@@ -45,6 +46,7 @@ impl ProxyListeners {
     pub fn bind(
         v4: SocketAddrV4,
         v6: Option<SocketAddrV6>,
+        containers: Option<SocketAddrV4>,
         workers: usize,
     ) -> Result<Self, (SocketAddr, io::Error)> {
         let (v4_listeners, v4) = bind(v4.into(), workers).map_err(|error| (v4.into(), error))?;
@@ -66,22 +68,38 @@ impl ProxyListeners {
                 Err(error) => return Err((addr.into(), error)),
             },
         };
+        let (container_listeners, containers) = match containers {
+            None => (Vec::new(), None),
+            Some(addr) => match bind(addr.into(), workers) {
+                Ok((listeners, SocketAddr::V4(bound))) => (listeners, Some(bound)),
+                Ok(_) => unreachable!("bound to an IPv4 address"),
+                Err(error) => return Err((addr.into(), error)),
+            },
+        };
         let mut v6_listeners = v6_listeners.into_iter();
+        let mut container_listeners = container_listeners.into_iter();
         let per_worker = v4_listeners
             .into_iter()
             .map(|listener| {
                 std::iter::once(listener)
                     .chain(v6_listeners.next())
+                    .chain(container_listeners.next())
                     .collect()
             })
             .collect();
-        Ok(Self { v4, v6, per_worker })
+        Ok(Self {
+            v4,
+            v6,
+            containers,
+            per_worker,
+        })
     }
 
     /// Every address the proxy listens on.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         std::iter::once(SocketAddr::V4(self.v4))
             .chain(self.v6.map(SocketAddr::V6))
+            .chain(self.containers.map(SocketAddr::V4))
             .collect()
     }
 }
