@@ -244,13 +244,7 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     );
     wait_for_reloads("ok", 2.0);
     assert_refused_by_proxy("240.240.11.1:5432", b"WHO\n");
-    assert!(
-        daemon
-            .logs()
-            .contains("selects no usable WorkloadEntry in namespace data"),
-        "{}",
-        daemon.logs()
-    );
+    daemon.wait_for_log("selects no usable WorkloadEntry in namespace data", 1);
 }
 
 /// CPU time (user + system) the process has used, in milliseconds.
