@@ -46,6 +46,11 @@ pub const PROXY_NETNS_COOKIE_GLOBAL: &str = "PROXY_NETNS_COOKIE";
 pub const CONTAINER_PROXY_ADDR4_GLOBAL: &str = "CONTAINER_PROXY_ADDR4";
 /// Global: its port, network byte order; zero leaves other namespaces' connects alone.
 pub const CONTAINER_PROXY_PORT4_GLOBAL: &str = "CONTAINER_PROXY_PORT4";
+/// Global: the same for native IPv6 connects from other namespaces, as [`Address`]
+/// words.
+pub const CONTAINER_PROXY_ADDR6_GLOBAL: &str = "CONTAINER_PROXY_ADDR6";
+/// Global: its port, network byte order; zero leaves them alone.
+pub const CONTAINER_PROXY_PORT6_GLOBAL: &str = "CONTAINER_PROXY_PORT6";
 
 pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
 pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;

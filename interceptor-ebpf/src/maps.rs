@@ -51,6 +51,10 @@ static PROXY_NETNS_COOKIE: u64 = 0;
 static CONTAINER_PROXY_ADDR4: [u8; 4] = [0; 4];
 #[unsafe(no_mangle)]
 static CONTAINER_PROXY_PORT4: [u8; 2] = [0; 2];
+#[unsafe(no_mangle)]
+static CONTAINER_PROXY_ADDR6: Address = [0; 4];
+#[unsafe(no_mangle)]
+static CONTAINER_PROXY_PORT6: [u8; 2] = [0; 2];
 
 /// The proxy's IPv4 listener: address and port, network byte order.
 #[inline(always)]
@@ -63,15 +67,22 @@ pub fn proxy_ipv4() -> ([u8; 4], [u8; 2]) {
     }
 }
 
-/// The proxy's IPv6 listener, if it has one.
+/// The proxy's IPv6 listener; port zero if it has none.
 #[inline(always)]
-pub fn proxy_ipv6() -> Option<(Address, [u8; 2])> {
-    let port = unsafe { core::ptr::read_volatile(&PROXY_PORT6) };
-    if port == [0, 0] {
-        return None;
-    }
-    let addr = [0, 1, 2, 3].map(|word| unsafe { core::ptr::read_volatile(&PROXY_ADDR6[word]) });
-    Some((addr, port))
+pub fn proxy_ipv6() -> (Address, [u8; 2]) {
+    ipv6_global(&PROXY_ADDR6, &PROXY_PORT6)
+}
+
+/// Where native IPv6 connects from other network namespaces go; port zero for nowhere.
+#[inline(always)]
+pub fn container_proxy_ipv6() -> (Address, [u8; 2]) {
+    ipv6_global(&CONTAINER_PROXY_ADDR6, &CONTAINER_PROXY_PORT6)
+}
+
+#[inline(always)]
+fn ipv6_global(addr: &Address, port: &[u8; 2]) -> (Address, [u8; 2]) {
+    let addr = [0, 1, 2, 3].map(|word| unsafe { core::ptr::read_volatile(&addr[word]) });
+    (addr, unsafe { core::ptr::read_volatile(port) })
 }
 
 #[inline(always)]

@@ -16,8 +16,8 @@ use interceptor_ebpf::{
 };
 
 use crate::maps::{
-    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4, proxy_ipv4,
-    proxy_ipv6, proxy_netns_cookie,
+    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
+    container_proxy_ipv6, proxy_ipv4, proxy_ipv6, proxy_netns_cookie,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -117,16 +117,16 @@ pub fn proxies_for_ipv4() -> Proxies {
 }
 
 /// Where an AF_INET6 socket reaching `addr` may go: the IPv4 listeners (as IPv4-mapped
-/// addresses) for a dual-stack socket reaching an IPv4 destination, the IPv6 listener
-/// for native IPv6 (which containers in other namespaces do not get yet).
+/// addresses) for a dual-stack socket reaching an IPv4 destination, the IPv6 ones for
+/// native IPv6.
 #[inline(always)]
 pub fn proxies_for_ipv6_socket(addr: Address) -> Proxies {
     if ipv4_in_mapped(addr).is_some() {
         proxies_for_ipv4()
     } else {
         Proxies {
-            own_netns: proxy_ipv6().unwrap_or(NO_PROXY),
-            other_netns: NO_PROXY,
+            own_netns: proxy_ipv6(),
+            other_netns: container_proxy_ipv6(),
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::{
     copy::CopyMode,
     kernel::{Kernel, KernelConfig, KernelError},
     metrics::Metrics,
-    proxy::workers::ProxyListeners,
+    proxy::workers::{ContainerAddrs, ProxyListeners},
     proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
     registry::{BuildError, Registry},
     reload::{self, Reloader},
@@ -39,9 +39,9 @@ pub struct RunConfig {
     pub proxy_addr: SocketAddrV4,
     /// The IPv6 listener, for native IPv6 destinations; `None` leaves them alone.
     pub proxy_addr_v6: Option<SocketAddrV6>,
-    /// The listener for containers in other network namespaces; `None` leaves their
-    /// connects alone.
-    pub container_proxy_addr: Option<SocketAddrV4>,
+    /// The listeners for containers in other network namespaces; a family without one
+    /// leaves their connects alone.
+    pub container_proxy_addrs: ContainerAddrs,
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
     pub connect_timeout: Duration,
@@ -111,7 +111,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let listeners = ProxyListeners::bind(
         config.proxy_addr,
         config.proxy_addr_v6,
-        config.container_proxy_addr,
+        config.container_proxy_addrs,
         config.workers,
     )
     .map_err(|(addr, source)| AppError::Listen { addr, source })?;
@@ -139,7 +139,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         cgroup: config.cgroup.clone(),
         proxy: proxy_v4,
         proxy_v6,
-        container_proxy,
+        container_proxy: container_proxy.v4,
+        container_proxy_v6: container_proxy.v6,
         redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
     })?);
@@ -199,7 +200,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     info!(
         proxy = %proxy_v4,
         proxy_v6 = proxy_v6.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
-        container_proxy = container_proxy.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        container_proxy = container_proxy.v4.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
+        container_proxy_v6 = container_proxy.v6.map_or_else(|| "none".to_owned(), |addr| addr.to_string()),
         admin = %admin_addr,
         cgroup = %config.cgroup.display(),
         services = registry.load().services().len(),

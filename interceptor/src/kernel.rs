@@ -24,12 +24,13 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_ebpf::{
-    BYPASS_MARK_GLOBAL, CONTAINER_PROXY_ADDR4_GLOBAL, CONTAINER_PROXY_PORT4_GLOBAL,
-    IPV4_MAPPED_PREFIX_BITS, InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP,
-    ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
-    PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING,
-    RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
-    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress, address_of,
+    BYPASS_MARK_GLOBAL, CONTAINER_PROXY_ADDR4_GLOBAL, CONTAINER_PROXY_ADDR6_GLOBAL,
+    CONTAINER_PROXY_PORT4_GLOBAL, CONTAINER_PROXY_PORT6_GLOBAL, IPV4_MAPPED_PREFIX_BITS,
+    InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP, ORIG_DST_CAPACITY, OriginalDst,
+    PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL, PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL,
+    PROXY_PORT6_GLOBAL, REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS,
+    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
+    ServiceAddrKey, SocketAddress, address_of,
 };
 use tracing::{debug, info, warn};
 
@@ -108,6 +109,8 @@ pub struct KernelConfig {
     /// Where IPv4 connects from other network namespaces (containers) are sent;
     /// without it they are left alone.
     pub container_proxy: Option<SocketAddrV4>,
+    /// The same for their native IPv6 connects.
+    pub container_proxy_v6: Option<SocketAddrV6>,
     /// Size of the REDIRECTS ring: a power of two, at least a page.
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
@@ -203,6 +206,11 @@ impl Kernel {
             .map(|proxy| SocketAddress::of(SocketAddr::V6(proxy)));
         let proxy_addr6 = proxy_v6.map_or([0; 4], |proxy| proxy.addr);
         let proxy_port6 = proxy_v6.map_or([0; 2], |proxy| proxy.port);
+        let container_v6 = config
+            .container_proxy_v6
+            .map(|proxy| SocketAddress::of(SocketAddr::V6(proxy)));
+        let container_addr6 = container_v6.map_or([0; 4], |proxy| proxy.addr);
+        let container_port6 = container_v6.map_or([0; 2], |proxy| proxy.port);
         let container_addr4 = config
             .container_proxy
             .map_or([0; 4], |proxy| proxy.ip().octets());
@@ -230,6 +238,8 @@ impl Kernel {
             .override_global(PROXY_NETNS_COOKIE_GLOBAL, &proxy_netns_cookie, true)
             .override_global(CONTAINER_PROXY_ADDR4_GLOBAL, &container_addr4, true)
             .override_global(CONTAINER_PROXY_PORT4_GLOBAL, &container_port4, true)
+            .override_global(CONTAINER_PROXY_ADDR6_GLOBAL, &container_addr6, true)
+            .override_global(CONTAINER_PROXY_PORT6_GLOBAL, &container_port6, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 

@@ -8,7 +8,12 @@ use std::{
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use interceptor::{app, config, copy::CopyMode, proxy::OutboundPolicy, resolve::DnsSettings};
+use interceptor::{
+    app, config,
+    copy::CopyMode,
+    proxy::{OutboundPolicy, workers::ContainerAddrs},
+    resolve::DnsSettings,
+};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -22,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Attach the programs and run the proxy until SIGTERM or SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check configuration files; exit 1 if any error is found.
     Validate(ValidateArgs),
 }
@@ -49,8 +54,13 @@ struct RunArgs {
     /// the container bridge's or the node's, never loopback. The proxy listens there
     /// too and answers only connections its programs redirected, so it relays nothing
     /// for anyone else. Without it, their connects go direct.
-    #[arg(long, value_parser = parse_container_proxy_addr)]
+    #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV4>)]
     container_proxy_addr: Option<SocketAddrV4>,
+    /// The same for native IPv6 connects from other network namespaces: an IPv6
+    /// address of this host they can reach, as `[ADDR]:PORT`. Without it, they go
+    /// direct.
+    #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV6>)]
+    container_proxy_addr_v6: Option<SocketAddrV6>,
     /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
     #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
     bypass_mark: u32,
@@ -177,11 +187,15 @@ fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
         .map_err(|_| format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"))
 }
 
-fn parse_container_proxy_addr(raw: &str) -> Result<SocketAddrV4, String> {
-    let addr: SocketAddrV4 = raw
+fn parse_container_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
+    let addr: Addr = raw
         .parse()
-        .map_err(|_| format!("{raw} is not an IPv4 socket address (10.0.0.1:15001)"))?;
-    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        .map_err(|_| format!("{raw} is not a socket address of this family"))?;
+    let ip = Into::<std::net::SocketAddr>::into(addr).ip();
+    if ip.is_loopback() || ip.is_unspecified() {
         return Err(format!(
             "{raw}: containers cannot reach this host on a loopback or unspecified address; \
              give one of its addresses on their network"
@@ -205,7 +219,7 @@ fn parse_u32(raw: &str) -> Result<u32, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
                 eprintln!("interceptor: {error:#}");
@@ -250,7 +264,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup,
         proxy_addr: args.proxy_addr,
         proxy_addr_v6: args.proxy_addr_v6.0,
-        container_proxy_addr: args.container_proxy_addr,
+        container_proxy_addrs: ContainerAddrs {
+            v4: args.container_proxy_addr,
+            v6: args.container_proxy_addr_v6,
+        },
         redirect_ring_bytes: args.redirect_ring_bytes,
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),

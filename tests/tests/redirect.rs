@@ -112,8 +112,8 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
     });
 
     // The container: its own namespace, joined to the host's by a veth pair, as a
-    // container runtime's bridge would; the host end is 198.18.5.1, the container's
-    // 198.18.5.2. It waits for the daemon before connecting.
+    // container runtime's bridge would; the host end is 198.18.5.1 and fd00:5::1, the
+    // container's 198.18.5.2 and fd00:5::2. It waits for the daemon before connecting.
     let (link_ready, link_is_ready) = std::sync::mpsc::channel();
     let (daemon_ready, daemon_is_ready) = std::sync::mpsc::channel::<()>();
     let container = std::thread::spawn(move || {
@@ -130,31 +130,65 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
         ]);
         ip(&["link", "set", "icpt-host", "netns", &sandbox_netns]);
         ip(&["addr", "add", "198.18.5.2/30", "dev", "icpt-ctr"]);
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "fd00:5::2/64",
+            "dev",
+            "icpt-ctr",
+            "nodad",
+        ]);
         ip(&["link", "set", "icpt-ctr", "up"]);
         link_ready.send(()).unwrap();
         daemon_is_ready.recv().unwrap();
         let seen = who("240.240.5.1:7000");
+        let seen_v6 = who("[2001:2::5]:7000");
         let unclaimed = connect("240.240.5.1:7001").map(|_| ());
-        (seen, unclaimed)
+        (seen, seen_v6, unclaimed)
     });
     link_is_ready.recv().expect("the container set up its link");
     ip(&["addr", "add", "198.18.5.1/30", "dev", "icpt-host"]);
+    ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:5::1/64",
+        "dev",
+        "icpt-host",
+        "nodad",
+    ]);
     ip(&["link", "set", "icpt-host", "up"]);
     let daemon = sandbox.start_daemon(
-        &vip_entry("egress", "vip", "240.240.5.1", "198.18.0.10"),
-        &["--container-proxy-addr", "198.18.5.1:15001"],
+        &vip_entry(
+            "egress",
+            "vip",
+            r#"240.240.5.1, "2001:2::5""#,
+            "198.18.0.10",
+        ),
+        &[
+            "--container-proxy-addr",
+            "198.18.5.1:15001",
+            "--container-proxy-addr-v6",
+            "[fd00:5::1]:15001",
+        ],
     );
     daemon_ready.send(()).unwrap();
-    let (seen, unclaimed) = container.join().expect("the container thread");
+    let (seen, seen_v6, unclaimed) = container.join().expect("the container thread");
 
     let seen = seen.expect("the container reaches the VIP through the proxy");
     assert_eq!(seen.server, "endpoint");
     assert!(seen.went_through_proxy(), "{seen:?}");
     // getpeername shows the container the VIP, not the proxy's address.
     assert_eq!(seen.client_peer.to_string(), "240.240.5.1:7000");
-    let logs = daemon.wait_for_log("connection closed", 1);
+    let seen_v6 = seen_v6.expect("the container reaches the IPv6 VIP through the proxy");
+    assert_eq!(seen_v6.server, "endpoint");
+    assert_eq!(seen_v6.client_peer.to_string(), "[2001:2::5]:7000");
+    let logs = daemon.wait_for_log("connection closed", 2);
     assert!(logs.contains("client=198.18.5.2:"), "{logs}");
     assert!(logs.contains("original_dst=240.240.5.1:7000"), "{logs}");
+    assert!(logs.contains("client=[fd00:5::2]:"), "{logs}");
+    assert!(logs.contains("original_dst=[2001:2::5]:7000"), "{logs}");
     // Port 7001 is not the entry's: nothing redirects it, and the VIP routes nowhere.
     assert_eq!(
         unclaimed

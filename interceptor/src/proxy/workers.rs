@@ -30,13 +30,20 @@ use super::{
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
 
-/// The proxy's listening sockets: one per worker on the IPv4 address, one per worker
-/// on the IPv6 address and on the address for containers, for each there is.
+/// The proxy's listening sockets: one per worker on the IPv4 address, and one per
+/// worker on each of the IPv6 address and the addresses for containers it has.
 pub struct ProxyListeners {
     pub v4: SocketAddrV4,
     pub v6: Option<SocketAddrV6>,
-    pub containers: Option<SocketAddrV4>,
+    pub containers: ContainerAddrs,
     per_worker: Vec<Vec<std::net::TcpListener>>,
+}
+
+/// Where connects from other network namespaces (containers) go, per family.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContainerAddrs {
+    pub v4: Option<SocketAddrV4>,
+    pub v6: Option<SocketAddrV6>,
 }
 
 impl ProxyListeners {
@@ -46,7 +53,7 @@ impl ProxyListeners {
     pub fn bind(
         v4: SocketAddrV4,
         v6: Option<SocketAddrV6>,
-        containers: Option<SocketAddrV4>,
+        containers: ContainerAddrs,
         workers: usize,
     ) -> Result<Self, (SocketAddr, io::Error)> {
         let (v4_listeners, v4) = bind(v4.into(), workers).map_err(|error| (v4.into(), error))?;
@@ -68,29 +75,33 @@ impl ProxyListeners {
                 Err(error) => return Err((addr.into(), error)),
             },
         };
-        let (container_listeners, containers) = match containers {
-            None => (Vec::new(), None),
-            Some(addr) => match bind(addr.into(), workers) {
-                Ok((listeners, SocketAddr::V4(bound))) => (listeners, Some(bound)),
-                Ok(_) => unreachable!("bound to an IPv4 address"),
-                Err(error) => return Err((addr.into(), error)),
-            },
-        };
-        let mut v6_listeners = v6_listeners.into_iter();
-        let mut container_listeners = container_listeners.into_iter();
+        let (container_v4_listeners, container_v4) =
+            bind_optional(containers.v4.map(Into::into), workers)?;
+        let (container_v6_listeners, container_v6) =
+            bind_optional(containers.v6.map(Into::into), workers)?;
+        let mut others =
+            [v6_listeners, container_v4_listeners, container_v6_listeners].map(Vec::into_iter);
         let per_worker = v4_listeners
             .into_iter()
             .map(|listener| {
-                std::iter::once(listener)
-                    .chain(v6_listeners.next())
-                    .chain(container_listeners.next())
-                    .collect()
+                let mut listeners = vec![listener];
+                listeners.extend(others.iter_mut().filter_map(Iterator::next));
+                listeners
             })
             .collect();
         Ok(Self {
             v4,
             v6,
-            containers,
+            containers: ContainerAddrs {
+                v4: container_v4.map(|addr| match addr {
+                    SocketAddr::V4(addr) => addr,
+                    SocketAddr::V6(_) => unreachable!("bound to an IPv4 address"),
+                }),
+                v6: container_v6.map(|addr| match addr {
+                    SocketAddr::V6(addr) => addr,
+                    SocketAddr::V4(_) => unreachable!("bound to an IPv6 address"),
+                }),
+            },
             per_worker,
         })
     }
@@ -99,8 +110,23 @@ impl ProxyListeners {
     pub fn addrs(&self) -> Vec<SocketAddr> {
         std::iter::once(SocketAddr::V4(self.v4))
             .chain(self.v6.map(SocketAddr::V6))
-            .chain(self.containers.map(SocketAddr::V4))
+            .chain(self.containers.v4.map(SocketAddr::V4))
+            .chain(self.containers.v6.map(SocketAddr::V6))
             .collect()
+    }
+}
+
+/// Listeners on `addr` if there is one; unlike the proxy's own IPv6 address, an
+/// address given for containers must be bound.
+fn bind_optional(
+    addr: Option<SocketAddr>,
+    workers: usize,
+) -> Result<(Vec<std::net::TcpListener>, Option<SocketAddr>), (SocketAddr, io::Error)> {
+    match addr {
+        None => Ok((Vec::new(), None)),
+        Some(addr) => bind(addr, workers)
+            .map(|(listeners, bound)| (listeners, Some(bound)))
+            .map_err(|error| (addr, error)),
     }
 }
 
