@@ -3,6 +3,7 @@ use interceptor_ebpf::{ipv4_in_mapped, ipv4_mapped};
 
 use crate::redirect::{proxies_for_ipv4, redirect, set_user_ipv4, user_ipv4};
 
+/// connect4 must return 1: 0 would fail the application's connect() with EPERM.
 const ALLOW: i32 = 1;
 
 #[cgroup_sock_addr(connect4)]

@@ -72,6 +72,11 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("cannot duplicate a map descriptor: {0}")]
     Dup(#[source] std::io::Error),
+    #[error(
+        "a container proxy address needs this network namespace's cookie, and reading it \
+         (SO_NETNS_COOKIE, Linux 5.14) failed: {0}"
+    )]
+    NetnsCookie(#[source] std::io::Error),
 }
 
 /// The cookie the kernel gives the network namespace this process runs in, which
@@ -217,8 +222,13 @@ impl Kernel {
         let container_port4 = config
             .container_proxy
             .map_or([0; 2], |proxy| proxy.port().to_be_bytes());
+        let serves_containers =
+            config.container_proxy.is_some() || config.container_proxy_v6.is_some();
         let proxy_netns_cookie = match own_netns_cookie() {
             Ok(cookie) => cookie,
+            // Without the cookie every namespace looks like the daemon's, and containers
+            // would be sent to their own loopback: the opposite of what was asked.
+            Err(error) if serves_containers => return Err(KernelError::NetnsCookie(error)),
             Err(error) => {
                 warn!(
                     %error,

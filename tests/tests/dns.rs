@@ -208,8 +208,10 @@ fn nxdomain_and_a_silent_server_close_the_client_promptly_and_log_why() {
         elapsed < Duration::from_secs(2),
         "NXDOMAIN took {elapsed:?}"
     );
-    // The refusal is logged last, after the lookup's own warning; the logs arrive
-    // through a pipe, so waiting for the first line does not mean the second is in.
+    // Two lines: the lookup's own warning, naming the host, then the refusal with the
+    // error. The logs arrive through a pipe, so each is waited for.
+    let logs = daemon.wait_for_log("DNS lookup failed", 1);
+    assert!(logs.contains("host=\"missing.dns.test\""), "{logs}");
     let logs = daemon.wait_for_log("refused: no upstream", 1);
     assert!(logs.contains("missing.dns.test: no such host"), "{logs}");
 

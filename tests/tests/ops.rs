@@ -247,28 +247,34 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     daemon.wait_for_log("selects no usable WorkloadEntry in namespace data", 1);
 }
 
-/// CPU time (user + system) the process has used, in milliseconds.
-fn cpu_millis(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // The fields after the command name, which may itself contain spaces.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .expect("stat has a command name")
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    ticks * 1000 / per_second
+/// The thread of `pid` named `name`, as /proc/<pid>/task/<tid>.
+fn thread_named(pid: u32, name: &str) -> std::path::PathBuf {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("list the daemon's threads")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|task| {
+            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name)
+        })
+        .unwrap_or_else(|| panic!("the daemon has no thread named {name}"))
 }
 
-/// CPU the daemon uses while `during` runs and for `settle` afterwards.
-fn cpu_used(daemon: &Daemon, during: impl FnOnce(), settle: Duration) -> u64 {
-    let before = cpu_millis(daemon.pid());
+/// Nanoseconds a thread has run, from the scheduler's own accounting.
+fn run_nanos(task: &Path) -> u64 {
+    let schedstat = std::fs::read_to_string(task.join("schedstat")).expect("read schedstat");
+    schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .expect("schedstat starts with the run time")
+}
+
+/// How long `task` ran while `during` ran and for `settle` afterwards, in µs.
+fn ran_micros(task: &Path, during: impl FnOnce(), settle: Duration) -> u64 {
+    let before = run_nanos(task);
     during();
     std::thread::sleep(settle);
-    cpu_millis(daemon.pid()) - before
+    (run_nanos(task) - before) / 1000
 }
 
 #[test]
@@ -276,35 +282,37 @@ fn busy_polling_spins_after_traffic_and_stops_when_idle() {
     let sandbox = Sandbox::new("ops-busy-poll");
     sandbox.add_host("198.18.12.1".parse().unwrap());
     let _server = TestServer::start("polled", "198.18.12.1:7000");
-    // A budget long enough to see on the process's CPU clock (10 ms ticks).
+    // The longest budget, so the spin stands out from the work itself.
     let daemon = sandbox.start_daemon(
         &vip_entry("ops", "polled", "240.240.12.1", "198.18.12.1"),
-        &["--busy-poll-us", "300000", "--workers", "1"],
+        &["--busy-poll-us", "10000", "--workers", "1"],
     );
+    let worker = thread_named(daemon.pid(), "proxy-0");
     // The worker spins once after starting, then blocks.
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(100));
 
-    let idle = cpu_used(&daemon, || {}, Duration::from_millis(600));
-    let after_traffic = cpu_used(
-        &daemon,
+    let idle = ran_micros(&worker, || {}, Duration::from_millis(300));
+    let after_traffic = ran_micros(
+        &worker,
         || {
             let seen = who("240.240.12.1:7000").expect("connect through the proxy");
             assert!(seen.went_through_proxy());
             assert_eq!(seen.server, "polled");
         },
-        Duration::from_millis(800),
+        Duration::from_millis(300),
     );
-    let idle_again = cpu_used(&daemon, || {}, Duration::from_millis(600));
+    let idle_again = ran_micros(&worker, || {}, Duration::from_millis(300));
 
-    // A spin of up to 300 ms follows the connection's last event; on a contended CI
-    // machine the thread may not get all of it.
+    // After the connection's last event the worker spins for up to 10 ms; the
+    // connection's own work takes about 1.5 ms in a debug build (measured with the
+    // budget at 0, where this assertion fails).
     assert!(
-        after_traffic >= 100,
-        "the worker did not spin after the connection: {after_traffic} ms of CPU"
+        after_traffic >= 5_000,
+        "the worker did not spin after the connection: it ran {after_traffic} µs"
     );
     assert!(
-        idle <= 60 && idle_again <= 60,
-        "an idle worker kept spinning: {idle} ms and {idle_again} ms of CPU in 600 ms"
+        idle < 1_000 && idle_again < 1_000,
+        "an idle worker kept running: {idle} µs and {idle_again} µs in 300 ms"
     );
     assert!(
         !daemon.logs().contains("busy polling is off"),

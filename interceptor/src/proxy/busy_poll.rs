@@ -19,77 +19,79 @@ use std::{
 use tokio::runtime::{Builder, Runtime};
 use tracing::warn;
 
-/// Only one runtime may be built at a time, so that the new epoll descriptors are
-/// known to be the runtime's.
+/// Serialises the runtimes this function builds, so that the epoll descriptors that
+/// appear during a build are that runtime's. Another thread could open one at the
+/// same moment; polling it too could only end a spin early.
 static BUILDING: Mutex<()> = Mutex::new(());
 
-#[derive(Debug, thiserror::Error)]
-pub enum BusyPollError {
-    #[error("building the worker runtime: {0}")]
-    Build(#[source] io::Error),
-    #[error("listing /proc/self/fd: {0}")]
-    ListDescriptors(#[source] io::Error),
-    #[error("the runtime opened no epoll descriptor")]
-    EpollNotFound,
-}
+/// More descriptors than a runtime opens (tokio duplicates its one epoll descriptor
+/// for its registry); the spin polls at most this many without allocating.
+const MAX_POLLED: usize = 4;
 
 /// A current-thread runtime for a worker; with a nonzero `budget`, it spins up to
-/// that long before each time it would block.
-pub fn worker_runtime(budget: Duration) -> Result<Runtime, BusyPollError> {
+/// that long before each time it would block. If its epoll descriptor cannot be
+/// found, the runtime works as usual and never spins.
+pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
     let mut builder = Builder::new_current_thread();
     builder.enable_all();
     if budget.is_zero() {
-        return builder.build().map_err(BusyPollError::Build);
+        return builder.build();
     }
     let _building = BUILDING
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let before = epoll_descriptors()?;
+    let before = match epoll_descriptors() {
+        Ok(before) => before,
+        Err(error) => {
+            warn!(%error, "cannot list /proc/self/fd: busy polling is off for this worker");
+            return builder.build();
+        }
+    };
     // tokio opens its epoll descriptor when the runtime is built, after the hook is
-    // set; the hook reads the descriptors found afterwards. tokio duplicates the
-    // descriptor for its registry, so there are usually two, of one epoll instance.
-    let epoll = Arc::new(OnceLock::<Vec<libc::pollfd>>::new());
-    let hook_epoll = Arc::clone(&epoll);
+    // set; the hook reads the descriptors found afterwards.
+    let polled = Arc::new(OnceLock::<([libc::pollfd; MAX_POLLED], usize)>::new());
+    let hook_polled = Arc::clone(&polled);
     builder.on_thread_park(move || {
-        if let Some(descriptors) = hook_epoll.get() {
-            spin_until_ready(descriptors, budget);
+        if let Some((descriptors, count)) = hook_polled.get() {
+            spin_until_ready(*descriptors, *count, budget);
         }
     });
-    let runtime = builder.build().map_err(BusyPollError::Build)?;
-    // The runtime is kept either way: dropping it here, inside the daemon's own
-    // runtime, would panic. Without its descriptor the hook never spins.
-    let opened = epoll_descriptors().and_then(|after| {
-        let opened: Vec<libc::pollfd> = after
-            .difference(&before)
-            .map(|&fd| libc::pollfd {
-                fd,
+    let runtime = builder.build()?;
+    match epoll_descriptors() {
+        Ok(after) => {
+            let mut descriptors = [libc::pollfd {
+                fd: -1,
                 events: libc::POLLIN,
                 revents: 0,
-            })
-            .collect();
-        if opened.is_empty() {
-            Err(BusyPollError::EpollNotFound)
-        } else {
-            Ok(opened)
+            }; MAX_POLLED];
+            let opened: Vec<RawFd> = after.difference(&before).copied().collect();
+            if opened.is_empty() || opened.len() > MAX_POLLED {
+                warn!(
+                    opened = opened.len(),
+                    "the runtime's epoll descriptor is not recognisable: busy polling is off for this worker"
+                );
+            } else {
+                for (slot, fd) in descriptors.iter_mut().zip(&opened) {
+                    slot.fd = *fd;
+                }
+                let _ = polled.set((descriptors, opened.len()));
+            }
         }
-    });
-    match opened {
-        Ok(opened) => {
-            let _ = epoll.set(opened);
+        Err(error) => {
+            warn!(%error, "cannot list /proc/self/fd: busy polling is off for this worker")
         }
-        Err(error) => warn!(%error, "busy polling is off for this worker"),
     }
     Ok(runtime)
 }
 
 /// Spins until one of the runtime's epoll descriptors has an event queued, or
-/// `budget` has passed. An unrelated descriptor among them could only end a spin early.
-fn spin_until_ready(descriptors: &[libc::pollfd], budget: Duration) {
+/// `budget` has passed. Timers the runtime holds fire late by up to the budget.
+fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, budget: Duration) {
     let deadline = Instant::now() + budget;
-    let mut polled = descriptors.to_vec();
     loop {
-        // SAFETY: valid pollfds the runtime keeps open; a zero timeout never blocks.
-        let ready = unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) };
+        // SAFETY: `count` valid pollfds the runtime keeps open; a zero timeout never
+        // blocks.
+        let ready = unsafe { libc::poll(descriptors.as_mut_ptr(), count as libc::nfds_t, 0) };
         if ready != 0 || Instant::now() >= deadline {
             return;
         }
@@ -97,9 +99,8 @@ fn spin_until_ready(descriptors: &[libc::pollfd], budget: Duration) {
     }
 }
 
-fn epoll_descriptors() -> Result<BTreeSet<RawFd>, BusyPollError> {
-    let entries = fs::read_dir("/proc/self/fd").map_err(BusyPollError::ListDescriptors)?;
-    Ok(entries
+fn epoll_descriptors() -> io::Result<BTreeSet<RawFd>> {
+    Ok(fs::read_dir("/proc/self/fd")?
         .filter_map(Result::ok)
         .filter(|entry| {
             fs::read_link(entry.path())

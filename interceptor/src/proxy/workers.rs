@@ -21,11 +21,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use super::{
-    Shared,
-    busy_poll::{self, BusyPollError},
-    serve,
-};
+use super::{Shared, busy_poll, serve};
 
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
@@ -196,8 +192,8 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkersError {
-    #[error(transparent)]
-    Runtime(#[from] BusyPollError),
+    #[error("building a worker's runtime: {0}")]
+    Runtime(#[source] io::Error),
     #[error("starting a worker thread: {0}")]
     Spawn(#[source] io::Error),
 }
@@ -226,7 +222,7 @@ pub fn start(
     let release = CancellationToken::new();
     let mut threads = Vec::with_capacity(listeners.per_worker.len());
     for (index, worker_listeners) in listeners.per_worker.into_iter().enumerate() {
-        let runtime = busy_poll::worker_runtime(busy_poll)?;
+        let runtime = busy_poll::worker_runtime(busy_poll).map_err(WorkersError::Runtime)?;
         let shared = Arc::clone(shared);
         let connections = connections.clone();
         let shutdown = shutdown.clone();

@@ -78,14 +78,12 @@ pub async fn targets(
         Resolution::Dns | Resolution::DynamicDns => {
             let endpoints = routed_endpoints(route);
             let resolved = join_all(endpoints.iter().map(|endpoint| async move {
-                resolve_endpoint(endpoint, dns).await.map(|addresses| {
-                    addresses
-                        .into_iter()
-                        .map(move |address| (endpoint, address))
-                })
+                endpoint_targets(endpoint, route, dns)
+                    .await
+                    .map(|targets| targets.into_iter().map(move |target| (endpoint, target)))
             }))
             .await;
-            let mut backends: Vec<(&Endpoint, IpAddr)> = Vec::new();
+            let mut backends: Vec<(&Endpoint, Target)> = Vec::new();
             let mut first_error = None;
             for result in resolved {
                 match result {
@@ -104,7 +102,7 @@ pub async fn targets(
             backends.shuffle(&mut rand::rng());
             Ok(std::iter::once(first)
                 .chain(backends)
-                .map(|(endpoint, address)| tcp_target(endpoint, route, address))
+                .map(|(_, target)| target)
                 .collect())
         }
     }
@@ -134,6 +132,25 @@ fn routed_endpoints(route: &Route) -> std::borrow::Cow<'_, [Endpoint]> {
     }
 }
 
+/// Every target one endpoint of a DNS service stands for: each address its hostname
+/// resolves to, or the endpoint itself when it is an IP or (a WorkloadEntry a
+/// selector chose) a unix socket.
+async fn endpoint_targets(
+    endpoint: &Endpoint,
+    route: &Route,
+    dns: &Arc<DnsCache>,
+) -> Result<Vec<Target>, LookupError> {
+    if let Some(target) = literal_target(endpoint, route) {
+        return Ok(vec![target]);
+    }
+    let addresses = resolve_endpoint(endpoint, dns).await?;
+    Ok(addresses
+        .into_iter()
+        .map(|address| tcp_target(endpoint, route, address))
+        .collect())
+}
+
+/// The addresses a hostname endpoint resolves to; a literal one is its own address.
 async fn resolve_endpoint(
     endpoint: &Endpoint,
     dns: &Arc<DnsCache>,
@@ -141,7 +158,6 @@ async fn resolve_endpoint(
     match &endpoint.address {
         EndpointAddress::Hostname(host) => Ok(dns.lookup(host).await?.to_vec()),
         EndpointAddress::Ip(address) => Ok(vec![*address]),
-        // Validation keeps unix sockets out of DNS services.
         EndpointAddress::Unix(_) => Ok(Vec::new()),
     }
 }
@@ -178,7 +194,11 @@ mod tests {
     };
 
     fn targets_for(yaml: &str, destination: &str) -> Vec<Target> {
-        let (registry, _) = Registry::build(&config(&[yaml])).unwrap();
+        targets_in(&config(&[yaml]), destination)
+    }
+
+    fn targets_in(config: &crate::config::ConfigSet, destination: &str) -> Vec<Target> {
+        let (registry, _) = Registry::build(config).unwrap();
         let destination: SocketAddr = destination.parse().unwrap();
         let route = registry.route(destination).expect("routed");
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -254,5 +274,34 @@ mod tests {
         let mut targets = targets_for(&service, "240.240.0.5:80");
         targets.sort_by_key(ToString::to_string);
         assert_eq!(targets, [tcp("198.18.0.1:80"), tcp("198.18.0.2:80")]);
+    }
+
+    #[test]
+    fn a_dns_service_uses_the_unix_socket_workloads_its_selector_chose() {
+        let mut config = config(&[&entry(
+            "selected",
+            "  addresses: [240.240.0.6]\n  resolution: DNS\n  ports: [{number: 80, name: http}]\n  workloadSelector: {labels: {app: local}}\n",
+        )]);
+        for (name, address) in [("socket", "unix:///run/local.sock"), ("vm", "198.18.0.6")] {
+            config.workload_entries.push(crate::config::Sourced {
+                source: crate::config::Source {
+                    file: "workloads.yaml".into(),
+                    document: 0,
+                },
+                resource: serde_yaml::from_str(&format!(
+                    "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}}}\nspec: {{address: '{address}', labels: {{app: local}}}}\n"
+                ))
+                .unwrap(),
+            });
+        }
+        let mut targets = targets_in(&config, "240.240.0.6:80");
+        targets.sort_by_key(ToString::to_string);
+        assert_eq!(
+            targets,
+            [
+                tcp("198.18.0.6:80"),
+                Target::Unix(PathBuf::from("/run/local.sock"))
+            ]
+        );
     }
 }
