@@ -7,7 +7,10 @@ pub mod workers;
 
 use std::{
     net::SocketAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -124,8 +127,15 @@ async fn forward(
     let started = Instant::now();
     let Some((original, record_source)) = shared.original_destinations.take(peer) else {
         // Only connections connect4 redirected have a record; anything else reached
-        // the proxy port directly and must not be relayed anywhere.
-        warn!("refused: no redirect record for this client (direct connection to the proxy?)");
+        // the proxy port directly and must not be relayed anywhere. A listener on a
+        // host address can be scanned, so the log line is rate-limited; the metric
+        // counts every one.
+        if let Some(suppressed) = UNREDIRECTED_LOG.admit() {
+            warn!(
+                suppressed,
+                "refused: no redirect record for this client (direct connection to the proxy?)"
+            );
+        }
         conn.failed(FailureReason::no_redirect_record);
         reset(client);
         return;
@@ -227,6 +237,43 @@ async fn forward(
             duration_ms = started.elapsed().as_millis() as u64,
             "connection closed with an error"
         ),
+    }
+}
+
+static UNREDIRECTED_LOG: LogLimit = LogLimit::new();
+
+/// At most one log line a second for an event strangers can cause at will.
+struct LogLimit {
+    /// The second (since the process started) of the last line written, plus one; 0
+    /// before the first.
+    last_second: AtomicU64,
+    /// Events since then that were not logged.
+    suppressed: AtomicU64,
+}
+
+impl LogLimit {
+    const fn new() -> Self {
+        Self {
+            last_second: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events suppressed since the last line)` if this one may be logged.
+    fn admit(&self) -> Option<u64> {
+        static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let second = STARTED.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        let last = self.last_second.load(Ordering::Relaxed);
+        if last != second
+            && self
+                .last_second
+                .compare_exchange(last, second, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
     }
 }
 
@@ -358,4 +405,20 @@ async fn connect_any(targets: &[Target], config: &ProxyConfig) -> Option<(Target
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogLimit;
+
+    #[test]
+    fn a_log_limit_admits_one_event_a_second_and_counts_the_rest() {
+        let limit = LogLimit::new();
+        assert_eq!(limit.admit(), Some(0));
+        assert_eq!(limit.admit(), None);
+        assert_eq!(limit.admit(), None);
+        std::thread::sleep(std::time::Duration::from_millis(1_100));
+        assert_eq!(limit.admit(), Some(2));
+        assert_eq!(limit.admit(), None);
+    }
 }
