@@ -223,12 +223,28 @@ fn main() -> ExitCode {
         Command::Run(args) => match run(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("interceptor: {error:#}");
+                eprintln!("interceptor: {}", error_chain(&error));
                 ExitCode::FAILURE
             }
         },
         Command::Validate(args) => validate(&args),
     }
+}
+
+/// The error and its causes, each once: most of the daemon's errors already say
+/// their cause in their own message, while contexts added here do not.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !message.ends_with(&cause) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&cause);
+        }
+    }
+    message
 }
 
 fn init_logging(format: LogFormat) {
@@ -331,5 +347,31 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn each_cause_is_reported_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot listen on 198.18.5.1:15001: {source}")]
+        struct Listen {
+            #[source]
+            source: std::io::Error,
+        }
+        let refused = || std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        let error = anyhow::Error::new(Listen { source: refused() });
+        assert_eq!(
+            error_chain(&error),
+            format!("cannot listen on 198.18.5.1:15001: {}", refused())
+        );
+        let error = anyhow::Error::new(refused()).context("starting the tokio runtime");
+        assert_eq!(
+            error_chain(&error),
+            format!("starting the tokio runtime: {}", refused())
+        );
     }
 }

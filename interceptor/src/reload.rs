@@ -185,10 +185,66 @@ async fn debounce(changed: &mut mpsc::Receiver<()>) {
 }
 
 /// What a config path's events look like: a directory's own entries, or one file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 enum WatchTarget {
     Directory(PathBuf),
-    File(PathBuf),
+    File(WatchedFile),
+}
+
+/// A config file, and what it resolved to when last looked at. A file can change
+/// without an event on its own path: a Kubernetes ConfigMap's `serviceentries.yaml`
+/// is a symlink through `..data`, and an update renames a new `..data` over the old
+/// one, so the file now resolves to another one.
+#[derive(Debug)]
+struct WatchedFile {
+    path: PathBuf,
+    resolved: std::sync::Mutex<Option<Resolved>>,
+}
+
+/// Where a path leads, and that file's identity and last change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resolved {
+    canonical: PathBuf,
+    device: u64,
+    inode: u64,
+    modified_ns: i64,
+    len: u64,
+}
+
+impl WatchedFile {
+    fn new(path: PathBuf) -> Self {
+        let resolved = Self::resolve(&path);
+        Self {
+            path,
+            resolved: std::sync::Mutex::new(resolved),
+        }
+    }
+
+    fn resolve(path: &Path) -> Option<Resolved> {
+        use std::os::unix::fs::MetadataExt as _;
+        let canonical = std::fs::canonicalize(path).ok()?;
+        let metadata = std::fs::metadata(&canonical).ok()?;
+        Some(Resolved {
+            canonical,
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            modified_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
+            len: metadata.size(),
+        })
+    }
+
+    /// An event on the file's own path counts; one on another entry of its directory
+    /// counts if the file now resolves to something else.
+    fn is_changed_by(&self, path: &Path) -> bool {
+        if path.parent() != self.path.parent() {
+            return false;
+        }
+        let now = Self::resolve(&self.path);
+        let mut resolved = self.resolved.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = *resolved != now;
+        *resolved = now;
+        path == self.path || changed
+    }
 }
 
 fn watch_targets(paths: &[PathBuf]) -> Vec<WatchTarget> {
@@ -199,7 +255,7 @@ fn watch_targets(paths: &[PathBuf]) -> Vec<WatchTarget> {
             if absolute.is_dir() {
                 WatchTarget::Directory(absolute)
             } else {
-                WatchTarget::File(absolute)
+                WatchTarget::File(WatchedFile::new(absolute))
             }
         })
         .collect()
@@ -214,6 +270,7 @@ fn watch_directories(paths: &[PathBuf]) -> Vec<PathBuf> {
         .map(|target| match target {
             WatchTarget::Directory(directory) => directory,
             WatchTarget::File(file) => file
+                .path
                 .parent()
                 .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
         })
@@ -227,14 +284,19 @@ fn is_relevant(event: &notify::Event, watched: &[WatchTarget]) -> bool {
     if event.kind.is_access() {
         return false;
     }
-    event.paths.iter().any(|path| {
-        watched.iter().any(|target| match target {
-            // Any entry: a new file, a removed one, or a Kubernetes ConfigMap's
-            // `..data` symlink swap, which changes every file at once.
-            WatchTarget::Directory(directory) => path.parent() == Some(directory.as_path()),
-            WatchTarget::File(file) => path == file,
-        })
-    })
+    // Every file target looks at every event, so each keeps what it resolves to now.
+    let mut relevant = false;
+    for path in &event.paths {
+        for target in watched {
+            relevant |= match target {
+                // Any entry: a new file, a removed one, or a Kubernetes ConfigMap's
+                // `..data` symlink swap, which changes every file at once.
+                WatchTarget::Directory(directory) => path.parent() == Some(directory.as_path()),
+                WatchTarget::File(file) => file.is_changed_by(path),
+            };
+        }
+    }
+    relevant
 }
 
 fn absolute(path: &Path) -> PathBuf {
@@ -266,7 +328,9 @@ mod tests {
 
     #[test]
     fn a_file_is_watched_through_its_directory_and_only_its_events_count() {
-        let watched = vec![WatchTarget::File(PathBuf::from("/etc/interceptor.yaml"))];
+        let watched = vec![WatchTarget::File(WatchedFile::new(PathBuf::from(
+            "/etc/interceptor.yaml",
+        )))];
         assert_eq!(
             watch_directories(&[PathBuf::from("/etc/interceptor.yaml")]),
             [PathBuf::from("/etc")]
@@ -279,6 +343,41 @@ mod tests {
             &event(EventKind::Modify(ModifyKind::Any), "/etc/passwd"),
             &watched
         ));
+    }
+
+    #[test]
+    fn a_file_in_a_configmap_volume_counts_the_data_symlink_swap() {
+        use std::os::unix::fs::symlink;
+        let dir =
+            std::env::temp_dir().join(format!("interceptor-configmap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::write(dir.join("..v1/se.yaml"), "old").unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/se.yaml", dir.join("se.yaml")).unwrap();
+        let watched = vec![WatchTarget::File(WatchedFile::new(dir.join("se.yaml")))];
+        let created = |name: &str| {
+            event(
+                EventKind::Create(CreateKind::Any),
+                dir.join(name).to_str().unwrap(),
+            )
+        };
+
+        // Something else appearing next to the file changes nothing it reads.
+        std::fs::write(dir.join("notes.txt"), "").unwrap();
+        assert!(!is_relevant(&created("notes.txt"), &watched));
+
+        // The kubelet's update: a new payload directory, then `..data` renamed over.
+        std::fs::create_dir(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v2/se.yaml"), "new").unwrap();
+        assert!(!is_relevant(&created("..v2"), &watched));
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        assert!(is_relevant(&created("..data"), &watched));
+        // Seen once: the old payload's removal is not another change.
+        std::fs::remove_dir_all(dir.join("..v1")).unwrap();
+        assert!(!is_relevant(&created("..v1"), &watched));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

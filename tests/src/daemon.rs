@@ -1,6 +1,7 @@
 //! The real interceptor binary, run as a child process.
 
 use std::{
+    ffi::OsString,
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -48,13 +49,21 @@ impl Daemon {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let mut args: Vec<OsString> = vec![
+            "run".into(),
+            "--config".into(),
+            config.into(),
+            "--cgroup".into(),
+            cgroup.into(),
+        ];
+        args.extend(extra_args.iter().map(OsString::from));
+        Self::spawn_with_args(&args, env)
+    }
+
+    /// Starts the daemon with exactly these arguments and returns at once.
+    pub fn spawn_with_args(args: &[OsString], env: &[(&str, &str)]) -> Result<Self> {
         let mut child = Command::new(binary()?)
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .arg("--cgroup")
-            .arg(cgroup)
-            .args(extra_args)
+            .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
@@ -129,6 +138,11 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the daemon has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child_mut().try_wait(), Ok(Some(_)))
     }
 
     pub fn signal(&self, signal: libc::c_int) {

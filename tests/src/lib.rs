@@ -181,6 +181,84 @@ pub fn enter_container_network_namespace(hosts: &[Ipv4Addr]) {
     }
 }
 
+/// The sandbox's end of a [`Container`]'s veth pair: the address a container bridge's
+/// gateway or a node IP would have.
+pub const CONTAINER_GATEWAY_V4: &str = "198.18.5.1";
+pub const CONTAINER_GATEWAY_V6: &str = "fd00:5::1";
+/// The container's end.
+pub const CONTAINER_ADDR_V4: &str = "198.18.5.2";
+pub const CONTAINER_ADDR_V6: &str = "fd00:5::2";
+
+/// A container or pod: a thread in a network namespace of its own, still in the
+/// test's cgroup, joined to the sandbox's namespace by a veth pair as a container
+/// bridge joins it to a host's. Its work runs when [`Container::run`] is called, so
+/// the test can start the daemon in between.
+pub struct Container<T> {
+    thread: std::thread::JoinHandle<Option<T>>,
+    go: std::sync::mpsc::Sender<()>,
+}
+
+impl<T: Send + 'static> Container<T> {
+    /// Sets up the container and the sandbox's end of its link; call it from the
+    /// thread that made the sandbox.
+    pub fn start(work: impl FnOnce() -> T + Send + 'static) -> Self {
+        // SAFETY: gettid has no preconditions.
+        let sandbox_netns = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe {
+            libc::gettid()
+        });
+        let (link_ready, link_is_ready) = std::sync::mpsc::channel();
+        let (go, wait_for_go) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            enter_container_network_namespace(&[]);
+            ip(&[
+                "link",
+                "add",
+                "icpt-ctr",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "icpt-host",
+            ]);
+            ip(&["link", "set", "icpt-host", "netns", &sandbox_netns]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("{CONTAINER_ADDR_V4}/30"),
+                "dev",
+                "icpt-ctr",
+            ]);
+            let v6 = format!("{CONTAINER_ADDR_V6}/64");
+            ip(&["-6", "addr", "add", &v6, "dev", "icpt-ctr", "nodad"]);
+            ip(&["link", "set", "icpt-ctr", "up"]);
+            link_ready.send(()).expect("the test waits for the link");
+            // A test that fails before `run` drops the sender: nothing to do then.
+            wait_for_go.recv().ok().map(|()| work())
+        });
+        link_is_ready.recv().expect("the container set up its link");
+        ip(&[
+            "addr",
+            "add",
+            &format!("{CONTAINER_GATEWAY_V4}/30"),
+            "dev",
+            "icpt-host",
+        ]);
+        let v6 = format!("{CONTAINER_GATEWAY_V6}/64");
+        ip(&["-6", "addr", "add", &v6, "dev", "icpt-host", "nodad"]);
+        ip(&["link", "set", "icpt-host", "up"]);
+        Self { thread, go }
+    }
+
+    /// Runs the work in the container and returns its result.
+    pub fn run(self) -> T {
+        self.go.send(()).expect("the container thread is waiting");
+        match self.thread.join() {
+            Ok(result) => result.expect("the work ran"),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
 /// Runs `ip` in the calling thread's network namespace, or panics with its error.
 pub fn ip(args: &[&str]) {
     run_ip(args).unwrap_or_else(|error| panic!("{error:#}"));

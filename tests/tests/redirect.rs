@@ -8,11 +8,11 @@ use std::{
 };
 
 use integration_tests::{
-    PROXY, Sandbox, TestServer,
+    Container, PROXY, Sandbox, TestServer,
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
-    enter_container_network_namespace, ip,
+    enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
 };
@@ -106,59 +106,14 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
     let sandbox = Sandbox::new("container-proxy");
     sandbox.add_host("198.18.0.10".parse().unwrap());
     let _endpoint = TestServer::start("endpoint", "198.18.0.10:7000");
-    // SAFETY: gettid has no preconditions.
-    let sandbox_netns = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe {
-        libc::gettid()
-    });
-
-    // The container: its own namespace, joined to the host's by a veth pair, as a
-    // container runtime's bridge would; the host end is 198.18.5.1 and fd00:5::1, the
-    // container's 198.18.5.2 and fd00:5::2. It waits for the daemon before connecting.
-    let (link_ready, link_is_ready) = std::sync::mpsc::channel();
-    let (daemon_ready, daemon_is_ready) = std::sync::mpsc::channel::<()>();
-    let container = std::thread::spawn(move || {
-        enter_container_network_namespace(&[]);
-        ip(&[
-            "link",
-            "add",
-            "icpt-ctr",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "icpt-host",
-        ]);
-        ip(&["link", "set", "icpt-host", "netns", &sandbox_netns]);
-        ip(&["addr", "add", "198.18.5.2/30", "dev", "icpt-ctr"]);
-        ip(&[
-            "-6",
-            "addr",
-            "add",
-            "fd00:5::2/64",
-            "dev",
-            "icpt-ctr",
-            "nodad",
-        ]);
-        ip(&["link", "set", "icpt-ctr", "up"]);
-        link_ready.send(()).unwrap();
-        daemon_is_ready.recv().unwrap();
+    // The container is joined to the sandbox by a veth pair; the sandbox's end is
+    // 198.18.5.1 and fd00:5::1, the container's 198.18.5.2 and fd00:5::2.
+    let container = Container::start(|| {
         let seen = who("240.240.5.1:7000");
         let seen_v6 = who("[2001:2::5]:7000");
         let unclaimed = connect("240.240.5.1:7001").map(|_| ());
         (seen, seen_v6, unclaimed)
     });
-    link_is_ready.recv().expect("the container set up its link");
-    ip(&["addr", "add", "198.18.5.1/30", "dev", "icpt-host"]);
-    ip(&[
-        "-6",
-        "addr",
-        "add",
-        "fd00:5::1/64",
-        "dev",
-        "icpt-host",
-        "nodad",
-    ]);
-    ip(&["link", "set", "icpt-host", "up"]);
     let daemon = sandbox.start_daemon(
         &vip_entry(
             "egress",
@@ -173,8 +128,7 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
             "[fd00:5::1]:15001",
         ],
     );
-    daemon_ready.send(()).unwrap();
-    let (seen, seen_v6, unclaimed) = container.join().expect("the container thread");
+    let (seen, seen_v6, unclaimed) = container.run();
 
     let seen = seen.expect("the container reaches the VIP through the proxy");
     assert_eq!(seen.server, "endpoint");

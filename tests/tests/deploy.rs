@@ -1,0 +1,390 @@
+//! The Kubernetes DaemonSet in deploy/kubernetes/interceptor.yaml, run as written.
+//!
+//! No kubelet runs here, so the test does the kubelet's part for the one container:
+//! it expands `$(NODE_IP)`, maps each volume's mount path to a stand-in (the
+//! ConfigMap to a directory laid out as the kubelet lays out a ConfigMap volume, the
+//! node's cgroup2 mount to the sandbox's cgroup), starts the container's command with
+//! its args, and uses the readiness probe as the kubelet does. Everything else is
+//! real: the programs, a pod-like network namespace behind a veth pair, a ConfigMap
+//! update by symlink swap, SIGTERM within the grace period.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    CONTAINER_ADDR_V4, CONTAINER_GATEWAY_V4, Container, Daemon, Sandbox, TestServer,
+    admin::get_from,
+    server::{Who, who},
+};
+use serde_json::Value;
+
+const MANIFEST_PATH: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../deploy/kubernetes/interceptor.yaml"
+);
+
+/// The example ServiceEntry's VIP and port, and the endpoint it names.
+const VIP: &str = "240.240.0.10:5432";
+const ENDPOINT: &str = "198.18.0.10";
+/// Where the test moves that endpoint with a ConfigMap update.
+const MOVED_ENDPOINT: &str = "198.18.0.11";
+
+struct Manifest {
+    configmap: Value,
+    daemonset: Value,
+}
+
+impl Manifest {
+    fn read() -> Self {
+        let text = std::fs::read_to_string(MANIFEST_PATH).expect("read the manifest");
+        let mut configmap = None;
+        let mut daemonset = None;
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let document: Value = serde::Deserialize::deserialize(document)
+                .unwrap_or_else(|error| panic!("{MANIFEST_PATH}: {error}"));
+            match document["kind"].as_str() {
+                Some("ConfigMap") => configmap = Some(document),
+                Some("DaemonSet") => daemonset = Some(document),
+                _ => {}
+            }
+        }
+        Self {
+            configmap: configmap.expect("the manifest has a ConfigMap"),
+            daemonset: daemonset.expect("the manifest has a DaemonSet"),
+        }
+    }
+
+    fn pod(&self) -> &Value {
+        &self.daemonset["spec"]["template"]["spec"]
+    }
+
+    fn container(&self) -> &Value {
+        let containers = self.pod()["containers"].as_array().expect("containers");
+        assert_eq!(containers.len(), 1, "one container per pod");
+        &containers[0]
+    }
+
+    fn configmap_data(&self) -> BTreeMap<String, String> {
+        serde_json::from_value(self.configmap["data"].clone()).expect("ConfigMap data")
+    }
+
+    /// Each volume mount's path and the volume behind it.
+    fn mounts(&self) -> Vec<(String, &Value)> {
+        let volumes = self.pod()["volumes"].as_array().expect("volumes");
+        let mounts = self.container()["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts");
+        mounts
+            .iter()
+            .map(|mount| {
+                let volume = volumes
+                    .iter()
+                    .find(|volume| volume["name"] == mount["name"])
+                    .unwrap_or_else(|| panic!("no volume for mount {mount}"));
+                (mount["mountPath"].as_str().unwrap().to_owned(), volume)
+            })
+            .collect()
+    }
+
+    /// The readiness probe's address and path.
+    fn readiness_probe(&self) -> (String, String) {
+        let probe = &self.container()["readinessProbe"]["httpGet"];
+        (
+            format!("{}:{}", probe["host"].as_str().unwrap(), probe["port"]),
+            probe["path"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    fn grace_period(&self) -> Duration {
+        Duration::from_secs(
+            self.pod()["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap(),
+        )
+    }
+}
+
+/// A ConfigMap volume as the kubelet writes it: the files in a timestamped directory,
+/// a `..data` symlink to it, and one symlink per key through `..data`. An update
+/// writes a new directory and renames a new symlink over `..data`, so readers see the
+/// old set or the new one, never a mix.
+struct ConfigMapVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl ConfigMapVolume {
+    fn new(dir: &Path, data: &BTreeMap<String, String>) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut volume = Self {
+            dir: dir.to_owned(),
+            generation: 0,
+        };
+        volume.update(data);
+        for key in data.keys() {
+            std::os::unix::fs::symlink(Path::new("..data").join(key), dir.join(key)).unwrap();
+        }
+        volume
+    }
+
+    fn update(&mut self, data: &BTreeMap<String, String>) {
+        let old = self.payload_dir();
+        self.generation += 1;
+        let new = self.payload_dir();
+        std::fs::create_dir(self.dir.join(&new)).unwrap();
+        for (key, text) in data {
+            std::fs::write(self.dir.join(&new).join(key), text).unwrap();
+        }
+        let staged = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&new, &staged).unwrap();
+        std::fs::rename(&staged, self.dir.join("..data")).unwrap();
+        if self.generation > 1 {
+            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
+        }
+    }
+
+    fn payload_dir(&self) -> String {
+        format!("..2026_11_24_00_00_00.{:09}", self.generation)
+    }
+}
+
+/// The container's command line with `$(NODE_IP)` and the mount paths replaced.
+fn command_line(
+    manifest: &Manifest,
+    node_ip: &str,
+    mount_targets: &[(String, PathBuf)],
+) -> Vec<OsString> {
+    let container = manifest.container();
+    let env = container["env"].as_array().expect("env");
+    let node_ip_source = env
+        .iter()
+        .find(|var| var["name"] == "NODE_IP")
+        .expect("NODE_IP in env");
+    assert_eq!(
+        node_ip_source["valueFrom"]["fieldRef"]["fieldPath"], "status.hostIP",
+        "NODE_IP must be the node's address"
+    );
+    let command = container["command"].as_array().expect("command");
+    assert_eq!(command.len(), 1, "the binary alone: {command:?}");
+    container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|arg| {
+            let arg = arg
+                .as_str()
+                .expect("args are strings")
+                .replace("$(NODE_IP)", node_ip);
+            match mount_targets.iter().find(|(mount_path, _)| {
+                arg == *mount_path || arg.starts_with(&format!("{mount_path}/"))
+            }) {
+                Some((mount_path, target)) => {
+                    let mut mapped = target.clone().into_os_string();
+                    mapped.push(&arg[mount_path.len()..]);
+                    mapped
+                }
+                None => arg.into(),
+            }
+        })
+        .collect()
+}
+
+fn wait_until_ready(daemon: &mut Daemon, probe: &(String, String)) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok((200, _)) = get_from(&probe.0, &probe.1) {
+            return;
+        }
+        if daemon.has_exited() || Instant::now() > deadline {
+            panic!(
+                "the readiness probe GET {}{} never answered 200:\n{}",
+                probe.0,
+                probe.1,
+                daemon.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_served_by(seen: std::io::Result<Who>, server: &str) {
+    let seen = seen.unwrap_or_else(|error| panic!("connect to {VIP}: {error}"));
+    assert_eq!(seen.server, server, "{seen:?}");
+    assert!(seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(
+        seen.client_peer.to_string(),
+        VIP,
+        "getpeername shows the VIP"
+    );
+}
+
+/// A node as the DaemonSet sees it: the sandbox, with the ConfigMap volume, the
+/// endpoint the example names and the one an update moves it to, and the container's
+/// command line mapped onto them.
+struct Node {
+    manifest: Manifest,
+    configmap: ConfigMapVolume,
+    data: BTreeMap<String, String>,
+    args: Vec<OsString>,
+    _servers: [TestServer; 2],
+    sandbox: Sandbox,
+}
+
+impl Node {
+    fn new(name: &str) -> Self {
+        let manifest = Manifest::read();
+        assert_eq!(
+            manifest.pod()["hostNetwork"],
+            true,
+            "the proxy must be on the node's loopback"
+        );
+        // The API server rejects a DaemonSet whose selector misses its pods' labels.
+        let labels = &manifest.daemonset["spec"]["template"]["metadata"]["labels"];
+        let selector = manifest.daemonset["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("spec.selector.matchLabels");
+        for (key, value) in selector {
+            assert_eq!(&labels[key], value, "the selector's {key} is on the pods");
+        }
+        let sandbox = Sandbox::new(name);
+        sandbox.add_host(ENDPOINT.parse().unwrap());
+        sandbox.add_host(MOVED_ENDPOINT.parse().unwrap());
+        let servers = [
+            TestServer::start("first", &format!("{ENDPOINT}:5432")),
+            TestServer::start("moved", &format!("{MOVED_ENDPOINT}:5432")),
+        ];
+        let data = manifest.configmap_data();
+        let configmap = ConfigMapVolume::new(&sandbox.workdir.join("configmap"), &data);
+        let mount_targets: Vec<(String, PathBuf)> = manifest
+            .mounts()
+            .into_iter()
+            .map(|(mount_path, volume)| {
+                let target = if volume.get("configMap").is_some() {
+                    assert_eq!(
+                        volume["configMap"]["name"],
+                        manifest.configmap["metadata"]["name"]
+                    );
+                    configmap.dir.clone()
+                } else {
+                    assert_eq!(
+                        volume["hostPath"]["path"], "/sys/fs/cgroup",
+                        "the only host path is the node's cgroup2 mount"
+                    );
+                    // The sandbox's cgroup stands in for the node's cgroup2 root.
+                    sandbox.cgroup.clone()
+                };
+                (mount_path, target)
+            })
+            .collect();
+        let args = command_line(&manifest, CONTAINER_GATEWAY_V4, &mount_targets);
+        Self {
+            manifest,
+            configmap,
+            data,
+            args,
+            _servers: servers,
+            sandbox,
+        }
+    }
+
+    fn start_daemon(&self) -> Daemon {
+        let mut daemon =
+            Daemon::spawn_with_args(&self.args, &[]).expect("start the container's command");
+        wait_until_ready(&mut daemon, &self.manifest.readiness_probe());
+        daemon
+    }
+
+    /// The kubelet's update of the ConfigMap with the endpoint moved.
+    fn move_endpoint(&mut self) {
+        let mut moved = self.data.clone();
+        for text in moved.values_mut() {
+            *text = text.replace(ENDPOINT, MOVED_ENDPOINT);
+        }
+        assert_ne!(moved, self.data, "the ConfigMap names {ENDPOINT}");
+        self.configmap.update(&moved);
+        self.data = moved;
+    }
+}
+
+#[test]
+fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
+    let mut node = Node::new("daemonset");
+    // A pod in a network namespace of its own, whose node IP is the veth's far end.
+    let pod_client = Container::start(|| who(VIP));
+    let mut daemon = node.start_daemon();
+
+    assert_served_by(pod_client.run(), "first");
+    // A host-network pod, in the node's namespace.
+    assert_served_by(who(VIP), "first");
+    let logs = daemon.wait_for_log("connection closed", 2);
+    assert!(
+        logs.contains(&format!("\"client\":\"{CONTAINER_ADDR_V4}:")),
+        "the pod's connection came in through the node IP:\n{logs}"
+    );
+
+    // New connections go where the updated ConfigMap says.
+    node.move_endpoint();
+    daemon.wait_for_log("configuration reloaded", 1);
+    assert_served_by(who(VIP), "moved");
+
+    // An invalid update is refused with the file and the field, and the running
+    // config stays.
+    let mut broken = node.data.clone();
+    for text in broken.values_mut() {
+        *text = text.replace("resolution: STATIC", "resolution: STATICALLY");
+    }
+    assert_ne!(broken, node.data, "the ConfigMap has a STATIC entry");
+    node.configmap.update(&broken);
+    let logs = daemon.wait_for_log("reload failed", 1);
+    let failure = logs
+        .lines()
+        .find(|line| line.contains("reload failed"))
+        .unwrap();
+    assert!(
+        failure.contains("serviceentries.yaml") && failure.contains("spec.resolution"),
+        "{failure}"
+    );
+    assert_served_by(who(VIP), "moved");
+
+    // SIGTERM, as the kubelet sends it, ends the daemon cleanly within the grace period,
+    // which leaves room for the whole drain.
+    let args = &node.args;
+    let drain_timeout = args
+        .iter()
+        .position(|arg| arg == "--drain-timeout")
+        .and_then(|flag| args.get(flag + 1)?.to_str()?.parse().ok())
+        .map(Duration::from_secs)
+        .expect("--drain-timeout SECS in the args");
+    assert!(drain_timeout < node.manifest.grace_period());
+    let stopping = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(), Some(0), "{}", daemon.logs());
+    assert!(stopping.elapsed() < node.manifest.grace_period());
+}
+
+/// `--config` may also name one file of the ConfigMap, which is a symlink through
+/// `..data`: an update never touches that path, only what it resolves to.
+#[test]
+fn a_config_file_in_a_configmap_volume_follows_updates() {
+    let mut node = Node::new("configmap-file");
+    let config = node
+        .args
+        .iter()
+        .position(|arg| arg == "--config")
+        .expect("--config in the args")
+        + 1;
+    let key = node.data.keys().next().expect("a ConfigMap key").clone();
+    node.args[config] = node.configmap.dir.join(key).into_os_string();
+    // The node IP the container proxy address names; no pod here to bring its link.
+    node.sandbox.add_host(CONTAINER_GATEWAY_V4.parse().unwrap());
+    let daemon = node.start_daemon();
+    assert_served_by(who(VIP), "first");
+
+    node.move_endpoint();
+    daemon.wait_for_log("configuration reloaded", 1);
+    assert_served_by(who(VIP), "moved");
+}
