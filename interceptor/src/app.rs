@@ -132,6 +132,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_addr);
     let admin_server = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state)));
 
+    let config_watch = reload::ConfigWatch::start(&config.config_paths);
     let initial = load_registry(&config.config_paths)?;
     let dns = DnsCache::new(config.dns.clone())?;
 
@@ -191,6 +192,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             kernel: Arc::clone(&kernel),
             metrics: Arc::clone(&metrics),
         }),
+        config_watch,
         hangup,
         stop_reloading.clone(),
     ));

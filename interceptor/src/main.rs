@@ -14,6 +14,7 @@ use interceptor::{
     proxy::{OutboundPolicy, workers::ContainerAddrs},
     resolve::DnsSettings,
 };
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -259,8 +260,48 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Below this many descriptors the daemon warns: about half as many connections.
+const FEW_OPEN_FILES: u64 = 16_384;
+
+/// Each proxied connection holds two descriptors, and the soft limit is 1024 in many
+/// containers and services, which would refuse connections past about 500. The hard
+/// limit is the administrator's cap; raising the soft one up to it needs no privilege.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft < limit.rlim_max {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+            info!(
+                from = soft,
+                to = limit.rlim_max,
+                "raised the open files limit to its hard limit"
+            );
+        } else {
+            warn!(error = %std::io::Error::last_os_error(), soft, hard = limit.rlim_max, "cannot raise the open files limit");
+            limit.rlim_cur = soft;
+        }
+    }
+    if limit.rlim_cur < FEW_OPEN_FILES {
+        warn!(
+            open_files = limit.rlim_cur,
+            "the open files limit caps the proxy at about half as many connections; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
+        );
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
+    raise_open_files_limit();
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => app::cgroup2_root().context("finding the cgroup2 root")?,

@@ -111,17 +111,42 @@ impl Reloader {
     }
 }
 
-/// Reloads on SIGHUP and on changes under the config paths until `shutdown`. If the
-/// paths cannot be watched, SIGHUP still works.
-pub async fn run(reloader: Arc<Reloader>, mut hangup: Signal, shutdown: CancellationToken) {
-    let (changed_tx, mut changed) = mpsc::channel::<()>(1);
-    let _watcher = match watch(&reloader.config_paths, changed_tx) {
-        Ok(watcher) => Some(watcher),
-        Err(error) => {
-            warn!("{error}; config changes need a SIGHUP to apply");
-            None
+/// Changes under the config paths, watched from before the first load: a change
+/// between that load and the reload loop's start is then still seen.
+pub struct ConfigWatch {
+    _watcher: Option<notify::RecommendedWatcher>,
+    changed: mpsc::Receiver<()>,
+}
+
+impl ConfigWatch {
+    /// Starts watching. If the paths cannot be watched, SIGHUP still works.
+    pub fn start(paths: &[PathBuf]) -> Self {
+        let (changed_tx, changed) = mpsc::channel::<()>(1);
+        let watcher = match watch(paths, changed_tx) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                warn!("{error}; config changes need a SIGHUP to apply");
+                None
+            }
+        };
+        Self {
+            _watcher: watcher,
+            changed,
         }
-    };
+    }
+}
+
+/// Reloads on SIGHUP and on changes under the config paths until `shutdown`.
+pub async fn run(
+    reloader: Arc<Reloader>,
+    watch: ConfigWatch,
+    mut hangup: Signal,
+    shutdown: CancellationToken,
+) {
+    let ConfigWatch {
+        _watcher,
+        mut changed,
+    } = watch;
     loop {
         let trigger = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -198,6 +223,10 @@ enum WatchTarget {
 #[derive(Debug)]
 struct WatchedFile {
     path: PathBuf,
+    /// The directory of the file a symlink led to at start, when it is another one:
+    /// edits there change the config too. (A symlink pointed elsewhere later is
+    /// followed for its new content, but not watched there.)
+    target_directory: Option<PathBuf>,
     resolved: std::sync::Mutex<Option<Resolved>>,
 }
 
@@ -208,14 +237,22 @@ struct Resolved {
     device: u64,
     inode: u64,
     modified_ns: i64,
+    /// Also changes on a rewrite that keeps the length within one mtime tick.
+    changed_ns: i64,
     len: u64,
 }
 
 impl WatchedFile {
     fn new(path: PathBuf) -> Self {
         let resolved = Self::resolve(&path);
+        let target_directory = resolved
+            .as_ref()
+            .and_then(|resolved| resolved.canonical.parent())
+            .filter(|directory| Some(*directory) != path.parent())
+            .map(Path::to_path_buf);
         Self {
             path,
+            target_directory,
             resolved: std::sync::Mutex::new(resolved),
         }
     }
@@ -229,6 +266,7 @@ impl WatchedFile {
             device: metadata.dev(),
             inode: metadata.ino(),
             modified_ns: metadata.mtime() * 1_000_000_000 + metadata.mtime_nsec(),
+            changed_ns: metadata.ctime() * 1_000_000_000 + metadata.ctime_nsec(),
             len: metadata.size(),
         })
     }
@@ -236,7 +274,8 @@ impl WatchedFile {
     /// An event on the file's own path counts; one on another entry of its directory
     /// counts if the file now resolves to something else.
     fn is_changed_by(&self, path: &Path) -> bool {
-        if path.parent() != self.path.parent() {
+        if path.parent() != self.path.parent() && path.parent() != self.target_directory.as_deref()
+        {
             return false;
         }
         let now = Self::resolve(&self.path);
@@ -267,12 +306,18 @@ fn watch_targets(paths: &[PathBuf]) -> Vec<WatchTarget> {
 fn watch_directories(paths: &[PathBuf]) -> Vec<PathBuf> {
     let mut directories: Vec<PathBuf> = watch_targets(paths)
         .into_iter()
-        .map(|target| match target {
-            WatchTarget::Directory(directory) => directory,
-            WatchTarget::File(file) => file
-                .path
-                .parent()
-                .map_or_else(|| PathBuf::from("/"), Path::to_path_buf),
+        .flat_map(|target| match target {
+            WatchTarget::Directory(directory) => vec![directory],
+            WatchTarget::File(file) => {
+                let directory = file
+                    .path
+                    .parent()
+                    .map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+                match file.target_directory {
+                    Some(target) => vec![directory, target],
+                    None => vec![directory],
+                }
+            }
         })
         .collect();
     directories.sort();
@@ -281,6 +326,10 @@ fn watch_directories(paths: &[PathBuf]) -> Vec<PathBuf> {
 }
 
 fn is_relevant(event: &notify::Event, watched: &[WatchTarget]) -> bool {
+    // The kernel's event queue overflowed: anything may have changed.
+    if event.need_rescan() {
+        return true;
+    }
     if event.kind.is_access() {
         return false;
     }
@@ -378,6 +427,36 @@ mod tests {
         std::fs::remove_dir_all(dir.join("..v1")).unwrap();
         assert!(!is_relevant(&created("..v1"), &watched));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_to_a_file_elsewhere_is_watched_where_it_leads() {
+        let root = std::env::temp_dir().join(format!("interceptor-symlink-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("srv")).unwrap();
+        std::fs::write(root.join("srv/real.yaml"), "old").unwrap();
+        std::os::unix::fs::symlink("../srv/real.yaml", root.join("etc/se.yaml")).unwrap();
+        let config = root.join("etc/se.yaml");
+        assert_eq!(
+            watch_directories(std::slice::from_ref(&config)),
+            [root.join("etc"), root.join("srv")]
+        );
+        let watched = vec![WatchTarget::File(WatchedFile::new(config))];
+        let modified =
+            |path: &Path| event(EventKind::Modify(ModifyKind::Any), path.to_str().unwrap());
+
+        std::fs::write(root.join("srv/real.yaml"), "new content").unwrap();
+        assert!(is_relevant(
+            &modified(&root.join("srv/real.yaml")),
+            &watched
+        ));
+        std::fs::write(root.join("srv/other.yaml"), "").unwrap();
+        assert!(!is_relevant(
+            &modified(&root.join("srv/other.yaml")),
+            &watched
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

@@ -62,10 +62,22 @@ impl Daemon {
 
     /// Starts the daemon with exactly these arguments and returns at once.
     pub fn spawn_with_args(args: &[OsString], env: &[(&str, &str)]) -> Result<Self> {
-        let mut child = Command::new(binary()?)
+        Self::spawn_command(Self::command(args, env)?)
+    }
+
+    /// The command that starts the daemon, for a test to adjust (limits,
+    /// capabilities) before [`Daemon::spawn_command`].
+    pub fn command(args: &[OsString], env: &[(&str, &str)]) -> Result<Command> {
+        let mut command = Command::new(binary()?);
+        command
             .args(args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Ok(command)
+    }
+
+    pub fn spawn_command(mut command: Command) -> Result<Self> {
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -11,6 +11,9 @@
 use std::{
     collections::BTreeMap,
     ffi::OsString,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::Shutdown,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -18,7 +21,7 @@ use std::{
 use integration_tests::{
     CONTAINER_ADDR_V4, CONTAINER_GATEWAY_V4, Container, Daemon, Sandbox, TestServer,
     admin::get_from,
-    server::{Who, who},
+    server::{Who, connect, who},
 };
 use serde_json::Value;
 
@@ -152,6 +155,22 @@ impl ConfigMapVolume {
     }
 }
 
+/// The capability set of a securityContext's `add` list.
+fn capability_mask(names: &Value) -> u64 {
+    names
+        .as_array()
+        .expect("capabilities.add")
+        .iter()
+        .map(|name| match name.as_str().expect("a capability name") {
+            "NET_ADMIN" => 1 << 12,
+            "SYS_ADMIN" => 1 << 21,
+            "PERFMON" => 1 << 38,
+            "BPF" => 1 << 39,
+            other => panic!("the test does not know capability {other}"),
+        })
+        .fold(0, |mask, capability| mask | capability)
+}
+
 /// The container's command line with `$(NODE_IP)` and the mount paths replaced.
 fn command_line(
     manifest: &Manifest,
@@ -170,6 +189,20 @@ fn command_line(
     );
     let command = container["command"].as_array().expect("command");
     assert_eq!(command.len(), 1, "the binary alone: {command:?}");
+    // The image puts the binary where the command says (the test runs the local build).
+    let containerfile = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/Containerfile"
+    ))
+    .unwrap();
+    let installed = format!(
+        "COPY target/release/interceptor {}",
+        command[0].as_str().unwrap()
+    );
+    assert!(
+        containerfile.lines().any(|line| line == installed),
+        "the Containerfile has no {installed:?}"
+    );
     container["args"]
         .as_array()
         .expect("args")
@@ -291,10 +324,50 @@ impl Node {
         }
     }
 
+    /// Starts the container's command with the security context's capabilities, as
+    /// a container runtime would: uid 0, every other capability out of the bounding
+    /// set (so out of the permitted and effective sets after exec), no new
+    /// privileges. Then waits on the readiness probe.
     fn start_daemon(&self) -> Daemon {
-        let mut daemon =
-            Daemon::spawn_with_args(&self.args, &[]).expect("start the container's command");
+        let security = &self.manifest.container()["securityContext"];
+        assert_eq!(security["runAsUser"], 0);
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        let kept = capability_mask(&security["capabilities"]["add"]);
+        let no_new_privileges = security["allowPrivilegeEscalation"] == false;
+        let last_capability: u32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut command = Daemon::command(&self.args, &[]).unwrap();
+        // SAFETY: prctl is async-signal-safe and changes only the child.
+        unsafe {
+            command.pre_exec(move || {
+                for capability in 0..=last_capability {
+                    if kept & (1 << capability) == 0
+                        && libc::prctl(libc::PR_CAPBSET_DROP, capability, 0, 0, 0) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if no_new_privileges && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut daemon = Daemon::spawn_command(command).expect("start the container's command");
         wait_until_ready(&mut daemon, &self.manifest.readiness_probe());
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+        let effective = status
+            .lines()
+            .find_map(|line| line.strip_prefix("CapEff:"))
+            .map(|mask| u64::from_str_radix(mask.trim(), 16).unwrap());
+        assert_eq!(
+            effective,
+            Some(kept),
+            "the daemon runs with the manifest's capabilities only"
+        );
         daemon
     }
 
@@ -350,8 +423,10 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     );
     assert_served_by(who(VIP), "moved");
 
-    // SIGTERM, as the kubelet sends it, ends the daemon cleanly within the grace period,
-    // which leaves room for the whole drain.
+    // SIGTERM, as the kubelet sends it: the programs leave (a new connect to the VIP
+    // goes direct and finds nothing, as on a node between two daemons), the probe
+    // says draining, an open connection goes on, and the daemon exits 0 once it
+    // closes, within the drain timeout and the grace period.
     let args = &node.args;
     let drain_timeout = args
         .iter()
@@ -360,10 +435,43 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
         .map(Duration::from_secs)
         .expect("--drain-timeout SECS in the args");
     assert!(drain_timeout < node.manifest.grace_period());
+    let mut open = connect(VIP).expect("connect before SIGTERM");
+    open.write_all(b"ECHO\n").unwrap();
+    let mut reader = BufReader::new(open.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "moved\n");
+
     let stopping = Instant::now();
     daemon.signal(libc::SIGTERM);
+    let probe = node.manifest.readiness_probe();
+    while !matches!(get_from(&probe.0, &probe.1), Ok((503, _))) {
+        assert!(
+            stopping.elapsed() < drain_timeout,
+            "the probe never said draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The probe flips just before the programs are detached.
+    loop {
+        match connect(VIP) {
+            Err(error) if error.kind() == std::io::ErrorKind::NetworkUnreachable => break,
+            other => assert!(
+                stopping.elapsed() < drain_timeout,
+                "VIP connects still intercepted while draining: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    open.write_all(b"still here\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "still here\n");
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
     assert_eq!(daemon.wait(), Some(0), "{}", daemon.logs());
-    assert!(stopping.elapsed() < node.manifest.grace_period());
+    assert!(stopping.elapsed() < drain_timeout);
 }
 
 /// `--config` may also name one file of the ConfigMap, which is a symlink through

@@ -3,10 +3,13 @@
 //! systemd notify protocol.
 
 use std::{
+    ffi::OsString,
+    fs,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpStream},
     os::linux::net::SocketAddrExt as _,
     os::unix::net::{SocketAddr as UnixAddr, UnixDatagram},
+    os::unix::process::CommandExt as _,
     path::Path,
     time::{Duration, Instant},
 };
@@ -259,6 +262,33 @@ fn thread_named(pid: u32, name: &str) -> std::path::PathBuf {
         .unwrap_or_else(|| panic!("the daemon has no thread named {name}"))
 }
 
+/// SIGSTOP reaches a process's threads one by one; a worker still running could
+/// drain records meant to pile up.
+fn wait_until_every_thread_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let running = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("list the daemon's threads")
+            .filter_map(Result::ok)
+            .filter(|task| {
+                // The state follows the parenthesised command name.
+                std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| !rest.starts_with('T'))
+                })
+            })
+            .count();
+        if running == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{running} threads still run after SIGSTOP"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Nanoseconds a thread has run, from the scheduler's own accounting.
 fn run_nanos(task: &Path) -> u64 {
     let schedstat = std::fs::read_to_string(task.join("schedstat")).expect("read schedstat");
@@ -395,6 +425,7 @@ fn when_the_ring_is_full_records_fall_back_to_the_map_and_every_connection_is_se
     // A stopped daemon reads nothing: the kernel still completes each handshake into
     // the accept queue, and sockops writes each record, until the ring is full.
     daemon.signal(libc::SIGSTOP);
+    wait_until_every_thread_stopped(daemon.pid());
     let streams: Vec<TcpStream> = (0..CONNECTIONS)
         .map(|index| {
             connect("240.240.10.1:7000")
@@ -926,4 +957,56 @@ fn the_admin_server_refuses_a_non_loopback_address_unless_allowed() {
     .unwrap();
     let (status, body) = get_from("198.18.10.5:15000", "/healthz/ready").unwrap();
     assert_eq!((status, body.trim()), (200, "ready"));
+}
+
+/// Containers and services often start with a soft limit of 1024 descriptors, which
+/// would cap the proxy near 500 connections; the daemon raises it to the hard limit.
+#[test]
+fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
+    let sandbox = Sandbox::new("nofile");
+    let config = sandbox.workdir.join("config.yaml");
+    fs::write(
+        &config,
+        vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
+    )
+    .unwrap();
+    let args: Vec<OsString> = vec![
+        "run".into(),
+        "--config".into(),
+        config.into(),
+        "--cgroup".into(),
+        sandbox.cgroup.clone().into(),
+    ];
+    let mut command = Daemon::command(&args, &[]).unwrap();
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut daemon = Daemon::spawn_command(command).unwrap();
+    daemon.wait_ready().unwrap();
+
+    let limits = fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect();
+    assert_eq!(open_files, ["4096", "4096"], "{limits}");
+    let logs = daemon.logs();
+    assert!(logs.contains("raised the open files limit"), "{logs}");
+    // 4096 is still few for a node's worth of connections: the operator hears of it.
+    assert!(logs.contains("caps the proxy"), "{logs}");
 }
