@@ -9,7 +9,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::signal::unix::SignalKind;
+use tokio::{signal::unix::SignalKind, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
@@ -54,6 +54,8 @@ pub struct RunConfig {
     pub workers: usize,
     /// How long an idle worker spins before it blocks; zero never spins.
     pub busy_poll: Duration,
+    /// None: derived from the open-files limit.
+    pub max_connections: Option<usize>,
     pub admin_addr: SocketAddr,
     pub admin_allow_non_loopback: bool,
 }
@@ -80,6 +82,31 @@ pub enum AppError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Admin(#[from] AdminError),
+}
+
+/// Descriptors kept free for what the daemon opens besides connections: admin
+/// requests, DNS queries, config reloads, splice pipes' first attempts.
+const DESCRIPTOR_MARGIN: usize = 64;
+
+/// Two descriptors per connection (client and upstream), within the open-files
+/// limit, after the ones the daemon already holds (maps, programs, listeners,
+/// runtimes) and a margin. Splice pipes are not counted: a bulk direction without a
+/// pipe copies in user space instead.
+fn connections_the_descriptors_allow() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Semaphore::MAX_PERMITS;
+    }
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let allowed = usize::try_from(limit.rlim_cur)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(open + DESCRIPTOR_MARGIN)
+        / 2;
+    allowed.clamp(1, Semaphore::MAX_PERMITS)
 }
 
 /// Loads and checks the whole configuration; nothing is applied unless all of it is valid.
@@ -163,6 +190,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
             copy_mode: config.copy_mode,
         },
         connections: Arc::clone(&admin_state.connections),
+        // Filled once the workers run, so their descriptors are counted first.
+        connection_slots: Arc::new(Semaphore::new(0)),
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -174,6 +203,12 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         &shutdown,
     )
     .map_err(AppError::Workers)?;
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(connections_the_descriptors_allow);
+    shared.connection_slots.add_permits(max_connections);
+    metrics.connections_limit.set(max_connections as i64);
+    info!(max_connections, "connection limit");
     let sweeper = tokio::spawn(async move {
         let mut interval = tokio::time::interval(SWEEP_INTERVAL);
         loop {

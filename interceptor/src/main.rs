@@ -97,6 +97,12 @@ struct RunArgs {
     /// spin. 0 (the default) never spins; at most 10000.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
+    /// The most connections the proxy serves at once; more wait in the kernel's
+    /// accept queue until one ends, rather than being accepted without the
+    /// descriptors to serve them. Default: what the open-files limit allows, two
+    /// descriptors per connection, after what the daemon holds at start and a margin.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
     /// Bytes of the ring buffer through which sockops hands each redirected
     /// connection's original destination to the proxy: a power of two, at least a
     /// page. At 64 bytes a record, the default holds 32,768 connections the proxy has
@@ -348,6 +354,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         workers,
         busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
+        max_connections: args.max_connections.map(|max| max as usize),
         admin_addr: args.admin_addr,
         admin_allow_non_loopback: args.admin_allow_non_loopback,
     }))?;

@@ -161,6 +161,8 @@ pub struct Metrics {
     pub connections_closed: Counter,
     pub connections_failed: Family<FailureLabels, Counter>,
     pub connections_open: Gauge,
+    pub connections_limit: Gauge,
+    pub connection_limit_reached: Counter,
     pub sent_bytes: Family<TrafficLabels, Counter>,
     pub received_bytes: Family<TrafficLabels, Counter>,
     pub connect_duration: Histogram,
@@ -188,6 +190,8 @@ impl Metrics {
             connections_closed: Counter::default(),
             connections_failed: Family::default(),
             connections_open: Gauge::default(),
+            connections_limit: Gauge::default(),
+            connection_limit_reached: Counter::default(),
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
             // 100 µs to ~6.5 s: loopback and LAN upstreams at the low end, a connect
@@ -232,6 +236,16 @@ impl Metrics {
             "connections_open",
             "Connections accepted and not yet ended",
             metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections_limit",
+            "The most connections served at once (--max-connections); more wait in the accept queue",
+            metrics.connections_limit.clone(),
+        );
+        registry.register(
+            "connection_limit_reached",
+            "Times a proxy listener stopped accepting because the connection limit was reached",
+            metrics.connection_limit_reached.clone(),
         );
         registry.register_with_unit(
             "sent",

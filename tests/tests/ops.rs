@@ -41,16 +41,33 @@ struct Echo {
 
 impl Echo {
     fn open(addr: &str) -> Self {
+        let mut echo = Self::begin(addr);
+        echo.answer(Duration::from_secs(10)).expect("server name");
+        echo
+    }
+
+    /// Connects and asks for an echo, without waiting for the answer.
+    fn begin(addr: &str) -> Self {
         let mut writer = connect(addr).unwrap_or_else(|error| panic!("connect {addr}: {error}"));
         writer.write_all(b"ECHO\n").expect("send ECHO");
-        let mut reader = BufReader::new(writer.try_clone().expect("clone"));
-        let mut server = String::new();
-        reader.read_line(&mut server).expect("server name");
+        let reader = BufReader::new(writer.try_clone().expect("clone"));
         Self {
             reader,
             writer,
-            server: server.trim().to_owned(),
+            server: String::new(),
         }
+    }
+
+    /// Waits up to `timeout` for the server's name.
+    fn answer(&mut self, timeout: Duration) -> std::io::Result<()> {
+        let stream = self.reader.get_ref();
+        stream.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        let mut server = String::new();
+        self.reader.read_line(&mut server)?;
+        self.server = server.trim().to_owned();
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_secs(10)))
     }
 
     fn round_trip(&mut self, line: &str) {
@@ -1009,4 +1026,134 @@ fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
     assert!(logs.contains("raised the open files limit"), "{logs}");
     // 4096 is still few for a node's worth of connections: the operator hears of it.
     assert!(logs.contains("caps the proxy"), "{logs}");
+}
+
+/// Starts a daemon for one VIP whose open-files limit is `nofile` (soft and hard).
+fn daemon_with_open_files_limit(sandbox: &Sandbox, nofile: u64, extra_args: &[&str]) -> Daemon {
+    let config = sandbox.workdir.join("config.yaml");
+    fs::write(
+        &config,
+        vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
+    )
+    .unwrap();
+    let mut args: Vec<OsString> = vec![
+        "run".into(),
+        "--config".into(),
+        config.into(),
+        "--cgroup".into(),
+        sandbox.cgroup.clone().into(),
+    ];
+    args.extend(extra_args.iter().map(OsString::from));
+    let mut command = Daemon::command(&args, &[]).unwrap();
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(move || {
+            let limit = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut daemon = Daemon::spawn_command(command).unwrap();
+    daemon.wait_ready().unwrap();
+    daemon
+}
+
+/// Opens `count` echo sessions through the VIP; returns those answered within `wait`
+/// and those still waiting (none may fail).
+fn open_echoes(count: usize, wait: Duration) -> (Vec<Echo>, Vec<Echo>) {
+    let sessions: Vec<Echo> = (0..count)
+        .map(|_| Echo::begin("240.240.0.1:7000"))
+        .collect();
+    let deadline = Instant::now() + wait;
+    let mut answered = Vec::new();
+    let mut waiting = Vec::new();
+    for (index, mut echo) in sessions.into_iter().enumerate() {
+        match echo.answer(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) => {
+                assert_eq!(echo.server, "echo", "connection {index}");
+                answered.push(echo);
+            }
+            Err(error) if error.kind() == ErrorKind::WouldBlock => waiting.push(echo),
+            Err(error) => panic!("connection {index} failed instead of waiting: {error}"),
+        }
+    }
+    (answered, waiting)
+}
+
+/// `limit` connections are served, the rest wait in the accept queue (not reset),
+/// and they are served as the first ones end.
+fn assert_connection_limit(daemon: &Daemon, limit: usize) {
+    let (answered, waiting) = open_echoes(limit + 5, Duration::from_secs(2));
+    assert_eq!((answered.len(), waiting.len()), (limit, 5));
+    daemon.wait_for_log("connection limit reached", 1);
+    let metrics = scrape();
+    assert_eq!(
+        metrics.value("interceptor_connections_limit", &[]),
+        Some(limit as f64)
+    );
+    assert!(metrics.must("interceptor_connection_limit_reached_total", &[]) >= 1.0);
+    drop(answered);
+    for (index, mut echo) in waiting.into_iter().enumerate() {
+        echo.answer(Duration::from_secs(10))
+            .unwrap_or_else(|error| panic!("waiting connection {index}: {error}"));
+        assert_eq!(echo.server, "echo", "waiting connection {index}");
+        echo.round_trip("still echoing");
+        echo.finish();
+    }
+    assert_eq!(
+        scrape().value("interceptor_connections_failed_total", &[]),
+        Some(0.0)
+    );
+}
+
+#[test]
+fn at_the_connection_limit_clients_wait_and_are_served_when_others_end() {
+    let sandbox = Sandbox::new("max-connections");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("echo", "198.18.0.10:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
+        &[ADMIN_ARGS[0], ADMIN_ARGS[1], "--max-connections", "5"],
+    );
+    assert_connection_limit(&daemon, 5);
+}
+
+/// With a low open-files limit and no --max-connections, the limit is what the
+/// descriptors allow: no client is accepted only to be reset for want of one.
+#[test]
+fn the_default_connection_limit_keeps_within_the_open_files_limit() {
+    let sandbox = Sandbox::new("nofile-limit");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("echo", "198.18.0.10:7000");
+    let daemon = daemon_with_open_files_limit(&sandbox, 160, &ADMIN_ARGS);
+    let logs = daemon.wait_for_log("connection limit", 1);
+    let limit: usize = logs
+        .split("max_connections=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in the logs:\n{logs}"));
+    let open = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        open + 2 * limit <= 160,
+        "{open} descriptors open and {limit} connections allowed within 160"
+    );
+    assert!(
+        limit >= 10,
+        "a limit of {limit} leaves the test nothing to check"
+    );
+    assert_connection_limit(&daemon, limit);
+    assert!(
+        !daemon.logs().contains("accept failed"),
+        "{}",
+        daemon.logs()
+    );
 }

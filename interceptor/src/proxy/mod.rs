@@ -19,6 +19,7 @@ use futures_util::FutureExt as _;
 use tokio::{
     io::AsyncReadExt as _,
     net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
@@ -65,6 +66,9 @@ pub struct Shared {
     pub config: ProxyConfig,
     /// Live connections, for `/connections` and the connection metrics.
     pub connections: Arc<ConnectionTable>,
+    /// One permit per connection the proxy may hold at once, shared by every
+    /// listener of every worker.
+    pub connection_slots: Arc<Semaphore>,
 }
 
 /// Accepts until `shutdown` fires; connections run on `connections` so the caller
@@ -76,25 +80,47 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     loop {
+        // At the limit, stop accepting: clients wait in the kernel's accept queue (and
+        // then in SYN retries) instead of being accepted without the descriptors to
+        // serve them and reset. Waiting for capacity does not take it, so idle
+        // listeners hold no permit.
+        if shared.connection_slots.available_permits() == 0 {
+            shared.connections.metrics().connection_limit_reached.inc();
+            if let Some(suppressed) = LIMIT_REACHED_LOG.admit() {
+                warn!(
+                    suppressed,
+                    "connection limit reached; new clients wait in the accept queue"
+                );
+            }
+        }
+        let capacity = tokio::select! {
+            permit = shared.connection_slots.acquire() => permit,
+            () = shutdown.cancelled() => {
+                drain_accept_queue(&listener, &shared, &connections);
+                break;
+            }
+        };
+        drop(capacity);
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => {
-                // The programs were detached before `shutdown` fired, so nothing new
-                // is redirected here; clients already redirected may be queued, and
-                // they would get a reset if the listener closed on them.
-                while let Some(Ok((client, peer))) = listener.accept().now_or_never() {
-                    connections.spawn(handle(Arc::clone(&shared), client, peer));
-                }
+                drain_accept_queue(&listener, &shared, &connections);
                 break;
             }
         };
         match accepted {
             Ok((client, peer)) => {
-                connections.spawn(handle(Arc::clone(&shared), client, peer));
+                // Another listener may have taken the last permit meanwhile: then
+                // this one client waits for the next, accepted.
+                let slot = Arc::clone(&shared.connection_slots).acquire_owned().await;
+                connections.spawn(handle(Arc::clone(&shared), client, peer, slot.ok()));
             }
             Err(error) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                warn!(%error, "accept failed");
+                // EMFILE and friends: back off instead of spinning on the error, and
+                // log it once a second, not twenty times per worker.
+                if let Some(suppressed) = ACCEPT_FAILED_LOG.admit() {
+                    warn!(%error, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -102,7 +128,25 @@ pub async fn serve(
     info!("stopped accepting");
 }
 
-async fn handle(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr) {
+/// The programs were detached before `shutdown` fired, so nothing new is redirected
+/// here; clients already redirected may be queued, and they would get a reset if the
+/// listener closed on them. They are served even past the connection limit.
+fn drain_accept_queue(listener: &TcpListener, shared: &Arc<Shared>, connections: &TaskTracker) {
+    while let Some(Ok((client, peer))) = listener.accept().now_or_never() {
+        let slot = Arc::clone(&shared.connection_slots)
+            .try_acquire_owned()
+            .ok();
+        connections.spawn(handle(Arc::clone(shared), client, peer, slot));
+    }
+}
+
+/// `_slot`: the connection's share of the limit, given back when it ends.
+async fn handle(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    peer: SocketAddr,
+    _slot: Option<OwnedSemaphorePermit>,
+) {
     let span = info_span!(
         "connection",
         client = %peer,
@@ -241,6 +285,8 @@ async fn forward(
 }
 
 static UNREDIRECTED_LOG: LogLimit = LogLimit::new();
+static ACCEPT_FAILED_LOG: LogLimit = LogLimit::new();
+static LIMIT_REACHED_LOG: LogLimit = LogLimit::new();
 
 /// At most one log line a second for an event strangers can cause at will.
 struct LogLimit {

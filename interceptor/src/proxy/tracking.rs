@@ -86,6 +86,11 @@ impl ConnectionTable {
         })
     }
 
+    /// The metrics the table settles, for the accept loop's own counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Starts tracking a connection the proxy just accepted.
     pub fn open(self: &Arc<Self>, client: SocketAddr) -> ConnectionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
