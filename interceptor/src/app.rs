@@ -31,6 +31,9 @@ use crate::{
 /// accept queue overflowed.
 const UNCLAIMED_RECORD_MAX_AGE: Duration = Duration::from_secs(60);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+/// How long after connect4 comes off the proxy still takes connects it rewrote: a
+/// handshake with a proxy on the same host takes microseconds.
+const IN_FLIGHT_REDIRECTS: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -252,7 +255,11 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     info!(signal, "shutting down");
     admin_state.readiness.set(Phase::Draining);
     systemd::stopping();
-    // Detach first: new connections go direct rather than to a proxy that is closing.
+    // Stop redirecting first: new connections go direct rather than to a proxy that
+    // is closing. Connects rewritten just before are still completing their
+    // handshakes; the rest of the programs and the listeners stay until they have.
+    kernel.stop_redirecting();
+    tokio::time::sleep(IN_FLIGHT_REDIRECTS).await;
     kernel.detach();
     stop_reloading.cancel();
     let _ = reloader.await;

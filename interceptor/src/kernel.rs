@@ -397,6 +397,25 @@ impl Kernel {
 
     /// Detaches the programs now, so new connections go direct while the proxy drains.
     /// The maps stay, so records of connections already redirected can still be read.
+    /// Takes connect4 and connect6 off, so nothing new is sent to the proxy. sockops
+    /// stays: a connect rewritten just before still needs its record when its
+    /// handshake completes, or the proxy would find none and reset it.
+    pub fn stop_redirecting(&self) {
+        let mut programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ebpf) = programs.as_mut() else {
+            return;
+        };
+        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+            let unloaded = program::<CgroupSockAddr>(ebpf, name)
+                .and_then(|connect| connect.unload().map_err(program_error(name)));
+            if let Err(error) = unloaded {
+                // Dropping everything in `detach` still takes it off.
+                warn!(%error, "cannot detach {name} ahead of the other programs");
+            }
+        }
+        info!(cgroup = %self.cgroup.display(), "stopped redirecting");
+    }
+
     pub fn detach(&self) {
         let programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take();
         if programs.is_some() {

@@ -756,14 +756,9 @@ fn readiness_is_503_while_starting_200_when_serving_and_503_when_draining() {
     assert_eq!(daemon.wait(), Some(0));
 }
 
-#[test]
-fn sigterm_lets_open_connections_finish_while_new_ones_go_direct() {
-    let sandbox = Sandbox::new("ops-drain");
-    sandbox.add_host("198.18.10.1".parse().unwrap());
-    let _server = TestServer::start("server", "198.18.10.1:7000");
-    // NONE: the destination is real, so a connect that is not redirected still works
-    // and shows where it went.
-    let config = r#"apiVersion: networking.istio.io/v1
+/// NONE over the test hosts: the destination is real, so a connect that is not
+/// redirected still works and shows where it went.
+const NONE_RANGE: &str = r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: range, namespace: ops}
 spec:
@@ -772,8 +767,64 @@ spec:
   ports: [{number: 7000, name: tcp, protocol: TCP}]
   resolution: NONE
 "#;
+
+/// Connects racing the shutdown each end up somewhere, through the proxy or direct:
+/// none is redirected and then left without a record or a listener.
+#[test]
+fn sigterm_resets_no_connect_in_flight() {
+    let sandbox = Sandbox::new("ops-stop-race");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
+    let mut daemon = sandbox.start_daemon(NONE_RANGE, &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Threads made here share this thread's (the sandbox's) network namespace.
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut proxied, mut direct, mut failures) = (0, 0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match who("198.18.10.1:7000") {
+                        Ok(seen) if seen.went_through_proxy() => proxied += 1,
+                        Ok(_) => direct += 1,
+                        Err(error) => failures.push(error.to_string()),
+                    }
+                }
+                (proxied, direct, failures)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(), Some(0));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut proxied, mut direct, mut failures) = (0, 0, Vec::new());
+    for client in clients {
+        let (p, d, f) = client.join().unwrap();
+        proxied += p;
+        direct += d;
+        failures.extend(f);
+    }
+    assert!(
+        proxied > 0 && direct > 0,
+        "{proxied} proxied, {direct} direct"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} connects failed: {failures:?}",
+        failures.len(),
+        proxied + direct + failures.len()
+    );
+}
+
+#[test]
+fn sigterm_lets_open_connections_finish_while_new_ones_go_direct() {
+    let sandbox = Sandbox::new("ops-drain");
+    sandbox.add_host("198.18.10.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.1:7000");
     let mut daemon = sandbox.start_daemon(
-        config,
+        NONE_RANGE,
         &[&ADMIN_ARGS[..], &["--drain-timeout", "20"]].concat(),
     );
     assert!(who("198.18.10.1:7000").unwrap().went_through_proxy());
