@@ -1032,36 +1032,7 @@ fn the_admin_server_refuses_a_non_loopback_address_unless_allowed() {
 #[test]
 fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
     let sandbox = Sandbox::new("nofile");
-    let config = sandbox.workdir.join("config.yaml");
-    fs::write(
-        &config,
-        vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
-    )
-    .unwrap();
-    let args: Vec<OsString> = vec![
-        "run".into(),
-        "--config".into(),
-        config.into(),
-        "--cgroup".into(),
-        sandbox.cgroup.clone().into(),
-    ];
-    let mut command = Daemon::command(&args, &[]).unwrap();
-    // SAFETY: setrlimit is async-signal-safe and touches only the child.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: 4096,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let mut daemon = Daemon::spawn_command(command).unwrap();
-    daemon.wait_ready().unwrap();
+    let daemon = daemon_with_open_files_limit(&sandbox, (256, 4096), &[]);
 
     let limits = fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
     let open_files: Vec<&str> = limits
@@ -1079,8 +1050,12 @@ fn a_low_soft_open_files_limit_is_raised_to_the_hard_limit() {
     assert!(logs.contains("caps the proxy"), "{logs}");
 }
 
-/// Starts a daemon for one VIP whose open-files limit is `nofile` (soft and hard).
-fn daemon_with_open_files_limit(sandbox: &Sandbox, nofile: u64, extra_args: &[&str]) -> Daemon {
+/// Starts a daemon for one VIP whose open-files limit is `(soft, hard)`.
+fn daemon_with_open_files_limit(
+    sandbox: &Sandbox,
+    (soft, hard): (u64, u64),
+    extra_args: &[&str],
+) -> Daemon {
     let config = sandbox.workdir.join("config.yaml");
     fs::write(
         &config,
@@ -1100,8 +1075,8 @@ fn daemon_with_open_files_limit(sandbox: &Sandbox, nofile: u64, extra_args: &[&s
     unsafe {
         command.pre_exec(move || {
             let limit = libc::rlimit {
-                rlim_cur: nofile,
-                rlim_max: nofile,
+                rlim_cur: soft,
+                rlim_max: hard,
             };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
                 Ok(())
@@ -1182,7 +1157,7 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
     let sandbox = Sandbox::new("nofile-limit");
     sandbox.add_host("198.18.0.10".parse().unwrap());
     let _server = TestServer::start("echo", "198.18.0.10:7000");
-    let daemon = daemon_with_open_files_limit(&sandbox, 160, &ADMIN_ARGS);
+    let daemon = daemon_with_open_files_limit(&sandbox, (160, 160), &ADMIN_ARGS);
     let logs = daemon.wait_for_log("connection limit", 1);
     let limit: usize = logs
         .split("max_connections=")
