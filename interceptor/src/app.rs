@@ -93,9 +93,9 @@ const DESCRIPTOR_MARGIN: usize = 64;
 
 /// Two descriptors per connection (client and upstream), within the open-files
 /// limit, after the ones the daemon already holds (maps, programs, listeners,
-/// runtimes) and a margin. Splice pipes are not counted: a bulk direction without a
-/// pipe copies in user space instead.
-fn connections_the_descriptors_allow() -> usize {
+/// runtimes), a margin, and one per listener: each may hold one accepted client
+/// while it waits for a permit another listener took.
+fn connections_the_descriptors_allow(listeners: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -107,7 +107,7 @@ fn connections_the_descriptors_allow() -> usize {
     let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
     let allowed = usize::try_from(limit.rlim_cur)
         .unwrap_or(usize::MAX)
-        .saturating_sub(open + DESCRIPTOR_MARGIN)
+        .saturating_sub(open + DESCRIPTOR_MARGIN + listeners)
         / 2;
     allowed.clamp(1, Semaphore::MAX_PERMITS)
 }
@@ -198,6 +198,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
+    let listener_count = listeners.count();
     let mut workers = proxy::workers::start(
         listeners,
         config.busy_poll,
@@ -208,7 +209,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     .map_err(AppError::Workers)?;
     let max_connections = config
         .max_connections
-        .unwrap_or_else(connections_the_descriptors_allow);
+        .unwrap_or_else(|| connections_the_descriptors_allow(listener_count))
+        .min(Semaphore::MAX_PERMITS);
     shared.connection_slots.add_permits(max_connections);
     metrics.connections_limit.set(max_connections as i64);
     info!(max_connections, "connection limit");

@@ -395,8 +395,6 @@ impl Kernel {
         &self.cgroup
     }
 
-    /// Detaches the programs now, so new connections go direct while the proxy drains.
-    /// The maps stay, so records of connections already redirected can still be read.
     /// Takes connect4 and connect6 off, so nothing new is sent to the proxy. sockops
     /// stays: a connect rewritten just before still needs its record when its
     /// handshake completes, or the proxy would find none and reset it.
@@ -416,6 +414,8 @@ impl Kernel {
         info!(cgroup = %self.cgroup.display(), "stopped redirecting");
     }
 
+    /// Detaches the programs now, so new connections go direct while the proxy drains.
+    /// The maps stay, so records of connections already redirected can still be read.
     pub fn detach(&self) {
         let programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take();
         if programs.is_some() {

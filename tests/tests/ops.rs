@@ -1158,13 +1158,17 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
     sandbox.add_host("198.18.0.10".parse().unwrap());
     let _server = TestServer::start("echo", "198.18.0.10:7000");
     let daemon = daemon_with_open_files_limit(&sandbox, (160, 160), &ADMIN_ARGS);
-    let logs = daemon.wait_for_log("connection limit", 1);
+    let logs = daemon.wait_for_log("max_connections=", 1);
     let limit: usize = logs
         .split("max_connections=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|number| number.parse().ok())
         .unwrap_or_else(|| panic!("no max_connections in the logs:\n{logs}"));
+    assert!(
+        !logs.contains("connection limit reached"),
+        "an idle daemon reported the limit reached:\n{logs}"
+    );
     let open = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
         .unwrap()
         .count();
@@ -1181,5 +1185,38 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
         !daemon.logs().contains("accept failed"),
         "{}",
         daemon.logs()
+    );
+}
+
+/// A listener that accepted a client just as another took the last permit waits for
+/// one; SIGTERM must still end that wait, or the drain never starts.
+#[test]
+fn sigterm_at_the_connection_limit_still_drains_and_exits() {
+    let sandbox = Sandbox::new("limit-stop");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("echo", "198.18.0.10:7000");
+    let mut daemon = sandbox.start_daemon(
+        &vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
+        &[
+            "--max-connections",
+            "1",
+            "--workers",
+            "2",
+            "--drain-timeout",
+            "2",
+        ],
+    );
+    let _served = Echo::open("240.240.0.1:7000");
+    // SO_REUSEPORT spreads these over both workers' listeners: the one that did not
+    // take the permit has accepted a client and waits for a permit.
+    let _waiting: Vec<Echo> = (0..6).map(|_| Echo::begin("240.240.0.1:7000")).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let stopping = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait(), Some(0), "{}", daemon.logs());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(6),
+        "took {:?} to stop with a drain timeout of 2 s",
+        stopping.elapsed()
     );
 }

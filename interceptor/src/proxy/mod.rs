@@ -84,7 +84,10 @@ pub async fn serve(
         // then in SYN retries) instead of being accepted without the descriptors to
         // serve them and reset. Waiting for capacity does not take it, so idle
         // listeners hold no permit.
-        if shared.connection_slots.available_permits() == 0 {
+        // The limit is set once the workers run; an empty semaphore before that is
+        // not the limit being reached. (The gauge is set after the permits are added.)
+        let limit_set = shared.connections.metrics().connections_limit.get() > 0;
+        if limit_set && shared.connection_slots.available_permits() == 0 {
             shared.connections.metrics().connection_limit_reached.inc();
             if let Some(suppressed) = LIMIT_REACHED_LOG.admit() {
                 warn!(
@@ -94,26 +97,33 @@ pub async fn serve(
             }
         }
         let capacity = tokio::select! {
-            permit = shared.connection_slots.acquire() => permit,
+            biased;
             () = shutdown.cancelled() => {
                 drain_accept_queue(&listener, &shared, &connections);
                 break;
             }
+            permit = shared.connection_slots.acquire() => permit,
         };
         drop(capacity);
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            biased;
             () = shutdown.cancelled() => {
                 drain_accept_queue(&listener, &shared, &connections);
                 break;
             }
+            accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((client, peer)) => {
                 // Another listener may have taken the last permit meanwhile: then
-                // this one client waits for the next, accepted.
-                let slot = Arc::clone(&shared.connection_slots).acquire_owned().await;
-                connections.spawn(handle(Arc::clone(&shared), client, peer, slot.ok()));
+                // this one client waits for the next, accepted (the limit leaves a
+                // descriptor per listener for this). At shutdown it is served anyway.
+                let slot = tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => None,
+                    slot = Arc::clone(&shared.connection_slots).acquire_owned() => slot.ok(),
+                };
+                connections.spawn(handle(Arc::clone(&shared), client, peer, slot));
             }
             Err(error) => {
                 // EMFILE and friends: back off instead of spinning on the error, and

@@ -103,6 +103,11 @@ impl ProxyListeners {
     }
 
     /// Every address the proxy listens on.
+    /// Listening sockets over all workers.
+    pub fn count(&self) -> usize {
+        self.per_worker.iter().map(Vec::len).sum()
+    }
+
     pub fn addrs(&self) -> Vec<SocketAddr> {
         std::iter::once(SocketAddr::V4(self.v4))
             .chain(self.v6.map(SocketAddr::V6))
