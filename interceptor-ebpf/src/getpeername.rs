@@ -1,11 +1,8 @@
-use aya_ebpf::{
-    EbpfContext as _, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
-    programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use interceptor_ebpf::{SocketAddress, ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
-    maps::PEER_BY_COOKIE,
+    maps::ORIGINAL_DST,
     redirect::{
         proxies_for_ipv4, proxies_for_ipv6_socket, set_user_ipv4, set_user_ipv6, user_ipv4,
         user_ipv6,
@@ -44,7 +41,9 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
 
 #[inline(always)]
 fn original_destination(ctx: &SockAddrContext) -> Option<SocketAddress> {
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let original = unsafe { PEER_BY_COOKIE.get(&cookie) }?;
-    Some(original.dst)
+    let stored = unsafe { ORIGINAL_DST.get_ptr_mut(ctx) };
+    if stored.is_null() {
+        return None;
+    }
+    Some(unsafe { (*stored).dst })
 }

@@ -16,13 +16,11 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const SERVICE_ADDRS_MAP: &str = "SERVICE_ADDRS";
 /// Ports intercepted for every destination: ServiceEntries without `addresses`.
 pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
-/// Original destinations recorded by connect4/6, until the connection is established.
-pub const ORIG_BY_COOKIE_MAP: &str = "ORIG_BY_COOKIE";
+/// Socket storage: each redirected socket's original destination, recorded by
+/// connect4/6, handed to the proxy by sockops and shown by getpeername.
+pub const ORIGINAL_DST_STORAGE: &str = "ORIGINAL_DST";
 /// Original destinations keyed by the client's address, where the proxy can find them.
 pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
-/// Original destinations by socket cookie for as long as the client's socket lives, so
-/// getpeername() on it shows where the application connected, not the proxy.
-pub const PEER_BY_COOKIE_MAP: &str = "PEER_BY_COOKIE";
 /// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
 pub const REDIRECTS_RING: &str = "REDIRECTS";
 

@@ -1,6 +1,8 @@
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LpmTrie, LruHashMap, RingBuf},
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{HashMap, LpmTrie, RingBuf},
 };
 use interceptor_ebpf::{
     Address, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, REDIRECTS_RING_BYTES,
@@ -11,25 +13,32 @@ use interceptor_ebpf::{
 pub static SERVICE_ADDRS: LpmTrie<ServiceAddrKey, InterceptRule> =
     LpmTrie::with_max_entries(SERVICE_ADDRS_CAPACITY, 0);
 
-/// Keyed by the destination port in host byte order.
+/// Keyed by the destination port in host byte order. Allocated per entry, as the
+/// trie is: a preallocated table would hold 5 MiB for the few ports ever used.
 #[map]
 pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
-    HashMap::with_max_entries(SERVICE_PORTS_CAPACITY, 0);
+    HashMap::with_max_entries(SERVICE_PORTS_CAPACITY, BPF_F_NO_PREALLOC);
 
-#[map]
-pub static ORIG_BY_COOKIE: LruHashMap<u64, OriginalDst> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+/// Each redirected socket's original destination, from connect4/6 for as long as the
+/// socket lives: sockops hands it to the proxy, getpeername shows it to the application.
+/// The kernel frees it with the socket, so it needs no sweeping, no state callbacks and
+/// no capacity sized in advance.
+#[btf_map]
+pub static ORIGINAL_DST: SkStorage<OriginalDst> = SkStorage::new();
 
-/// Where sockops leaves a record when [`REDIRECTS`] is full.
-#[map]
-pub static ORIG_BY_CLIENT: LruHashMap<SocketAddress, OriginalDst> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+/// The storage map as the helpers take it, for program types aya's wrapper does not
+/// cover (sock_ops).
+#[inline(always)]
+pub fn original_dst_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&ORIGINAL_DST).cast_mut().cast()
+}
 
-/// Written when a redirected connection is established, deleted when its socket
-/// closes; LRU, so sockets that never report their close cannot fill it.
+/// Where sockops leaves a record when [`REDIRECTS`] is full. Allocated per entry: it
+/// is empty unless the proxy falls 32,768 connections behind, and a preallocated
+/// table would hold 30 MiB on every node for that.
 #[map]
-pub static PEER_BY_COOKIE: LruHashMap<u64, OriginalDst> =
-    LruHashMap::with_max_entries(ORIG_DST_CAPACITY, 0);
+pub static ORIG_BY_CLIENT: HashMap<SocketAddress, OriginalDst> =
+    HashMap::with_max_entries(ORIG_DST_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[map]
 pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0);

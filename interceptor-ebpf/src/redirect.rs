@@ -5,7 +5,7 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
@@ -16,7 +16,7 @@ use interceptor_ebpf::{
 };
 
 use crate::maps::{
-    ORIG_BY_COOKIE, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
+    ORIGINAL_DST, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
     container_proxy_ipv6, proxy_ipv4, proxy_ipv6, proxy_netns_cookie,
 };
 
@@ -41,7 +41,7 @@ pub struct Proxies {
 const NO_PROXY: Endpoint = ([0; 4], [0; 2]);
 
 /// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
-/// original destination is then recorded under the socket's cookie.
+/// original destination is then recorded in the socket's own storage.
 #[inline(always)]
 pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Option<Endpoint> {
     let sock_addr = ctx.sock_addr;
@@ -89,7 +89,6 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
         return None;
     }
 
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let original = OriginalDst {
         dst: SocketAddress {
             addr,
@@ -100,10 +99,13 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
         redirected_at_ns: unsafe { bpf_ktime_get_ns() },
     };
     // Without a record the proxy would refuse the connection, so fail open instead.
-    ORIG_BY_COOKIE
-        .insert(&cookie, &original, 0)
-        .is_ok()
-        .then_some(proxy)
+    // A socket may connect again after a failed connect: its storage is overwritten.
+    let stored = unsafe { ORIGINAL_DST.get_or_insert_ptr_mut(ctx, None) };
+    if stored.is_null() {
+        return None;
+    }
+    unsafe { stored.write(original) };
+    Some(proxy)
 }
 
 /// Where an IPv4 connect may go, as IPv4-mapped endpoints.

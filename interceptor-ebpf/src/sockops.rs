@@ -1,16 +1,14 @@
 use aya_ebpf::{
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_TCP_CLOSE,
-    },
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::generated::bpf_sk_storage_get,
+    macros::sock_ops, programs::SockOpsContext,
 };
-use core::ptr::read_volatile;
-use interceptor_ebpf::{Address, RedirectRecord, SocketAddress, ipv4_mapped};
+use core::ptr::{null_mut, read_volatile};
+use interceptor_ebpf::{Address, OriginalDst, RedirectRecord, SocketAddress, ipv4_mapped};
 
-use crate::maps::{ORIG_BY_CLIENT, ORIG_BY_COOKIE, PEER_BY_COOKIE, REDIRECTS};
+use crate::{
+    maps::{ORIG_BY_CLIENT, REDIRECTS, original_dst_map},
+    redirect::{Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -21,36 +19,45 @@ const OK: u32 = 1;
 
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => rekey_by_client_addr(&ctx),
-        // Only redirected sockets ask for state callbacks (below).
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-            let _ = PEER_BY_COOKIE.remove(&cookie);
-        }
-        _ => {}
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        hand_over_by_client_addr(&ctx);
     }
     OK
 }
 
-/// Moves the record connect4 made from the socket cookie, which the proxy cannot see,
-/// to the client's address, which is the peer address of the socket the proxy accepts:
-/// into the ring buffer the proxy reads without a system call, or, if the proxy has
-/// fallen that far behind, into the ORIG_BY_CLIENT map.
+/// Hands the record connect4 left in the socket's storage, which the proxy cannot see,
+/// over under the client's address, which is the peer address of the socket the proxy
+/// accepts: into the ring buffer the proxy reads without a system call, or, if the
+/// proxy has fallen that far behind, into the ORIG_BY_CLIENT map.
 ///
-/// The record is not deleted when the client closes: a client that writes and closes
-/// at once can reach TCP_CLOSE before the proxy has accepted, and deleting then would
-/// lose its data. The proxy deletes each record when it accepts the connection, and
-/// sweeps records that no connection claimed.
+/// The storage stays for getpeername and goes with the socket. The handed-over record
+/// outlives a client that writes and closes at once, which can reach TCP_CLOSE before
+/// the proxy has accepted; the proxy deletes each record when it accepts the
+/// connection, and sweeps records that no connection claimed.
 #[inline(always)]
-fn rekey_by_client_addr(ctx: &SockOpsContext) {
-    let Some(local_addr) = local_address(ctx) else {
+fn hand_over_by_client_addr(ctx: &SockOpsContext) {
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return;
+    }
+    let stored = unsafe { bpf_sk_storage_get(original_dst_map(), sk.cast(), null_mut(), 0) }
+        .cast::<OriginalDst>();
+    if stored.is_null() {
+        return;
+    }
+    let Some((local_addr, peer)) = addresses(ctx) else {
         return;
     };
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let Some(original) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
-        return;
+    // A socket whose redirected connect failed may connect again somewhere nothing
+    // intercepts; its storage then describes a connection that never reached a proxy.
+    let proxies = match ctx.family() {
+        AF_INET => proxies_for_ipv4(),
+        _ => proxies_for_ipv6_socket(peer.0),
     };
+    if !proxies.contain(peer) {
+        return;
+    }
+    let original = unsafe { *stored };
     // local_port is in host byte order, unlike remote_port.
     let local_port = ctx.local_port() as u16;
     let client = SocketAddress {
@@ -63,31 +70,35 @@ fn rekey_by_client_addr(ctx: &SockOpsContext) {
         _pad: [0; 4],
         original,
     };
-    let handed_over = REDIRECTS
+    if REDIRECTS
         .output::<RedirectRecord>(&record, BPF_RB_NO_WAKEUP)
-        .is_ok()
-        || ORIG_BY_CLIENT.insert(&client, &original, 0).is_ok();
-    if handed_over {
-        let _ = ORIG_BY_COOKIE.remove(&cookie);
-    }
-    // getpeername4/6 answer with the original destination while the socket lives; the
-    // state callback on close removes it again.
-    if PEER_BY_COOKIE.insert(&cookie, &original, 0).is_ok() {
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        .is_err()
+    {
+        let _ = ORIG_BY_CLIENT.insert(&client, &original, 0);
     }
 }
 
-/// The socket's local address as the proxy sees its peer: IPv4-mapped for IPv4,
-/// which is also how a dual-stack socket that connect6 sent to the IPv4 listener
-/// holds it.
+/// The socket's local address as the proxy sees its peer (IPv4-mapped for IPv4, which
+/// is also how a dual-stack socket that connect6 sent to the IPv4 listener holds it),
+/// and the endpoint it connected to.
 #[inline(always)]
-fn local_address(ctx: &SockOpsContext) -> Option<Address> {
+fn addresses(ctx: &SockOpsContext) -> Option<(Address, Endpoint)> {
+    let ops = ctx.ops;
+    // remote_port holds the port as the socket stores it (network byte order) in its
+    // upper 16 bits.
+    let remote_port = ((unsafe { read_volatile(&(*ops).remote_port) } >> 16) as u16).to_ne_bytes();
     match ctx.family() {
-        AF_INET => Some(ipv4_mapped(ctx.local_ip4().to_ne_bytes())),
+        AF_INET => {
+            let local = unsafe { read_volatile(&(*ops).local_ip4) }.to_ne_bytes();
+            let remote = unsafe { read_volatile(&(*ops).remote_ip4) }.to_ne_bytes();
+            Some((ipv4_mapped(local), (ipv4_mapped(remote), remote_port)))
+        }
         AF_INET6 => {
-            let ops = ctx.ops;
             // One 32-bit read per word: the verifier rejects wider context loads.
-            Some([0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).local_ip6[word]) }))
+            let local = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).local_ip6[word]) });
+            let remote =
+                [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).remote_ip6[word]) });
+            Some((local, (remote, remote_port)))
         }
         _ => None,
     }

@@ -26,11 +26,11 @@ use aya::{
 use interceptor_ebpf::{
     BYPASS_MARK_GLOBAL, CONTAINER_PROXY_ADDR4_GLOBAL, CONTAINER_PROXY_ADDR6_GLOBAL,
     CONTAINER_PROXY_PORT4_GLOBAL, CONTAINER_PROXY_PORT6_GLOBAL, IPV4_MAPPED_PREFIX_BITS,
-    InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_BY_COOKIE_MAP, ORIG_DST_CAPACITY, OriginalDst,
-    PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL, PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL,
-    PROXY_PORT6_GLOBAL, REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS,
-    SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP,
-    ServiceAddrKey, SocketAddress, address_of,
+    InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL,
+    PROXY_ADDR6_GLOBAL, PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL,
+    REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY,
+    SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress,
+    address_of,
 };
 use tracing::{debug, info, warn};
 
@@ -163,7 +163,7 @@ impl MapOccupancy {
     /// (records live from connect to accept). May block for a walk of a full map:
     /// call it off the async runtime.
     pub fn read(&self) -> Vec<MapUsage> {
-        let (by_client, by_cookie) = self.original_destinations.len();
+        let by_client = self.original_destinations.in_fallback_map();
         vec![
             MapUsage {
                 name: SERVICE_ADDRS_MAP,
@@ -178,11 +178,6 @@ impl MapOccupancy {
             MapUsage {
                 name: ORIG_BY_CLIENT_MAP,
                 entries: by_client,
-                capacity: ORIG_DST_CAPACITY,
-            },
-            MapUsage {
-                name: ORIG_BY_COOKIE_MAP,
-                entries: by_cookie,
                 capacity: ORIG_DST_CAPACITY,
             },
         ]
@@ -260,13 +255,9 @@ impl Kernel {
         let by_client: HashMap<MapData, SocketAddress, OriginalDst> =
             HashMap::try_from(take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?)
                 .map_err(map_error(ORIG_BY_CLIENT_MAP))?;
-        let by_cookie: HashMap<MapData, u64, OriginalDst> =
-            HashMap::try_from(take_map(&mut ebpf, ORIG_BY_COOKIE_MAP)?)
-                .map_err(map_error(ORIG_BY_COOKIE_MAP))?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, REDIRECTS_RING)?)
             .map_err(map_error(REDIRECTS_RING))?;
-        let original_destinations =
-            Arc::new(OriginalDestinations::new(by_client, by_cookie, ring)?);
+        let original_destinations = Arc::new(OriginalDestinations::new(by_client, ring)?);
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -522,11 +513,6 @@ fn program_error(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
     move |source| KernelError::Program { name, source }
 }
 
-type SweepableMaps = (
-    HashMap<MapData, SocketAddress, OriginalDst>,
-    HashMap<MapData, u64, OriginalDst>,
-);
-
 /// The records connect4 and sockops leave for the proxy.
 pub struct OriginalDestinations {
     /// Records sockops handed over through the ring buffer, not yet claimed.
@@ -534,8 +520,8 @@ pub struct OriginalDestinations {
     /// A private descriptor of the by-client map, where sockops leaves records when the
     /// ring is full; taking one costs one lock-free syscall.
     by_client_fd: OwnedFd,
-    /// Typed handles for the sweeper, which is rare and may take a lock.
-    sweepable: Mutex<SweepableMaps>,
+    /// A typed handle for the sweeper, which is rare and may take a lock.
+    by_client: Mutex<HashMap<MapData, SocketAddress, OriginalDst>>,
 }
 
 struct HandedOver {
@@ -575,7 +561,6 @@ pub enum RecordSource {
 impl OriginalDestinations {
     fn new(
         by_client: HashMap<MapData, SocketAddress, OriginalDst>,
-        by_cookie: HashMap<MapData, u64, OriginalDst>,
         ring: RingBuf<MapData>,
     ) -> Result<Self, KernelError> {
         let by_client_fd = IterableMap::map(&by_client)
@@ -589,7 +574,7 @@ impl OriginalDestinations {
                 unclaimed: StdHashMap::new(),
             }),
             by_client_fd,
-            sweepable: Mutex::new((by_client, by_cookie)),
+            by_client: Mutex::new(by_client),
         })
     }
 
@@ -616,16 +601,11 @@ impl OriginalDestinations {
         Some((original.dst.socket_addr(), source))
     }
 
-    /// Entries in (by client, by cookie), each capped at the map's capacity: a walk
-    /// that races with deletions can restart from the first key.
-    pub fn len(&self) -> (usize, usize) {
-        let maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
-        let (by_client, by_cookie) = &*maps;
-        let cap = ORIG_DST_CAPACITY as usize;
-        (
-            by_client.keys().take(cap).count(),
-            by_cookie.keys().take(cap).count(),
-        )
+    /// Entries in the by-client map, capped at its capacity: a walk that races with
+    /// deletions can restart from the first key.
+    pub fn in_fallback_map(&self) -> usize {
+        let by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+        by_client.keys().take(ORIG_DST_CAPACITY as usize).count()
     }
 
     /// Deletes records older than `max_age`: connections that were redirected but
@@ -642,15 +622,8 @@ impl OriginalDestinations {
                 .retain(|_, original| original.redirected_at_ns >= cutoff);
             before - handed_over.unclaimed.len()
         };
-        let mut maps = self.sweepable.lock().unwrap_or_else(|e| e.into_inner());
-        let (by_client, by_cookie) = &mut *maps;
+        let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
         let stale_clients: Vec<SocketAddress> = by_client
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, original)| original.redirected_at_ns < cutoff)
-            .map(|(key, _)| key)
-            .collect();
-        let stale_cookies: Vec<u64> = by_cookie
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, original)| original.redirected_at_ns < cutoff)
@@ -660,10 +633,6 @@ impl OriginalDestinations {
             + stale_clients
                 .iter()
                 .filter(|key| by_client.remove(key).is_ok())
-                .count()
-            + stale_cookies
-                .iter()
-                .filter(|key| by_cookie.remove(key).is_ok())
                 .count()
     }
 }

@@ -109,6 +109,44 @@ impl Manifest {
                 .unwrap(),
         )
     }
+
+    /// `resources.requests.memory`, in bytes.
+    fn memory_request(&self) -> u64 {
+        let quantity = self.container()["resources"]["requests"]["memory"]
+            .as_str()
+            .expect("a memory request");
+        let mebibytes: u64 = quantity
+            .strip_suffix("Mi")
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("memory request {quantity:?} is not in Mi"));
+        mebibytes << 20
+    }
+}
+
+/// What the daemon's container is charged for, roughly: its resident memory and its
+/// BPF maps (`memlock` in each map descriptor's fdinfo, the kernel's own figure).
+fn charged_memory(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let resident_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
+        .expect("VmRSS in /proc/pid/status");
+    let mut maps = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
+        let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
+            continue;
+        };
+        if !info.contains("map_type:") {
+            continue;
+        }
+        maps += info
+            .lines()
+            .find_map(|line| line.strip_prefix("memlock:"))
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (resident_kib << 10, maps)
 }
 
 /// A ConfigMap volume as the kubelet writes it: the files in a timestamped directory,
@@ -397,6 +435,19 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     assert!(
         logs.contains(&format!("\"client\":\"{CONTAINER_ADDR_V4}:")),
         "the pod's connection came in through the node IP:\n{logs}"
+    );
+
+    // The memory request covers what the container is charged for once serving,
+    // the BPF maps included, with a quarter left for connections (this is a debug
+    // build, whose RSS is half as large again as a release build's).
+    let (resident, maps) = charged_memory(daemon.pid());
+    let request = node.manifest.memory_request();
+    assert!(
+        resident + maps <= request / 4 * 3,
+        "RSS {} MiB + BPF maps {} MiB against a {} MiB request",
+        resident >> 20,
+        maps >> 20,
+        request >> 20
     );
 
     // New connections go where the updated ConfigMap says.

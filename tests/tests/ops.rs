@@ -589,7 +589,7 @@ fn metrics_parse_and_match_the_traffic() {
         ),
         (
             "interceptor_bpf_map_max_entries",
-            &[("map", "ORIG_BY_COOKIE")],
+            &[("map", "ORIG_BY_CLIENT")],
             262144.0,
         ),
         ("interceptor_config_reloads_total", &[("result", "ok")], 0.0),
