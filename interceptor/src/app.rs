@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use crate::{
     admin::{self, AdminError, AdminState, Phase, Readiness},
     config::{self, LoadError},
-    copy::CopyMode,
+    copy::{CopyMode, PipeBudget},
     kernel::{Kernel, KernelConfig, KernelError},
     metrics::Metrics,
     proxy::workers::{ContainerAddrs, ProxyListeners},
@@ -87,15 +87,17 @@ pub enum AppError {
     Admin(#[from] AdminError),
 }
 
-/// Descriptors kept free for what the daemon opens besides connections: admin
-/// requests, DNS queries, config reloads, splice pipes' first attempts.
+/// Descriptors kept free for what the daemon opens besides connections and pipes:
+/// admin requests, DNS queries, config reloads.
 const DESCRIPTOR_MARGIN: usize = 64;
 
-/// Two descriptors per connection (client and upstream), within the open-files
-/// limit, after the ones the daemon already holds (maps, programs, listeners,
-/// runtimes), a margin, and one per listener: each may hold one accepted client
-/// while it waits for a permit another listener took.
-fn connections_the_descriptors_allow(listeners: usize) -> usize {
+/// The descriptors connections and their splice pipes may use: the open-files limit
+/// less the ones the daemon already holds (maps, programs, listeners, runtimes), a
+/// margin, and one per listener (each may hold one accepted client while it waits
+/// for a permit another listener took). By default three quarters go to
+/// connections, two each (client and upstream), and the rest to splice pipes, two
+/// each, so bulk transfers cannot use up the descriptors new connections need.
+fn descriptors_for_connections(listeners: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -105,11 +107,9 @@ fn connections_the_descriptors_allow(listeners: usize) -> usize {
         return Semaphore::MAX_PERMITS;
     }
     let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
-    let allowed = usize::try_from(limit.rlim_cur)
+    usize::try_from(limit.rlim_cur)
         .unwrap_or(usize::MAX)
         .saturating_sub(open + DESCRIPTOR_MARGIN + listeners)
-        / 2;
-    allowed.clamp(1, Semaphore::MAX_PERMITS)
 }
 
 /// Loads and checks the whole configuration; nothing is applied unless all of it is valid.
@@ -195,6 +195,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         connections: Arc::clone(&admin_state.connections),
         // Filled once the workers run, so their descriptors are counted first.
         connection_slots: Arc::new(Semaphore::new(0)),
+        pipes: PipeBudget::new(0),
     });
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
@@ -207,13 +208,22 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         &shutdown,
     )
     .map_err(AppError::Workers)?;
+    let descriptors = descriptors_for_connections(listener_count);
     let max_connections = config
         .max_connections
-        .unwrap_or_else(|| connections_the_descriptors_allow(listener_count))
-        .min(Semaphore::MAX_PERMITS);
+        .unwrap_or(descriptors / 2 * 3 / 4)
+        .clamp(1, Semaphore::MAX_PERMITS);
     shared.connection_slots.add_permits(max_connections);
+    let splice_pipes = descriptors.saturating_sub(2 * max_connections) / 2;
+    shared.pipes.grant(splice_pipes);
     metrics.connections_limit.set(max_connections as i64);
-    info!(max_connections, "connection limit");
+    info!(max_connections, splice_pipes, "connection limit");
+    if splice_pipes == 0 && config.copy_mode == CopyMode::Splice {
+        warn!(
+            "the open-files limit leaves no descriptors for splice pipes beside \
+             --max-connections; bulk transfers are copied in user space"
+        );
+    }
     let sweeper = tokio::spawn(async move {
         let mut interval = tokio::time::interval(SWEEP_INTERVAL);
         loop {

@@ -13,7 +13,7 @@
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
 };
 
 use tokio::{
@@ -70,6 +70,50 @@ macro_rules! socket {
 socket!(TcpStream);
 socket!(UnixStream);
 
+/// How many splice pipes may be open at once. Each holds two descriptors, which
+/// would otherwise be missing when a new connection needs its sockets; a direction
+/// that finds none left stays in user space.
+#[derive(Debug, Default)]
+pub struct PipeBudget {
+    left: AtomicUsize,
+    /// Pipes opened so far, for tests and the curious.
+    opened: AtomicU64,
+}
+
+impl PipeBudget {
+    pub fn new(pipes: usize) -> Self {
+        Self {
+            left: AtomicUsize::new(pipes),
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds `pipes` to what may be open (once the daemon knows its limits).
+    pub fn grant(&self, pipes: usize) {
+        self.left.fetch_add(pipes, Ordering::Relaxed);
+    }
+
+    pub fn left(&self) -> usize {
+        self.left.load(Ordering::Relaxed)
+    }
+
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> bool {
+        self.left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.left.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Copies `client` ↔ `upstream` until both directions reached EOF, or either failed.
 /// Returns (bytes client → upstream, bytes upstream → client).
 ///
@@ -80,11 +124,12 @@ pub async fn bidirectional(
     client: &impl Socket,
     upstream: &impl Socket,
     mode: CopyMode,
+    pipes: &PipeBudget,
 ) -> io::Result<(u64, u64)> {
     let one_finished = AtomicBool::new(false);
     tokio::try_join!(
-        one_way(client, upstream, mode, &one_finished),
-        one_way(upstream, client, mode, &one_finished)
+        one_way(client, upstream, mode, pipes, &one_finished),
+        one_way(upstream, client, mode, pipes, &one_finished)
     )
 }
 
@@ -103,6 +148,7 @@ async fn one_way(
     from: &impl Socket,
     to: &impl Socket,
     mode: CopyMode,
+    pipes: &PipeBudget,
     one_finished: &AtomicBool,
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -139,8 +185,9 @@ async fn one_way(
             if bytes == size {
                 if mode == CopyMode::Splice {
                     // Bulk: from here on this direction moves bytes in the kernel.
-                    // Without a pipe (descriptor limit), it stays in user space.
-                    pipe = Pipe::new().ok();
+                    // Without a pipe (none left in the budget, or the descriptor
+                    // limit), it stays in user space.
+                    pipe = Pipe::new(pipes).ok();
                     if pipe.is_some() {
                         break;
                     }
@@ -267,23 +314,31 @@ fn shutdown_write(socket: &impl AsRawFd) -> io::Result<()> {
 
 const PIPE_CAPACITY: usize = 256 * 1024;
 
-struct Pipe {
+struct Pipe<'a> {
     read: OwnedFd,
     write: OwnedFd,
+    budget: &'a PipeBudget,
 }
 
-impl Pipe {
-    fn new() -> io::Result<Self> {
+impl<'a> Pipe<'a> {
+    fn new(budget: &'a PipeBudget) -> io::Result<Self> {
+        if !budget.take() {
+            return Err(io::ErrorKind::OutOfMemory.into());
+        }
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into the array on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
+            let error = io::Error::last_os_error();
+            budget.give_back();
+            return Err(error);
         }
+        budget.opened.fetch_add(1, Ordering::Relaxed);
         // SAFETY: both descriptors are fresh and owned by nobody else.
         let pipe = unsafe {
             Self {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
+                budget,
             }
         };
         // A larger pipe means fewer splice calls; the default (64 KiB) still works.
@@ -296,6 +351,12 @@ impl Pipe {
             )
         };
         Ok(pipe)
+    }
+}
+
+impl Drop for Pipe<'_> {
+    fn drop(&mut self) {
+        self.budget.give_back();
     }
 }
 
@@ -325,7 +386,7 @@ fn splice(from: libc::c_int, to: libc::c_int, length: usize) -> io::Result<usize
 async fn splice_while_ready(
     from: &impl Socket,
     to: &impl Socket,
-    pipe: &Pipe,
+    pipe: &Pipe<'_>,
     total: &mut u64,
 ) -> io::Result<bool> {
     loop {
@@ -382,7 +443,7 @@ mod tests {
     /// A slow reader on one side makes the copy hold unsent bytes and wait; a bulk
     /// direction switches to splice; half-closes pass through in both orders, and the
     /// counts match what went each way.
-    async fn slow_reader_and_half_close(mode: CopyMode) {
+    async fn slow_reader_and_half_close(mode: CopyMode, pipes: &'static PipeBudget) {
         const UPLOAD: usize = 2 * 1024 * 1024;
         const DOWNLOAD: usize = 300 * 1024;
         let (mut client, client_inner) = pair().await;
@@ -394,8 +455,9 @@ mod tests {
         socket2::SockRef::from(&upstream)
             .set_recv_buffer_size(64 * 1024)
             .unwrap();
-        let relay =
-            tokio::spawn(async move { bidirectional(&client_inner, &upstream_inner, mode).await });
+        let relay = tokio::spawn(async move {
+            bidirectional(&client_inner, &upstream_inner, mode, pipes).await
+        });
 
         let upload = pattern(UPLOAD, 0x5a);
         let writer = {
@@ -432,14 +494,40 @@ mod tests {
         assert_eq!(counts, (UPLOAD as u64, DOWNLOAD as u64));
     }
 
+    fn budget(pipes: usize) -> &'static PipeBudget {
+        Box::leak(Box::new(PipeBudget::new(pipes)))
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn userspace_copy_survives_a_slow_reader_and_passes_half_closes() {
-        slow_reader_and_half_close(CopyMode::Userspace).await;
+        let pipes = budget(2);
+        slow_reader_and_half_close(CopyMode::Userspace, pipes).await;
+        assert_eq!(pipes.opened(), 0);
     }
 
     #[tokio::test(flavor = "current_thread")]
     async fn splice_copy_survives_a_slow_reader_and_passes_half_closes() {
-        slow_reader_and_half_close(CopyMode::Splice).await;
+        let pipes = budget(2);
+        slow_reader_and_half_close(CopyMode::Splice, pipes).await;
+        assert_eq!(pipes.opened(), 2, "both bulk directions went through pipes");
+        assert_eq!(pipes.left(), 2, "the pipes went back to the budget");
+    }
+
+    /// One pipe in the budget: the upload takes it and gives it back when it ends,
+    /// and the download, which starts after that, takes it again.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_pipe_goes_back_to_the_budget_when_its_direction_ends() {
+        let pipes = budget(1);
+        slow_reader_and_half_close(CopyMode::Splice, pipes).await;
+        assert_eq!((pipes.opened(), pipes.left()), (2, 1));
+    }
+
+    /// With no pipe left, a bulk direction stays in user space and loses nothing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn splice_copy_without_pipes_left_copies_in_user_space() {
+        let pipes = budget(0);
+        slow_reader_and_half_close(CopyMode::Splice, pipes).await;
+        assert_eq!((pipes.opened(), pipes.left()), (0, 0));
     }
 
     /// The first direction to end sends its FIN at once, while the other keeps going.
@@ -448,7 +536,13 @@ mod tests {
         let (mut client, client_inner) = pair().await;
         let (mut upstream, upstream_inner) = pair().await;
         let relay = tokio::spawn(async move {
-            bidirectional(&client_inner, &upstream_inner, CopyMode::default()).await
+            bidirectional(
+                &client_inner,
+                &upstream_inner,
+                CopyMode::default(),
+                budget(2),
+            )
+            .await
         });
         client.write_all(b"request").await.unwrap();
         client.shutdown().await.unwrap();

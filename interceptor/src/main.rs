@@ -99,8 +99,9 @@ struct RunArgs {
     busy_poll_us: u32,
     /// The most connections the proxy serves at once; more wait in the kernel's
     /// accept queue until one ends, rather than being accepted without the
-    /// descriptors to serve them. Default: what the open-files limit allows, two
-    /// descriptors per connection, after what the daemon holds at start and a margin.
+    /// descriptors to serve them. Default: three quarters of the descriptors the
+    /// open-files limit leaves after what the daemon holds at start and a margin, two
+    /// per connection; the other quarter is for splice pipes.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
     /// Bytes of the ring buffer through which sockops hands each redirected

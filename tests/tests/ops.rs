@@ -1188,6 +1188,89 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
     );
 }
 
+/// Bulk transfers switch to splice pipes, two descriptors each. At the default limit
+/// every connection may be busy with bulk traffic both ways and the pipes still fit
+/// beside the sockets: the daemon keeps descriptors for its admin server and takes
+/// no more pipes than it said it would.
+#[test]
+fn bulk_transfers_at_the_connection_limit_leave_descriptors_to_spare() {
+    const BULK: usize = 256 * 1024;
+    const OPEN_FILES: usize = 160;
+    let sandbox = Sandbox::new("nofile-pipes");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _server = TestServer::start("echo", "198.18.0.10:7000");
+    let daemon = daemon_with_open_files_limit(
+        &sandbox,
+        (OPEN_FILES as u64, OPEN_FILES as u64),
+        &ADMIN_ARGS,
+    );
+    let logs = daemon.wait_for_log("splice_pipes=", 1);
+    let logged = |field: &str| -> usize {
+        logs.split(&format!("{field}="))
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in the logs:\n{logs}"))
+    };
+    let (limit, pipes) = (logged("max_connections"), logged("splice_pipes"));
+    assert!(
+        pipes > 0 && pipes < 2 * limit,
+        "{limit} connections and {pipes} pipes leave the test nothing to check"
+    );
+    let pipe_descriptors = || {
+        fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+            .unwrap()
+            .filter(|fd| {
+                fs::read_link(fd.as_ref().unwrap().path())
+                    .is_ok_and(|target| target.to_string_lossy().starts_with("pipe:"))
+            })
+            .count()
+    };
+    let idle_pipes = pipe_descriptors();
+
+    // Every connection sends and receives a bulk burst, so both of its directions
+    // want a pipe, and stays open with them.
+    let payload: Vec<u8> = (0..BULK).map(|index| (index % 253) as u8).collect();
+    let busy: Vec<TcpStream> = (0..limit)
+        .map(|index| {
+            let mut stream = connect("240.240.0.1:7000")
+                .unwrap_or_else(|error| panic!("connection {index}: {error}"));
+            stream.write_all(b"ECHO\n").unwrap();
+            stream.write_all(&payload).unwrap();
+            let mut echoed = vec![0; "echo\n".len() + BULK];
+            stream.read_exact(&mut echoed).unwrap();
+            assert!(
+                echoed[5..] == payload[..],
+                "connection {index} echoed damage"
+            );
+            stream
+        })
+        .collect();
+    let in_pipes = pipe_descriptors() - idle_pipes;
+    assert!(
+        in_pipes > 0 && in_pipes <= 2 * pipes,
+        "{in_pipes} pipe descriptors open for a budget of {pipes} pipes"
+    );
+    let open = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .count();
+    assert!(
+        open + 16 <= OPEN_FILES,
+        "{open} of {OPEN_FILES} descriptors in use with every connection busy"
+    );
+    // The admin server still has a descriptor for a scrape.
+    assert_eq!(
+        scrape().value("interceptor_connections_failed_total", &[]),
+        Some(0.0)
+    );
+    drop(busy);
+    assert!(
+        !daemon.logs().contains("accept failed"),
+        "{}",
+        daemon.logs()
+    );
+}
+
 /// A listener that accepted a client just as another took the last permit waits for
 /// one; SIGTERM must still end that wait, or the drain never starts.
 #[test]

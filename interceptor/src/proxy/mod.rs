@@ -69,6 +69,8 @@ pub struct Shared {
     /// One permit per connection the proxy may hold at once, shared by every
     /// listener of every worker.
     pub connection_slots: Arc<Semaphore>,
+    /// The splice pipes the descriptors left over allow.
+    pub pipes: copy::PipeBudget,
 }
 
 /// Accepts until `shutdown` fires; connections run on `connections` so the caller
@@ -271,12 +273,8 @@ async fn forward(
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
     let copied = match upstream {
-        Upstream::Tcp(upstream) => {
-            relay(&client, &upstream, preface, shared.config.copy_mode).await
-        }
-        Upstream::Unix(upstream) => {
-            relay(&client, &upstream, preface, shared.config.copy_mode).await
-        }
+        Upstream::Tcp(upstream) => relay(&client, &upstream, preface, &shared).await,
+        Upstream::Unix(upstream) => relay(&client, &upstream, preface, &shared).await,
     };
     conn.finished(&copied);
     match copied {
@@ -361,13 +359,14 @@ async fn relay(
     client: &TcpStream,
     upstream: &impl copy::Socket,
     preface: Vec<u8>,
-    mode: copy::CopyMode,
+    shared: &Shared,
 ) -> std::io::Result<(u64, u64)> {
     copy::write_all(upstream, &preface).await?;
     let preface_len = preface.len() as u64;
     // Long-lived connections should not keep the ClientHello or request head.
     drop(preface);
-    let (sent, received) = copy::bidirectional(client, upstream, mode).await?;
+    let (sent, received) =
+        copy::bidirectional(client, upstream, shared.config.copy_mode, &shared.pipes).await?;
     Ok((sent + preface_len, received))
 }
 
