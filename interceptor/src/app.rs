@@ -96,7 +96,8 @@ const DESCRIPTOR_MARGIN: usize = 64;
 /// margin, and one per listener (each may hold one accepted client while it waits
 /// for a permit another listener took). By default three quarters go to
 /// connections, two each (client and upstream), and the rest to splice pipes, two
-/// each, so bulk transfers cannot use up the descriptors new connections need.
+/// each, so bulk transfers cannot use up the descriptors new connections need; all
+/// go to connections when nothing is spliced.
 fn descriptors_for_connections(listeners: usize) -> usize {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -209,9 +210,13 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     )
     .map_err(AppError::Workers)?;
     let descriptors = descriptors_for_connections(listener_count);
+    let for_connections = match config.copy_mode {
+        CopyMode::Splice => descriptors / 4 * 3,
+        CopyMode::Userspace => descriptors,
+    };
     let max_connections = config
         .max_connections
-        .unwrap_or(descriptors / 2 * 3 / 4)
+        .unwrap_or(for_connections / 2)
         .clamp(1, Semaphore::MAX_PERMITS);
     shared.connection_slots.add_permits(max_connections);
     let splice_pipes = descriptors.saturating_sub(2 * max_connections) / 2;

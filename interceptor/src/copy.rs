@@ -317,7 +317,18 @@ const PIPE_CAPACITY: usize = 256 * 1024;
 struct Pipe<'a> {
     read: OwnedFd,
     write: OwnedFd,
-    budget: &'a PipeBudget,
+    // Last: fields drop in order, so the descriptors are closed before the pipe
+    // goes back to the budget.
+    _slot: PipeSlot<'a>,
+}
+
+/// One pipe's share of a [`PipeBudget`], given back on drop.
+struct PipeSlot<'a>(&'a PipeBudget);
+
+impl Drop for PipeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
+    }
 }
 
 impl<'a> Pipe<'a> {
@@ -325,12 +336,11 @@ impl<'a> Pipe<'a> {
         if !budget.take() {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
+        let slot = PipeSlot(budget);
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into the array on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            let error = io::Error::last_os_error();
-            budget.give_back();
-            return Err(error);
+            return Err(io::Error::last_os_error());
         }
         budget.opened.fetch_add(1, Ordering::Relaxed);
         // SAFETY: both descriptors are fresh and owned by nobody else.
@@ -338,7 +348,7 @@ impl<'a> Pipe<'a> {
             Self {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
-                budget,
+                _slot: slot,
             }
         };
         // A larger pipe means fewer splice calls; the default (64 KiB) still works.
@@ -351,12 +361,6 @@ impl<'a> Pipe<'a> {
             )
         };
         Ok(pipe)
-    }
-}
-
-impl Drop for Pipe<'_> {
-    fn drop(&mut self) {
-        self.budget.give_back();
     }
 }
 

@@ -44,7 +44,7 @@ struct RunArgs {
     cgroup: Option<PathBuf>,
     /// Where the proxy listens for redirected IPv4 connections (dual-stack sockets'
     /// included).
-    #[arg(long, default_value = "127.0.0.1:15001")]
+    #[arg(long, default_value = "127.0.0.1:15001", value_parser = parse_proxy_addr::<SocketAddrV4>)]
     proxy_addr: SocketAddrV4,
     /// Where the proxy listens for redirected native IPv6 connections, or `off` to
     /// leave IPv6 destinations alone. Without IPv6 on the host it is off by itself.
@@ -191,9 +191,32 @@ fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
     if raw == "off" {
         return Ok(ProxyAddrV6(None));
     }
-    raw.parse()
-        .map(|addr| ProxyAddrV6(Some(addr)))
-        .map_err(|_| format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"))
+    if raw.parse::<SocketAddrV6>().is_err() {
+        return Err(format!(
+            "{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"
+        ));
+    }
+    parse_proxy_addr(raw).map(|addr| ProxyAddrV6(Some(addr)))
+}
+
+/// A connect to the unspecified address reaches loopback, so a redirected socket
+/// would never show the proxy address its records are handed over for.
+fn parse_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
+    let addr: Addr = raw
+        .parse()
+        .map_err(|_| format!("{raw} is not a socket address of this family"))?;
+    if Into::<std::net::SocketAddr>::into(addr)
+        .ip()
+        .is_unspecified()
+    {
+        return Err(format!(
+            "{raw}: the proxy needs a specific address, such as 127.0.0.1 or ::1"
+        ));
+    }
+    Ok(addr)
 }
 
 fn parse_container_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
@@ -271,7 +294,7 @@ fn init_logging(format: LogFormat) {
 const FEW_OPEN_FILES: u64 = 16_384;
 
 /// Each proxied connection holds two descriptors, and the soft limit is 1024 in many
-/// containers and services, which would refuse connections past about 500. The hard
+/// containers and services, which would refuse connections past about 350. The hard
 /// limit is the administrator's cap; raising the soft one up to it needs no privilege.
 fn raise_open_files_limit() {
     let mut limit = libc::rlimit {
@@ -401,7 +424,23 @@ fn validate(args: &ValidateArgs) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use std::net::SocketAddrV4;
+
+    use super::{ProxyAddrV6, error_chain, parse_proxy_addr, parse_proxy_addr_v6};
+
+    #[test]
+    fn the_proxy_addresses_must_be_specific() {
+        assert!(parse_proxy_addr::<SocketAddrV4>("127.0.0.1:15001").is_ok());
+        let error = parse_proxy_addr::<SocketAddrV4>("0.0.0.0:15001").unwrap_err();
+        assert!(error.contains("specific address"), "{error}");
+        assert!(matches!(
+            parse_proxy_addr_v6("[::1]:15001"),
+            Ok(ProxyAddrV6(Some(_)))
+        ));
+        assert!(matches!(parse_proxy_addr_v6("off"), Ok(ProxyAddrV6(None))));
+        assert!(parse_proxy_addr_v6("[::]:15001").is_err());
+        assert!(parse_proxy_addr_v6("127.0.0.1:15001").is_err());
+    }
 
     #[test]
     fn each_cause_is_reported_once() {

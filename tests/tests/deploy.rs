@@ -124,7 +124,8 @@ impl Manifest {
 }
 
 /// What the daemon's container is charged for, roughly: its resident memory and its
-/// BPF maps (`memlock` in each map descriptor's fdinfo, the kernel's own figure).
+/// BPF maps (`memlock` in each map descriptor's fdinfo, the kernel's own figure; the
+/// socket storage of redirected sockets, a few hundred bytes each, comes on top).
 fn charged_memory(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let resident_kib: u64 = status
@@ -132,21 +133,22 @@ fn charged_memory(pid: u32) -> (u64, u64) {
         .find_map(|line| line.strip_prefix("VmRSS:"))
         .and_then(|value| value.trim().strip_suffix("kB")?.trim().parse().ok())
         .expect("VmRSS in /proc/pid/status");
-    let mut maps = 0;
+    // A map may have several descriptors; each is counted once, by its id.
+    let mut maps = std::collections::HashMap::new();
     for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).unwrap() {
         let Ok(info) = std::fs::read_to_string(fd.unwrap().path()) else {
             continue;
         };
-        if !info.contains("map_type:") {
-            continue;
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) {
+            maps.insert(id, memlock);
         }
-        maps += info
-            .lines()
-            .find_map(|line| line.strip_prefix("memlock:"))
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .unwrap_or(0);
     }
-    (resident_kib << 10, maps)
+    (resident_kib << 10, maps.values().sum())
 }
 
 /// A ConfigMap volume as the kubelet writes it: the files in a timestamped directory,

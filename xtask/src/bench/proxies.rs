@@ -52,6 +52,16 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(binary: &Path, config: &Path, sandbox: &Sandbox) -> Result<Self> {
+        Self::start_with(binary, config, sandbox, &[])
+    }
+
+    /// With `extra_args` after the run's `--daemon-arg`s.
+    pub fn start_with(
+        binary: &Path,
+        config: &Path,
+        sandbox: &Sandbox,
+        extra_args: &[String],
+    ) -> Result<Self> {
         let (ready_sender, ready) = mpsc::channel();
         let on_stderr = move |line: &str| {
             if line.split_whitespace().any(|word| word == "ready") {
@@ -67,6 +77,7 @@ impl Daemon {
             .arg(&sandbox.cgroup)
             .args(["--proxy-addr", PROXY, "--drain-timeout", "2"])
             .args(daemon_args())
+            .args(extra_args)
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines of interceptor::proxy and would distort the numbers.
             .env("RUST_LOG", "interceptor::app=info,warn");

@@ -511,7 +511,16 @@ impl Bench<'_> {
         );
         let mut per_connection: Figures = [None; 3];
 
-        match Daemon::start(&self.interceptor, &self.base_config()?, self.sandbox) {
+        // Sized for the connections held, as HAProxy's maxconn is: by default the
+        // daemon keeps a quarter of its descriptors for splice pipes, which idle
+        // connections never use.
+        let limit = ["--max-connections".to_owned(), connections.to_string()];
+        match Daemon::start_with(
+            &self.interceptor,
+            &self.base_config()?,
+            self.sandbox,
+            &limit,
+        ) {
             Ok(daemon) => {
                 match self.idle_rss(Route::Interceptor, connections, || daemon.rss_bytes()) {
                     Ok(value) => per_connection[1] = Some(value),
