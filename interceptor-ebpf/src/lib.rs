@@ -16,6 +16,20 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 pub const SERVICE_ADDRS_MAP: &str = "SERVICE_ADDRS";
 /// Ports intercepted for every destination: ServiceEntries without `addresses`.
 pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
+/// Two bitmaps over the 65,536 ports, in 64-bit words: which ports have address
+/// rules (words `0..PORT_WORDS`), and which have a rule for every destination (words
+/// `PORT_WORDS..`). connect4/6 read them first, so a connect to a port no
+/// ServiceEntry names costs one array read, not a trie walk and a hash lookup.
+pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// 64-bit words per bitmap of [`PORT_FILTER_MAP`].
+pub const PORT_WORDS: u32 = 65_536 / 64;
+
+/// Where `port`'s bit is in [`PORT_FILTER_MAP`]: the word of the address-rules
+/// bitmap (add [`PORT_WORDS`] for the port-rules one) and the bit's mask.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
 /// Socket storage: each redirected socket's original destination, recorded by
 /// connect4/6, handed to the proxy by sockops and shown by getpeername.
 pub const ORIGINAL_DST_STORAGE: &str = "ORIGINAL_DST";
@@ -23,6 +37,34 @@ pub const ORIGINAL_DST_STORAGE: &str = "ORIGINAL_DST";
 pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
 /// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
 pub const REDIRECTS_RING: &str = "REDIRECTS";
+/// Per-CPU counters of what the programs could not do, indexed by [`KernelEvent`].
+pub const KERNEL_EVENTS_MAP: &str = "KERNEL_EVENTS";
+
+/// What the programs count in [`KERNEL_EVENTS_MAP`]: failures they cannot report to
+/// anyone at the time, because they fail open or happen before the proxy is involved.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// connect4/6 could not allocate the socket's storage for its record, so the
+    /// connect went direct instead of to the proxy.
+    StorageUnavailable = 0,
+    /// sockops found the ring and the fallback map full: the record was lost and the
+    /// proxy refuses that connection.
+    RecordLost = 1,
+}
+
+impl KernelEvent {
+    pub const ALL: [Self; 2] = [Self::StorageUnavailable, Self::RecordLost];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The value of the `event` label in the daemon's metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::StorageUnavailable => "storage_unavailable",
+            Self::RecordLost => "record_lost",
+        }
+    }
+}
 
 /// Global: the proxy's IPv4 listener address, network byte order.
 pub const PROXY_ADDR4_GLOBAL: &str = "PROXY_ADDR4";

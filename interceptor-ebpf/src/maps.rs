@@ -2,16 +2,21 @@ use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{HashMap, LpmTrie, RingBuf},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use interceptor_ebpf::{
-    Address, InterceptRule, ORIG_DST_CAPACITY, OriginalDst, REDIRECTS_RING_BYTES,
-    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey, SocketAddress,
+    Address, InterceptRule, KernelEvent, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS,
+    REDIRECTS_RING_BYTES, SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey,
+    SocketAddress,
 };
 
 #[map]
 pub static SERVICE_ADDRS: LpmTrie<ServiceAddrKey, InterceptRule> =
     LpmTrie::with_max_entries(SERVICE_ADDRS_CAPACITY, 0);
+
+/// See [`interceptor_ebpf::PORT_FILTER_MAP`].
+#[map]
+pub static PORT_FILTER: Array<u64> = Array::with_max_entries(2 * PORT_WORDS, 0);
 
 /// Keyed by the destination port in host byte order. Allocated per entry, as the
 /// trie is: a preallocated table would hold 5 MiB for the few ports ever used.
@@ -42,6 +47,17 @@ pub static ORIG_BY_CLIENT: HashMap<SocketAddress, OriginalDst> =
 
 #[map]
 pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0);
+
+#[map]
+pub static KERNEL_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KernelEvent::COUNT, 0);
+
+/// Per CPU, so the count needs no atomic operation.
+#[inline(always)]
+pub fn count(event: KernelEvent) {
+    if let Some(counter) = KERNEL_EVENTS.get_ptr_mut(event as u32) {
+        unsafe { *counter += 1 };
+    }
+}
 
 /// Set by the loader. Volatile reads keep LLVM from folding the zero initialisers.
 #[unsafe(no_mangle)]

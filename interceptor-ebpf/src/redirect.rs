@@ -11,13 +11,13 @@ use aya_ebpf::{
 };
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_ebpf::{
-    Address, OriginalDst, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress,
-    ipv4_in_mapped, ipv4_mapped,
+    Address, KernelEvent, OriginalDst, PORT_WORDS, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey,
+    SocketAddress, ipv4_in_mapped, ipv4_mapped, port_bit,
 };
 
 use crate::maps::{
-    ORIGINAL_DST, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
-    container_proxy_ipv6, proxy_ipv4, proxy_ipv6, proxy_netns_cookie,
+    ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
+    container_proxy_ipv6, count, proxy_ipv4, proxy_ipv6, proxy_netns_cookie,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -75,16 +75,26 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
     }
 
     let (addr, port) = dst;
-    let key = Key::new(
-        SERVICE_ADDR_LOOKUP_PREFIX,
-        ServiceAddrKey {
-            port,
-            _pad: [0; 2],
-            addr,
-        },
-    );
-    let intercepted = SERVICE_ADDRS.get(&key).is_some()
-        || unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.is_some();
+    let (word, bit) = port_bit(u16::from_be_bytes(port));
+    let has_address_rules = PORT_FILTER.get(word).is_some_and(|words| words & bit != 0);
+    let has_port_rule = PORT_FILTER
+        .get(word + PORT_WORDS)
+        .is_some_and(|words| words & bit != 0);
+    // The bitmaps only filter: the rule maps stay the truth, so a bit set a moment
+    // before its rule is added (or cleared a moment after) changes nothing.
+    let intercepted = has_port_rule
+        && unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.is_some()
+        || has_address_rules
+            && SERVICE_ADDRS
+                .get(&Key::new(
+                    SERVICE_ADDR_LOOKUP_PREFIX,
+                    ServiceAddrKey {
+                        port,
+                        _pad: [0; 2],
+                        addr,
+                    },
+                ))
+                .is_some();
     if !intercepted {
         return None;
     }
@@ -102,6 +112,7 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
     // A socket may connect again after a failed connect: its storage is overwritten.
     let stored = unsafe { ORIGINAL_DST.get_or_insert_ptr_mut(ctx, None) };
     if stored.is_null() {
+        count(KernelEvent::StorageUnavailable);
         return None;
     }
     unsafe { stored.write(original) };

@@ -3,10 +3,12 @@ use aya_ebpf::{
     macros::sock_ops, programs::SockOpsContext,
 };
 use core::ptr::{null_mut, read_volatile};
-use interceptor_ebpf::{Address, OriginalDst, RedirectRecord, SocketAddress, ipv4_mapped};
+use interceptor_ebpf::{
+    Address, KernelEvent, OriginalDst, RedirectRecord, SocketAddress, ipv4_mapped,
+};
 
 use crate::{
-    maps::{ORIG_BY_CLIENT, REDIRECTS, original_dst_map},
+    maps::{ORIG_BY_CLIENT, REDIRECTS, count, original_dst_map},
     redirect::{Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket},
 };
 
@@ -73,8 +75,9 @@ fn hand_over_by_client_addr(ctx: &SockOpsContext) {
     if REDIRECTS
         .output::<RedirectRecord>(&record, BPF_RB_NO_WAKEUP)
         .is_err()
+        && ORIG_BY_CLIENT.insert(&client, &original, 0).is_err()
     {
-        let _ = ORIG_BY_CLIENT.insert(&client, &original, 0);
+        count(KernelEvent::RecordLost);
     }
 }
 

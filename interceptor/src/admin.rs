@@ -226,8 +226,11 @@ async fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
     if let Some(maps) = state.maps.get() {
         let maps = maps.clone();
         // Walking a map's keys is a syscall per key: keep it off the runtime threads.
-        match tokio::task::spawn_blocking(move || maps.read()).await {
-            Ok(usage) => state.metrics.set_map_usage(&usage),
+        match tokio::task::spawn_blocking(move || (maps.read(), maps.events.read())).await {
+            Ok((usage, events)) => {
+                state.metrics.set_map_usage(&usage);
+                state.metrics.set_kernel_events(&events);
+            }
             Err(error) => warn!(%error, "reading BPF map occupancy failed"),
         }
     }

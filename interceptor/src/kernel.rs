@@ -20,17 +20,20 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, IterableMap, LpmTrie, MapData, MapError, RingBuf, lpm_trie::Key},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf,
+        lpm_trie::Key,
+    },
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_ebpf::{
     BYPASS_MARK_GLOBAL, CONTAINER_PROXY_ADDR4_GLOBAL, CONTAINER_PROXY_ADDR6_GLOBAL,
     CONTAINER_PROXY_PORT4_GLOBAL, CONTAINER_PROXY_PORT6_GLOBAL, IPV4_MAPPED_PREFIX_BITS,
-    InterceptRule, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY, OriginalDst, PROXY_ADDR4_GLOBAL,
-    PROXY_ADDR6_GLOBAL, PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL,
-    REDIRECTS_RING, RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY,
-    SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress,
-    address_of,
+    InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
+    OriginalDst, PORT_FILTER_MAP, PORT_WORDS, PROXY_ADDR4_GLOBAL, PROXY_ADDR6_GLOBAL,
+    PROXY_NETNS_COOKIE_GLOBAL, PROXY_PORT4_GLOBAL, PROXY_PORT6_GLOBAL, REDIRECTS_RING,
+    RedirectRecord, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
+    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, SocketAddress, address_of, port_bit,
 };
 use tracing::{debug, info, warn};
 
@@ -130,7 +133,27 @@ pub struct Kernel {
     interceptions: Mutex<InterceptionMaps>,
     original_destinations: Arc<OriginalDestinations>,
     intercept_counts: Arc<InterceptCounts>,
+    events: Arc<KernelEvents>,
     cgroup: PathBuf,
+}
+
+/// The programs' per-CPU counters of what they could not do.
+pub struct KernelEvents(Mutex<PerCpuArray<MapData, u64>>);
+
+impl KernelEvents {
+    /// Each event's count so far, summed over the CPUs; an unreadable counter reads 0.
+    pub fn read(&self) -> Vec<(KernelEvent, u64)> {
+        let counters = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        KernelEvent::ALL
+            .iter()
+            .map(|&event| {
+                let total = counters
+                    .get(&(event as u32), 0)
+                    .map_or(0, |per_cpu| per_cpu.iter().sum());
+                (event, total)
+            })
+            .collect()
+    }
 }
 
 /// Entries in the interception maps, kept by [`Kernel::sync`], which is the only
@@ -155,6 +178,7 @@ pub struct MapUsage {
 pub struct MapOccupancy {
     intercept_counts: Arc<InterceptCounts>,
     original_destinations: Arc<OriginalDestinations>,
+    pub events: Arc<KernelEvents>,
 }
 
 impl MapOccupancy {
@@ -187,6 +211,9 @@ impl MapOccupancy {
 struct InterceptionMaps {
     addresses: LpmTrie<MapData, ServiceAddrKey, InterceptRule>,
     ports: HashMap<MapData, u16, InterceptRule>,
+    port_filter: Array<MapData, u64>,
+    /// What `port_filter` holds, word by word.
+    port_filter_words: Vec<u64>,
     current: InterceptSet,
 }
 
@@ -252,12 +279,18 @@ impl Kernel {
             .map_err(map_error(SERVICE_ADDRS_MAP))?;
         let ports = HashMap::try_from(take_map(&mut ebpf, SERVICE_PORTS_MAP)?)
             .map_err(map_error(SERVICE_PORTS_MAP))?;
+        let port_filter = Array::try_from(take_map(&mut ebpf, PORT_FILTER_MAP)?)
+            .map_err(map_error(PORT_FILTER_MAP))?;
         let by_client: HashMap<MapData, SocketAddress, OriginalDst> =
             HashMap::try_from(take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?)
                 .map_err(map_error(ORIG_BY_CLIENT_MAP))?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, REDIRECTS_RING)?)
             .map_err(map_error(REDIRECTS_RING))?;
         let original_destinations = Arc::new(OriginalDestinations::new(by_client, ring)?);
+        let events = Arc::new(KernelEvents(Mutex::new(
+            PerCpuArray::try_from(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?)
+                .map_err(map_error(KERNEL_EVENTS_MAP))?,
+        )));
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -290,10 +323,13 @@ impl Kernel {
             interceptions: Mutex::new(InterceptionMaps {
                 addresses,
                 ports,
+                port_filter,
+                port_filter_words: vec![0; 2 * PORT_WORDS as usize],
                 current: InterceptSet::default(),
             }),
             original_destinations,
             intercept_counts: Arc::default(),
+            events,
             cgroup: config.cgroup.clone(),
         })
     }
@@ -375,6 +411,7 @@ impl Kernel {
         MapOccupancy {
             intercept_counts: Arc::clone(&self.intercept_counts),
             original_destinations: Arc::clone(&self.original_destinations),
+            events: Arc::clone(&self.events),
         }
     }
 
@@ -428,6 +465,16 @@ fn apply_changes(
     (old_addresses, new_addresses): (&AddressRules, &AddressRules),
     (old_ports, new_ports): (&PortRules, &PortRules),
 ) -> Result<(), KernelError> {
+    // Ports of both configs pass the filter while the rules change, and only the new
+    // config's once they have.
+    let old_filter = port_filter_words(old_addresses, old_ports);
+    let new_filter = port_filter_words(new_addresses, new_ports);
+    let both: Vec<u64> = old_filter
+        .iter()
+        .zip(&new_filter)
+        .map(|(old, new)| old | new)
+        .collect();
+    write_port_filter(maps, &both)?;
     let (added, changed): (Vec<_>, Vec<_>) = new_addresses
         .iter()
         .filter(|(key, id)| old_addresses.get(key) != Some(id))
@@ -458,6 +505,33 @@ fn apply_changes(
         .filter(|port| !new_ports.contains_key(port))
     {
         ignore_missing(maps.ports.remove(port)).map_err(map_error(SERVICE_PORTS_MAP))?;
+    }
+    write_port_filter(maps, &new_filter)
+}
+
+/// The [`PORT_FILTER_MAP`] bitmaps for a set of rules.
+fn port_filter_words(addresses: &AddressRules, ports: &PortRules) -> Vec<u64> {
+    let mut words = vec![0; 2 * PORT_WORDS as usize];
+    for (_, port) in addresses.keys() {
+        let (word, bit) = port_bit(*port);
+        words[word as usize] |= bit;
+    }
+    for port in ports.keys() {
+        let (word, bit) = port_bit(*port);
+        words[(PORT_WORDS + word) as usize] |= bit;
+    }
+    words
+}
+
+/// Writes the words that differ from what the map holds.
+fn write_port_filter(maps: &mut InterceptionMaps, wanted: &[u64]) -> Result<(), KernelError> {
+    for (index, &word) in wanted.iter().enumerate() {
+        if maps.port_filter_words[index] != word {
+            maps.port_filter
+                .set(index as u32, word, 0)
+                .map_err(map_error(PORT_FILTER_MAP))?;
+            maps.port_filter_words[index] = word;
+        }
     }
     Ok(())
 }
@@ -676,4 +750,32 @@ fn lookup_and_delete<K, V>(map: &OwnedFd, key: &K, value: *mut V) -> bool {
         )
     };
     result == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_filter_has_a_bit_per_port_with_rules_of_each_kind() {
+        let addresses: AddressRules = [
+            (("240.240.0.0/16".parse().unwrap(), 443), 1),
+            (("2001:2::/64".parse().unwrap(), 443), 2),
+            (("198.18.0.10/32".parse().unwrap(), 65_535), 3),
+        ]
+        .into();
+        let ports: PortRules = [(0, 4), (5432, 5)].into();
+        let words = port_filter_words(&addresses, &ports);
+        let set = |offset: u32, port: u16| {
+            let (word, bit) = port_bit(port);
+            words[(offset + word) as usize] & bit != 0
+        };
+        let with_addresses: Vec<u16> = (0..=u16::MAX).filter(|&port| set(0, port)).collect();
+        let with_port_rule: Vec<u16> = (0..=u16::MAX)
+            .filter(|&port| set(PORT_WORDS, port))
+            .collect();
+        assert_eq!(with_addresses, [443, 65_535]);
+        assert_eq!(with_port_rule, [0, 5432]);
+        assert_eq!(words.len(), 2 * PORT_WORDS as usize);
+    }
 }

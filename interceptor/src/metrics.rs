@@ -22,6 +22,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use interceptor_ebpf::KernelEvent;
+
 use crate::{
     kernel::{MapUsage, RecordSource},
     resolve::LookupError,
@@ -112,6 +114,11 @@ pub struct MapLabels {
     pub map: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelEventLabels {
+    pub event: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum DnsFailure {
@@ -171,6 +178,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     redirect_records: Family<RecordSourceLabels, Counter>,
+    kernel_events: Family<KernelEventLabels, Counter>,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -202,6 +210,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             redirect_records: Family::default(),
+            kernel_events: Family::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             registry: Registry::default(),
@@ -292,6 +301,13 @@ impl Metrics {
             metrics.redirect_records.clone(),
         );
         registry.register(
+            "kernel_events",
+            "What the BPF programs could not do: storage_unavailable (a connect went direct \
+             for want of memory for its record), record_lost (the ring and the fallback map \
+             were full; the proxy refused that connection)",
+            metrics.kernel_events.clone(),
+        );
+        registry.register(
             "dns_lookups",
             "DNS lookups sent to the name servers (cache misses and refreshes)",
             DNS.lookups.clone(),
@@ -356,6 +372,17 @@ impl Metrics {
             self.map_capacity
                 .get_or_create(&labels)
                 .set(i64::from(map.capacity));
+        }
+    }
+
+    /// Brings the kernel event counters to the programs' totals, read just before a
+    /// scrape; they only grow while the programs are loaded.
+    pub fn set_kernel_events(&self, events: &[(KernelEvent, u64)]) {
+        for &(event, total) in events {
+            let counter = self.kernel_events.get_or_create(&KernelEventLabels {
+                event: event.label(),
+            });
+            counter.inc_by(total.saturating_sub(counter.get()));
         }
     }
 

@@ -592,6 +592,16 @@ fn metrics_parse_and_match_the_traffic() {
             &[("map", "ORIG_BY_CLIENT")],
             262144.0,
         ),
+        (
+            "interceptor_kernel_events_total",
+            &[("event", "storage_unavailable")],
+            0.0,
+        ),
+        (
+            "interceptor_kernel_events_total",
+            &[("event", "record_lost")],
+            0.0,
+        ),
         ("interceptor_config_reloads_total", &[("result", "ok")], 0.0),
         ("interceptor_dns_lookups_total", &[], 0.0),
     ];
