@@ -19,7 +19,7 @@ pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
 /// Two bitmaps over the 65,536 ports, in 64-bit words: which ports have address
 /// rules (words `0..PORT_WORDS`), and which have a rule for every destination (words
 /// `PORT_WORDS..`). connect4/6 read them first, so a connect to a port no
-/// ServiceEntry names costs one array read, not a trie walk and a hash lookup.
+/// ServiceEntry names costs two array reads, not a trie walk and a hash lookup.
 pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
 /// 64-bit words per bitmap of [`PORT_FILTER_MAP`].
 pub const PORT_WORDS: u32 = 65_536 / 64;

@@ -51,7 +51,10 @@ pub static REDIRECTS: RingBuf = RingBuf::with_byte_size(REDIRECTS_RING_BYTES, 0)
 #[map]
 pub static KERNEL_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(KernelEvent::COUNT, 0);
 
-/// Per CPU, so the count needs no atomic operation.
+/// Per CPU, so a plain increment: the BPF target has no atomic read-modify-write in
+/// Rust's core. A softirq that runs another program on the same CPU in the middle of
+/// it can lose one count, which is rare and leaves the counter still showing that
+/// the event happens.
 #[inline(always)]
 pub fn count(event: KernelEvent) {
     if let Some(counter) = KERNEL_EVENTS.get_ptr_mut(event as u32) {

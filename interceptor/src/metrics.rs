@@ -382,7 +382,11 @@ impl Metrics {
             let counter = self.kernel_events.get_or_create(&KernelEventLabels {
                 event: event.label(),
             });
-            counter.inc_by(total.saturating_sub(counter.get()));
+            // Concurrent scrapes may both get here: raising to the total, rather than
+            // adding the difference each saw, cannot count twice.
+            counter
+                .inner()
+                .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
