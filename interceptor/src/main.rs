@@ -191,12 +191,12 @@ fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
     if raw == "off" {
         return Ok(ProxyAddrV6(None));
     }
-    if raw.parse::<SocketAddrV6>().is_err() {
-        return Err(format!(
-            "{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"
-        ));
-    }
-    parse_proxy_addr(raw).map(|addr| ProxyAddrV6(Some(addr)))
+    parse_proxy_addr(raw)
+        .map(|addr| ProxyAddrV6(Some(addr)))
+        .map_err(|error| match raw.parse::<SocketAddrV6>() {
+            Ok(_) => error,
+            Err(_) => format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"),
+        })
 }
 
 /// A connect to the unspecified address reaches loopback, so a redirected socket
@@ -205,33 +205,39 @@ fn parse_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
 where
     Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
 {
-    let addr: Addr = raw
-        .parse()
-        .map_err(|_| format!("{raw} is not a socket address of this family"))?;
-    if Into::<std::net::SocketAddr>::into(addr)
-        .ip()
-        .is_unspecified()
-    {
-        return Err(format!(
-            "{raw}: the proxy needs a specific address, such as 127.0.0.1 or ::1"
-        ));
-    }
-    Ok(addr)
+    parse_listen_addr(
+        raw,
+        std::net::IpAddr::is_unspecified,
+        "the proxy needs a specific address, such as 127.0.0.1 or ::1",
+    )
 }
 
 fn parse_container_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
 where
     Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
 {
+    parse_listen_addr(
+        raw,
+        |ip| ip.is_loopback() || ip.is_unspecified(),
+        "containers cannot reach this host on a loopback or unspecified address; \
+         give one of its addresses on their network",
+    )
+}
+
+/// A socket address of `Addr`'s family whose IP `refused` does not reject (`why`).
+fn parse_listen_addr<Addr>(
+    raw: &str,
+    refused: impl Fn(&std::net::IpAddr) -> bool,
+    why: &str,
+) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
     let addr: Addr = raw
         .parse()
         .map_err(|_| format!("{raw} is not a socket address of this family"))?;
-    let ip = Into::<std::net::SocketAddr>::into(addr).ip();
-    if ip.is_loopback() || ip.is_unspecified() {
-        return Err(format!(
-            "{raw}: containers cannot reach this host on a loopback or unspecified address; \
-             give one of its addresses on their network"
-        ));
+    if refused(&Into::<std::net::SocketAddr>::into(addr).ip()) {
+        return Err(format!("{raw}: {why}"));
     }
     Ok(addr)
 }
@@ -426,7 +432,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
 mod tests {
     use std::net::SocketAddrV4;
 
-    use super::{ProxyAddrV6, error_chain, parse_proxy_addr, parse_proxy_addr_v6};
+    use super::{
+        ProxyAddrV6, error_chain, parse_container_proxy_addr, parse_proxy_addr, parse_proxy_addr_v6,
+    };
 
     #[test]
     fn the_proxy_addresses_must_be_specific() {
@@ -439,7 +447,14 @@ mod tests {
         ));
         assert!(matches!(parse_proxy_addr_v6("off"), Ok(ProxyAddrV6(None))));
         assert!(parse_proxy_addr_v6("[::]:15001").is_err());
-        assert!(parse_proxy_addr_v6("127.0.0.1:15001").is_err());
+        let error = parse_proxy_addr_v6("127.0.0.1:15001").unwrap_err();
+        assert!(error.contains("neither an IPv6 socket address"), "{error}");
+        // Containers need an address of the host on their network.
+        assert!(parse_container_proxy_addr::<SocketAddrV4>("198.18.5.1:15001").is_ok());
+        for refused in ["127.0.0.1:15001", "0.0.0.0:15001"] {
+            let error = parse_container_proxy_addr::<SocketAddrV4>(refused).unwrap_err();
+            assert!(error.contains("containers cannot reach"), "{error}");
+        }
     }
 
     #[test]
