@@ -1100,6 +1100,15 @@ fn daemon_with_open_files_limit(
     daemon
 }
 
+/// The number the daemon logged as `field=N`.
+fn logged_number(logs: &str, field: &str) -> usize {
+    logs.split(&format!("{field}="))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in the logs:\n{logs}"))
+}
+
 /// Opens `count` echo sessions through the VIP; returns those answered within `wait`
 /// and those still waiting (none may fail).
 fn open_echoes(count: usize, wait: Duration) -> (Vec<Echo>, Vec<Echo>) {
@@ -1169,12 +1178,7 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
     let _server = TestServer::start("echo", "198.18.0.10:7000");
     let daemon = daemon_with_open_files_limit(&sandbox, (160, 160), &ADMIN_ARGS);
     let logs = daemon.wait_for_log("max_connections=", 1);
-    let limit: usize = logs
-        .split("max_connections=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no max_connections in the logs:\n{logs}"));
+    let limit = logged_number(&logs, "max_connections");
     assert!(
         !logs.contains("connection limit reached"),
         "an idle daemon reported the limit reached:\n{logs}"
@@ -1215,14 +1219,10 @@ fn bulk_transfers_at_the_connection_limit_leave_descriptors_to_spare() {
         &ADMIN_ARGS,
     );
     let logs = daemon.wait_for_log("splice_pipes=", 1);
-    let logged = |field: &str| -> usize {
-        logs.split(&format!("{field}="))
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|number| number.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in the logs:\n{logs}"))
-    };
-    let (limit, pipes) = (logged("max_connections"), logged("splice_pipes"));
+    let (limit, pipes) = (
+        logged_number(&logs, "max_connections"),
+        logged_number(&logs, "splice_pipes"),
+    );
     assert!(
         pipes > 0 && pipes < 2 * limit,
         "{limit} connections and {pipes} pipes leave the test nothing to check"
