@@ -325,37 +325,50 @@ fn ran_micros(task: &Path, during: impl FnOnce(), settle: Duration) -> u64 {
 }
 
 #[test]
-fn busy_polling_spins_after_traffic_and_stops_when_idle() {
+fn busy_polling_spins_while_events_come_close_together_and_stops_when_idle() {
     let sandbox = Sandbox::new("ops-busy-poll");
     sandbox.add_host("198.18.12.1".parse().unwrap());
     let _server = TestServer::start("polled", "198.18.12.1:7000");
-    // The longest budget, so the spin stands out from the work itself.
+    // The longest budget, 10 ms, so the spin stands out from the work itself.
     let daemon = sandbox.start_daemon(
         &vip_entry("ops", "polled", "240.240.12.1", "198.18.12.1"),
         &["--busy-poll-us", "10000", "--workers", "1"],
     );
     let worker = thread_named(daemon.pid(), "proxy-0");
-    // The worker spins once after starting, then blocks.
-    std::thread::sleep(Duration::from_millis(100));
+    let mut echo = Echo::open("240.240.12.1:7000");
+    assert_eq!(echo.server, "polled");
+    // Requests `apart` from each other on one connection, for 240 ms.
+    let mut session = |apart: Duration| {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(240) {
+            echo.round_trip("ping");
+            std::thread::sleep(apart);
+        }
+    };
+    let settle = Duration::from_millis(100);
+    // The connection's own events opened the window; the spin after them ends well
+    // within this.
+    std::thread::sleep(settle);
 
     let idle = ran_micros(&worker, || {}, Duration::from_millis(300));
-    let after_traffic = ran_micros(
-        &worker,
-        || {
-            let seen = who("240.240.12.1:7000").expect("connect through the proxy");
-            assert!(seen.went_through_proxy());
-            assert_eq!(seen.server, "polled");
-        },
-        Duration::from_millis(300),
-    );
+    // Gaps of 6 ms, within the budget: the window opens to 2.5, 5, then 10 ms, and
+    // from then on the worker spins through every gap.
+    let close_gaps = ran_micros(&worker, || session(Duration::from_millis(6)), settle);
+    // Gaps of 30 ms, past the budget: each one closes the window again, so the worker
+    // spins a quarter of the budget after each reply (about 20 ms in all), where a
+    // fixed spin would take the whole budget each time (about 80 ms).
+    let far_gaps = ran_micros(&worker, || session(Duration::from_millis(30)), settle);
     let idle_again = ran_micros(&worker, || {}, Duration::from_millis(300));
 
-    // After the connection's last event the worker spins for up to 10 ms; the
-    // connection's own work takes about 1.5 ms in a debug build (measured with the
-    // budget at 0, where this assertion fails).
+    // The forwarding itself takes well under 1 ms per round trip in a debug build;
+    // with the budget at 0 the worker runs about 1% of the session.
     assert!(
-        after_traffic >= 5_000,
-        "the worker did not spin after the connection: it ran {after_traffic} µs"
+        close_gaps >= 150_000,
+        "the worker did not spin through 6 ms gaps with a 10 ms budget: it ran {close_gaps} µs of 340 ms"
+    );
+    assert!(
+        far_gaps <= 50_000,
+        "the worker kept spinning through 30 ms gaps with a 10 ms budget: it ran {far_gaps} µs of 340 ms"
     );
     assert!(
         idle < 1_000 && idle_again < 1_000,

@@ -1,12 +1,20 @@
-//! Opt-in busy polling for the proxy's worker threads, like HAProxy's `busy-polling`.
+//! Adaptive busy polling for the proxy's worker threads.
 //!
 //! A worker with nothing to run would block in epoll_wait, and the next packet then
 //! has to wake its thread, and often its CPU out of an idle halt (in a VM, a trip
-//! through the hypervisor). With a budget, a worker about to block first spins for
-//! up to that long, watching its runtime's epoll descriptor with a zero-timeout
-//! poll(2) that consumes nothing; once an event is queued it lets the runtime go on,
-//! and epoll_wait returns at once. A worker that stays idle past the budget blocks as
-//! before, so an idle daemon costs no CPU; a busy one trades CPU for latency.
+//! through the hypervisor). That wake-up is most of what a proxy hop adds to a
+//! request/response round trip. So a worker about to block may first spin, watching
+//! its runtime's epoll descriptor with a zero-timeout poll(2) that consumes nothing;
+//! once an event is queued it lets the runtime go on, and epoll_wait returns at once.
+//!
+//! How long it spins adapts to the gaps between its events, the way the kernel's
+//! guest halt-polling adapts its window: a gap the budget would have covered widens
+//! the window, a gap longer than the budget halves it, down to not spinning at all.
+//! So a worker spins only while its events come closer together than the budget,
+//! which is when it is busy enough for the spin to pay; an idle or lightly loaded
+//! daemon spins once or twice after its last event and then blocks as before. The
+//! spin yields the CPU on every turn, so on a machine short of CPUs the client and
+//! the backend still run first.
 
 use std::{
     collections::BTreeSet,
@@ -28,9 +36,9 @@ static BUILDING: Mutex<()> = Mutex::new(());
 /// for its registry); the spin polls at most this many without allocating.
 const MAX_POLLED: usize = 4;
 
-/// A current-thread runtime for a worker; with a nonzero `budget`, it spins up to
-/// that long before each time it would block. If its epoll descriptor cannot be
-/// found, the runtime works as usual and never spins.
+/// A current-thread runtime for a worker; with a nonzero `budget`, it may spin up to
+/// that long before each time it would block ([`SpinWindow`] decides how long). If
+/// its epoll descriptor cannot be found, the runtime works as usual and never spins.
 pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
     let mut builder = Builder::new_current_thread();
     builder.enable_all();
@@ -50,12 +58,20 @@ pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
     // tokio opens its epoll descriptor when the runtime is built, after the hook is
     // set; the hook reads the descriptors found afterwards.
     let polled = Arc::new(OnceLock::<([libc::pollfd; MAX_POLLED], usize)>::new());
+    // Only the worker's own thread parks this runtime, so the lock is never contended.
+    let window = Arc::new(Mutex::new(SpinWindow::new(budget)));
+    let park_window = Arc::clone(&window);
     let hook_polled = Arc::clone(&polled);
     builder.on_thread_park(move || {
-        if let Some((descriptors, count)) = hook_polled.get() {
-            spin_until_ready(*descriptors, *count, budget);
+        let Some((descriptors, count)) = hook_polled.get() else {
+            return;
+        };
+        let spin = lock(&park_window).parking(Instant::now());
+        if !spin.is_zero() {
+            spin_until_ready(*descriptors, *count, spin);
         }
     });
+    builder.on_thread_unpark(move || lock(&window).woke(Instant::now()));
     let runtime = builder.build()?;
     match epoll_descriptors() {
         Ok(after) => {
@@ -84,10 +100,67 @@ pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
     Ok(runtime)
 }
 
-/// Spins until one of the runtime's epoll descriptors has an event queued, or
-/// `budget` has passed. Timers the runtime holds fire late by up to the budget.
-fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, budget: Duration) {
-    let deadline = Instant::now() + budget;
+fn lock(window: &Mutex<SpinWindow>) -> std::sync::MutexGuard<'_, SpinWindow> {
+    window
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// How long a worker spins before it blocks, learned from how long it stayed parked
+/// the times before.
+#[derive(Debug)]
+struct SpinWindow {
+    budget: Duration,
+    window: Duration,
+    parked_at: Option<Instant>,
+}
+
+impl SpinWindow {
+    fn new(budget: Duration) -> Self {
+        Self {
+            budget,
+            window: Duration::ZERO,
+            parked_at: None,
+        }
+    }
+
+    /// The smallest window that spins at all: below it a spin rarely catches an
+    /// event, and halving towards zero would take many idle gaps.
+    fn smallest(&self) -> Duration {
+        self.budget / 4
+    }
+
+    /// The worker is about to block: how long to spin first.
+    fn parking(&mut self, now: Instant) -> Duration {
+        self.parked_at = Some(now);
+        self.window
+    }
+
+    /// The worker runs again; `now - parked_at` is the gap it waited for.
+    fn woke(&mut self, now: Instant) {
+        let Some(parked_at) = self.parked_at.take() else {
+            return;
+        };
+        let gap = now.saturating_duration_since(parked_at);
+        if gap <= self.window {
+            // The spin caught the event: keep the window.
+        } else if gap <= self.budget {
+            // A wider spin would have caught it.
+            self.window = (self.window * 2).clamp(self.smallest(), self.budget);
+        } else {
+            // Nothing a spin within the budget could have caught: spin less.
+            self.window /= 2;
+            if self.window < self.smallest() {
+                self.window = Duration::ZERO;
+            }
+        }
+    }
+}
+
+/// Spins until one of the runtime's epoll descriptors has an event queued, or `spin`
+/// has passed. Timers the runtime holds fire late by up to the budget.
+fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, spin: Duration) {
+    let deadline = Instant::now() + spin;
     loop {
         // SAFETY: `count` valid pollfds the runtime keeps open; a zero timeout never
         // blocks.
@@ -95,7 +168,10 @@ fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, b
         if ready != 0 || Instant::now() >= deadline {
             return;
         }
-        std::hint::spin_loop();
+        // Any other thread runnable on this CPU (on a small machine, often the
+        // client or the backend this worker is waiting for) runs first.
+        // SAFETY: sched_yield has no arguments and cannot fail on Linux.
+        unsafe { libc::sched_yield() };
     }
 }
 
@@ -108,4 +184,73 @@ fn epoll_descriptors() -> io::Result<BTreeSet<RawFd>> {
         })
         .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BUDGET: Duration = Duration::from_micros(40);
+
+    /// Parks and wakes the window once, `gap` apart; returns the spin it offered.
+    fn park_for(window: &mut SpinWindow, gap: Duration) -> Duration {
+        let parked = Instant::now();
+        let spin = window.parking(parked);
+        window.woke(parked + gap);
+        spin
+    }
+
+    #[test]
+    fn a_new_worker_does_not_spin() {
+        let mut window = SpinWindow::new(BUDGET);
+        assert_eq!(
+            park_for(&mut window, Duration::from_secs(1)),
+            Duration::ZERO
+        );
+        assert_eq!(window.window, Duration::ZERO);
+    }
+
+    #[test]
+    fn gaps_within_the_budget_widen_the_window_up_to_it() {
+        let mut window = SpinWindow::new(BUDGET);
+        let gap = Duration::from_micros(35);
+        let spins: Vec<u64> = (0..5)
+            .map(|_| park_for(&mut window, gap).as_micros() as u64)
+            .collect();
+        assert_eq!(spins, [0, 10, 20, 40, 40]);
+    }
+
+    #[test]
+    fn gaps_the_window_covers_keep_it() {
+        let mut window = SpinWindow::new(BUDGET);
+        park_for(&mut window, Duration::from_micros(30));
+        park_for(&mut window, Duration::from_micros(30));
+        assert_eq!(window.window, Duration::from_micros(20));
+        for _ in 0..10 {
+            park_for(&mut window, Duration::from_micros(15));
+        }
+        assert_eq!(window.window, Duration::from_micros(20));
+    }
+
+    #[test]
+    fn gaps_past_the_budget_halve_the_window_down_to_nothing() {
+        let mut window = SpinWindow::new(BUDGET);
+        for _ in 0..4 {
+            park_for(&mut window, Duration::from_micros(39));
+        }
+        assert_eq!(window.window, BUDGET);
+        let idle = Duration::from_millis(5);
+        let spins: Vec<u64> = (0..4)
+            .map(|_| park_for(&mut window, idle).as_micros() as u64)
+            .collect();
+        assert_eq!(spins, [40, 20, 10, 0]);
+        assert_eq!(window.window, Duration::ZERO);
+    }
+
+    #[test]
+    fn a_wake_without_a_park_changes_nothing() {
+        let mut window = SpinWindow::new(BUDGET);
+        window.woke(Instant::now());
+        assert_eq!(window.window, Duration::ZERO);
+    }
 }
