@@ -179,6 +179,7 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     redirect_records: Family<RecordSourceLabels, Counter>,
     kernel_events: Family<KernelEventLabels, Counter>,
+    pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -211,6 +212,7 @@ impl Metrics {
             map_capacity: Family::default(),
             redirect_records: Family::default(),
             kernel_events: Family::default(),
+            busy_poll_spin: Counter::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             registry: Registry::default(),
@@ -306,6 +308,13 @@ impl Metrics {
              for want of memory for its record), record_lost (the ring and the fallback map \
              were full; the proxy refused that connection)",
             metrics.kernel_events.clone(),
+        );
+        registry.register_with_unit(
+            "busy_poll_spin",
+            "Time proxy workers spent spinning for their next event instead of blocking \
+             (--busy-poll-us): the CPU that busy polling costs",
+            prometheus_client::registry::Unit::Seconds,
+            metrics.busy_poll_spin.clone(),
         );
         registry.register(
             "dns_lookups",

@@ -27,6 +27,10 @@ use std::{
 use tokio::runtime::{Builder, Runtime};
 use tracing::warn;
 
+/// Where a worker adds the time it spent spinning.
+pub type SpinCounter =
+    prometheus_client::metrics::counter::Counter<f64, std::sync::atomic::AtomicU64>;
+
 /// Serialises the runtimes this function builds, so that the epoll descriptors that
 /// appear during a build are that runtime's. Another thread could open one at the
 /// same moment; polling it too could only end a spin early.
@@ -37,9 +41,10 @@ static BUILDING: Mutex<()> = Mutex::new(());
 const MAX_POLLED: usize = 4;
 
 /// A current-thread runtime for a worker; with a nonzero `budget`, it may spin up to
-/// that long before each time it would block ([`SpinWindow`] decides how long). If
-/// its epoll descriptor cannot be found, the runtime works as usual and never spins.
-pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
+/// that long before each time it would block ([`SpinWindow`] decides how long), and
+/// adds the time spun to `spun`. If its epoll descriptor cannot be found, the runtime
+/// works as usual and never spins.
+pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime> {
     let mut builder = Builder::new_current_thread();
     builder.enable_all();
     if budget.is_zero() {
@@ -66,9 +71,11 @@ pub fn worker_runtime(budget: Duration) -> io::Result<Runtime> {
         let Some((descriptors, count)) = hook_polled.get() else {
             return;
         };
-        let spin = lock(&park_window).parking(Instant::now());
+        let parking = Instant::now();
+        let spin = lock(&park_window).parking(parking);
         if !spin.is_zero() {
-            spin_until_ready(*descriptors, *count, spin);
+            spin_until_ready(*descriptors, *count, parking + spin);
+            spun.inc_by(parking.elapsed().as_secs_f64());
         }
     });
     builder.on_thread_unpark(move || lock(&window).woke(Instant::now()));
@@ -157,10 +164,9 @@ impl SpinWindow {
     }
 }
 
-/// Spins until one of the runtime's epoll descriptors has an event queued, or `spin`
-/// has passed. Timers the runtime holds fire late by up to the budget.
-fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, spin: Duration) {
-    let deadline = Instant::now() + spin;
+/// Spins until one of the runtime's epoll descriptors has an event queued, or until
+/// `deadline`. Timers the runtime holds fire late by up to the budget.
+fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, deadline: Instant) {
     loop {
         // SAFETY: `count` valid pollfds the runtime keeps open; a zero timeout never
         // blocks.

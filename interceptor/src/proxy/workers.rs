@@ -227,7 +227,8 @@ pub fn start(
     let release = CancellationToken::new();
     let mut threads = Vec::with_capacity(listeners.per_worker.len());
     for (index, worker_listeners) in listeners.per_worker.into_iter().enumerate() {
-        let runtime = busy_poll::worker_runtime(busy_poll).map_err(WorkersError::Runtime)?;
+        let spun = shared.connections.metrics().busy_poll_spin.clone();
+        let runtime = busy_poll::worker_runtime(busy_poll, spun).map_err(WorkersError::Runtime)?;
         let shared = Arc::clone(shared);
         let connections = connections.clone();
         let shutdown = shutdown.clone();
