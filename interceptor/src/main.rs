@@ -90,12 +90,14 @@ struct RunArgs {
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
     /// The longest an idle proxy thread spins, watching for the next event, before
-    /// it blocks. It spins only while its events come closer together than this (the
-    /// window adapts to the gaps, like guest halt-polling), so a busy worker's next
-    /// packet finds it running instead of having to wake it: 10-20 µs less per
-    /// request/response round trip in the benchmark, for more CPU while traffic
-    /// flows. An idle or lightly loaded daemon does not spin. Timers, such as connect
-    /// timeouts, may fire late by up to this long. 0 never spins; at most 10000.
+    /// it blocks. The window adapts to the gaps between the worker's events, like
+    /// guest halt-polling, so a worker whose events come closer together than this
+    /// spins through them and its next packet finds it running instead of having to
+    /// wake it: 7-17 µs less per request/response round trip in the benchmark, for
+    /// more CPU while traffic flows. After a burst, and between requests spaced wider
+    /// than this, a worker spins at most a quarter of it before blocking. Timers, such
+    /// as connect timeouts, may fire late by up to this long, more when other threads
+    /// want the CPU. 0 never spins; at most 10000.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
     /// The most connections the proxy serves at once; more wait in the kernel's

@@ -311,8 +311,8 @@ impl Metrics {
         );
         registry.register_with_unit(
             "busy_poll_spin",
-            "Time proxy workers spent spinning for their next event instead of blocking \
-             (--busy-poll-us): the CPU that busy polling costs",
+            "Wall time proxy workers spent spinning for their next event instead of \
+             blocking (--busy-poll-us): an upper bound on the CPU busy polling costs",
             prometheus_client::registry::Unit::Seconds,
             metrics.busy_poll_spin.clone(),
         );

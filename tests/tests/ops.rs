@@ -364,13 +364,10 @@ fn busy_polling_spins_while_events_come_close_together_and_stops_when_idle() {
     let spun_far = spun() - spun_before - spun_close;
     let idle_again = ran_micros(&worker, || {}, Duration::from_millis(300));
 
-    // The forwarding itself takes well under 1 ms per round trip in a debug build:
-    // with the budget at 0 the worker runs 10-12 ms of the session, spinning about
-    // 240 ms. The bar leaves room for tests running alongside, which the spin yields to.
-    assert!(
-        close_gaps >= 60_000,
-        "the worker did not spin through 6 ms gaps with a 10 ms budget: it ran {close_gaps} µs of 340 ms"
-    );
+    // The thread's run time shows a spin on the CPU, but only while the machine has
+    // CPU to spare: the spin yields to any other runnable thread, so under tests
+    // running alongside it can drop to the 10-12 ms of forwarding work. The metric
+    // counts the spin's wall time, which they do not change.
     assert!(
         far_gaps <= 50_000,
         "the worker kept spinning through 30 ms gaps with a 10 ms budget: it ran {far_gaps} µs of 340 ms"
@@ -379,11 +376,12 @@ fn busy_polling_spins_while_events_come_close_together_and_stops_when_idle() {
         idle < 1_000 && idle_again < 1_000,
         "an idle worker kept running: {idle} µs and {idle_again} µs in 300 ms"
     );
-    // The metric counts the spin's wall time, so it sees the same split.
+    // About 0.23 s and 0.02 s, or 0 and 0 with busy polling off. A yield can stretch a
+    // spin past its window while other tests run, hence the room.
     assert!(
-        (0.15..0.34).contains(&spun_close) && spun_far < 0.05,
+        spun_close >= 0.1 && spun_far < 0.06 && spun_close > 3.0 * spun_far,
         "interceptor_busy_poll_spin_seconds_total rose {spun_close} s over 6 ms gaps and \
-         {spun_far} s over 30 ms gaps"
+         {spun_far} s over 30 ms gaps (the worker ran {close_gaps} µs and {far_gaps} µs)"
     );
     assert!(
         !daemon.logs().contains("busy polling is off"),

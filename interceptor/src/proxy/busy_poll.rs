@@ -8,13 +8,15 @@
 //! once an event is queued it lets the runtime go on, and epoll_wait returns at once.
 //!
 //! How long it spins adapts to the gaps between its events, the way the kernel's
-//! guest halt-polling adapts its window: a gap the budget would have covered widens
-//! the window, a gap longer than the budget halves it, down to not spinning at all.
-//! So a worker spins only while its events come closer together than the budget,
-//! which is when it is busy enough for the spin to pay; an idle or lightly loaded
-//! daemon spins once or twice after its last event and then blocks as before. The
-//! spin yields the CPU on every turn, so on a machine short of CPUs the client and
-//! the backend still run first.
+//! guest halt-polling adapts its window: a gap longer than the window but within the
+//! budget widens it, a gap longer than the budget halves it, down to not spinning at
+//! all. So a worker spins through its gaps only while its events come closer
+//! together than the budget, which is when it is busy enough for the spin to pay.
+//! After a burst it spins once for its window and then blocks as before; between
+//! requests spaced wider than the budget it spins a quarter of the budget after each
+//! (a request's own events reopen the window that far). The spin yields the CPU on
+//! every turn, so on a machine short of CPUs the client and the backend run first;
+//! then the spin can end later than its window.
 
 use std::{
     collections::BTreeSet,
