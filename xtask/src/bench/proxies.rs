@@ -122,10 +122,6 @@ impl Daemon {
         }
     }
 
-    pub fn rss_bytes(&self) -> Result<u64> {
-        rss_bytes(self.process.pid())
-    }
-
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
@@ -223,10 +219,6 @@ impl Haproxy {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    pub fn rss_bytes(&self) -> Result<u64> {
-        rss_bytes(self.process.pid())
     }
 
     pub fn pid(&self) -> u32 {

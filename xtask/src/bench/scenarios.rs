@@ -12,10 +12,14 @@ use super::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
     },
-    proxies::{BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
+    proxies::{self, BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
     report::{Check, PathRow, Report, ScaleRow},
     sandbox::Sandbox,
 };
+
+/// How long the memory scenario watches the proxies' CPU while their connections
+/// sit idle; /proc counts CPU in 10 ms ticks, so this resolves 5 ms/s.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -510,6 +514,7 @@ impl Bench<'_> {
             "RLIMIT_NOFILE is too low to hold any connection"
         );
         let mut per_connection: Figures = [None; 3];
+        let mut idle_cpu: Figures = [None; 3];
 
         // Sized for the connections held, as HAProxy's maxconn is: by default the
         // daemon keeps a quarter of its descriptors for splice pipes, which idle
@@ -522,8 +527,8 @@ impl Bench<'_> {
             &limit,
         ) {
             Ok(daemon) => {
-                match self.idle_rss(Route::Interceptor, connections, || daemon.rss_bytes()) {
-                    Ok(value) => per_connection[1] = Some(value),
+                match self.idle_rss(Route::Interceptor, connections, daemon.pid()) {
+                    Ok((kib, cpu)) => (per_connection[1], idle_cpu[1]) = (Some(kib), cpu),
                     Err(error) => self.report.fail(format!("memory, interceptor: {error:#}")),
                 }
                 if let Err(error) = daemon.stop() {
@@ -535,8 +540,8 @@ impl Bench<'_> {
         bail_if_interrupted()?;
         match Haproxy::start(self.sandbox, self.threads) {
             Ok(haproxy) => {
-                match self.idle_rss(Route::Haproxy, connections, || haproxy.rss_bytes()) {
-                    Ok(value) => per_connection[2] = Some(value),
+                match self.idle_rss(Route::Haproxy, connections, haproxy.pid()) {
+                    Ok((kib, cpu)) => (per_connection[2], idle_cpu[2]) = (Some(kib), cpu),
                     Err(error) => self.report.fail(format!("memory, haproxy: {error:#}")),
                 }
                 haproxy.stop();
@@ -556,18 +561,24 @@ impl Bench<'_> {
                 None,
             )),
         );
+        // What the connections cost while nothing moves on them: busy polling must
+        // not spin here, and neither proxy has timers per connection.
+        self.report.rows.push(PathRow::new(
+            format!(
+                "  proxy CPU holding them, idle {:.0} s",
+                IDLE_CPU_WINDOW.as_secs_f64()
+            ),
+            "ms/s",
+            idle_cpu,
+        ));
         Ok(())
     }
 
     /// Opens `connections` through `route` (one small round trip each, so the proxy
     /// has connected upstream), and returns the proxy's RSS growth per connection in
-    /// KiB.
-    fn idle_rss(
-        &mut self,
-        route: Route,
-        connections: u64,
-        rss: impl Fn() -> Result<u64>,
-    ) -> Result<f64> {
+    /// KiB and the CPU it used while they stayed idle, in ms per second.
+    fn idle_rss(&mut self, route: Route, connections: u64, pid: u32) -> Result<(f64, Option<f64>)> {
+        let rss = || proxies::rss_bytes(pid);
         let before = rss()?;
         let mut client = self.spawn_client(Job::Hold {
             target: route.target(CONN_PORT),
@@ -582,6 +593,11 @@ impl Bench<'_> {
         // Let the proxy finish its side of the last connections.
         std::thread::sleep(Duration::from_millis(500));
         let after = rss()?;
+        let cpu_before = CpuTime::of(pid);
+        std::thread::sleep(IDLE_CPU_WINDOW);
+        let idle_cpu = CpuTime::of(pid).zip(cpu_before).map(|(now, before)| {
+            now.since(before).total() * 1000.0 / IDLE_CPU_WINDOW.as_secs_f64()
+        });
         client.write_line("close")?;
         let closed = read_outcome(&mut client, Duration::from_secs(60))?;
         let status = client.wait(Duration::from_secs(10))?;
@@ -605,10 +621,11 @@ impl Bench<'_> {
                 "rss_before_bytes": before,
                 "rss_after_bytes": after,
                 "kib_per_connection": kib,
+                "idle_cpu_ms_per_second": idle_cpu,
                 "open_seconds": opened.seconds,
             }),
         );
-        Ok(kib)
+        Ok((kib, idle_cpu))
     }
 
     fn config_scale(&mut self) -> Result<()> {
