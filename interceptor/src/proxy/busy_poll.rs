@@ -167,7 +167,8 @@ impl SpinWindow {
 }
 
 /// Spins until one of the runtime's epoll descriptors has an event queued, or until
-/// `deadline`. Timers the runtime holds fire late by up to the budget.
+/// `deadline`. Timers the runtime holds fire late by up to the spin, and by a
+/// scheduler turn more when a yield lets other threads run past the deadline.
 fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, deadline: Instant) {
     loop {
         // SAFETY: `count` valid pollfds the runtime keeps open; a zero timeout never
