@@ -122,6 +122,32 @@ pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListe
     }
 }
 
+/// For a daemon that found its configured admin address taken by the one it
+/// replaces: waits for that daemon to leave, then serves at the configured address
+/// too, so the scrape configs and probes that name it reach this daemon again.
+/// `taken` is called with the address once it is.
+pub async fn reclaim(
+    addr: SocketAddr,
+    state: Arc<AdminState>,
+    retry: std::time::Duration,
+    taken: impl FnOnce(SocketAddr),
+) {
+    let listener = loop {
+        tokio::time::sleep(retry).await;
+        match TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(error) => {
+                warn!(%addr, %error, "cannot take over the configured admin address; staying on the free port");
+                return;
+            }
+        }
+    };
+    info!(%addr, "the configured admin address is free again; serving there too");
+    taken(addr);
+    serve(listener, state).await;
+}
+
 /// Serves until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     if let Ok(addr) = listener.local_addr() {

@@ -14,6 +14,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
+    address_file::{AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
     config::{self, LoadError},
     copy::{CopyMode, PipeBudget},
@@ -34,6 +35,8 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How long after connect4 comes off the proxy still takes connects it rewrote: a
 /// handshake with a proxy on the same host takes microseconds.
 const IN_FLIGHT_REDIRECTS: Duration = Duration::from_millis(100);
+/// How often a daemon on a free admin port checks whether the configured one came free.
+const ADMIN_RECLAIM_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -61,6 +64,8 @@ pub struct RunConfig {
     pub max_connections: Option<usize>,
     pub admin_addr: SocketAddr,
     pub admin_allow_non_loopback: bool,
+    /// Where to keep the addresses this daemon really listens on.
+    pub address_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +90,8 @@ pub enum AppError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Admin(#[from] AdminError),
+    #[error(transparent)]
+    AddressFile(#[from] AddressFileError),
 }
 
 /// Descriptors kept free for what the daemon opens besides connections and pipes:
@@ -136,6 +143,9 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
+    if let Some(path) = &config.address_file {
+        AddressFile::clear_stale(path)?;
+    }
 
     // Listening comes before attaching, so no connection is ever redirected to a
     // closed port; and before the admin server, which reports the port bound.
@@ -162,6 +172,32 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let admin_listener = admin::bind(config.admin_addr, config.admin_allow_non_loopback).await?;
     let admin_addr = admin_listener.local_addr().unwrap_or(config.admin_addr);
     let admin_server = tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin_state)));
+    let address_file = match &config.address_file {
+        Some(path) => Some(Arc::new(AddressFile::create(
+            path.clone(),
+            Addresses {
+                admin: admin_addr,
+                proxy: admin_state.proxy_addrs.clone(),
+                pid: std::process::id(),
+            },
+        )?)),
+        None => None,
+    };
+    let admin_reclaim = (admin_addr.port() != config.admin_addr.port()
+        && config.admin_addr.port() != 0)
+        .then(|| {
+            let address_file = address_file.clone();
+            tokio::spawn(admin::reclaim(
+                config.admin_addr,
+                Arc::clone(&admin_state),
+                ADMIN_RECLAIM_INTERVAL,
+                move |addr| {
+                    if let Some(file) = address_file {
+                        file.admin_moved(addr);
+                    }
+                },
+            ))
+        });
 
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
     let initial = load_registry(&config.config_paths)?;
@@ -295,6 +331,10 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     }
     workers.finish().await;
     admin_server.abort();
+    if let Some(reclaim) = admin_reclaim {
+        reclaim.abort();
+    }
+    drop(address_file);
     info!("stopped");
     Ok(())
 }

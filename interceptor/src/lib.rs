@@ -1,12 +1,14 @@
 //! interceptor: an eBPF transparent egress interceptor for Istio ServiceEntry
 //! configuration. The binary in `main.rs` is a thin CLI over these modules.
 
+pub mod address_file;
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod copy;
 pub mod kernel;
 pub mod metrics;
+pub mod probe;
 pub mod proxy;
 pub mod registry;
 pub mod reload;

@@ -9,8 +9,10 @@ use std::{
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use interceptor::{
+    address_file::AddressFile,
     app, config,
     copy::CopyMode,
+    probe,
     proxy::{OutboundPolicy, workers::ContainerAddrs},
     resolve::DnsSettings,
 };
@@ -31,6 +33,21 @@ enum Command {
     Run(Box<RunArgs>),
     /// Check configuration files; exit 1 if any error is found.
     Validate(ValidateArgs),
+    /// Ask a running daemon whether it is serving; exit 0 if it is, 1 if not. For
+    /// exec readiness probes and scripts.
+    Ready(ReadyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct ReadyArgs {
+    /// The file the daemon keeps with --address-file: asks that daemon, wherever its
+    /// admin server ended up (a daemon started next to another takes a free port).
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+    /// Ask whatever daemon serves at this admin address.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +154,12 @@ struct RunArgs {
     /// shows the config and every live connection.
     #[arg(long)]
     admin_allow_non_loopback: bool,
+    /// Keep the addresses this daemon really listens on (admin server, proxy) in
+    /// this JSON file, and remove it on exit. They differ from the configured ones
+    /// when another daemon held those at start; `interceptor ready --address-file`
+    /// reads it. The admin server moves to its configured address once that is free.
+    #[arg(long)]
+    address_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -268,6 +291,31 @@ fn main() -> ExitCode {
             }
         },
         Command::Validate(args) => validate(&args),
+        Command::Ready(args) => ready(&args),
+    }
+}
+
+fn ready(args: &ReadyArgs) -> ExitCode {
+    let admin = match (&args.address_file, args.admin_addr) {
+        (Some(path), _) => match AddressFile::read(path) {
+            Ok(addresses) => addresses.admin,
+            Err(error) => {
+                eprintln!("interceptor: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, Some(admin)) => admin,
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    match probe::ready(admin, probe::PROBE_TIMEOUT) {
+        Ok(body) => {
+            println!("{body} ({admin})");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("interceptor: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -390,6 +438,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections.map(|max| max as usize),
         admin_addr: args.admin_addr,
         admin_allow_non_loopback: args.admin_allow_non_loopback,
+        address_file: args.address_file,
     }))?;
     Ok(())
 }

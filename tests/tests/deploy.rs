@@ -93,13 +93,15 @@ impl Manifest {
             .collect()
     }
 
-    /// The readiness probe's address and path.
-    fn readiness_probe(&self) -> (String, String) {
-        let probe = &self.container()["readinessProbe"]["httpGet"];
-        (
-            format!("{}:{}", probe["host"].as_str().unwrap(), probe["port"]),
-            probe["path"].as_str().unwrap().to_owned(),
-        )
+    /// The readiness probe's exec command.
+    fn readiness_probe(&self) -> Vec<String> {
+        let command = self.container()["readinessProbe"]["exec"]["command"]
+            .as_array()
+            .expect("an exec readiness probe");
+        command
+            .iter()
+            .map(|arg| arg.as_str().expect("probe args are strings").to_owned())
+            .collect()
     }
 
     fn grace_period(&self) -> Duration {
@@ -211,7 +213,8 @@ fn capability_mask(names: &Value) -> u64 {
         .fold(0, |mask, capability| mask | capability)
 }
 
-/// The container's command line with `$(NODE_IP)` and the mount paths replaced.
+/// The container's binary, checked against the image, and its args with
+/// `$(NODE_IP)` and the mount paths replaced.
 fn command_line(
     manifest: &Manifest,
     node_ip: &str,
@@ -252,31 +255,81 @@ fn command_line(
                 .as_str()
                 .expect("args are strings")
                 .replace("$(NODE_IP)", node_ip);
-            match mount_targets.iter().find(|(mount_path, _)| {
-                arg == *mount_path || arg.starts_with(&format!("{mount_path}/"))
-            }) {
-                Some((mount_path, target)) => {
-                    let mut mapped = target.clone().into_os_string();
-                    mapped.push(&arg[mount_path.len()..]);
-                    mapped
-                }
-                None => arg.into(),
-            }
+            map_mount_path(&arg, mount_targets)
         })
         .collect()
 }
 
-fn wait_until_ready(daemon: &mut Daemon, probe: &(String, String)) {
+/// `arg` with a mount path it starts with replaced by the stand-in for its volume.
+fn map_mount_path(arg: &str, mount_targets: &[(String, PathBuf)]) -> OsString {
+    match mount_targets
+        .iter()
+        .find(|(mount_path, _)| arg == *mount_path || arg.starts_with(&format!("{mount_path}/")))
+    {
+        Some((mount_path, target)) => {
+            let mut mapped = target.clone().into_os_string();
+            mapped.push(&arg[mount_path.len()..]);
+            mapped
+        }
+        None => arg.into(),
+    }
+}
+
+/// One pod of the DaemonSet on the node: its own emptyDir volumes, and the
+/// container's command line and readiness probe mapped onto them.
+struct Pod {
+    args: Vec<OsString>,
+    /// The probe's args; it runs the container's binary, as the test checks.
+    probe: Vec<OsString>,
+}
+
+impl Pod {
+    /// Runs the readiness probe as the kubelet does, in the container: Ok with its
+    /// output if it exits 0, Err with it otherwise.
+    fn probe(&self) -> Result<String, String> {
+        let output = std::process::Command::new(integration_tests::daemon::binary().unwrap())
+            .args(&self.probe)
+            .output()
+            .expect("run the readiness probe");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() {
+            Ok(text)
+        } else {
+            Err(text)
+        }
+    }
+
+    /// The value of `flag` in the container's args.
+    fn arg(&self, flag: &str) -> &OsString {
+        let at = self
+            .args
+            .iter()
+            .position(|arg| arg == flag)
+            .unwrap_or_else(|| panic!("{flag} in the args"));
+        &self.args[at + 1]
+    }
+
+    /// What the daemon says in its --address-file.
+    fn addresses(&self) -> Value {
+        let text = std::fs::read_to_string(self.arg("--address-file")).expect("the address file");
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+fn wait_until_ready(daemon: &mut Daemon, pod: &Pod) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok((200, _)) = get_from(&probe.0, &probe.1) {
+        let probed = pod.probe();
+        if probed.is_ok() {
             return;
         }
         if daemon.has_exited() || Instant::now() > deadline {
             panic!(
-                "the readiness probe GET {}{} never answered 200:\n{}",
-                probe.0,
-                probe.1,
+                "the readiness probe never passed: {probed:?}\n{}",
                 daemon.logs()
             );
         }
@@ -302,7 +355,12 @@ struct Node {
     manifest: Manifest,
     configmap: ConfigMapVolume,
     data: BTreeMap<String, String>,
-    args: Vec<OsString>,
+    /// Where each volume that is not a pod's own (the ConfigMap, the host path) is.
+    shared_mounts: Vec<(String, PathBuf)>,
+    /// The volume and mount path of each emptyDir.
+    empty_dirs: Vec<(String, String)>,
+    /// Replaces the `--config` value in the args, if set.
+    config_override: Option<PathBuf>,
     _servers: [TestServer; 2],
     sandbox: Sandbox,
 }
@@ -332,43 +390,69 @@ impl Node {
         ];
         let data = manifest.configmap_data();
         let configmap = ConfigMapVolume::new(&sandbox.workdir.join("configmap"), &data);
-        let mount_targets: Vec<(String, PathBuf)> = manifest
-            .mounts()
-            .into_iter()
-            .map(|(mount_path, volume)| {
-                let target = if volume.get("configMap").is_some() {
-                    assert_eq!(
-                        volume["configMap"]["name"],
-                        manifest.configmap["metadata"]["name"]
-                    );
-                    configmap.dir.clone()
-                } else {
-                    assert_eq!(
-                        volume["hostPath"]["path"], "/sys/fs/cgroup",
-                        "the only host path is the node's cgroup2 mount"
-                    );
-                    // The sandbox's cgroup stands in for the node's cgroup2 root.
-                    sandbox.cgroup.clone()
-                };
-                (mount_path, target)
-            })
-            .collect();
-        let args = command_line(&manifest, CONTAINER_GATEWAY_V4, &mount_targets);
+        let mut shared_mounts = Vec::new();
+        let mut empty_dirs = Vec::new();
+        for (mount_path, volume) in manifest.mounts() {
+            if volume.get("configMap").is_some() {
+                assert_eq!(
+                    volume["configMap"]["name"],
+                    manifest.configmap["metadata"]["name"]
+                );
+                shared_mounts.push((mount_path, configmap.dir.clone()));
+            } else if volume.get("emptyDir").is_some() {
+                empty_dirs.push((volume["name"].as_str().unwrap().to_owned(), mount_path));
+            } else {
+                assert_eq!(
+                    volume["hostPath"]["path"], "/sys/fs/cgroup",
+                    "the only host path is the node's cgroup2 mount"
+                );
+                // The sandbox's cgroup stands in for the node's cgroup2 root.
+                shared_mounts.push((mount_path, sandbox.cgroup.clone()));
+            }
+        }
         Self {
             manifest,
             configmap,
             data,
-            args,
+            shared_mounts,
+            empty_dirs,
+            config_override: None,
             _servers: servers,
             sandbox,
         }
+    }
+
+    /// A pod of the DaemonSet, with fresh emptyDirs, as the kubelet makes one.
+    fn pod(&self, name: &str) -> Pod {
+        let mut mounts = self.shared_mounts.clone();
+        for (volume, mount_path) in &self.empty_dirs {
+            let dir = self.sandbox.workdir.join("pods").join(name).join(volume);
+            std::fs::create_dir_all(&dir).unwrap();
+            mounts.push((mount_path.clone(), dir));
+        }
+        let mut args = command_line(&self.manifest, CONTAINER_GATEWAY_V4, &mounts);
+        if let Some(config) = &self.config_override {
+            let at = args.iter().position(|arg| arg == "--config").unwrap() + 1;
+            args[at] = config.clone().into_os_string();
+        }
+        let probe = self.manifest.readiness_probe();
+        assert_eq!(
+            probe[0],
+            self.manifest.container()["command"][0],
+            "the probe runs the container's binary"
+        );
+        let probe = probe[1..]
+            .iter()
+            .map(|arg| map_mount_path(arg, &mounts))
+            .collect();
+        Pod { args, probe }
     }
 
     /// Starts the container's command with the security context's capabilities, as
     /// a container runtime would: uid 0, every other capability out of the bounding
     /// set (so out of the permitted and effective sets after exec), no new
     /// privileges. Then waits on the readiness probe.
-    fn start_daemon(&self) -> Daemon {
+    fn start_daemon(&self, pod: &Pod) -> Daemon {
         let security = &self.manifest.container()["securityContext"];
         assert_eq!(security["runAsUser"], 0);
         assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
@@ -379,7 +463,7 @@ impl Node {
             .trim()
             .parse()
             .unwrap();
-        let mut command = Daemon::command(&self.args, &[]).unwrap();
+        let mut command = Daemon::command(&pod.args, &[]).unwrap();
         // SAFETY: prctl is async-signal-safe and changes only the child.
         unsafe {
             command.pre_exec(move || {
@@ -397,7 +481,7 @@ impl Node {
             });
         }
         let mut daemon = Daemon::spawn_command(command).expect("start the container's command");
-        wait_until_ready(&mut daemon, &self.manifest.readiness_probe());
+        wait_until_ready(&mut daemon, pod);
         let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
         let effective = status
             .lines()
@@ -428,7 +512,8 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     let mut node = Node::new("daemonset");
     // A pod in a network namespace of its own, whose node IP is the veth's far end.
     let pod_client = Container::start(|| who(VIP));
-    let mut daemon = node.start_daemon();
+    let pod = node.pod("interceptor");
+    let mut daemon = node.start_daemon(&pod);
 
     assert_served_by(pod_client.run(), "first");
     // A host-network pod, in the node's namespace.
@@ -480,11 +565,10 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     // goes direct and finds nothing, as on a node between two daemons), the probe
     // says draining, an open connection goes on, and the daemon exits 0 once it
     // closes, within the drain timeout and the grace period.
-    let args = &node.args;
-    let drain_timeout = args
-        .iter()
-        .position(|arg| arg == "--drain-timeout")
-        .and_then(|flag| args.get(flag + 1)?.to_str()?.parse().ok())
+    let drain_timeout = pod
+        .arg("--drain-timeout")
+        .to_str()
+        .and_then(|secs| secs.parse().ok())
         .map(Duration::from_secs)
         .expect("--drain-timeout SECS in the args");
     assert!(drain_timeout < node.manifest.grace_period());
@@ -497,8 +581,7 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
 
     let stopping = Instant::now();
     daemon.signal(libc::SIGTERM);
-    let probe = node.manifest.readiness_probe();
-    while !matches!(get_from(&probe.0, &probe.1), Ok((503, _))) {
+    while !pod.probe().is_err_and(|output| output.contains("draining")) {
         assert!(
             stopping.elapsed() < drain_timeout,
             "the probe never said draining"
@@ -525,6 +608,10 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     reader.read_to_string(&mut rest).unwrap();
     assert_eq!(daemon.wait(), Some(0), "{}", daemon.logs());
     assert!(stopping.elapsed() < drain_timeout);
+    let gone = pod
+        .probe()
+        .expect_err("the probe fails once the daemon has gone");
+    assert!(gone.contains("cannot read the address file"), "{gone}");
 }
 
 /// `--config` may also name one file of the ConfigMap, which is a symlink through
@@ -532,20 +619,147 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
 #[test]
 fn a_config_file_in_a_configmap_volume_follows_updates() {
     let mut node = Node::new("configmap-file");
-    let config = node
-        .args
-        .iter()
-        .position(|arg| arg == "--config")
-        .expect("--config in the args")
-        + 1;
     let key = node.data.keys().next().expect("a ConfigMap key").clone();
-    node.args[config] = node.configmap.dir.join(key).into_os_string();
+    node.config_override = Some(node.configmap.dir.join(key));
     // The node IP the container proxy address names; no pod here to bring its link.
     node.sandbox.add_host(CONTAINER_GATEWAY_V4.parse().unwrap());
-    let daemon = node.start_daemon();
+    let daemon = node.start_daemon(&node.pod("interceptor"));
     assert_served_by(who(VIP), "first");
 
     node.move_endpoint();
     daemon.wait_for_log("configuration reloaded", 1);
     assert_served_by(who(VIP), "moved");
+}
+
+/// A rolling update as the updateStrategy has it, on one node: the new pod starts
+/// next to the old one and turns ready on its own probe, and only then is the old
+/// pod stopped. Connects from a pod and from the host network, in a loop all the
+/// while, never fail; the new daemon then answers at the configured admin address,
+/// and the roll after it takes the configured proxy ports again.
+#[test]
+fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
+    let node = Node::new("daemonset-roll");
+    let strategy = &node.manifest.daemonset["spec"]["updateStrategy"];
+    assert_eq!(strategy["type"], "RollingUpdate");
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 0);
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 1);
+    // With hostNetwork every container port is a host port, and the scheduler would
+    // keep a surge pod off the node where the pod it replaces holds that port.
+    assert!(node.manifest.container().get("ports").is_none());
+
+    let stop_pod_client = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pod_client = {
+        let stop = std::sync::Arc::clone(&stop_pod_client);
+        Container::start(move || {
+            let mut served = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match who(VIP) {
+                    Ok(seen) if seen.server == "first" && seen.went_through_proxy() => served += 1,
+                    other => return Err(format!("pod connect {served}: {other:?}")),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(served)
+        })
+    };
+    let old_pod = node.pod("old");
+    let mut old = node.start_daemon(&old_pod);
+    let new_pod = node.pod("new");
+    let not_yet = new_pod
+        .probe()
+        .expect_err("a pod whose daemon has not started is not ready");
+    assert!(
+        not_yet.contains("cannot read the address file"),
+        "{not_yet}"
+    );
+    let new = node.start_daemon(&new_pod);
+
+    let configured_admin = old_pod.arg("--admin-addr").to_str().unwrap().to_owned();
+    let (old_addresses, new_addresses) = (old_pod.addresses(), new_pod.addresses());
+    assert_eq!(old_addresses["admin"], configured_admin.as_str());
+    assert_ne!(new_addresses["admin"], configured_admin.as_str());
+    let ports = |addresses: &Value| -> Vec<u64> {
+        addresses["proxy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|addr| {
+                addr.as_str()
+                    .unwrap()
+                    .parse::<std::net::SocketAddr>()
+                    .unwrap()
+                    .port()
+                    .into()
+            })
+            .collect()
+    };
+    let configured_ports = ports(&old_addresses);
+    assert!(
+        configured_ports.iter().all(|port| *port == 15001),
+        "{old_addresses}"
+    );
+    assert!(
+        ports(&new_addresses).iter().all(|port| *port == 15002),
+        "the surge pod listens on the ports after the configured ones: {new_addresses}"
+    );
+
+    // Once the new pod is ready, the old one is deleted: SIGTERM within its grace
+    // period. The sandbox's network namespace belongs to this thread, so the
+    // host-network client runs here and the old daemon is stopped from another.
+    let pod_client = std::thread::spawn(move || pod_client.run());
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        old.signal(libc::SIGTERM);
+        (old.wait(), old.logs())
+    });
+    let mut connections = 0;
+    let mut stopped_at = None;
+    loop {
+        let seen = who(VIP)
+            .unwrap_or_else(|error| panic!("connect {connections} failed in the roll: {error}"));
+        assert_served_by(Ok(seen), "first");
+        connections += 1;
+        if stopper.is_finished()
+            && stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(300)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    stop_pod_client.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (status, old_logs) = stopper.join().unwrap();
+    assert_eq!(status, Some(0), "the old daemon exits cleanly:\n{old_logs}");
+    let from_pod = pod_client
+        .join()
+        .unwrap()
+        .unwrap_or_else(|error| panic!("{error}"));
+    assert!(from_pod > 0);
+    assert!(
+        old_logs.matches("connection closed").count() > 1,
+        "the old daemon served until it was stopped"
+    );
+    new.wait_for_log("connection closed", 2);
+
+    // Scrape configs name the configured admin address: the new daemon takes it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while new_pod.addresses()["admin"] != configured_admin.as_str() {
+        assert!(
+            Instant::now() < deadline,
+            "the admin server stayed on its free port:\n{}",
+            new.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(matches!(
+        get_from(&configured_admin, "/healthz/ready"),
+        Ok((200, _))
+    ));
+    new_pod.probe().expect("still ready");
+
+    // The next roll goes back to the configured proxy ports. (The pod has gone, and
+    // its link with it; the node IP must still exist.)
+    node.sandbox.add_host(CONTAINER_GATEWAY_V4.parse().unwrap());
+    let next_pod = node.pod("next");
+    let _next = node.start_daemon(&next_pod);
+    assert_eq!(ports(&next_pod.addresses()), configured_ports);
 }

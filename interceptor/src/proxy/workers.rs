@@ -142,31 +142,34 @@ fn ipv6_unavailable(error: &io::Error) -> bool {
 /// Returns them with the address they listen on.
 ///
 /// If another process (a previous interceptor, still draining or not yet stopped)
-/// listens on `addr`, the listeners take a free port on the same IP instead. Each
-/// daemon's programs redirect to its own port and keep their records in its own
-/// maps, so two daemons never receive each other's connections: the one attached
-/// first keeps redirecting, and the newer one takes over the moment the older one
-/// detaches, which makes "start the new one, then stop the old one" a restart without
-/// a gap.
+/// listens on `addr`, the listeners take the port after it on the same IP, or a free
+/// port if that is taken too. Each daemon's programs redirect to its own port and
+/// keep their records in its own maps, so two daemons never receive each other's
+/// connections: the one attached first keeps redirecting, and the newer one takes
+/// over the moment the older one detaches, which makes "start the new one, then stop
+/// the old one" a restart without a gap. The port after is a fixed one so that a
+/// firewall or NetworkPolicy can allow it: successive restarts alternate between the
+/// two.
 fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
-    // SO_REUSEPORT alone would let a second daemon join the same port and receive
-    // connections whose records live in the first one's maps; a plain bind first
-    // tells whether anything listens there.
-    let addr = match std::net::TcpListener::bind(addr) {
-        Ok(probe) => {
-            drop(probe);
-            addr
-        }
-        Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
-            let fallback = SocketAddr::new(addr.ip(), 0);
-            warn!(
-                taken = %addr,
-                "the proxy address is in use (a previous interceptor?); listening on a free \
-                 port instead: this daemon redirects there once the other one detaches"
-            );
-            fallback
-        }
-        Err(error) => return Err(error),
+    let addr = if is_free(addr)? {
+        addr
+    } else {
+        let next = addr
+            .port()
+            .checked_add(1)
+            .filter(|_| addr.port() != 0)
+            .map(|port| SocketAddr::new(addr.ip(), port));
+        let fallback = match next {
+            Some(next) if is_free(next)? => next,
+            _ => SocketAddr::new(addr.ip(), 0),
+        };
+        warn!(
+            taken = %addr,
+            "the proxy address is in use (a previous interceptor?); listening on {} \
+             instead: this daemon redirects there once the other one detaches",
+            if fallback.port() == 0 { "a free port" } else { "the port after it" }
+        );
+        fallback
     };
     let first = reuseport_listener(addr)?;
     // With port 0 the first listener picked the port; the others join it.
@@ -176,6 +179,17 @@ fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListen
         listeners.push(reuseport_listener(addr)?);
     }
     Ok((listeners, addr))
+}
+
+/// SO_REUSEPORT alone would let a second daemon join another's port and receive
+/// connections whose records live in the first one's maps; a plain bind tells
+/// whether anything listens there.
+fn is_free(addr: SocketAddr) -> io::Result<bool> {
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == io::ErrorKind::AddrInUse => Ok(false),
+        Err(error) => Err(error),
+    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
