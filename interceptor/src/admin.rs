@@ -40,6 +40,7 @@ use crate::{
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const JSON: &str = "application/json";
 const TEXT: &str = "text/plain; charset=utf-8";
+pub const INSTANCE_HEADER: &str = "x-interceptor-instance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -86,6 +87,9 @@ impl Readiness {
 
 /// What the admin server reads; filled in as the daemon starts.
 pub struct AdminState {
+    /// This daemon's [`crate::address_file::Addresses::instance`], in every readiness
+    /// answer's [`INSTANCE_HEADER`].
+    pub instance: u64,
     pub readiness: Readiness,
     pub config_paths: Vec<PathBuf>,
     /// The proxy listener, whose accepted sockets the kernel reports live bytes for.
@@ -124,7 +128,8 @@ pub async fn bind(addr: SocketAddr, allow_non_loopback: bool) -> Result<TcpListe
 
 /// For a daemon that found its configured admin address taken by the one it
 /// replaces: waits for that daemon to leave, then serves at the configured address
-/// too, so the scrape configs and probes that name it reach this daemon again.
+/// too (keeping the free port), so the scrape configs and probes that name it reach
+/// this daemon again.
 /// `taken` is called with the address once it is.
 pub async fn reclaim(
     addr: SocketAddr,
@@ -203,11 +208,15 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
 }
 
 fn ready(state: &AdminState) -> Response<Full<Bytes>> {
-    match state.readiness.phase() {
+    let mut response = match state.readiness.phase() {
         Phase::Serving => respond(StatusCode::OK, TEXT, "ready\n".into()),
         Phase::Starting => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into()),
         Phase::Draining => respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "draining\n".into()),
-    }
+    };
+    response
+        .headers_mut()
+        .insert(INSTANCE_HEADER, HeaderValue::from(state.instance));
+    response
 }
 
 #[derive(Serialize)]

@@ -14,7 +14,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    address_file::{AddressFile, AddressFileError, Addresses},
+    address_file::{self, AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
     config::{self, LoadError},
     copy::{CopyMode, PipeBudget},
@@ -159,7 +159,9 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let (proxy_v4, proxy_v6, container_proxy) = (listeners.v4, listeners.v6, listeners.containers);
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
+    let instance = address_file::new_instance();
     let admin_state = Arc::new(AdminState {
+        instance,
         readiness: Readiness::default(),
         config_paths: config.config_paths.clone(),
         proxy_addrs: listeners.addrs(),
@@ -179,6 +181,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
                 admin: admin_addr,
                 proxy: admin_state.proxy_addrs.clone(),
                 pid: std::process::id(),
+                instance,
             },
         )?)),
         None => None,
@@ -186,13 +189,15 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let admin_reclaim = (admin_addr.port() != config.admin_addr.port()
         && config.admin_addr.port() != 0)
         .then(|| {
-            let address_file = address_file.clone();
+            // Weak: the file goes when run() lets go of it, on every way out, aborted
+            // task or not.
+            let address_file = address_file.as_ref().map(Arc::downgrade);
             tokio::spawn(admin::reclaim(
                 config.admin_addr,
                 Arc::clone(&admin_state),
                 ADMIN_RECLAIM_INTERVAL,
                 move |addr| {
-                    if let Some(file) = address_file {
+                    if let Some(file) = address_file.and_then(|file| file.upgrade()) {
                         file.admin_moved(addr);
                     }
                 },

@@ -157,7 +157,8 @@ struct RunArgs {
     /// Keep the addresses this daemon really listens on (admin server, proxy) in
     /// this JSON file, and remove it on exit. They differ from the configured ones
     /// when another daemon held those at start; `interceptor ready --address-file`
-    /// reads it. The admin server moves to its configured address once that is free.
+    /// reads it. The admin server also serves at its configured address once that is
+    /// free, and the file then names that. One file per daemon.
     #[arg(long)]
     address_file: Option<PathBuf>,
 }
@@ -296,18 +297,18 @@ fn main() -> ExitCode {
 }
 
 fn ready(args: &ReadyArgs) -> ExitCode {
-    let admin = match (&args.address_file, args.admin_addr) {
+    let (admin, instance) = match (&args.address_file, args.admin_addr) {
         (Some(path), _) => match AddressFile::read(path) {
-            Ok(addresses) => addresses.admin,
+            Ok(addresses) => (addresses.admin, Some(addresses.instance)),
             Err(error) => {
                 eprintln!("interceptor: {error}");
                 return ExitCode::FAILURE;
             }
         },
-        (None, Some(admin)) => admin,
+        (None, Some(admin)) => (admin, None),
         (None, None) => unreachable!("clap requires one of them"),
     };
-    match probe::ready(admin, probe::PROBE_TIMEOUT) {
+    match probe::ready(admin, instance, probe::PROBE_TIMEOUT) {
         Ok(body) => {
             println!("{body} ({admin})");
             ExitCode::SUCCESS

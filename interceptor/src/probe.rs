@@ -7,9 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Under the kubelet's default probe timeout (1 s), so a hung daemon is reported by
-/// this command rather than by the kubelet killing it.
-pub const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
+use crate::admin::INSTANCE_HEADER;
+
+/// Under the manifest's probe timeout (3 s), which also covers the container
+/// runtime's exec, so a daemon too busy to answer is reported as such.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
@@ -19,7 +21,7 @@ pub enum ProbeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the admin server at {addr} did not answer in time: {source}")]
+    #[error("asking the admin server at {addr} failed: {source}")]
     Exchange {
         addr: SocketAddr,
         #[source]
@@ -27,21 +29,40 @@ pub enum ProbeError {
     },
     #[error("the admin server at {addr} sent no HTTP status line: {head:?}")]
     Malformed { addr: SocketAddr, head: String },
-    #[error("not ready ({status}): {body}")]
-    NotReady { status: u16, body: String },
+    #[error(
+        "the admin server at {addr} is another daemon's, not the one that wrote the address file (it has gone)"
+    )]
+    SomeoneElse { addr: SocketAddr },
+    #[error("not ready ({status} from {addr}): {body}")]
+    NotReady {
+        addr: SocketAddr,
+        status: u16,
+        body: String,
+    },
 }
 
-/// GET /healthz/ready; Ok with the body if it answered 200.
-pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
+/// GET /healthz/ready, within `timeout` in all; Ok with the body if it answered 200
+/// (and, with `instance`, came from that daemon).
+pub fn ready(
+    addr: SocketAddr,
+    instance: Option<u64>,
+    timeout: Duration,
+) -> Result<String, ProbeError> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ProbeError::Connect { addr, source })?;
     let exchange = |source| ProbeError::Exchange { addr, source };
-    let left = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(left)).map_err(exchange)?;
-    stream.set_write_timeout(Some(left)).map_err(exchange)?;
+    let time_left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(exchange(std::io::ErrorKind::TimedOut.into()))
+        } else {
+            Ok(left)
+        }
+    };
+    stream
+        .set_write_timeout(Some(time_left()?))
+        .map_err(exchange)?;
     stream
         .write_all(
             format!("GET /healthz/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
@@ -49,20 +70,42 @@ pub fn ready(addr: SocketAddr, timeout: Duration) -> Result<String, ProbeError> 
         )
         .map_err(exchange)?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(exchange)?;
+    let mut chunk = [0; 1024];
+    loop {
+        stream
+            .set_read_timeout(Some(time_left()?))
+            .map_err(exchange)?;
+        match stream.read(&mut chunk).map_err(exchange)? {
+            0 => break,
+            read => response.extend_from_slice(&chunk[..read]),
+        }
+    }
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head
+    let mut lines = head.lines();
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3)?.parse::<u16>().ok())
         .ok_or_else(|| ProbeError::Malformed {
             addr,
-            head: head.lines().next().unwrap_or_default().to_owned(),
+            head: status_line.to_owned(),
         })?;
+    if let Some(expected) = instance {
+        let answered = lines.find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(INSTANCE_HEADER)
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        });
+        if answered != Some(expected) {
+            return Err(ProbeError::SomeoneElse { addr });
+        }
+    }
     let body = body.trim().to_owned();
     if status == 200 {
         Ok(body)
     } else {
-        Err(ProbeError::NotReady { status, body })
+        Err(ProbeError::NotReady { addr, status, body })
     }
 }

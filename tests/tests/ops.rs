@@ -899,7 +899,7 @@ fn sigterm_lets_open_connections_finish_while_new_ones_go_direct() {
 }
 
 /// A restart without a gap: start the new daemon next to the running one, then stop
-/// the old one. The new one takes a free port, stays behind the old one's programs
+/// the old one. The new one takes the port after the old one's, stays behind its programs
 /// while both are attached, and redirects from the moment the old one detaches; no
 /// connection in between fails.
 #[test]
@@ -913,6 +913,22 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     let logs = new.logs();
     assert!(logs.contains("the proxy address is in use"), "{logs}");
     assert!(logs.contains("the admin address is in use"), "{logs}");
+    // A third one would need a third port, which a firewall that allows the two
+    // would not: it refuses to start, and attaches nothing.
+    let config_path = sandbox.workdir.join("config.yaml");
+    let third = Daemon::start(&config_path, &sandbox.cgroup, &ADMIN_ARGS)
+        .err()
+        .expect("a third daemon is refused");
+    let message = format!("{third:#}");
+    assert!(
+        message.contains("cannot listen on 127.0.0.1:15001")
+            && message.contains("the port after it are both in use"),
+        "{message}"
+    );
+    assert_eq!(
+        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+        2
+    );
 
     let seen = who("240.240.10.9:7000").expect("through the old daemon");
     assert!(seen.went_through_proxy(), "{seen:?}");

@@ -142,34 +142,42 @@ fn ipv6_unavailable(error: &io::Error) -> bool {
 /// Returns them with the address they listen on.
 ///
 /// If another process (a previous interceptor, still draining or not yet stopped)
-/// listens on `addr`, the listeners take the port after it on the same IP, or a free
-/// port if that is taken too. Each daemon's programs redirect to its own port and
-/// keep their records in its own maps, so two daemons never receive each other's
-/// connections: the one attached first keeps redirecting, and the newer one takes
-/// over the moment the older one detaches, which makes "start the new one, then stop
-/// the old one" a restart without a gap. The port after is a fixed one so that a
-/// firewall or NetworkPolicy can allow it: successive restarts alternate between the
-/// two.
+/// listens on `addr`, the listeners take the port after it on the same IP. Each
+/// daemon's programs redirect to its own port and keep their records in its own
+/// maps, so two daemons never receive each other's connections: the one attached
+/// first keeps redirecting, and the newer one takes over the moment the older one
+/// detaches, which makes "start the new one, then stop the old one" a restart without
+/// a gap. Successive restarts alternate between the two ports, which a firewall or an
+/// egress NetworkPolicy can allow; a third port could be anything, which they would
+/// not, so with both taken the daemon refuses to start (and a rolling update waits
+/// with the old daemon still serving).
 fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
-    let addr = if is_free(addr)? {
+    let addr = if addr.port() == 0 || is_free(addr)? {
         addr
     } else {
         let next = addr
             .port()
             .checked_add(1)
-            .filter(|_| addr.port() != 0)
             .map(|port| SocketAddr::new(addr.ip(), port));
-        let fallback = match next {
-            Some(next) if is_free(next)? => next,
-            _ => SocketAddr::new(addr.ip(), 0),
-        };
-        warn!(
-            taken = %addr,
-            "the proxy address is in use (a previous interceptor?); listening on {} \
-             instead: this daemon redirects there once the other one detaches",
-            if fallback.port() == 0 { "a free port" } else { "the port after it" }
-        );
-        fallback
+        match next {
+            Some(next) if is_free(next)? => {
+                warn!(
+                    taken = %addr,
+                    addr = %next,
+                    "the proxy address is in use (a previous interceptor?); listening on the \
+                     port after it: this daemon redirects there once the other one detaches"
+                );
+                next
+            }
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "it and the port after it are both in use (two interceptors running \
+                     already?); a restart without a gap alternates between these two \
+                     ports, so stop one of them first",
+                ));
+            }
+        }
     };
     let first = reuseport_listener(addr)?;
     // With port 0 the first listener picked the port; the others join it.
