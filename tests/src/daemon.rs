@@ -181,6 +181,33 @@ impl Daemon {
     }
 }
 
+/// A handover as an operator runs it: SIGTERM to `old` from another thread after
+/// `delay`, while `connect` runs here in a loop (the sandbox's network namespace
+/// belongs to this thread) until `linger` after `old` has exited. `connect` gets the
+/// number of connects so far and panics if one fails. Returns `old`'s exit code and
+/// logs.
+pub fn stop_while_connecting(
+    mut old: Daemon,
+    delay: Duration,
+    linger: Duration,
+    mut connect: impl FnMut(usize),
+) -> (Option<i32>, String) {
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        old.signal(libc::SIGTERM);
+        (old.wait(), old.logs())
+    });
+    let mut stopped_at = None;
+    for connections in 0.. {
+        connect(connections);
+        if stopper.is_finished() && stopped_at.get_or_insert_with(Instant::now).elapsed() > linger {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    stopper.join().unwrap()
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -21,6 +21,7 @@ use std::{
 use integration_tests::{
     CONTAINER_ADDR_V4, CONTAINER_GATEWAY_V4, Container, Daemon, Sandbox, TestServer,
     admin::get_from,
+    daemon::stop_while_connecting,
     server::{Who, connect, who},
 };
 use serde_json::Value;
@@ -663,7 +664,7 @@ fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
         })
     };
     let old_pod = node.pod("old");
-    let mut old = node.start_daemon(&old_pod);
+    let old = node.start_daemon(&old_pod);
     let new_pod = node.pod("new");
     let not_yet = new_pod
         .probe()
@@ -715,30 +716,20 @@ fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
     );
 
     // Once the new pod is ready, the old one is deleted: SIGTERM within its grace
-    // period. The sandbox's network namespace belongs to this thread, so the
-    // host-network client runs here and the old daemon is stopped from another.
+    // period, while the pod and a host-network client connect.
     let pod_client = std::thread::spawn(move || pod_client.run());
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
-        old.signal(libc::SIGTERM);
-        (old.wait(), old.logs())
-    });
-    let mut connections = 0;
-    let mut stopped_at = None;
-    loop {
-        let seen = who(VIP)
-            .unwrap_or_else(|error| panic!("connect {connections} failed in the roll: {error}"));
-        assert_served_by(Ok(seen), "first");
-        connections += 1;
-        if stopper.is_finished()
-            && stopped_at.get_or_insert_with(Instant::now).elapsed() > Duration::from_millis(300)
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let (status, old_logs) = stop_while_connecting(
+        old,
+        Duration::from_millis(300),
+        Duration::from_millis(300),
+        |connections| {
+            let seen = who(VIP).unwrap_or_else(|error| {
+                panic!("connect {connections} failed in the roll: {error}")
+            });
+            assert_served_by(Ok(seen), "first");
+        },
+    );
     stop_pod_client.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (status, old_logs) = stopper.join().unwrap();
     assert_eq!(status, Some(0), "the old daemon exits cleanly:\n{old_logs}");
     let from_pod = pod_client
         .join()

@@ -18,6 +18,7 @@ use integration_tests::{
     Daemon, PROXY, Sandbox, TestServer,
     admin::{ADMIN, get, get_from, get_ok, scrape, scrape_until},
     bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
+    daemon::stop_while_connecting,
     server::{assert_refused_by_proxy, connect, who},
     vip_entry,
 };
@@ -908,7 +909,7 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.10.1:7000");
     let config = vip_entry("ops", "handover", "240.240.10.9", "198.18.10.1");
-    let mut old = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let old = sandbox.start_daemon(&config, &ADMIN_ARGS);
     let new = sandbox.start_daemon(&config, &ADMIN_ARGS);
     let logs = new.logs();
     assert!(logs.contains("the proxy address is in use"), "{logs}");
@@ -938,33 +939,18 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
         "the older daemon redirects first"
     );
 
-    // The sandbox's network namespace belongs to this thread, so the clients run here
-    // and the old daemon is stopped from another thread.
-    let stopper = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(150));
-        old.signal(libc::SIGTERM);
-        (old.wait(), old.logs())
-    });
-    let mut connections = 0;
-    let mut after_stop = None;
-    loop {
-        match who("240.240.10.9:7000") {
+    let (status, old_logs) = stop_while_connecting(
+        old,
+        Duration::from_millis(150),
+        Duration::from_millis(200),
+        |connections| match who("240.240.10.9:7000") {
             Ok(seen) => {
                 assert_eq!(seen.server, "server");
                 assert!(seen.went_through_proxy(), "{seen:?}");
-                connections += 1;
             }
             Err(error) => panic!("connection {connections} failed during the handover: {error}"),
-        }
-        if stopper.is_finished() {
-            let stopped_at = *after_stop.get_or_insert_with(Instant::now);
-            if stopped_at.elapsed() > Duration::from_millis(200) {
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let (status, old_logs) = stopper.join().unwrap();
+        },
+    );
     assert_eq!(status, Some(0), "the old daemon exits cleanly");
     // Both served in turn: the old one until it stopped, the new one after.
     let by_old = old_logs.matches("connection closed").count();
