@@ -961,6 +961,80 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     new.wait_for_log("connection closed", 1);
 }
 
+/// What a daemon holds for each proxy address it listens on, from before it binds.
+fn proxy_port_claim(addr: &str) -> std::io::Result<UnixDatagram> {
+    let name = format!("interceptor/proxy/{addr}");
+    UnixDatagram::bind_addr(&UnixAddr::from_abstract_name(name.as_bytes())?)
+}
+
+/// Two daemons starting at the same instant could both find the proxy port free and
+/// both bind it (SO_REUSEPORT lets them), and then each would accept connections
+/// whose records are in the other's maps. The port goes to the daemon that claims it
+/// first, so one that has claimed it but not bound it yet keeps it.
+#[test]
+fn a_proxy_port_claimed_by_a_daemon_not_yet_listening_is_left_to_it() {
+    let sandbox = Sandbox::new("ops-claim");
+    sandbox.add_host("198.18.10.2".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.10.2:7000");
+    let config = vip_entry("ops", "claim", "240.240.10.10", "198.18.10.2");
+    let starting = proxy_port_claim(PROXY).expect("nothing claims the port yet");
+
+    let mut daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let logs = daemon.logs();
+    assert!(
+        logs.contains("the proxy address is in use") && logs.contains("127.0.0.1:15002"),
+        "{logs}"
+    );
+    assert_eq!(
+        TcpStream::connect(PROXY)
+            .map_err(|error| error.kind())
+            .err(),
+        Some(ErrorKind::ConnectionRefused),
+        "nothing listens on the claimed port"
+    );
+    let seen = who("240.240.10.10:7000").expect("through the daemon on the port after");
+    assert!(seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(
+        proxy_port_claim("127.0.0.1:15002")
+            .map_err(|error| error.kind())
+            .err(),
+        Some(ErrorKind::AddrInUse),
+        "the daemon claims the port it listens on"
+    );
+
+    // The claimed port is free to bind, so only the claim keeps a second daemon off it.
+    let config_path = sandbox.workdir.join("config.yaml");
+    let second = Daemon::start(&config_path, &sandbox.cgroup, &ADMIN_ARGS)
+        .err()
+        .expect("with both ports claimed a daemon is refused");
+    let message = format!("{second:#}");
+    assert!(
+        message.contains("the port after it are both in use"),
+        "{message}"
+    );
+
+    // A daemon gives up its claims once it stops accepting, not when it exits, so
+    // one started while it drains may take its port.
+    drop(starting);
+    let mut open = Echo::open("240.240.10.10:7000");
+    daemon.signal(libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proxy_port_claim("127.0.0.1:15002").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "still claimed 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        !daemon.has_exited(),
+        "the claim went before the drain ended"
+    );
+    open.round_trip("while draining");
+    open.finish();
+    assert_eq!(daemon.wait(), Some(0));
+}
+
 #[test]
 fn the_drain_timeout_bounds_shutdown() {
     let sandbox = Sandbox::new("ops-drain-timeout");

@@ -2,6 +2,7 @@
 //! the upstream from the registry snapshot, and forwards bytes both ways.
 
 pub mod busy_poll;
+mod port_claim;
 pub mod tracking;
 pub mod workers;
 

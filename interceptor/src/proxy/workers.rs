@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, sync::mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
 
-use super::{Shared, busy_poll, serve};
+use super::{Shared, busy_poll, port_claim::PortClaim, serve};
 
 /// Pending connections each listener holds before the kernel refuses more.
 const BACKLOG: i32 = 4096;
@@ -33,6 +33,9 @@ pub struct ProxyListeners {
     pub v6: Option<SocketAddrV6>,
     pub containers: ContainerAddrs,
     per_worker: Vec<Vec<std::net::TcpListener>>,
+    /// Held while any worker accepts: a daemon started during this one's drain may
+    /// take the port back.
+    claims: Arc<Vec<PortClaim>>,
 }
 
 /// Where connects from other network namespaces (containers) go, per family.
@@ -52,15 +55,21 @@ impl ProxyListeners {
         containers: ContainerAddrs,
         workers: usize,
     ) -> Result<Self, (SocketAddr, io::Error)> {
-        let (v4_listeners, v4) = bind(v4.into(), workers).map_err(|error| (v4.into(), error))?;
-        let SocketAddr::V4(v4) = v4 else {
+        let mut claims = Vec::new();
+        let v4_bound = bind(v4.into(), workers).map_err(|error| (v4.into(), error))?;
+        let SocketAddr::V4(v4) = v4_bound.addr else {
             unreachable!("bound to an IPv4 address")
         };
+        let v4_listeners = v4_bound.take(&mut claims);
         let (v6_listeners, v6) = match v6 {
             None => (Vec::new(), None),
             Some(addr) => match bind(addr.into(), workers) {
-                Ok((listeners, SocketAddr::V6(bound))) => (listeners, Some(bound)),
-                Ok(_) => unreachable!("bound to an IPv6 address"),
+                Ok(bound) => {
+                    let SocketAddr::V6(bound_addr) = bound.addr else {
+                        unreachable!("bound to an IPv6 address")
+                    };
+                    (bound.take(&mut claims), Some(bound_addr))
+                }
                 Err(error) if ipv6_unavailable(&error) => {
                     warn!(
                         %addr, %error,
@@ -72,9 +81,9 @@ impl ProxyListeners {
             },
         };
         let (container_v4_listeners, container_v4) =
-            bind_optional(containers.v4.map(Into::into), workers)?;
+            bind_optional(containers.v4.map(Into::into), workers, &mut claims)?;
         let (container_v6_listeners, container_v6) =
-            bind_optional(containers.v6.map(Into::into), workers)?;
+            bind_optional(containers.v6.map(Into::into), workers, &mut claims)?;
         let mut others =
             [v6_listeners, container_v4_listeners, container_v6_listeners].map(Vec::into_iter);
         let per_worker = v4_listeners
@@ -99,6 +108,7 @@ impl ProxyListeners {
                 }),
             },
             per_worker,
+            claims: Arc::new(claims),
         })
     }
 
@@ -122,11 +132,15 @@ impl ProxyListeners {
 fn bind_optional(
     addr: Option<SocketAddr>,
     workers: usize,
+    claims: &mut Vec<PortClaim>,
 ) -> Result<(Vec<std::net::TcpListener>, Option<SocketAddr>), (SocketAddr, io::Error)> {
     match addr {
         None => Ok((Vec::new(), None)),
         Some(addr) => bind(addr, workers)
-            .map(|(listeners, bound)| (listeners, Some(bound)))
+            .map(|bound| {
+                let bound_addr = bound.addr;
+                (bound.take(claims), Some(bound_addr))
+            })
             .map_err(|error| (addr, error)),
     }
 }
@@ -142,7 +156,8 @@ fn ipv6_unavailable(error: &io::Error) -> bool {
 /// Returns them with the address they listen on.
 ///
 /// If another process (a previous interceptor, still draining or not yet stopped)
-/// listens on `addr`, the listeners take the port after it on the same IP. Each
+/// listens on `addr`, or another interceptor has claimed it ([`PortClaim`]), the
+/// listeners take the port after it on the same IP. Each
 /// daemon's programs redirect to its own port and keep their records in its own
 /// maps, so two daemons never receive each other's connections: the one attached
 /// first keeps redirecting, and the newer one takes over the moment the older one
@@ -151,25 +166,31 @@ fn ipv6_unavailable(error: &io::Error) -> bool {
 /// egress NetworkPolicy can allow; a third port could be anything, which they would
 /// not, so with both taken the daemon refuses to start (and a rolling update waits
 /// with the old daemon still serving).
-fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
-    let addr = if addr.port() == 0 || is_free(addr)? {
-        addr
+fn bind(addr: SocketAddr, workers: usize) -> io::Result<Bound> {
+    let (addr, claim) = if addr.port() == 0 {
+        (addr, None)
+    } else if let Some(claim) = claim_if_free(addr)? {
+        (addr, claim)
     } else {
         let next = addr
             .port()
             .checked_add(1)
             .map(|port| SocketAddr::new(addr.ip(), port));
-        match next {
-            Some(next) if is_free(next)? => {
+        let claimed_next = match next {
+            Some(next) => claim_if_free(next)?.map(|claim| (next, claim)),
+            None => None,
+        };
+        match claimed_next {
+            Some((next, claim)) => {
                 warn!(
                     taken = %addr,
                     addr = %next,
                     "the proxy address is in use (a previous interceptor?); listening on the \
                      port after it: this daemon redirects there once the other one detaches"
                 );
-                next
+                (next, claim)
             }
-            _ => {
+            None => {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     "it and the port after it are both in use (two interceptors running \
@@ -186,7 +207,43 @@ fn bind(addr: SocketAddr, workers: usize) -> io::Result<(Vec<std::net::TcpListen
     for _ in 1..workers.max(1) {
         listeners.push(reuseport_listener(addr)?);
     }
-    Ok((listeners, addr))
+    Ok(Bound {
+        listeners,
+        addr,
+        claim,
+    })
+}
+
+/// The listeners on one proxy address, and this daemon's claim on it.
+struct Bound {
+    listeners: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+    claim: Option<PortClaim>,
+}
+
+impl Bound {
+    /// The listeners; the claim joins the others this daemon holds.
+    fn take(self, claims: &mut Vec<PortClaim>) -> Vec<std::net::TcpListener> {
+        claims.extend(self.claim);
+        self.listeners
+    }
+}
+
+/// `Some` if this daemon may listen on `addr`: nothing listens there and no other
+/// interceptor claims it. The claim comes first, so of two daemons starting at once
+/// only one can pass; the listen check then covers other programs, and interceptors
+/// from before claims existed. The inner `None` is an address used without a claim,
+/// on a host where abstract unix sockets are denied (the check alone still applies).
+fn claim_if_free(addr: SocketAddr) -> io::Result<Option<Option<PortClaim>>> {
+    let claim = match PortClaim::take(addr) {
+        Ok(Some(claim)) => Some(claim),
+        Ok(None) => return Ok(None),
+        Err(error) => {
+            warn!(%addr, %error, "cannot claim the proxy address; relying on the listen check alone");
+            None
+        }
+    };
+    Ok(is_free(addr)?.then_some(claim))
 }
 
 /// SO_REUSEPORT alone would let a second daemon join another's port and receive
@@ -256,6 +313,7 @@ pub fn start(
         let shutdown = shutdown.clone();
         let release = release.clone();
         let stopped = stopped_sender.clone();
+        let claims = Arc::clone(&listeners.claims);
         let thread = thread::Builder::new()
             .name(format!("proxy-{index}"))
             .spawn(move || {
@@ -279,6 +337,7 @@ pub fn start(
                     for accept_loop in accept_loops {
                         let _ = accept_loop.await;
                     }
+                    drop(claims);
                     let _ = stopped.send(());
                     release.cancelled().await;
                 });
