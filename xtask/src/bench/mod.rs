@@ -111,7 +111,8 @@ impl Sizes {
     fn new(quick: bool) -> Self {
         if quick {
             Self {
-                rounds: 1,
+                // Two, so that CI also runs the restart of the proxies between rounds.
+                rounds: 2,
                 bulk_bytes_per_stream: 16 << 20,
                 rr_warmup: 100,
                 rr_round_trips: 2_000,

@@ -151,14 +151,34 @@ impl Bench<'_> {
         Ok(outcome)
     }
 
+    /// Fresh proxy processes. How fast a long-lived proxy runs on this VM depends on
+    /// where its threads and memory happened to land, and that holds for the life of
+    /// the process: with the same processes through all rounds, a path could be 15%
+    /// faster in every round of one run and slower in every round of the next. A new
+    /// pair each round makes that a round-to-round difference, which the median of the
+    /// rounds evens out.
+    fn restart_proxies(&mut self, proxies: &mut Proxies) -> Result<()> {
+        let old = std::mem::replace(
+            proxies,
+            Proxies {
+                daemon: None,
+                haproxy: None,
+            },
+        );
+        self.stop_proxies(old);
+        *proxies = self.start_proxies()?;
+        Ok(())
+    }
+
     /// Runs `job` on each route, `sizes.rounds` times with the order rotating each
-    /// round, so a change in background load spreads over all routes: the outcomes per
-    /// route (with the CPU the proxy on that route used). A route that fails is recorded
-    /// and not retried.
+    /// round, so a change in background load spreads over all routes, and with fresh
+    /// proxies each round ([`Self::restart_proxies`]): the outcomes per route (with the
+    /// CPU the proxy on that route used). A route that fails is recorded and not
+    /// retried.
     fn each_route(
         &mut self,
         name: &str,
-        proxies: &Proxies,
+        proxies: &mut Proxies,
         timeout: Duration,
         job: impl Fn(Target) -> Job,
         port: u16,
@@ -168,6 +188,13 @@ impl Bench<'_> {
         let mut outcomes: Outcomes = Default::default();
         let mut failed = [false; 3];
         for round in 0..rounds {
+            if round > 0
+                && let Err(error) = self.restart_proxies(proxies)
+            {
+                self.report
+                    .fail(format!("{name}, round {}: {error:#}", round + 1));
+                break;
+            }
             for offset in 0..Route::ALL.len() {
                 let index = (round + offset) % Route::ALL.len();
                 let route = Route::ALL[index];
@@ -294,7 +321,7 @@ impl Bench<'_> {
     }
 
     fn bulk(&mut self) -> Result<()> {
-        let proxies = self.start_proxies()?;
+        let mut proxies = self.start_proxies()?;
         let bytes = self.sizes.bulk_bytes_per_stream;
         for streams in [1usize, 8] {
             let total = bytes * streams as u64;
@@ -309,7 +336,7 @@ impl Bench<'_> {
             };
             let outcomes = self.each_route(
                 &name,
-                &proxies,
+                &mut proxies,
                 timeout,
                 |target| Job::Bulk {
                     target,
@@ -361,7 +388,7 @@ impl Bench<'_> {
     }
 
     fn latency(&mut self) -> Result<()> {
-        let proxies = self.start_proxies()?;
+        let mut proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let timeout = Duration::from_secs(60 + sizes.rr_round_trips / 2_000);
         let name = format!(
@@ -370,7 +397,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
-            &proxies,
+            &mut proxies,
             timeout,
             |target| Job::Latency {
                 target,
@@ -414,7 +441,7 @@ impl Bench<'_> {
     }
 
     fn conn_rate(&mut self) -> Result<()> {
-        let proxies = self.start_proxies()?;
+        let mut proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let rate = |outcome: &Outcome| {
             (outcome.seconds > 0.0).then(|| outcome.ok as f64 / outcome.seconds)
@@ -426,7 +453,7 @@ impl Bench<'_> {
         );
         let outcomes = self.each_route(
             &name,
-            &proxies,
+            &mut proxies,
             Duration::from_millis(sizes.conn_millis) + Duration::from_secs(60),
             |target| Job::ConnRate {
                 target,
@@ -469,7 +496,7 @@ impl Bench<'_> {
         // The same exchange one connection at a time: the per-connection latency.
         let outcomes = self.each_route(
             "connect + 1 RTT + close, sequential",
-            &proxies,
+            &mut proxies,
             Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60),
             |target| Job::ConnectLatency {
                 target,
