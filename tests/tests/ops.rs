@@ -899,6 +899,16 @@ fn sigterm_lets_open_connections_finish_while_new_ones_go_direct() {
     );
 }
 
+/// Starts one more daemon on the sandbox's config, which must refuse to start
+/// (`expected` says why it should); its error, with every cause.
+fn refused_start(sandbox: &Sandbox, expected: &str) -> String {
+    let config_path = sandbox.workdir.join("config.yaml");
+    let error = Daemon::start(&config_path, &sandbox.cgroup, &ADMIN_ARGS)
+        .err()
+        .expect(expected);
+    format!("{error:#}")
+}
+
 /// A restart without a gap: start the new daemon next to the running one, then stop
 /// the old one. The new one takes the port after the old one's, stays behind its programs
 /// while both are attached, and redirects from the moment the old one detaches; no
@@ -916,11 +926,7 @@ fn a_new_daemon_started_next_to_the_old_one_takes_over_without_a_gap() {
     assert!(logs.contains("the admin address is in use"), "{logs}");
     // A third one would need a third port, which a firewall that allows the two
     // would not: it refuses to start, and attaches nothing.
-    let config_path = sandbox.workdir.join("config.yaml");
-    let third = Daemon::start(&config_path, &sandbox.cgroup, &ADMIN_ARGS)
-        .err()
-        .expect("a third daemon is refused");
-    let message = format!("{third:#}");
+    let message = refused_start(&sandbox, "a third daemon is refused");
     assert!(
         message.contains("cannot listen on 127.0.0.1:15001")
             && message.contains("the port after it are both in use"),
@@ -1003,11 +1009,7 @@ fn a_proxy_port_claimed_by_a_daemon_not_yet_listening_is_left_to_it() {
     );
 
     // The claimed port is free to bind, so only the claim keeps a second daemon off it.
-    let config_path = sandbox.workdir.join("config.yaml");
-    let second = Daemon::start(&config_path, &sandbox.cgroup, &ADMIN_ARGS)
-        .err()
-        .expect("with both ports claimed a daemon is refused");
-    let message = format!("{second:#}");
+    let message = refused_start(&sandbox, "with both ports claimed a daemon is refused");
     assert!(
         message.contains("the port after it are both in use"),
         "{message}"
