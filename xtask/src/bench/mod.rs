@@ -243,7 +243,8 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         "interceptor bench ({mode}, {family}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
         sizes.rounds
     );
-    println!("\n{}", report.table(&title));
+    let table = report.table(&title);
+    println!("\n{table}");
     let document = serde_json::json!({
         "version": 1,
         "timestamp": report::utc_stamp(started),
@@ -276,6 +277,15 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         }
     };
     for path in written {
+        println!("xtask bench: wrote {}", path.display());
+    }
+    let reference_run = !args.quick
+        && scenarios.len() == Scenario::ALL.len()
+        && args.family == proto::Family::Ipv4
+        && args.daemon_args.is_empty();
+    if reference_run && report.failures.is_empty() && !procs::interrupted() {
+        let path = report::write_benchmarks(root, &table)
+            .with_context(|| format!("writing {}", report::BENCHMARKS_FILE))?;
         println!("xtask bench: wrote {}", path.display());
     }
     if procs::interrupted() {

@@ -1,6 +1,6 @@
-//! The table and the JSON file.
+//! The table, the JSON file, and BENCHMARKS.md.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
@@ -203,6 +203,72 @@ impl Report {
     }
 }
 
+/// Where a reference run's table goes, relative to the workspace root.
+pub const BENCHMARKS_FILE: &str = "BENCHMARKS.md";
+
+/// The command whose run [`BENCHMARKS_FILE`] shows. Other runs (`--quick`, some
+/// scenarios, IPv6, extra daemon flags) leave it alone, so it holds one comparable
+/// table rather than whatever ran last.
+pub const REFERENCE_COMMAND: &str = "cargo xtask bench";
+
+/// How the figures are made; the file's fixed part, above the table.
+const METHOD: &str = "\
+## Method
+
+`cargo xtask bench` creates a network namespace and a cgroup of its own and, in one
+run, measures three paths from a client in that cgroup to a backend in that
+namespace, side by side:
+
+- **direct**: to the backend's own address, which no ServiceEntry matches;
+- **interceptor**: to a ServiceEntry VIP, which connect4 redirects to the daemon's
+  proxy, which connects to the backend;
+- **haproxy**: to HAProxy in TCP mode, configured explicitly (xtask installs it).
+
+The daemon, the backends and the load generator are release builds; both proxies run
+with one thread per CPU and their default flags (adaptive busy polling is on).
+Scenarios: bulk throughput (1 and 8 streams), 1 KiB request/response latency on a
+persistent connection, new connections per second at concurrency 64 and one by one,
+daemon RSS per idle intercepted connection, and config scale (a small against a large
+number of ServiceEntries). Each path figure is the median of several rounds; the
+paths' order rotates each round and both proxies are restarted between rounds, so
+where a process's threads land becomes round-to-round spread that the median absorbs.
+\"proxy CPU\" rows count the proxy process; \"machine CPU\" rows count every process
+and interrupt on the machine, and say how fast the interceptor path could go with
+every CPU busy. The target column holds the goals the project set itself; the bench
+never fails on a figure, only when a path does not work.
+
+Client, proxy and backend share the machine's CPUs, so figures move between runs,
+request/response and new connections most. Compare paths within one table, not
+tables from different machines.
+
+Other runs print their table and write JSON to `target/bench/` only:
+`--quick` (a smoke run, part of `cargo xtask test`), `--scenario NAME` (repeatable),
+`--family ipv6` (every path over IPv6), and `--daemon-arg=FLAG` (for example
+`--daemon-arg=--copy-mode=userspace` or `--daemon-arg=--busy-poll-us=0`, to compare
+the daemon's options).
+";
+
+/// The whole of [`BENCHMARKS_FILE`]: the method, then one run's table.
+pub fn benchmarks_markdown(table: &str) -> String {
+    format!(
+        "# Benchmarks\n\n\
+         Written by `{REFERENCE_COMMAND}`, which replaces this file after each full run \
+         in which every path worked.\n\n\
+         {METHOD}\n\
+         ## Current table\n\n\
+         Produced by `{REFERENCE_COMMAND}`:\n\n\
+         ```\n{}\n```\n",
+        table.trim_end()
+    )
+}
+
+/// Replaces [`BENCHMARKS_FILE`] under `root` with `table`.
+pub fn write_benchmarks(root: &Path, table: &str) -> std::io::Result<std::path::PathBuf> {
+    let path = root.join(BENCHMARKS_FILE);
+    std::fs::write(&path, benchmarks_markdown(table))?;
+    Ok(path)
+}
+
 fn number(value: Option<f64>, unit: &str) -> String {
     let Some(value) = value else {
         return "—".into();
@@ -265,6 +331,14 @@ pub fn utc_stamp(unix_seconds: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn benchmarks_file_holds_the_method_and_the_table() {
+        let markdown = benchmarks_markdown("title\nrow\n");
+        assert!(markdown.starts_with("# Benchmarks\n"));
+        assert!(markdown.contains("## Method\n"));
+        assert!(markdown.ends_with("```\ntitle\nrow\n```\n"));
+    }
 
     #[test]
     fn stamps() {
