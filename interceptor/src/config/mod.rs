@@ -8,6 +8,7 @@ pub mod model;
 pub mod report;
 mod shape;
 pub mod validate;
+mod yaml;
 
 #[cfg(test)]
 mod tests;
@@ -20,7 +21,7 @@ use std::{
 pub use finding::{Finding, Severity};
 pub use model::*;
 pub use report::{OutputFormat, render};
-use serde::Deserialize as _;
+use yaml::Document;
 
 const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 const SERVED_VERSIONS: [&str; 3] = ["v1alpha3", "v1beta1", "v1"];
@@ -57,7 +58,7 @@ pub struct Loaded {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
@@ -158,38 +159,42 @@ fn has_config_extension(path: &Path) -> bool {
 }
 
 fn load_documents(file: &Path, text: &str, loaded: &mut Loaded, findings: &mut Vec<Finding>) {
-    for (document, deserializer) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    let split = yaml::split(text);
+    let mut first_line = 1;
+    for (document, document_text) in split.documents.iter().enumerate() {
         let source = Source {
             file: file.to_path_buf(),
             document,
         };
-        match serde_yaml::Value::deserialize(deserializer) {
-            Ok(serde_yaml::Value::Null) => {}
-            Ok(value) => load_object(&source, value, loaded, findings),
-            Err(error) => {
-                findings.push(error_finding(
-                    &source,
-                    "",
-                    "",
-                    format!("invalid YAML: {error}"),
-                ));
-                // The YAML stream cannot be resynchronised after a syntax error.
+        match yaml::parse(document_text, first_line) {
+            Ok(None) => {}
+            Ok(Some(value)) => load_object(&source, value, loaded, findings),
+            Err(message) => {
+                findings.push(yaml_error(&source, &message));
                 return;
             }
         }
+        first_line += document_text.matches('\n').count();
+    }
+    if let Some(message) = split.error {
+        let source = Source {
+            file: file.to_path_buf(),
+            document: split.documents.len(),
+        };
+        // The YAML stream cannot be resynchronised after a syntax error.
+        findings.push(yaml_error(&source, &message));
     }
 }
 
-fn load_object(
-    source: &Source,
-    value: serde_yaml::Value,
-    loaded: &mut Loaded,
-    findings: &mut Vec<Finding>,
-) {
+fn yaml_error(source: &Source, message: &str) -> Finding {
+    error_finding(source, "", "", format!("invalid YAML: {message}"))
+}
+
+fn load_object(source: &Source, value: Document, loaded: &mut Loaded, findings: &mut Vec<Finding>) {
     let text_field = |name: &str| {
         value
             .get(name)
-            .and_then(serde_yaml::Value::as_str)
+            .and_then(Document::as_str)
             .unwrap_or("")
             .to_owned()
     };
@@ -205,7 +210,7 @@ fn load_object(
         return;
     }
     if kind == "List" && api_version == "v1" {
-        if let Some(serde_yaml::Value::Sequence(items)) = value.get("items") {
+        if let Some(Document::Array(items)) = value.get("items") {
             for item in items.clone() {
                 load_object(source, item, loaded, findings);
             }
@@ -265,10 +270,10 @@ fn load_object(
 
 /// `Kind/namespace/name` when the metadata can be read, else just the kind, so
 /// that decode errors still name the object.
-fn object_label(kind: &str, document: &serde_yaml::Value) -> String {
+fn object_label(kind: &str, document: &Document) -> String {
     let metadata = match document.get("metadata") {
         None => Some(ObjectMeta::default()),
-        Some(metadata) => serde_yaml::from_value::<ObjectMeta>(metadata.clone()).ok(),
+        Some(metadata) => serde_json::from_value::<ObjectMeta>(metadata.clone()).ok(),
     };
     match metadata {
         Some(metadata) => object_name(kind, &metadata),
@@ -286,7 +291,7 @@ const HANDLED_KINDS: [&str; 4] = [
 
 fn decode_into<T: serde::de::DeserializeOwned>(
     source: &Source,
-    value: serde_yaml::Value,
+    value: Document,
     into: &mut Vec<Sourced<T>>,
 ) -> Result<(), (String, String)> {
     let resource = decode::<T>(value)?;
@@ -298,7 +303,7 @@ fn decode_into<T: serde::de::DeserializeOwned>(
 }
 
 /// Decodes strictly, as kubectl's strict decoding does, and reports the failing field path.
-fn decode<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (String, String)> {
+fn decode<T: serde::de::DeserializeOwned>(value: Document) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|error| {
         let path = error.path().to_string();
         let field = if path == "." { String::new() } else { path };

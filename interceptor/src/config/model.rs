@@ -9,6 +9,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// A part of a resource that is kept as written and never interpreted here
+/// (status, traffic policy settings the proxy does not apply).
+pub type Opaque = serde_yaml::Value;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
@@ -25,7 +29,7 @@ pub struct ObjectMeta {
     /// Server-populated metadata (uid, resourceVersion, managedFields, ...) is accepted
     /// so that `kubectl get -o yaml` output loads as it is.
     #[serde(flatten, skip_serializing)]
-    pub other: BTreeMap<String, serde_yaml::Value>,
+    pub other: BTreeMap<String, Opaque>,
 }
 
 impl ObjectMeta {
@@ -44,7 +48,7 @@ pub struct ServiceEntry {
     pub metadata: ObjectMeta,
     pub spec: ServiceEntrySpec,
     #[serde(default, skip_serializing)]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<Opaque>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -241,7 +245,7 @@ pub struct WorkloadEntry {
     pub metadata: ObjectMeta,
     pub spec: WorkloadEntrySpec,
     #[serde(default, skip_serializing)]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<Opaque>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,7 +257,7 @@ pub struct VirtualService {
     pub metadata: ObjectMeta,
     pub spec: VirtualServiceSpec,
     #[serde(default, skip_serializing)]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<Opaque>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -266,7 +270,7 @@ pub struct VirtualServiceSpec {
     /// HTTP routes are not interpreted by this program; they are kept so that real
     /// files load and so that their presence satisfies "http, tcp or tls must be provided".
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub http: Vec<serde_yaml::Value>,
+    pub http: Vec<Opaque>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tls: Vec<TlsRoute>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -379,7 +383,7 @@ pub struct DestinationRule {
     pub metadata: ObjectMeta,
     pub spec: DestinationRuleSpec,
     #[serde(default, skip_serializing)]
-    pub status: Option<serde_yaml::Value>,
+    pub status: Option<Opaque>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -416,13 +420,13 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_pool: Option<serde_yaml::Value>,
+    pub connection_pool: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<serde_yaml::Value>,
+    pub outlier_detection: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tunnel: Option<serde_yaml::Value>,
+    pub tunnel: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proxy_protocol: Option<serde_yaml::Value>,
+    pub proxy_protocol: Option<Opaque>,
 }
 
 impl TrafficPolicy {
@@ -449,9 +453,9 @@ pub struct PortTrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClientTlsSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connection_pool: Option<serde_yaml::Value>,
+    pub connection_pool: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<serde_yaml::Value>,
+    pub outlier_detection: Option<Opaque>,
 }
 
 impl PortTrafficPolicy {
@@ -469,13 +473,13 @@ pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<SimpleLoadBalancer>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consistent_hash: Option<serde_yaml::Value>,
+    pub consistent_hash: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locality_lb_setting: Option<serde_yaml::Value>,
+    pub locality_lb_setting: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup_duration_secs: Option<serde_yaml::Value>,
+    pub warmup_duration_secs: Option<Opaque>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup: Option<serde_yaml::Value>,
+    pub warmup: Option<Opaque>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

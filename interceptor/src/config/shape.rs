@@ -2,7 +2,7 @@
 //! Istio reports with its own wording but that would otherwise surface as a bare
 //! decode error (a missing `spec`, `null` items in lists).
 
-use serde_yaml::Value;
+use super::yaml::Document as Value;
 
 /// `(path pattern, message)`; `*` in a pattern stands for any list index.
 const NULL_ITEMS: &[(&str, &[&str], &str)] = &[
@@ -99,7 +99,7 @@ fn find_nulls(
         return;
     };
     if *segment == "*" {
-        if let Value::Sequence(items) = value {
+        if let Value::Array(items) = value {
             for (index, item) in items.iter().enumerate() {
                 find_nulls(item, rest, format!("{path}[{index}]"), message, problems);
             }

@@ -236,7 +236,8 @@ fn kubernetes_lists_are_unpacked() {
     let text = format!(
         "apiVersion: v1\nkind: List\nitems:\n- {}\n",
         serde_json::to_string(
-            &serde_yaml::from_str::<serde_json::Value>(&entry("a", "a.example.com")).expect("yaml")
+            &serde_saphyr::from_str::<serde_json::Value>(&entry("a", "a.example.com"))
+                .expect("yaml")
         )
         .expect("json")
     );
@@ -310,6 +311,122 @@ fn report_renders_text_and_json() {
     assert!("xml".parse::<OutputFormat>().is_err());
 }
 
+/// The one finding of a document the parser refuses, checked to name the file and
+/// the document.
+fn yaml_error(text: &str, document: usize) -> String {
+    let findings = invalid_findings(load_str(Path::new("hostile.yaml"), text));
+    assert_eq!(findings.len(), 1, "{findings:?}");
+    let finding = &findings[0];
+    assert_eq!(finding.file, Path::new("hostile.yaml"));
+    assert_eq!(finding.document, document);
+    assert!(finding.message.starts_with("invalid YAML: "), "{finding}");
+    finding.message.clone()
+}
+
+#[test]
+fn deep_nesting_is_refused_at_the_depth_limit() {
+    for text in [
+        "[".repeat(200_000),
+        "{".repeat(200_000),
+        "[".repeat(100_000) + &"]".repeat(100_000),
+        "[{a: ".repeat(50_000),
+        "- ".repeat(50_000) + "x\n",
+        (0..2_000)
+            .map(|depth| format!("{}a:\n", " ".repeat(depth)))
+            .collect(),
+    ] {
+        let message = yaml_error(&text, 0);
+        assert!(message.contains("recursion limit exceeded"), "{message}");
+    }
+}
+
+#[test]
+fn alias_expansion_is_refused_at_its_budget() {
+    let mut laughs = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for (name, previous) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+        .iter()
+        .zip("abcdefgh".chars())
+    {
+        let aliases = vec![format!("*{previous}"); 9].join(", ");
+        laughs.push_str(&format!("{name}: &{name} [{aliases}]\n"));
+    }
+    let message = yaml_error(&laughs, 0);
+    assert!(
+        message.contains("too complex: total_replayed_events"),
+        "{message}"
+    );
+
+    let many = format!("a: &a x\nb: [{}]\n", vec!["*a"; 60_000].join(", "));
+    let message = yaml_error(&many, 0);
+    assert!(message.contains("limits breached: Aliases"), "{message}");
+}
+
+#[test]
+fn long_scalars_and_many_documents_load() {
+    let long = entry("a", "a.example.com").replace(
+        "  name: a\n",
+        &format!(
+            "  name: a\n  annotations: {{note: {}}}\n",
+            "x".repeat(1 << 20)
+        ),
+    );
+    let loaded = load_str(Path::new("long.yaml"), &long).expect("loads");
+    assert_eq!(
+        loaded.config.service_entries[0]
+            .resource
+            .metadata
+            .annotations["note"]
+            .len(),
+        1 << 20
+    );
+
+    let many = "---\n".repeat(20_000) + &entry("a", "a.example.com");
+    let loaded = load_str(Path::new("many.yaml"), &many).expect("loads");
+    assert_eq!(loaded.config.service_entries[0].source.document, 19_999);
+}
+
+#[test]
+fn documents_before_a_broken_one_still_load_and_lines_count_from_the_file() {
+    let text = format!(
+        "{}---\n{}---\nkind: [unclosed\n",
+        entry("a", "'*'"),
+        entry("b", "b.example.com")
+    );
+    let findings = invalid_findings(load_str(Path::new("broken.yaml"), &text));
+    let syntax = findings
+        .iter()
+        .find(|f| f.message.starts_with("invalid YAML"))
+        .expect("a syntax finding");
+    assert_eq!(syntax.document, 2);
+    assert!(syntax.message.contains("line 19"), "{}", syntax.message);
+    // Document 0 was still read and validated.
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.document == 0 && f.field == "spec.hosts[0]")
+    );
+
+    let duplicate = format!("{}---\na: 1\na: 2\n", entry("a", "a.example.com"));
+    let message = yaml_error(&duplicate, 1);
+    assert!(message.contains("duplicate"), "{message}");
+    assert!(message.contains("line 11"), "{message}");
+}
+
+#[test]
+fn scalars_read_as_yaml_1_2() {
+    // YAML 1.1 booleans and numbers with leading zeros stay strings, as in serde_yaml.
+    let text = entry("a", "a.example.com").replace(
+        "  name: a\n",
+        "  name: a\n  labels: {enabled: yes, mode: on, code: 0755, big: 1_000}\n",
+    );
+    let loaded = load_str(Path::new("scalars.yaml"), &text).expect("loads");
+    let labels = &loaded.config.service_entries[0].resource.metadata.labels;
+    assert_eq!(labels["enabled"], "yes");
+    assert_eq!(labels["mode"], "on");
+    assert_eq!(labels["code"], "0755");
+    assert_eq!(labels["big"], "1_000");
+}
+
 /// Fragments that make arbitrary text look more like the documents we parse.
 fn yaml_fragment() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -324,6 +441,11 @@ fn yaml_fragment() -> impl Strategy<Value = String> {
         Just("  ports: [null, {number: -1}]\n".to_owned()),
         Just("  endpoints: []\n".to_owned()),
         Just("---\n".to_owned()),
+        Just("...\n".to_owned()),
+        Just("a: &x [1, {b: *x}]\n".to_owned()),
+        Just("<<: *x\n".to_owned()),
+        Just("%YAML 1.2\n".to_owned()),
+        "[\\[\\]{}:, ]{0,40}",
         "[ -~\n]{0,20}",
     ]
 }
@@ -368,8 +490,13 @@ fn mutate(text: &str, edit: u8, at: f64, insert: &str) -> String {
     out.into_iter().collect()
 }
 
-fn render_all(result: &Result<Loaded, LoadError>) {
+/// Renders the findings of a load of `file`, each of which must name that file.
+fn render_all(file: &str, result: &Result<Loaded, LoadError>) {
     if let Err(LoadError::Invalid { findings }) = result {
+        assert!(
+            findings.iter().all(|f| f.file == Path::new(file)),
+            "{findings:?}"
+        );
         let _ = render(findings, OutputFormat::Json);
         let _ = render(findings, OutputFormat::Text);
     }
@@ -380,12 +507,18 @@ proptest! {
 
     #[test]
     fn arbitrary_text_never_panics(text in "\\PC{0,400}") {
-        render_all(&load_str(Path::new("fuzz.yaml"), &text));
+        render_all("fuzz.yaml", &load_str(Path::new("fuzz.yaml"), &text));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let text = String::from_utf8_lossy(&bytes);
+        render_all("bytes.yaml", &load_str(Path::new("bytes.yaml"), &text));
     }
 
     #[test]
     fn yaml_like_text_never_panics(parts in proptest::collection::vec(yaml_fragment(), 0..24)) {
-        render_all(&load_str(Path::new("fuzz.yaml"), &parts.concat()));
+        render_all("fuzz.yaml", &load_str(Path::new("fuzz.yaml"), &parts.concat()));
     }
 
     #[test]
@@ -396,6 +529,6 @@ proptest! {
         for (edit, at, insert) in &edits {
             text = mutate(&text, *edit, *at, insert);
         }
-        render_all(&load_str(Path::new("mutated.yaml"), &text));
+        render_all("mutated.yaml", &load_str(Path::new("mutated.yaml"), &text));
     }
 }

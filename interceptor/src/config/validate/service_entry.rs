@@ -286,8 +286,15 @@ fn dns(spec: &ServiceEntrySpec, service_ports: &BTreeSet<&str>, problems: &mut P
     for (index, endpoint) in endpoints.iter().enumerate() {
         let base = format!("spec.endpoints[{index}]");
         let address = endpoint.address.as_str();
-        // This also rejects unix sockets, wildcards and the empty (network-only) address.
-        if !is_valid_ip(address) && validate_fqdn(address).is_err() {
+        if address.is_empty() && !endpoint.network.is_empty() {
+            // An endpoint in another network is reached through that network's gateway,
+            // so it needs no address of its own: Istio only warns.
+            problems.warn(
+                format!("{base}.address"),
+                format!("address is unset with network {:?}", endpoint.network),
+            );
+        } else if !is_valid_ip(address) && validate_fqdn(address).is_err() {
+            // This also rejects unix sockets, wildcards and an empty address without a network.
             problems.error(
                 format!("{base}.address"),
                 format!("endpoint address {address:?} is not a valid FQDN or an IP address"),

@@ -321,9 +321,15 @@ fn cases() -> Vec<Case> {
             (E, "spec.endpoints[0].address", "endpoint address \"*.example.net\" is not a valid FQDN or an IP address"),
         ),
         case(
-            "DNS network-only endpoint is an error",
+            "DNS network-only endpoint warns",
             se(&format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS\nendpoints: [{{address: a.example.net, network: n}}]")),
             se(&format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS\nendpoints: [{{network: n}}]")),
+            (W, "spec.endpoints[0].address", "address is unset with network \"n\""),
+        ),
+        case(
+            "DNS endpoint without address or network is an error",
+            se(&format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS_ROUND_ROBIN\nendpoints: [{{address: a.example.net}}]")),
+            se(&format!("hosts: [a.example.com]\n{TLS_443}\nresolution: DNS_ROUND_ROBIN\nendpoints: [{{labels: {{app: x}}}}]")),
             (E, "spec.endpoints[0].address", "endpoint address \"\" is not a valid FQDN or an IP address"),
         ),
         case(
