@@ -30,7 +30,7 @@ use crate::{
     copy,
     kernel::OriginalDestinations,
     metrics::FailureReason,
-    registry::{HostKind, Lookup, PortRoutes, Registry},
+    registry::{HostKind, Lookup, PortRoutes, Registry, best_match},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
@@ -239,7 +239,7 @@ async fn forward(
             conn.set_service(&route.service);
             if let Some(pattern) = routed_host
                 .as_deref()
-                .and_then(|host| matching_pattern(&route.service.hosts, host))
+                .and_then(|host| best_match(&route.service.hosts, host))
             {
                 conn.set_host(pattern);
             }
@@ -330,29 +330,6 @@ impl LogLimit {
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
     }
-}
-
-/// The service's own host pattern that `host` matched: the exact name, or else the
-/// wildcard with the longest suffix. Metrics use it because the client cannot make up
-/// new values of it.
-fn matching_pattern<'a>(patterns: &'a [String], host: &str) -> Option<&'a str> {
-    patterns
-        .iter()
-        .find(|pattern| pattern.eq_ignore_ascii_case(host))
-        .or_else(|| {
-            patterns
-                .iter()
-                .filter_map(|pattern| Some((pattern, pattern.strip_prefix('*')?)))
-                .filter(|(_, suffix)| {
-                    host.len() > suffix.len()
-                        && host
-                            .to_ascii_lowercase()
-                            .ends_with(&suffix.to_ascii_lowercase())
-                })
-                .max_by_key(|(_, suffix)| suffix.len())
-                .map(|(pattern, _)| pattern)
-        })
-        .map(String::as_str)
 }
 
 /// Replays the sniffed preface, then copies both ways with half-close.

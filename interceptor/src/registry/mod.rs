@@ -16,6 +16,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 pub use hosts::HostTable;
+pub(crate) use hosts::{HostPattern, best_match, hosts_overlap};
 
 use crate::config::{
     ConfigSet, Finding, Protocol, Resolution, ServiceEntry, Severity, Source, Sourced,
@@ -333,7 +334,7 @@ impl Registry {
                         .spec
                         .hosts
                         .iter()
-                        .any(|vs_host| validate::names::hosts_match(host, vs_host))
+                        .any(|vs_host| hosts_overlap(host, vs_host))
                 })
             })
             .map(|(index, _)| index)
@@ -397,7 +398,7 @@ impl Registry {
                                 .spec
                                 .hosts
                                 .iter()
-                                .any(|vs_host| validate::names::hosts_match(host, vs_host));
+                                .any(|vs_host| hosts_overlap(host, vs_host));
                             if covered_host && !routes.tls_overridden.contains(host) {
                                 routes.tls.remove(host);
                             }
@@ -423,10 +424,11 @@ impl Registry {
         let by_name = |exact: bool| {
             self.services.iter().position(|service| {
                 service.hosts.iter().any(|candidate| {
+                    let candidate = HostPattern::new(candidate);
                     if exact {
-                        candidate == host
+                        candidate.same(HostPattern::new(host))
                     } else {
-                        validate::names::hosts_match(candidate, host)
+                        candidate.overlaps(HostPattern::new(host))
                     }
                 })
             })
