@@ -1,8 +1,12 @@
-//! The proxy: accepts redirected connections, recovers where each was going, picks
-//! the upstream from the registry snapshot, and forwards bytes both ways.
+//! The proxy: accepts redirected connections, recovers where each was going, decides
+//! where it goes ([`outbound`]), and then carries that out: reads the client's SNI or
+//! Host if the decision asks for it, connects, and forwards bytes both ways.
 
 pub mod busy_poll;
+pub mod http;
+pub mod outbound;
 mod port_claim;
+pub mod sni;
 pub mod tracking;
 pub mod workers;
 
@@ -25,20 +29,21 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
-use self::tracking::{ConnectionGuard, ConnectionTable};
+pub use self::outbound::OutboundPolicy;
+use self::{
+    outbound::{Decision, Reject, Step},
+    tracking::{ConnectionGuard, ConnectionTable},
+};
 use crate::{
     copy,
     kernel::OriginalDestinations,
     metrics::FailureReason,
-    registry::{HostKind, Lookup, PortRoutes, Registry, best_match},
+    registry::{HostKind, PortRoutes, Registry},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
 use http::{HttpRequest, parse_request_head};
 use sni::{ClientHello, parse_client_hello};
-
-pub mod http;
-pub mod sni;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -49,14 +54,6 @@ pub struct ProxyConfig {
     /// request head.
     pub sniff_timeout: Duration,
     pub copy_mode: copy::CopyMode,
-}
-
-/// Istio's meshConfig.outboundTrafficPolicy, for intercepted traffic no service matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OutboundPolicy {
-    #[default]
-    AllowAny,
-    RegistryOnly,
 }
 
 /// State every connection task shares.
@@ -201,12 +198,12 @@ async fn forward(
     conn.set_original_destination(original, record_source);
 
     let registry = shared.registry.load_full();
+    let policy = shared.config.outbound_policy;
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
     let mut preface = Vec::new();
-    let mut routed_host = None;
-    let route = match registry.lookup(original) {
-        Lookup::Route(route) => Some(route),
-        Lookup::ByHost(routes) => {
+    let decision = match outbound::decide(&registry, original, policy) {
+        Step::Decided(decision) => decision,
+        Step::NeedsHost(routes) => {
             match sniff_host(
                 &mut client,
                 &mut preface,
@@ -219,9 +216,14 @@ async fn forward(
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
                     }
-                    let route = registry.route_by_host(routes, kind, host.as_deref());
-                    routed_host = host;
-                    route
+                    outbound::decide_by_host(
+                        &registry,
+                        routes,
+                        original,
+                        kind,
+                        host.as_deref(),
+                        policy,
+                    )
                 }
                 Err(error) => {
                     warn!(%error, bytes = preface.len(), "closing: cannot route by host");
@@ -231,19 +233,18 @@ async fn forward(
                 }
             }
         }
-        Lookup::Unmatched => None,
     };
-    let targets = match route {
-        Some(route) => {
-            span.record("service", route.service.name.as_str());
-            conn.set_service(&route.service);
-            if let Some(pattern) = routed_host
-                .as_deref()
-                .and_then(|host| best_match(&route.service.hosts, host))
-            {
+    drop(registry);
+
+    let targets = match decision {
+        Decision::Forward(forward) => {
+            let service = &forward.route.service;
+            span.record("service", service.name.as_str());
+            conn.set_service(service);
+            if let Some(pattern) = forward.matched_host() {
                 conn.set_host(pattern);
             }
-            match resolve::targets(&route, original, &shared.dns).await {
+            match resolve::targets(&forward.route, original, &shared.dns).await {
                 Ok(targets) => targets,
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
@@ -253,18 +254,18 @@ async fn forward(
                 }
             }
         }
-        None => match shared.config.outbound_policy {
-            // Istio's ALLOW_ANY: what matches no service goes where it was going.
-            OutboundPolicy::AllowAny => vec![Target::Tcp(original)],
-            OutboundPolicy::RegistryOnly => {
-                warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
-                conn.failed(FailureReason::registry_only);
-                reset(client);
-                return;
+        Decision::Passthrough(destination) => vec![Target::Tcp(destination)],
+        Decision::Reject(reject) => {
+            match reject {
+                Reject::RegistryOnly => {
+                    warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
+                }
             }
-        },
+            conn.failed(reject);
+            reset(client);
+            return;
+        }
     };
-    drop(registry);
 
     let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
         conn.failed(FailureReason::upstream_connect);

@@ -88,17 +88,18 @@ pub fn hosts_overlap(a: &str, b: &str) -> bool {
     HostPattern::new(a).overlaps(HostPattern::new(b))
 }
 
-/// The pattern among `patterns` that routes `name`, by Envoy's precedence. Metrics
-/// label a connection with it because, unlike the name itself, a client cannot make
-/// up new values of it.
-pub fn best_match<'p>(patterns: &'p [String], name: &str) -> Option<&'p str> {
+/// The index of the pattern among `patterns` that routes `name`, by Envoy's
+/// precedence. Metrics label a connection with that pattern because, unlike the name
+/// itself, a client cannot make up new values of it.
+pub fn best_match(patterns: &[String], name: &str) -> Option<usize> {
     patterns
         .iter()
-        .filter(|pattern| HostPattern::new(pattern).matches(name))
+        .enumerate()
+        .filter(|(_, pattern)| HostPattern::new(pattern).matches(name))
         // The first of equals, as a table built from `patterns` in order keeps.
         .rev()
-        .max_by_key(|pattern| HostPattern::new(pattern).precedence())
-        .map(String::as_str)
+        .max_by_key(|(_, pattern)| HostPattern::new(pattern).precedence())
+        .map(|(index, _)| index)
 }
 
 /// `text` ends with `suffix`, ignoring ASCII case.
@@ -239,7 +240,7 @@ mod tests {
         ] {
             assert_eq!(
                 table.lookup(name).copied(),
-                best_match(&patterns, name),
+                best_match(&patterns, name).map(|index| patterns[index].as_str()),
                 "{name}"
             );
         }
