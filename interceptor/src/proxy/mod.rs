@@ -79,14 +79,14 @@ pub async fn serve(
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    // The permits are added once the workers run, so an empty semaphore before this
+    // loop first got capacity is not the limit being reached.
+    let mut limit_set = false;
     loop {
         // At the limit, stop accepting: clients wait in the kernel's accept queue (and
         // then in SYN retries) instead of being accepted without the descriptors to
         // serve them and reset. Waiting for capacity does not take it, so idle
         // listeners hold no permit.
-        // The limit is set once the workers run; an empty semaphore before that is
-        // not the limit being reached. (The gauge is set after the permits are added.)
-        let limit_set = shared.connections.metrics().connections_limit.get() > 0;
         if limit_set && shared.connection_slots.available_permits() == 0 {
             shared.connections.metrics().connection_limit_reached.inc();
             if let Some(suppressed) = LIMIT_REACHED_LOG.admit() {
@@ -105,6 +105,7 @@ pub async fn serve(
             permit = shared.connection_slots.acquire() => permit,
         };
         drop(capacity);
+        limit_set = true;
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
