@@ -362,8 +362,10 @@ pub enum SniffError {
     Closed,
     #[error("the ClientHello or request head exceeds {MAX_PREFACE_BYTES} bytes")]
     TooLarge,
+    /// The cause is in the message, not a source: the proxy logs this error's
+    /// message alone.
     #[error("reading from the client: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
 
 /// Enough for any real ClientHello (post-quantum key shares included) or request head.
@@ -404,7 +406,8 @@ async fn sniff_host(
         preface.reserve(4096);
         let read = tokio::time::timeout_at(deadline, client.read_buf(preface))
             .await
-            .map_err(|_| SniffError::Timeout(timeout))??;
+            .map_err(|_| SniffError::Timeout(timeout))?
+            .map_err(SniffError::Io)?;
         if read == 0 {
             return Err(SniffError::Closed);
         }
