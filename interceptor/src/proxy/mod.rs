@@ -1,8 +1,12 @@
-//! The proxy: accepts redirected connections, recovers where each was going, picks
-//! the upstream from the registry snapshot, and forwards bytes both ways.
+//! The proxy: accepts redirected connections, recovers where each was going, decides
+//! where it goes ([`outbound`]), and then carries that out: reads the client's SNI or
+//! Host if the decision asks for it, connects, and forwards bytes both ways.
 
 pub mod busy_poll;
+pub mod http;
+pub mod outbound;
 mod port_claim;
+pub mod sni;
 pub mod tracking;
 pub mod workers;
 
@@ -25,20 +29,21 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument as _, field::Empty, info, info_span, warn};
 
-use self::tracking::{ConnectionGuard, ConnectionTable};
+pub use self::outbound::OutboundPolicy;
+use self::{
+    outbound::{Decision, Reject, Step},
+    tracking::{ConnectionGuard, ConnectionTable},
+};
 use crate::{
     copy,
     kernel::OriginalDestinations,
     metrics::FailureReason,
-    registry::{HostKind, Lookup, PortRoutes, Registry},
+    registry::{HostKind, PortRoutes, Registry},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
 use http::{HttpRequest, parse_request_head};
 use sni::{ClientHello, parse_client_hello};
-
-pub mod http;
-pub mod sni;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -49,14 +54,6 @@ pub struct ProxyConfig {
     /// request head.
     pub sniff_timeout: Duration,
     pub copy_mode: copy::CopyMode,
-}
-
-/// Istio's meshConfig.outboundTrafficPolicy, for intercepted traffic no service matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OutboundPolicy {
-    #[default]
-    AllowAny,
-    RegistryOnly,
 }
 
 /// State every connection task shares.
@@ -82,14 +79,14 @@ pub async fn serve(
     connections: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    // The permits are added once the workers run, so an empty semaphore before this
+    // loop first got capacity is not the limit being reached.
+    let mut limit_set = false;
     loop {
         // At the limit, stop accepting: clients wait in the kernel's accept queue (and
         // then in SYN retries) instead of being accepted without the descriptors to
         // serve them and reset. Waiting for capacity does not take it, so idle
         // listeners hold no permit.
-        // The limit is set once the workers run; an empty semaphore before that is
-        // not the limit being reached. (The gauge is set after the permits are added.)
-        let limit_set = shared.connections.metrics().connections_limit.get() > 0;
         if limit_set && shared.connection_slots.available_permits() == 0 {
             shared.connections.metrics().connection_limit_reached.inc();
             if let Some(suppressed) = LIMIT_REACHED_LOG.admit() {
@@ -108,6 +105,7 @@ pub async fn serve(
             permit = shared.connection_slots.acquire() => permit,
         };
         drop(capacity);
+        limit_set = true;
         let accepted = tokio::select! {
             biased;
             () = shutdown.cancelled() => {
@@ -201,12 +199,12 @@ async fn forward(
     conn.set_original_destination(original, record_source);
 
     let registry = shared.registry.load_full();
+    let policy = shared.config.outbound_policy;
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
     let mut preface = Vec::new();
-    let mut routed_host = None;
-    let route = match registry.lookup(original) {
-        Lookup::Route(route) => Some(route),
-        Lookup::ByHost(routes) => {
+    let decision = match outbound::decide(&registry, original, policy) {
+        Step::Decided(decision) => decision,
+        Step::NeedsHost(routes) => {
             match sniff_host(
                 &mut client,
                 &mut preface,
@@ -219,9 +217,14 @@ async fn forward(
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
                     }
-                    let route = registry.route_by_host(routes, kind, host.as_deref());
-                    routed_host = host;
-                    route
+                    outbound::decide_by_host(
+                        &registry,
+                        routes,
+                        original,
+                        kind,
+                        host.as_deref(),
+                        policy,
+                    )
                 }
                 Err(error) => {
                     warn!(%error, bytes = preface.len(), "closing: cannot route by host");
@@ -231,19 +234,18 @@ async fn forward(
                 }
             }
         }
-        Lookup::Unmatched => None,
     };
-    let targets = match route {
-        Some(route) => {
-            span.record("service", route.service.name.as_str());
-            conn.set_service(&route.service);
-            if let Some(pattern) = routed_host
-                .as_deref()
-                .and_then(|host| matching_pattern(&route.service.hosts, host))
-            {
+    drop(registry);
+
+    let targets = match decision {
+        Decision::Forward(forward) => {
+            let service = &forward.route.service;
+            span.record("service", service.name.as_str());
+            conn.set_service(service);
+            if let Some(pattern) = forward.matched_host() {
                 conn.set_host(pattern);
             }
-            match resolve::targets(&route, original, &shared.dns).await {
+            match resolve::targets(&forward.route, original, &shared.dns).await {
                 Ok(targets) => targets,
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
@@ -253,18 +255,18 @@ async fn forward(
                 }
             }
         }
-        None => match shared.config.outbound_policy {
-            // Istio's ALLOW_ANY: what matches no service goes where it was going.
-            OutboundPolicy::AllowAny => vec![Target::Tcp(original)],
-            OutboundPolicy::RegistryOnly => {
-                warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
-                conn.failed(FailureReason::registry_only);
-                reset(client);
-                return;
+        Decision::Passthrough(destination) => vec![Target::Tcp(destination)],
+        Decision::Reject(reject) => {
+            match reject {
+                Reject::RegistryOnly => {
+                    warn!("refused: no service matches and the outbound policy is REGISTRY_ONLY");
+                }
             }
-        },
+            conn.failed(reject);
+            reset(client);
+            return;
+        }
     };
-    drop(registry);
 
     let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
         conn.failed(FailureReason::upstream_connect);
@@ -332,29 +334,6 @@ impl LogLimit {
     }
 }
 
-/// The service's own host pattern that `host` matched: the exact name, or else the
-/// wildcard with the longest suffix. Metrics use it because the client cannot make up
-/// new values of it.
-fn matching_pattern<'a>(patterns: &'a [String], host: &str) -> Option<&'a str> {
-    patterns
-        .iter()
-        .find(|pattern| pattern.eq_ignore_ascii_case(host))
-        .or_else(|| {
-            patterns
-                .iter()
-                .filter_map(|pattern| Some((pattern, pattern.strip_prefix('*')?)))
-                .filter(|(_, suffix)| {
-                    host.len() > suffix.len()
-                        && host
-                            .to_ascii_lowercase()
-                            .ends_with(&suffix.to_ascii_lowercase())
-                })
-                .max_by_key(|(_, suffix)| suffix.len())
-                .map(|(pattern, _)| pattern)
-        })
-        .map(String::as_str)
-}
-
 /// Replays the sniffed preface, then copies both ways with half-close.
 async fn relay(
     client: &TcpStream,
@@ -383,8 +362,10 @@ pub enum SniffError {
     Closed,
     #[error("the ClientHello or request head exceeds {MAX_PREFACE_BYTES} bytes")]
     TooLarge,
+    /// The cause is in the message, not a source: the proxy logs this error's
+    /// message alone.
     #[error("reading from the client: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
 }
 
 /// Enough for any real ClientHello (post-quantum key shares included) or request head.
@@ -425,7 +406,8 @@ async fn sniff_host(
         preface.reserve(4096);
         let read = tokio::time::timeout_at(deadline, client.read_buf(preface))
             .await
-            .map_err(|_| SniffError::Timeout(timeout))??;
+            .map_err(|_| SniffError::Timeout(timeout))?
+            .map_err(SniffError::Io)?;
         if read == 0 {
             return Err(SniffError::Closed);
         }

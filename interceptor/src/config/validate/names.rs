@@ -249,22 +249,6 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Vec<(&str, String)>
     problems
 }
 
-/// Istio's `host.Name.Matches`: whether two hosts (either may be a wildcard) overlap.
-pub fn hosts_match(a: &str, b: &str) -> bool {
-    match (a.strip_prefix('*'), b.strip_prefix('*')) {
-        (Some(a_suffix), Some(b_suffix)) => {
-            if a_suffix.len() > b_suffix.len() {
-                a_suffix.ends_with(b_suffix)
-            } else {
-                b_suffix.ends_with(a_suffix)
-            }
-        }
-        (Some(a_suffix), None) => b.ends_with(a_suffix),
-        (None, Some(b_suffix)) => a.ends_with(b_suffix),
-        (None, None) => a == b,
-    }
-}
-
 /// Istio's `host.Name.SubsetOf`: every name `host` matches is also matched by `of`.
 pub fn host_subset_of(host: &str, of: &str) -> bool {
     match (host.strip_prefix('*'), of.strip_prefix('*')) {

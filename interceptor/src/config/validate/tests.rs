@@ -1020,7 +1020,7 @@ fn unparsable_creation_timestamp_warns() {
 }
 
 mod helpers {
-    use crate::config::validate::names::*;
+    use crate::{config::validate::names::*, registry::hosts_overlap};
 
     #[test]
     fn ip_parsing_follows_go_netip() {
@@ -1052,10 +1052,11 @@ mod helpers {
 
     #[test]
     fn host_matching() {
-        assert!(hosts_match("*.foo.com", "a.b.foo.com"));
-        assert!(!hosts_match("*.foo.com", "foo.com"));
-        assert!(hosts_match("*", "anything"));
-        assert!(hosts_match("*.com", "*.foo.com"));
+        assert!(hosts_overlap("*.foo.com", "a.b.foo.com"));
+        assert!(!hosts_overlap("*.foo.com", "foo.com"));
+        assert!(hosts_overlap("*", "anything"));
+        assert!(hosts_overlap("*.com", "*.foo.com"));
+        assert!(hosts_overlap("A.Foo.com", "a.foo.COM"));
         assert!(host_subset_of("a.foo.com", "*.foo.com"));
         assert!(!host_subset_of("*.foo.com", "a.foo.com"));
         assert!(host_subset_of("*.a.foo.com", "*.foo.com"));

@@ -5,13 +5,16 @@ use super::{
     Problems, common,
     common::ExportToOwner,
     names::{
-        host_subset_of, hosts_match, is_dns1123_label, is_valid_ip, key_path, validate_ip_subnet,
+        host_subset_of, is_dns1123_label, is_valid_ip, key_path, validate_ip_subnet,
         validate_labels, validate_port, validate_wildcard_domain,
     },
 };
-use crate::config::{
-    Destination, L4MatchAttributes, MESH_GATEWAY, RouteDestination, TcpRoute, TlsMatchAttributes,
-    TlsRoute, VirtualService, VirtualServiceSpec,
+use crate::{
+    config::{
+        Destination, L4MatchAttributes, MESH_GATEWAY, RouteDestination, TcpRoute,
+        TlsMatchAttributes, TlsRoute, VirtualService, VirtualServiceSpec,
+    },
+    registry::hosts_overlap,
 };
 
 pub(super) fn check(service: &VirtualService, problems: &mut Problems) {
@@ -67,7 +70,7 @@ pub(super) fn check(service: &VirtualService, problems: &mut Problems) {
     if all_hosts_valid {
         for (i, first) in spec.hosts.iter().enumerate() {
             for (j, second) in spec.hosts.iter().enumerate().skip(i + 1) {
-                if hosts_match(first, second) {
+                if hosts_overlap(first, second) {
                     problems.error(
                         format!("spec.hosts[{j}]"),
                         format!("duplicate hosts in virtual service: {first} & {second}"),
