@@ -4,10 +4,10 @@
 use std::{fs, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, bail, ensure};
+use testbed::{Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
     Scenario, Sizes,
-    procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
@@ -128,10 +128,12 @@ impl Bench<'_> {
             &mut command,
             SpawnOptions {
                 stop_signal: libc::SIGKILL,
+                die_with_harness: true,
                 cgroup_procs: Some(self.sandbox.cgroup_procs_fd()),
                 pipe_stdin: true,
                 pipe_stdout: true,
                 on_stderr: None,
+                keep_stderr_lines: 200,
             },
         )?;
         let spec = Spec {
