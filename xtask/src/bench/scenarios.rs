@@ -155,8 +155,8 @@ impl Bench<'_> {
 
     /// Fresh proxy processes. How fast a long-lived proxy runs on this VM depends on
     /// where its threads and memory happened to land, and that holds for the life of
-    /// the process: with the same processes through all rounds, a path could be 15%
-    /// faster in every round of one run and slower in every round of the next. A new
+    /// the process: with the same processes through all rounds, a path could be faster
+    /// in every round of one run and slower in every round of the next. A new
     /// pair each round makes that a round-to-round difference, which the median of the
     /// rounds evens out.
     fn restart_proxies(&mut self, proxies: &mut Proxies) -> Result<()> {
