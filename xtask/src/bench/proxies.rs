@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-
 use testbed::{DaemonOptions, Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
