@@ -1,9 +1,9 @@
 //! Fixtures for the root integration tests.
 //!
-//! Each test runs in a [`Sandbox`]: a fresh network namespace that has only loopback
-//! and no default route (so a redirect bug cannot send a packet off the machine), and
-//! a fresh cgroup that holds the test process and the daemon. Both are torn down when
-//! the sandbox drops, also when the test panics.
+//! Each test runs in a [`Sandbox`], the [`testbed`] one joined by the test process: a
+//! fresh network namespace with only loopback, and a fresh cgroup that holds the test
+//! process and the daemon. Both are torn down when the sandbox drops, also when the
+//! test panics.
 
 pub mod admin;
 pub mod bpf;
@@ -13,113 +13,60 @@ pub mod server;
 pub mod tls;
 
 use std::{
-    fs,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd as _, OwnedFd},
-    path::{Path, PathBuf},
-    process::Command,
-    sync::{Mutex, MutexGuard},
+    net::{Ipv4Addr, Ipv6Addr},
+    ops::Deref,
 };
-
-use anyhow::{Context as _, Result, bail, ensure};
 
 pub use daemon::Daemon;
 pub use server::TestServer;
 
-/// A test moves the whole process into its cgroup, so tests in one process take turns.
-static ONE_SANDBOX_AT_A_TIME: Mutex<()> = Mutex::new(());
-
+/// A [`testbed::Sandbox`] that the test process joins, so every connection the test
+/// makes goes through the daemon's programs.
 pub struct Sandbox {
-    pub cgroup: PathBuf,
-    pub workdir: PathBuf,
-    original_cgroup: PathBuf,
-    original_netns: OwnedFd,
-    _turn: MutexGuard<'static, ()>,
+    sandbox: testbed::Sandbox,
+}
+
+impl Deref for Sandbox {
+    type Target = testbed::Sandbox;
+
+    fn deref(&self) -> &testbed::Sandbox {
+        &self.sandbox
+    }
 }
 
 impl Sandbox {
     /// Sets up the sandbox or panics with the reason: a root test that cannot set itself
     /// up must fail, never pass silently.
     pub fn new(name: &str) -> Self {
-        Self::try_new(name).unwrap_or_else(|error| {
-            panic!("cannot set up the integration-test sandbox (these tests need root, cgroup v2 and BPF): {error:#}")
-        })
-    }
-
-    fn try_new(name: &str) -> Result<Self> {
         // SAFETY: geteuid has no preconditions.
-        ensure!(unsafe { libc::geteuid() } == 0, "not running as root");
-        let turn = ONE_SANDBOX_AT_A_TIME
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-
-        let root = cgroup2_root()?;
-        let original_cgroup = current_cgroup(&root)?;
-        let cgroup = root.join(format!("interceptor-test-{}-{name}", std::process::id()));
-        if cgroup.exists() {
-            fs::remove_dir(&cgroup).with_context(|| format!("stale {}", cgroup.display()))?;
-        }
-        fs::create_dir(&cgroup).with_context(|| format!("mkdir {}", cgroup.display()))?;
-        let workdir =
-            std::env::temp_dir().join(format!("interceptor-test-{}-{name}", std::process::id()));
-        let _ = fs::remove_dir_all(&workdir);
-        fs::create_dir_all(&workdir)?;
-
-        let original_netns: OwnedFd = fs::File::open("/proc/thread-self/ns/net")
-            .context("open /proc/thread-self/ns/net")?
-            .into();
-        let mut sandbox = Self {
-            cgroup,
-            workdir,
-            original_cgroup,
-            original_netns,
-            _turn: turn,
+        let sandbox = if unsafe { libc::geteuid() } == 0 {
+            testbed::Sandbox::create(
+                &format!(
+                    "{}{}-{name}",
+                    testbed::TEST_CGROUP_PREFIX,
+                    std::process::id()
+                ),
+                testbed::Placement::Harness,
+            )
+        } else {
+            Err(anyhow::anyhow!("not running as root"))
         };
-        // From here on, Drop undoes whatever part succeeded.
-        // SAFETY: unshare affects only this thread's network namespace.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            bail!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
-        }
-        run_ip(&["link", "set", "lo", "up"])?;
-        fs::write(
-            sandbox.cgroup.join("cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .context("moving the test process into its cgroup")?;
-        sandbox.assert_isolated()?;
-        Ok(sandbox)
-    }
-
-    fn assert_isolated(&mut self) -> Result<()> {
-        let routes = Command::new("ip")
-            .args(["-4", "route", "show", "default"])
-            .output()?;
-        ensure!(
-            routes.stdout.is_empty(),
-            "the test network namespace has a default route: {}",
-            String::from_utf8_lossy(&routes.stdout)
-        );
-        Ok(())
+        let sandbox = sandbox.unwrap_or_else(|error| {
+            panic!("cannot set up the integration-test sandbox (these tests need root, cgroup v2 and BPF): {error:#}")
+        });
+        Self { sandbox }
     }
 
     /// Gives a test host an address on loopback inside the namespace.
     pub fn add_host(&self, addr: Ipv4Addr) {
-        run_ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+        self.add_address(addr.into())
             .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
     }
 
     /// An IPv6 test host, from the unique-local range, which exists only in here.
-    pub fn add_host_v6(&self, addr: std::net::Ipv6Addr) {
-        run_ip(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{addr}/128"),
-            "dev",
-            "lo",
-            "nodad",
-        ])
-        .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
+    pub fn add_host_v6(&self, addr: Ipv6Addr) {
+        self.add_address(addr.into())
+            .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
     }
 
     /// Writes `yaml` as the config and starts the daemon in this sandbox's cgroup,
@@ -127,41 +74,9 @@ impl Sandbox {
     /// are exposed to its programs, as they are when it runs at a host's cgroup root.
     pub fn start_daemon(&self, yaml: &str, extra_args: &[&str]) -> Daemon {
         let config = self.workdir.join("config.yaml");
-        fs::write(&config, yaml).expect("write config");
-        Daemon::start(&config, &self.cgroup, extra_args)
+        std::fs::write(&config, yaml).expect("write config");
+        daemon::start(&config, &self.cgroup, extra_args)
             .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
-    }
-
-    pub fn cgroup_pids(&self) -> Vec<u32> {
-        fs::read_to_string(self.cgroup.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|line| line.trim().parse().ok())
-            .collect()
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        // Anything still in the cgroup (a daemon the test leaked) is killed, so the
-        // cgroup can be removed.
-        let _ = fs::write(
-            self.original_cgroup.join("cgroup.procs"),
-            std::process::id().to_string(),
-        );
-        if !self.cgroup_pids().contains(&std::process::id()) {
-            let _ = fs::write(self.cgroup.join("cgroup.kill"), "1");
-        }
-        for _ in 0..100 {
-            if fs::remove_dir(&self.cgroup).is_ok() || !self.cgroup.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        // The namespace goes away with its last socket once this thread leaves it.
-        // SAFETY: setns on a namespace descriptor we opened; affects only this thread.
-        unsafe { libc::setns(self.original_netns.as_raw_fd(), libc::CLONE_NEWNET) };
-        let _ = fs::remove_dir_all(&self.workdir);
     }
 }
 
@@ -174,9 +89,9 @@ pub fn enter_container_network_namespace(hosts: &[Ipv4Addr]) {
         panic!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
     }
     // `ip` runs in this thread's namespace: a child starts in its parent thread's.
-    run_ip(&["link", "set", "lo", "up"]).expect("bring up the container's loopback");
+    testbed::ip(&["link", "set", "lo", "up"]).expect("bring up the container's loopback");
     for host in hosts {
-        run_ip(&["addr", "add", &format!("{host}/32"), "dev", "lo"])
+        testbed::ip(&["addr", "add", &format!("{host}/32"), "dev", "lo"])
             .unwrap_or_else(|error| panic!("adding {host} in the container: {error:#}"));
     }
 }
@@ -261,41 +176,7 @@ impl<T: Send + 'static> Container<T> {
 
 /// Runs `ip` in the calling thread's network namespace, or panics with its error.
 pub fn ip(args: &[&str]) {
-    run_ip(args).unwrap_or_else(|error| panic!("{error:#}"));
-}
-
-fn run_ip(args: &[&str]) -> Result<()> {
-    let output = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    ensure!(
-        output.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(())
-}
-
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-        })
-        .context("no cgroup2 mount in /proc/self/mounts")
-}
-
-fn current_cgroup(root: &Path) -> Result<PathBuf> {
-    let membership = fs::read_to_string("/proc/self/cgroup")?;
-    let relative = membership
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .context("no cgroup v2 line in /proc/self/cgroup")?;
-    Ok(root.join(relative.trim_start_matches('/')))
+    testbed::ip(args).unwrap_or_else(|error| panic!("{error:#}"));
 }
 
 /// The proxy's default listener inside every sandbox.

@@ -114,7 +114,8 @@ fn build_daemon(release: bool) -> Result<()> {
 
 fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     setup::ensure_toolchain()?;
-    setup::remove_stale_test_cgroups()?;
+    // Left by a test process that was killed before its cleanup ran.
+    testbed::remove_stale_cgroups(testbed::TEST_CGROUP_PREFIX)?;
     check(cargo().args(["fmt", "--all", "--", "--check"]))?;
     check(cargo().args([
         "clippy",
@@ -145,7 +146,7 @@ fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
     let demo_cgroup = if chose_cgroup {
         None
     } else {
-        let cgroup = setup::cgroup2_root()?.join("interceptor-demo");
+        let cgroup = interceptor_common::host::cgroup2_root()?.join("interceptor-demo");
         std::fs::create_dir_all(&cgroup)
             .with_context(|| format!("creating {}", cgroup.display()))?;
         println!(

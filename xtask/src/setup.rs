@@ -133,34 +133,6 @@ pub fn path_with_cargo_bin() -> OsString {
     env::join_paths(paths).unwrap_or_default()
 }
 
-pub fn cgroup2_root() -> Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
-        })
-        .context("no cgroup2 filesystem is mounted")
-}
-
-/// Test cgroups left by a test process that was killed before its cleanup ran.
-pub fn remove_stale_test_cgroups() -> Result<()> {
-    let root = cgroup2_root()?;
-    for entry in std::fs::read_dir(&root)? {
-        let path = entry?.path();
-        let is_test_cgroup = path
-            .file_name()
-            .and_then(|name| name.to_str())
-            .is_some_and(|name| name.starts_with("interceptor-test-"));
-        if is_test_cgroup {
-            let _ = std::fs::write(path.join("cgroup.kill"), "1");
-            let _ = std::fs::remove_dir(&path);
-        }
-    }
-    Ok(())
-}
-
 /// Installs a cargo subcommand from crates.io unless `cargo <subcommand>` works.
 pub fn ensure_cargo_tool(subcommand: &str, package: &str) -> Result<()> {
     if succeeds(crate::cargo().args([subcommand, "--version"])) {

@@ -11,7 +11,6 @@
 //! optimised builds too.
 
 mod client;
-mod procs;
 mod proto;
 mod proxies;
 mod report;
@@ -31,6 +30,8 @@ use anyhow::{Context as _, Result, bail, ensure};
 use serde::Serialize;
 
 pub use client::main as client_main;
+
+use testbed::process;
 
 use crate::{cargo, check, setup};
 
@@ -200,7 +201,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
 
     // Must come first: the namespace is entered by this thread before any other exists.
     let sandbox = sandbox::Sandbox::create()?;
-    procs::install_signal_handlers()?;
+    process::install_signal_handlers()?;
     let _backends = servers::start()?;
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
     let mut bench = scenarios::Bench {
@@ -222,7 +223,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         sandbox.cgroup.display()
     );
     for scenario in &scenarios {
-        if procs::interrupted() {
+        if process::interrupted() {
             break;
         }
         bench.run(*scenario);
@@ -283,12 +284,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         && scenarios.len() == Scenario::ALL.len()
         && args.family == proto::Family::Ipv4
         && args.daemon_args.is_empty();
-    if reference_run && report.failures.is_empty() && !procs::interrupted() {
+    if reference_run && report.failures.is_empty() && !process::interrupted() {
         let path = report::write_benchmarks(root, &table)
             .with_context(|| format!("writing {}", report::BENCHMARKS_FILE))?;
         println!("xtask bench: wrote {}", path.display());
     }
-    if procs::interrupted() {
+    if process::interrupted() {
         bail!("interrupted");
     }
     if !report.failures.is_empty() {

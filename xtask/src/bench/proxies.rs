@@ -6,14 +6,13 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::Path,
     process::Command,
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
+use testbed::{DaemonOptions, Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
-    procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, PROXY, backend_ip, loopback, vip},
     sandbox::Sandbox,
 };
@@ -45,7 +44,7 @@ pub fn service_entries_yaml(count: u32, ports: &[u16]) -> String {
 }
 
 pub struct Daemon {
-    process: Proc,
+    daemon: testbed::Daemon,
     /// From spawn to the `ready` log line.
     pub ready_after: Duration,
 }
@@ -62,77 +61,41 @@ impl Daemon {
         sandbox: &Sandbox,
         extra_args: &[String],
     ) -> Result<Self> {
-        let (ready_sender, ready) = mpsc::channel();
-        let on_stderr = move |line: &str| {
-            if line.split_whitespace().any(|word| word == "ready") {
-                let _ = ready_sender.send(Instant::now());
-            }
-        };
-        let mut command = Command::new(binary);
+        let mut command = testbed::Daemon::run_command(binary, config, &sandbox.cgroup);
         command
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .arg("--cgroup")
-            .arg(&sandbox.cgroup)
             .args(["--proxy-addr", PROXY, "--drain-timeout", "2"])
             .args(daemon_args())
             .args(extra_args)
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines of interceptor::proxy and would distort the numbers.
             .env("RUST_LOG", "interceptor::app=info,warn");
-        let spawned = Instant::now();
-        let mut process = Proc::spawn(
-            "interceptor",
-            &mut command,
-            SpawnOptions {
+        let mut daemon = testbed::Daemon::spawn(
+            command,
+            DaemonOptions {
+                ready_timeout: READY_TIMEOUT,
                 stop_signal: libc::SIGTERM,
-                cgroup_procs: None,
-                pipe_stdin: false,
-                pipe_stdout: false,
-                on_stderr: Some(Box::new(on_stderr)),
+                die_with_harness: true,
+                keep_log_lines: 200,
             },
         )?;
-        let deadline = spawned + READY_TIMEOUT;
-        loop {
-            bail_if_interrupted()?;
-            match ready.recv_timeout(Duration::from_millis(20)) {
-                Ok(at) => {
-                    return Ok(Self {
-                        process,
-                        ready_after: at.duration_since(spawned),
-                    });
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {}
-            }
-            if let Some(status) = process.try_wait()? {
-                std::thread::sleep(Duration::from_millis(100));
-                bail!(
-                    "interceptor exited with {status} before ready{}",
-                    process.stderr_tail()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "interceptor not ready after {READY_TIMEOUT:?}{}",
-                    process.stderr_tail()
-                );
-            }
-        }
+        let ready_after = daemon.wait_ready()?;
+        Ok(Self {
+            daemon,
+            ready_after,
+        })
     }
 
     pub fn pid(&self) -> u32 {
-        self.process.pid()
+        self.daemon.pid()
     }
 
     /// SIGTERM; the daemon must exit 0.
     pub fn stop(mut self) -> Result<()> {
-        let status = self.process.stop(STOP_TIMEOUT)?;
+        let status = self.daemon.stop(STOP_TIMEOUT)?;
         ensure!(
             status.success(),
             "interceptor exited with {status} on SIGTERM{}",
-            self.process.stderr_tail()
+            self.daemon.log_tail()
         );
         Ok(())
     }
@@ -186,10 +149,12 @@ impl Haproxy {
             &mut command,
             SpawnOptions {
                 stop_signal: libc::SIGTERM,
+                die_with_harness: true,
                 cgroup_procs: None,
                 pipe_stdin: false,
                 pipe_stdout: true,
                 on_stderr: None,
+                keep_stderr_lines: 200,
             },
         )?;
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -4,10 +4,10 @@
 use std::{fs, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Result, bail, ensure};
+use testbed::{Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
     Scenario, Sizes,
-    procs::{Proc, SpawnOptions, bail_if_interrupted},
     proto::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
@@ -128,10 +128,12 @@ impl Bench<'_> {
             &mut command,
             SpawnOptions {
                 stop_signal: libc::SIGKILL,
+                die_with_harness: true,
                 cgroup_procs: Some(self.sandbox.cgroup_procs_fd()),
                 pipe_stdin: true,
                 pipe_stdout: true,
                 on_stderr: None,
+                keep_stderr_lines: 200,
             },
         )?;
         let spec = Spec {
@@ -153,8 +155,8 @@ impl Bench<'_> {
 
     /// Fresh proxy processes. How fast a long-lived proxy runs on this VM depends on
     /// where its threads and memory happened to land, and that holds for the life of
-    /// the process: with the same processes through all rounds, a path could be 15%
-    /// faster in every round of one run and slower in every round of the next. A new
+    /// the process: with the same processes through all rounds, a path could be faster
+    /// in every round of one run and slower in every round of the next. A new
     /// pair each round makes that a round-to-round difference, which the median of the
     /// rounds evens out.
     fn restart_proxies(&mut self, proxies: &mut Proxies) -> Result<()> {

@@ -21,7 +21,7 @@ use std::{
 use integration_tests::{
     CONTAINER_ADDR_V4, CONTAINER_GATEWAY_V4, Container, Daemon, Sandbox, TestServer,
     admin::get_from,
-    daemon::stop_while_connecting,
+    daemon::{self, stop_while_connecting},
     server::{Who, connect, who},
 };
 use serde_json::Value;
@@ -464,7 +464,7 @@ impl Node {
             .trim()
             .parse()
             .unwrap();
-        let mut command = Daemon::command(&pod.args, &[]).unwrap();
+        let mut command = daemon::command(&pod.args, &[]).unwrap();
         // SAFETY: prctl is async-signal-safe and changes only the child.
         unsafe {
             command.pre_exec(move || {
@@ -481,7 +481,7 @@ impl Node {
                 Ok(())
             });
         }
-        let mut daemon = Daemon::spawn_command(command).expect("start the container's command");
+        let mut daemon = daemon::spawn_command(command).expect("start the container's command");
         wait_until_ready(&mut daemon, pod);
         let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
         let effective = status

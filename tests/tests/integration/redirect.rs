@@ -641,7 +641,7 @@ fn an_invalid_config_is_refused_whole_and_nothing_is_attached() {
         ),
     )
     .unwrap();
-    let error = integration_tests::Daemon::start(&config, &sandbox.cgroup, &[])
+    let error = integration_tests::daemon::start(&config, &sandbox.cgroup, &[])
         .err()
         .expect("the daemon must refuse an invalid config");
     let message = format!("{error:#}");

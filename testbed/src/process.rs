@@ -1,6 +1,6 @@
-//! Child processes (daemon, HAProxy, clients) that are always stopped: when their
-//! handle drops, when the harness is interrupted, and (through PR_SET_PDEATHSIG) when
-//! the harness itself dies.
+//! Child processes (the daemon, HAProxy, the bench's clients) that are always stopped:
+//! when their handle drops, when the harness is interrupted, and (through
+//! PR_SET_PDEATHSIG, where asked for) when the harness itself dies.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -86,26 +86,36 @@ pub struct Proc {
 pub type LineCallback = Box<dyn Fn(&str) + Send>;
 
 pub struct SpawnOptions {
-    /// Signal sent on stop and when the harness dies: SIGTERM for daemons, SIGKILL
-    /// for clients.
+    /// Signal sent on stop, on drop and (with `die_with_harness`) when the harness
+    /// dies: SIGTERM for a graceful stop, SIGKILL for an immediate one.
     pub stop_signal: libc::c_int,
+    /// Sends `stop_signal` when the thread that spawned the child exits. The bench
+    /// spawns from its main thread, so a harness killed outright leaves nothing
+    /// behind; the tests spawn from test threads and leave it off.
+    pub die_with_harness: bool,
     /// An open `cgroup.procs` descriptor the child moves itself into before exec.
     pub cgroup_procs: Option<libc::c_int>,
     pub pipe_stdin: bool,
     pub pipe_stdout: bool,
     /// Called on each stderr line as it arrives.
     pub on_stderr: Option<LineCallback>,
+    /// How many of the last stderr lines are kept: a test reads a daemon's whole
+    /// log, a long benchmark must not hold all of it.
+    pub keep_stderr_lines: usize,
 }
 
 impl Proc {
     pub fn spawn(name: &str, command: &mut Command, options: SpawnOptions) -> Result<Self> {
         bail_if_interrupted()?;
         let stop_signal = options.stop_signal;
+        let die_with_harness = options.die_with_harness;
         let cgroup_procs = options.cgroup_procs;
         // SAFETY: the closure makes only async-signal-safe syscalls (prctl, write).
         unsafe {
             command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, stop_signal as libc::c_ulong) != 0 {
+                if die_with_harness
+                    && libc::prctl(libc::PR_SET_PDEATHSIG, stop_signal as libc::c_ulong) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(fd) = cgroup_procs {
@@ -154,6 +164,7 @@ impl Proc {
         if let Some(stderr) = child.stderr.take() {
             let sink = Arc::clone(&stderr_lines);
             let on_stderr = options.on_stderr;
+            let keep = options.keep_stderr_lines;
             thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
@@ -161,8 +172,10 @@ impl Proc {
                         callback(&line);
                     }
                     let mut lines = sink.lock().unwrap_or_else(|e| e.into_inner());
-                    // Bounded: keep the last lines only.
-                    if lines.len() >= 200 {
+                    if keep == 0 {
+                        continue;
+                    }
+                    if lines.len() >= keep {
                         lines.remove(0);
                     }
                     lines.push(line);
@@ -221,6 +234,16 @@ impl Proc {
                 }
             }
         }
+    }
+
+    /// The kept stderr lines, each ending in a newline.
+    pub fn stderr(&self) -> String {
+        let lines = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().fold(String::new(), |mut text, line| {
+            text.push_str(line);
+            text.push('\n');
+            text
+        })
     }
 
     pub fn stderr_tail(&self) -> String {
@@ -282,7 +305,8 @@ impl Proc {
         }
     }
 
-    fn kill(&mut self) {
+    /// SIGKILL, and reaps it.
+    pub fn kill(&mut self) {
         if self.status.is_some() {
             return;
         }

@@ -1,0 +1,9 @@
+//! The root integration tests, one binary with a module per feature; the fixtures they
+//! share are the `integration_tests` library. Run one feature with a filter, e.g.
+//! `cargo test -p integration-tests --test integration redirect::`.
+
+mod deploy;
+mod dns;
+mod ops;
+mod redirect;
+mod sni;
