@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// A part of a resource that is kept as written and never interpreted here
 /// (status, traffic policy settings the proxy does not apply).
-pub type Opaque = serde_yaml::Value;
+pub type Opaque = serde_json::Value;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -360,7 +360,7 @@ mod tests {
                 file: PathBuf::from("vs.yaml"),
                 document: 0,
             },
-            resource: serde_yaml::from_str(
+            resource: serde_saphyr::from_str(
                 "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  hosts: [\"*.example.org\"]\n  tls:\n  - match: [{sniHosts: [www.example.org], port: 443}]\n    route:\n    - {destination: {host: blue.internal, port: {number: 8443}}, weight: 80}\n    - {destination: {host: green.external}, weight: 20}\n",
             )
             .unwrap(),

@@ -55,6 +55,17 @@ impl<'a> HostPattern<'a> {
         }
     }
 
+    /// Istio's `host.Name.SubsetOf`: whether every name this pattern matches is also
+    /// matched by `of`.
+    pub fn subset_of(self, of: Self) -> bool {
+        match (self, of) {
+            (Self::Wildcard(suffix), Self::Wildcard(of_suffix)) => ends_with(suffix, of_suffix),
+            (Self::Wildcard(_), Self::Exact(_)) => false,
+            (Self::Exact(name), Self::Wildcard(of_suffix)) => ends_with(name, of_suffix),
+            (Self::Exact(a), Self::Exact(b)) => a.eq_ignore_ascii_case(b),
+        }
+    }
+
     /// The same pattern, written perhaps in another case or with a trailing dot.
     pub fn same(self, other: Self) -> bool {
         match (self, other) {
@@ -86,6 +97,11 @@ impl<'a> HostPattern<'a> {
 /// Istio's `host.Name.Matches`, for two hosts as written: see [`HostPattern::overlaps`].
 pub fn hosts_overlap(a: &str, b: &str) -> bool {
     HostPattern::new(a).overlaps(HostPattern::new(b))
+}
+
+/// Istio's `host.Name.SubsetOf`, for two hosts as written: see [`HostPattern::subset_of`].
+pub fn host_subset_of(host: &str, of: &str) -> bool {
+    HostPattern::new(host).subset_of(HostPattern::new(of))
 }
 
 /// The index of the pattern among `patterns` that routes `name`, by Envoy's

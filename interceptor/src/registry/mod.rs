@@ -24,7 +24,7 @@ use std::{
 use ipnet::IpNet;
 
 use self::addresses::AddressTable;
-pub(crate) use self::hosts::{HostPattern, best_match, hosts_overlap};
+pub(crate) use self::hosts::{HostPattern, best_match, host_subset_of, hosts_overlap};
 pub use self::{
     hosts::HostTable,
     services::{Endpoint, EndpointAddress, Port, Service},
@@ -311,7 +311,7 @@ pub(crate) mod test_support {
                         file: PathBuf::from("test.yaml"),
                         document,
                     },
-                    resource: serde_yaml::from_str(yaml).expect("valid ServiceEntry"),
+                    resource: serde_saphyr::from_str(yaml).expect("valid ServiceEntry"),
                 })
                 .collect(),
             ..ConfigSet::default()

@@ -112,10 +112,10 @@ fn is_healthy(workload: &WorkloadEntry) -> bool {
         .status
         .as_ref()
         .and_then(|status| status.get("conditions"))
-        .and_then(serde_yaml::Value::as_sequence);
+        .and_then(serde_json::Value::as_array);
     conditions.into_iter().flatten().any(|condition| {
-        condition.get("type").and_then(serde_yaml::Value::as_str) == Some("Healthy")
-            && condition.get("status").and_then(serde_yaml::Value::as_str) == Some("True")
+        condition.get("type").and_then(serde_json::Value::as_str) == Some("Healthy")
+            && condition.get("status").and_then(serde_json::Value::as_str) == Some("True")
     })
 }
 
@@ -137,7 +137,7 @@ mod tests {
                 file: "workloads.yaml".into(),
                 document: 0,
             },
-            resource: serde_yaml::from_str(&yaml).expect("valid WorkloadEntry"),
+            resource: serde_saphyr::from_str(&yaml).expect("valid WorkloadEntry"),
         }
     }
 

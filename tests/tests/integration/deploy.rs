@@ -47,9 +47,9 @@ impl Manifest {
         let text = std::fs::read_to_string(MANIFEST_PATH).expect("read the manifest");
         let mut configmap = None;
         let mut daemonset = None;
-        for document in serde_yaml::Deserializer::from_str(&text) {
-            let document: Value = serde::Deserialize::deserialize(document)
-                .unwrap_or_else(|error| panic!("{MANIFEST_PATH}: {error}"));
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&text)
+            .unwrap_or_else(|error| panic!("{MANIFEST_PATH}: {error}"));
+        for document in documents {
             match document["kind"].as_str() {
                 Some("ConfigMap") => configmap = Some(document),
                 Some("DaemonSet") => daemonset = Some(document),

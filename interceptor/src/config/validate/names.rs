@@ -249,16 +249,6 @@ pub fn validate_labels(labels: &BTreeMap<String, String>) -> Vec<(&str, String)>
     problems
 }
 
-/// Istio's `host.Name.SubsetOf`: every name `host` matches is also matched by `of`.
-pub fn host_subset_of(host: &str, of: &str) -> bool {
-    match (host.strip_prefix('*'), of.strip_prefix('*')) {
-        (Some(host_suffix), Some(of_suffix)) => host_suffix.ends_with(of_suffix),
-        (Some(_), None) => false,
-        (None, Some(of_suffix)) => host.ends_with(of_suffix),
-        (None, None) => host == of,
-    }
-}
-
 /// A field path for a map entry: `labels.app`, or `labels["a.b/c"]` when the key
 /// is not a plain identifier.
 pub fn key_path(base: &str, key: &str) -> String {

@@ -1020,7 +1020,10 @@ fn unparsable_creation_timestamp_warns() {
 }
 
 mod helpers {
-    use crate::{config::validate::names::*, registry::hosts_overlap};
+    use crate::{
+        config::validate::names::*,
+        registry::{host_subset_of, hosts_overlap},
+    };
 
     #[test]
     fn ip_parsing_follows_go_netip() {
@@ -1057,6 +1060,7 @@ mod helpers {
         assert!(hosts_overlap("*", "anything"));
         assert!(hosts_overlap("*.com", "*.foo.com"));
         assert!(hosts_overlap("A.Foo.com", "a.foo.COM"));
+        assert!(host_subset_of("A.Foo.com.", "*.foo.COM"));
         assert!(host_subset_of("a.foo.com", "*.foo.com"));
         assert!(!host_subset_of("*.foo.com", "a.foo.com"));
         assert!(host_subset_of("*.a.foo.com", "*.foo.com"));

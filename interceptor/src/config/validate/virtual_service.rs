@@ -5,8 +5,8 @@ use super::{
     Problems, common,
     common::ExportToOwner,
     names::{
-        host_subset_of, is_dns1123_label, is_valid_ip, key_path, validate_ip_subnet,
-        validate_labels, validate_port, validate_wildcard_domain,
+        is_dns1123_label, is_valid_ip, key_path, validate_ip_subnet, validate_labels,
+        validate_port, validate_wildcard_domain,
     },
 };
 use crate::{
@@ -14,7 +14,7 @@ use crate::{
         Destination, L4MatchAttributes, MESH_GATEWAY, RouteDestination, TcpRoute,
         TlsMatchAttributes, TlsRoute, VirtualService, VirtualServiceSpec,
     },
-    registry::hosts_overlap,
+    registry::{host_subset_of, hosts_overlap},
 };
 
 pub(super) fn check(service: &VirtualService, problems: &mut Problems) {
