@@ -1,8 +1,55 @@
 //! What the kernel programs, the daemon, the integration tests and xtask share.
 //!
-//! The crate is `no_std` so that the kernel programs can use it; the `std` feature adds
-//! the host facts that every userspace part reads the same way.
-#![cfg_attr(not(feature = "std"), no_std)]
+//! The crate is `no_std` so that the kernel programs can use it. The `std` feature adds
+//! the host facts that every userspace part reads the same way; `user` adds the
+//! `aya::Pod` impls the daemon needs to put the shared types in maps and globals.
+//!
+//! Every type the two sides exchange is `#[repr(C)]` with explicit padding, so they
+//! agree on the layout byte for byte. Ports are kept in network byte order, exactly as
+//! the kernel hands them to the programs, so the hot path never converts.
+#![cfg_attr(not(any(feature = "std", test)), no_std)]
+
+mod address;
+mod globals;
+mod maps;
 
 #[cfg(feature = "std")]
 pub mod host;
+
+pub use address::{
+    Address, IPV4_MAPPED_PREFIX_BITS, SocketAddress, address_of, ip_of, ipv4_in_mapped,
+    ipv4_mapped, mapped_bits, mapped_prefix_len,
+};
+pub use globals::{GLOBALS_SYMBOL, Globals};
+pub use maps::{
+    InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
+    OriginalDst, PORT_FILTER_MAP, PORT_WORDS, REDIRECTS_RING, REDIRECTS_RING_BYTES, RedirectRecord,
+    SERVICE_ADDR_LOOKUP_PREFIX, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
+    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have
+    // explicit padding fields, so every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for super::ServiceAddrKey {}
+    unsafe impl aya::Pod for super::InterceptRule {}
+    unsafe impl aya::Pod for super::OriginalDst {}
+    unsafe impl aya::Pod for super::SocketAddress {}
+    unsafe impl aya::Pod for super::Globals {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<ServiceAddrKey>(), 2 + 2 + 16);
+        assert_eq!(size_of::<SocketAddress>(), 16 + 2 + 2);
+        assert_eq!(size_of::<OriginalDst>(), 20 + 4 + 8);
+        assert_eq!(size_of::<RedirectRecord>(), 20 + 4 + 32);
+        assert_eq!(size_of::<Globals>(), 4 * 20 + 4 + 4 + 8);
+    }
+}

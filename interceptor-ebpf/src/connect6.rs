@@ -1,6 +1,9 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
-use crate::redirect::{proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6};
+use crate::{
+    maps::globals,
+    redirect::{proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6},
+};
 
 /// connect6 must return 1: 0 would fail the application's connect() with EPERM.
 const ALLOW: i32 = 1;
@@ -11,8 +14,10 @@ const ALLOW: i32 = 1;
 /// connect4; they go to the IPv4 listeners, which ::ffff:<proxy> reaches.
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
+    let globals = globals();
     let dst = user_ipv6(ctx.sock_addr);
-    if let Some(proxy) = redirect(&ctx, dst, proxies_for_ipv6_socket(dst.0)) {
+    let proxies = proxies_for_ipv6_socket(&globals, dst.0);
+    if let Some(proxy) = redirect(&ctx, &globals, dst, proxies) {
         set_user_ipv6(ctx.sock_addr, proxy);
     }
     ALLOW

@@ -1,8 +1,8 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use interceptor_ebpf::{SocketAddress, ipv4_in_mapped, ipv4_mapped};
+use interceptor_common::{SocketAddress, ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
-    maps::ORIGINAL_DST,
+    maps::{ORIGINAL_DST, globals},
     redirect::{
         proxies_for_ipv4, proxies_for_ipv6_socket, set_user_ipv4, set_user_ipv6, user_ipv4,
         user_ipv6,
@@ -18,7 +18,7 @@ const ALLOW: i32 = 1;
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     let (addr, port) = user_ipv4(ctx.sock_addr);
-    if proxies_for_ipv4().contain((ipv4_mapped(addr), port))
+    if proxies_for_ipv4(&globals()).contain((ipv4_mapped(addr), port))
         && let Some(original) = original_destination(&ctx)
         && let Some(addr) = ipv4_in_mapped(original.addr)
     {
@@ -31,7 +31,7 @@ pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     let peer = user_ipv6(ctx.sock_addr);
-    if proxies_for_ipv6_socket(peer.0).contain(peer)
+    if proxies_for_ipv6_socket(&globals(), peer.0).contain(peer)
         && let Some(original) = original_destination(&ctx)
     {
         set_user_ipv6(ctx.sock_addr, (original.addr, original.port));

@@ -1,11 +1,16 @@
+use core::{
+    mem::{self, align_of, size_of},
+    ptr::{self, read_volatile},
+};
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     btf_maps::SkStorage,
     macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
-use interceptor_ebpf::{
-    Address, InterceptRule, KernelEvent, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS,
+use interceptor_common::{
+    Globals, InterceptRule, KernelEvent, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS,
     REDIRECTS_RING_BYTES, SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey,
     SocketAddress,
 };
@@ -14,7 +19,7 @@ use interceptor_ebpf::{
 pub static SERVICE_ADDRS: LpmTrie<ServiceAddrKey, InterceptRule> =
     LpmTrie::with_max_entries(SERVICE_ADDRS_CAPACITY, 0);
 
-/// See [`interceptor_ebpf::PORT_FILTER_MAP`].
+/// See [`interceptor_common::PORT_FILTER_MAP`].
 #[map]
 pub static PORT_FILTER: Array<u64> = Array::with_max_entries(2 * PORT_WORDS, 0);
 
@@ -24,9 +29,9 @@ pub static PORT_FILTER: Array<u64> = Array::with_max_entries(2 * PORT_WORDS, 0);
 pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
     HashMap::with_max_entries(SERVICE_PORTS_CAPACITY, BPF_F_NO_PREALLOC);
 
-/// Each redirected socket's original destination, from connect4/6 for as long as the
-/// socket lives: sockops hands it to the proxy, getpeername shows it to the application.
-/// The kernel frees it with the socket, so it needs no sweeping, no state callbacks and
+/// Socket storage: each redirected socket's original destination, from connect4/6 for
+/// as long as the socket lives: sockops hands it to the proxy, getpeername shows it to
+/// the application. The kernel frees it with the socket, so it needs no sweeping, no state callbacks and
 /// no capacity sized in advance.
 #[btf_map]
 pub static ORIGINAL_DST: SkStorage<OriginalDst> = SkStorage::new();
@@ -62,76 +67,21 @@ pub fn count(event: KernelEvent) {
     }
 }
 
-/// Set by the loader. Volatile reads keep LLVM from folding the zero initialisers.
+/// Set by the loader (see [`interceptor_common::GLOBALS_SYMBOL`]).
 #[unsafe(no_mangle)]
-static PROXY_ADDR4: [u8; 4] = [0; 4];
-#[unsafe(no_mangle)]
-static PROXY_PORT4: [u8; 2] = [0; 2];
-#[unsafe(no_mangle)]
-static PROXY_ADDR6: Address = [0; 4];
-#[unsafe(no_mangle)]
-static PROXY_PORT6: [u8; 2] = [0; 2];
-#[unsafe(no_mangle)]
-static BYPASS_MARK: u32 = 0;
-#[unsafe(no_mangle)]
-static PROXY_NETNS_COOKIE: u64 = 0;
-#[unsafe(no_mangle)]
-static CONTAINER_PROXY_ADDR4: [u8; 4] = [0; 4];
-#[unsafe(no_mangle)]
-static CONTAINER_PROXY_PORT4: [u8; 2] = [0; 2];
-#[unsafe(no_mangle)]
-static CONTAINER_PROXY_ADDR6: Address = [0; 4];
-#[unsafe(no_mangle)]
-static CONTAINER_PROXY_PORT6: [u8; 2] = [0; 2];
+static GLOBALS: Globals = Globals::UNSET;
 
-/// The proxy's IPv4 listener: address and port, network byte order.
+/// The loader's settings, read once per program run. The read is volatile, which keeps
+/// LLVM from folding the zero initialiser into the code, and a word at a time, which
+/// keeps it from loading each byte of the byte-array fields on its own.
 #[inline(always)]
-pub fn proxy_ipv4() -> ([u8; 4], [u8; 2]) {
-    unsafe {
-        (
-            core::ptr::read_volatile(&PROXY_ADDR4),
-            core::ptr::read_volatile(&PROXY_PORT4),
-        )
+pub fn globals() -> Globals {
+    const WORDS: usize = size_of::<Globals>() / 8;
+    const {
+        assert!(size_of::<Globals>() == WORDS * 8 && align_of::<Globals>() == 8);
     }
-}
-
-/// The proxy's IPv6 listener; port zero if it has none.
-#[inline(always)]
-pub fn proxy_ipv6() -> (Address, [u8; 2]) {
-    ipv6_global(&PROXY_ADDR6, &PROXY_PORT6)
-}
-
-/// Where native IPv6 connects from other network namespaces go; port zero for nowhere.
-#[inline(always)]
-pub fn container_proxy_ipv6() -> (Address, [u8; 2]) {
-    ipv6_global(&CONTAINER_PROXY_ADDR6, &CONTAINER_PROXY_PORT6)
-}
-
-#[inline(always)]
-fn ipv6_global(addr: &Address, port: &[u8; 2]) -> (Address, [u8; 2]) {
-    let addr = [0, 1, 2, 3].map(|word| unsafe { core::ptr::read_volatile(&addr[word]) });
-    (addr, unsafe { core::ptr::read_volatile(port) })
-}
-
-#[inline(always)]
-pub fn bypass_mark() -> u32 {
-    unsafe { core::ptr::read_volatile(&BYPASS_MARK) }
-}
-
-/// Where IPv4 connects from other network namespaces go, if anywhere.
-#[inline(always)]
-pub fn container_proxy_ipv4() -> Option<([u8; 4], [u8; 2])> {
-    let port = unsafe { core::ptr::read_volatile(&CONTAINER_PROXY_PORT4) };
-    if port == [0, 0] {
-        return None;
-    }
-    Some((
-        unsafe { core::ptr::read_volatile(&CONTAINER_PROXY_ADDR4) },
-        port,
-    ))
-}
-
-#[inline(always)]
-pub fn proxy_netns_cookie() -> u64 {
-    unsafe { core::ptr::read_volatile(&PROXY_NETNS_COOKIE) }
+    // SAFETY: GLOBALS is 8-aligned and WORDS words long.
+    let words = unsafe { read_volatile(ptr::from_ref(&GLOBALS).cast::<[u64; WORDS]>()) };
+    // SAFETY: the same size, and Globals holds only integers, so any bits are valid.
+    unsafe { mem::transmute::<[u64; WORDS], Globals>(words) }
 }

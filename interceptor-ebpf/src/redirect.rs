@@ -10,15 +10,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use core::ptr::{read_volatile, write_volatile};
-use interceptor_ebpf::{
-    Address, KernelEvent, OriginalDst, PORT_WORDS, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey,
-    SocketAddress, ipv4_in_mapped, ipv4_mapped, port_bit,
+use interceptor_common::{
+    Address, Globals, KernelEvent, OriginalDst, PORT_WORDS, SERVICE_ADDR_LOOKUP_PREFIX,
+    ServiceAddrKey, SocketAddress, ipv4_in_mapped, port_bit,
 };
 
-use crate::maps::{
-    ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, bypass_mark, container_proxy_ipv4,
-    container_proxy_ipv6, count, proxy_ipv4, proxy_ipv6, proxy_netns_cookie,
-};
+use crate::maps::{ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, count};
 
 const IPPROTO_TCP: u32 = 6;
 
@@ -38,12 +35,15 @@ pub struct Proxies {
     pub other_netns: Endpoint,
 }
 
-const NO_PROXY: Endpoint = ([0; 4], [0; 2]);
-
 /// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
 /// original destination is then recorded in the socket's own storage.
 #[inline(always)]
-pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Option<Endpoint> {
+pub fn redirect(
+    ctx: &SockAddrContext,
+    globals: &Globals,
+    dst: Endpoint,
+    proxies: Proxies,
+) -> Option<Endpoint> {
     let sock_addr = ctx.sock_addr;
     // Each context field is read on its own: LLVM would otherwise merge neighbouring
     // reads into one wide load, which the verifier rejects for this context.
@@ -56,13 +56,13 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
         return None;
     }
     let mark = unsafe { read_volatile(&(*sk).mark) };
-    if mark != 0 && mark == bypass_mark() {
+    if mark != 0 && mark == globals.bypass_mark {
         return None;
     }
     // A container or pod in a network namespace of its own cannot reach the proxy's
     // loopback address: it goes to the address the proxy has for containers, or, if
     // there is none, direct.
-    let proxy_netns = proxy_netns_cookie();
+    let proxy_netns = globals.proxy_netns_cookie;
     let own_netns =
         proxy_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == proxy_netns;
     let proxy = if own_netns {
@@ -121,11 +121,10 @@ pub fn redirect(ctx: &SockAddrContext, dst: Endpoint, proxies: Proxies) -> Optio
 
 /// Where an IPv4 connect may go, as IPv4-mapped endpoints.
 #[inline(always)]
-pub fn proxies_for_ipv4() -> Proxies {
-    let mapped = |(addr, port): Ipv4Endpoint| (ipv4_mapped(addr), port);
+pub fn proxies_for_ipv4(globals: &Globals) -> Proxies {
     Proxies {
-        own_netns: mapped(proxy_ipv4()),
-        other_netns: container_proxy_ipv4().map_or(NO_PROXY, mapped),
+        own_netns: endpoint(globals.proxy_v4),
+        other_netns: endpoint(globals.container_proxy_v4),
     }
 }
 
@@ -133,15 +132,20 @@ pub fn proxies_for_ipv4() -> Proxies {
 /// addresses) for a dual-stack socket reaching an IPv4 destination, the IPv6 ones for
 /// native IPv6.
 #[inline(always)]
-pub fn proxies_for_ipv6_socket(addr: Address) -> Proxies {
+pub fn proxies_for_ipv6_socket(globals: &Globals, addr: Address) -> Proxies {
     if ipv4_in_mapped(addr).is_some() {
-        proxies_for_ipv4()
+        proxies_for_ipv4(globals)
     } else {
         Proxies {
-            own_netns: proxy_ipv6(),
-            other_netns: container_proxy_ipv6(),
+            own_netns: endpoint(globals.proxy_v6),
+            other_netns: endpoint(globals.container_proxy_v6),
         }
     }
+}
+
+#[inline(always)]
+fn endpoint(listener: SocketAddress) -> Endpoint {
+    (listener.addr, listener.port)
 }
 
 impl Proxies {

@@ -3,12 +3,12 @@ use aya_ebpf::{
     macros::sock_ops, programs::SockOpsContext,
 };
 use core::ptr::{null_mut, read_volatile};
-use interceptor_ebpf::{
+use interceptor_common::{
     Address, KernelEvent, OriginalDst, RedirectRecord, SocketAddress, ipv4_mapped,
 };
 
 use crate::{
-    maps::{ORIG_BY_CLIENT, REDIRECTS, count, original_dst_map},
+    maps::{ORIG_BY_CLIENT, REDIRECTS, count, globals, original_dst_map},
     redirect::{Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket},
 };
 
@@ -47,14 +47,19 @@ fn hand_over_by_client_addr(ctx: &SockOpsContext) {
     if stored.is_null() {
         return;
     }
+    // Read before the addresses, not between them and the second look at the family:
+    // there, it would keep LLVM from threading each family's branch into its own
+    // proxies, and LLVM would merge the two families' last address reads into one read
+    // at a computed context offset, which the verifier rejects.
+    let globals = globals();
     let Some((local_addr, peer)) = addresses(ctx) else {
         return;
     };
     // A socket whose redirected connect failed may connect again somewhere nothing
     // intercepts; its storage then describes a connection that never reached a proxy.
     let proxies = match ctx.family() {
-        AF_INET => proxies_for_ipv4(),
-        _ => proxies_for_ipv6_socket(peer.0),
+        AF_INET => proxies_for_ipv4(&globals),
+        _ => proxies_for_ipv6_socket(&globals, peer.0),
     };
     if !proxies.contain(peer) {
         return;

@@ -1,0 +1,117 @@
+//! The maps both sides use: their names, sizes, keys and values.
+//!
+//! The names are the identifiers of the programs' `static`s, which aya's map macros
+//! take as the maps' names; the daemon finds the maps by them.
+
+use crate::address::{Address, SocketAddress};
+
+/// LPM trie of ServiceEntry `addresses` (IPs and CIDRs), each combined with one port.
+pub const SERVICE_ADDRS_MAP: &str = "SERVICE_ADDRS";
+/// Ports intercepted for every destination: ServiceEntries without `addresses`.
+pub const SERVICE_PORTS_MAP: &str = "SERVICE_PORTS";
+/// Two bitmaps over the 65,536 ports, in 64-bit words: which ports have address
+/// rules (words `0..PORT_WORDS`), and which have a rule for every destination (words
+/// `PORT_WORDS..`). connect4/6 read them first, so a connect to a port no
+/// ServiceEntry names costs two array reads, not a trie walk and a hash lookup.
+pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// 64-bit words per bitmap of [`PORT_FILTER_MAP`].
+pub const PORT_WORDS: u32 = 65_536 / 64;
+
+/// Where `port`'s bit is in [`PORT_FILTER_MAP`]: the word of the address-rules
+/// bitmap (add [`PORT_WORDS`] for the port-rules one) and the bit's mask.
+#[inline(always)]
+pub const fn port_bit(port: u16) -> (u32, u64) {
+    ((port / 64) as u32, 1 << (port % 64))
+}
+
+/// Original destinations keyed by the client's address, where the proxy can find them.
+pub const ORIG_BY_CLIENT_MAP: &str = "ORIG_BY_CLIENT";
+/// The ring buffer through which sockops hands [`RedirectRecord`]s to the proxy.
+pub const REDIRECTS_RING: &str = "REDIRECTS";
+/// Per-CPU counters of what the programs could not do, indexed by [`KernelEvent`].
+pub const KERNEL_EVENTS_MAP: &str = "KERNEL_EVENTS";
+
+/// What the programs count in [`KERNEL_EVENTS_MAP`]: failures they cannot report to
+/// anyone at the time, because they fail open or happen before the proxy is involved.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// connect4/6 could not allocate the socket's storage for its record, so the
+    /// connect went direct instead of to the proxy.
+    StorageUnavailable = 0,
+    /// sockops found the ring and the fallback map full: the record was lost and the
+    /// proxy refuses that connection.
+    RecordLost = 1,
+}
+
+impl KernelEvent {
+    pub const ALL: [Self; 2] = [Self::StorageUnavailable, Self::RecordLost];
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// The value of the `event` label in the daemon's metrics.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::StorageUnavailable => "storage_unavailable",
+            Self::RecordLost => "record_lost",
+        }
+    }
+}
+
+pub const SERVICE_ADDRS_CAPACITY: u32 = 65_536;
+pub const SERVICE_PORTS_CAPACITY: u32 = 65_536;
+pub const ORIG_DST_CAPACITY: u32 = 262_144;
+/// Bytes (a power of two, a multiple of the page size). A record takes 64 bytes with
+/// its header, so the proxy may fall 32,768 connections behind before sockops falls
+/// back to [`ORIG_BY_CLIENT_MAP`].
+pub const REDIRECTS_RING_BYTES: u32 = 1 << 21;
+
+/// Bits of [`ServiceAddrKey`] before the address: the port and its padding, always
+/// zero. The port comes first in the key, so every stored prefix covers the whole port
+/// and a lookup only ever matches entries for the destination's own port; the longest
+/// address prefix among those wins.
+pub const SERVICE_ADDR_PORT_BITS: u32 = 32;
+/// Prefix length for a lookup of one exact destination.
+pub const SERVICE_ADDR_LOOKUP_PREFIX: u32 = SERVICE_ADDR_PORT_BITS + 128;
+
+/// The data part of an LPM trie key for [`SERVICE_ADDRS_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceAddrKey {
+    /// Destination port, network byte order.
+    pub port: [u8; 2],
+    /// Zero, and part of every prefix (see [`SERVICE_ADDR_PORT_BITS`]).
+    pub _pad: [u8; 2],
+    pub addr: Address,
+}
+
+/// Value of the interception maps: which registry rule claimed the destination.
+/// The kernel only needs to know that something matched; the id helps when reading
+/// the maps with bpftool.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterceptRule {
+    pub rule_id: u32,
+}
+
+/// Where a redirected connection was going before connect4/6 rewrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginalDst {
+    pub dst: SocketAddress,
+    pub _pad: [u8; 4],
+    /// CLOCK_MONOTONIC time of the redirect, so the daemon can sweep records whose
+    /// connection never reached it.
+    pub redirected_at_ns: u64,
+}
+
+/// A redirected connection's record as sockops hands it to the proxy: read from a
+/// ring buffer in the proxy's memory, it costs the proxy no system call. `client` is
+/// the client's end of its connection to the proxy: the peer address the proxy sees
+/// on the accepted socket (IPv4-mapped for IPv4, as everywhere).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectRecord {
+    pub client: SocketAddress,
+    pub _pad: [u8; 4],
+    pub original: OriginalDst,
+}

@@ -1,0 +1,294 @@
+//! The kernel side seen from the daemon: loading the programs with their globals and
+//! attaching them (here), keeping the interception maps in step with the registry
+//! (`maps`), reading original destinations (`records`), reporting counters and map
+//! occupancy (`stats`), and the system calls aya does not wrap (`sys`).
+//!
+//! Links are created with `bpf_link` and owned by this process's file descriptors, never
+//! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
+//! connections go direct instead of to a dead proxy port.
+
+mod maps;
+mod records;
+mod stats;
+mod sys;
+
+use std::{
+    fs::File,
+    net::{SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::MapError,
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use interceptor_common::{
+    GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
+    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+};
+use tracing::{info, warn};
+
+use self::{maps::InterceptionMaps, stats::InterceptCounts};
+pub use self::{
+    records::{OriginalDestinations, RecordSource},
+    stats::{KernelEvents, MapOccupancy, MapUsage},
+};
+use crate::registry::InterceptSet;
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
+
+const CONNECT4_PROGRAM: &str = "egress_connect4";
+const CONNECT6_PROGRAM: &str = "egress_connect6";
+const GETPEERNAME4_PROGRAM: &str = "egress_getpeername4";
+const GETPEERNAME6_PROGRAM: &str = "egress_getpeername6";
+const SOCKOPS_PROGRAM: &str = "egress_sockops";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot open cgroup {}", path.display())]
+    OpenCgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot load the BPF object")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("BPF map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("BPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("BPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("cannot duplicate a map descriptor")]
+    Dup(#[source] std::io::Error),
+    #[error(
+        "a container proxy address needs this network namespace's cookie, and reading it \
+         (SO_NETNS_COOKIE, Linux 5.14) failed"
+    )]
+    NetnsCookie(#[source] std::io::Error),
+}
+
+/// Settings the programs are loaded with.
+#[derive(Debug, Clone)]
+pub struct KernelConfig {
+    pub cgroup: PathBuf,
+    /// Where IPv4 connects (and dual-stack sockets' IPv4-mapped ones) are sent.
+    pub proxy: SocketAddrV4,
+    /// Where native IPv6 connects are sent; without it they are left alone.
+    pub proxy_v6: Option<SocketAddrV6>,
+    /// Where IPv4 connects from other network namespaces (containers) are sent;
+    /// without it they are left alone.
+    pub container_proxy: Option<SocketAddrV4>,
+    /// The same for their native IPv6 connects.
+    pub container_proxy_v6: Option<SocketAddrV6>,
+    /// Size of the REDIRECTS ring: a power of two, at least a page.
+    pub redirect_ring_bytes: u32,
+    pub bypass_mark: u32,
+}
+
+impl KernelConfig {
+    /// The programs' [`Globals`]: the listeners, with port zero for the absent ones.
+    fn globals(&self) -> Result<Globals, KernelError> {
+        let serves_containers = self.container_proxy.is_some() || self.container_proxy_v6.is_some();
+        let proxy_netns_cookie = match sys::own_netns_cookie() {
+            Ok(cookie) => cookie,
+            // Without the cookie every namespace looks like the daemon's, and containers
+            // would be sent to their own loopback: the opposite of what was asked.
+            Err(error) if serves_containers => return Err(KernelError::NetnsCookie(error)),
+            Err(error) => {
+                warn!(
+                    %error,
+                    "cannot read this network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14): \
+                     connects from every network namespace in the cgroup are redirected, and those \
+                     outside this one fail"
+                );
+                0
+            }
+        };
+        let listener = |addr: Option<std::net::SocketAddr>| {
+            addr.map_or(SocketAddress::NONE, SocketAddress::of)
+        };
+        Ok(Globals {
+            proxy_v4: SocketAddress::of(self.proxy.into()),
+            proxy_v6: listener(self.proxy_v6.map(Into::into)),
+            container_proxy_v4: listener(self.container_proxy.map(Into::into)),
+            container_proxy_v6: listener(self.container_proxy_v6.map(Into::into)),
+            bypass_mark: self.bypass_mark,
+            _pad: [0; 4],
+            proxy_netns_cookie,
+        })
+    }
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches everything.
+pub struct Kernel {
+    // Field order matters: the maps are dropped after the programs' links. The
+    // programs sit behind a lock so shutdown can detach them while the reloader
+    // still holds the kernel to sync maps (which is harmless once detached).
+    ebpf: Mutex<Option<Ebpf>>,
+    interceptions: Mutex<InterceptionMaps>,
+    original_destinations: Arc<OriginalDestinations>,
+    intercept_counts: Arc<InterceptCounts>,
+    events: Arc<KernelEvents>,
+    cgroup: PathBuf,
+}
+
+impl Kernel {
+    /// Loads the programs and attaches them to `config.cgroup`. The maps start empty,
+    /// so nothing is redirected until [`Kernel::sync`] fills them.
+    pub fn attach(config: &KernelConfig) -> Result<Self, KernelError> {
+        let cgroup = File::open(&config.cgroup).map_err(|source| KernelError::OpenCgroup {
+            path: config.cgroup.clone(),
+            source,
+        })?;
+        let globals = config.globals()?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(GLOBALS_SYMBOL, &globals, true)
+            .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
+            .load(PROGRAMS)?;
+
+        let interceptions = InterceptionMaps::new(
+            take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,
+            take_map(&mut ebpf, SERVICE_PORTS_MAP)?,
+            take_map(&mut ebpf, PORT_FILTER_MAP)?,
+        );
+        let original_destinations = Arc::new(OriginalDestinations::new(
+            take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?,
+            take_map(&mut ebpf, REDIRECTS_RING)?,
+        )?);
+        let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
+
+        // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
+        // Single (no flags) still coexists with other programs on the same cgroup.
+        // sockops first: a connect4 redirect is only useful once the record can be re-keyed.
+        let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
+        sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
+        sockops
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(SOCKOPS_PROGRAM))?;
+        // connect6 handles native IPv6 and dual-stack sockets connecting to IPv4-mapped
+        // addresses; the getpeername hooks show applications their original
+        // destination. They go on first, so no redirected socket ever reports the
+        // proxy as its peer.
+        for name in [
+            GETPEERNAME4_PROGRAM,
+            GETPEERNAME6_PROGRAM,
+            CONNECT4_PROGRAM,
+            CONNECT6_PROGRAM,
+        ] {
+            let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            connect.load().map_err(program_error(name))?;
+            connect
+                .attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(program_error(name))?;
+        }
+        info!(cgroup = %config.cgroup.display(), "programs attached");
+
+        Ok(Self {
+            ebpf: Mutex::new(Some(ebpf)),
+            interceptions: Mutex::new(interceptions),
+            original_destinations,
+            intercept_counts: Arc::default(),
+            events,
+            cgroup: config.cgroup.clone(),
+        })
+    }
+
+    /// Brings the interception maps to `wanted` in an order that never drops a
+    /// destination both old and new config intercept: add new keys, then update
+    /// changed values, then delete stale keys.
+    ///
+    /// If a step fails, the maps hold part of the change. The next sync (a rollback
+    /// to the running config, or a later reload) then rewrites every wanted key and
+    /// deletes every key either side may have left, so it converges however far the
+    /// failed one got.
+    pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
+        let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        let applied = maps.sync(wanted);
+        let current = maps.current();
+        self.intercept_counts
+            .store(current.addresses.len(), current.ports.len());
+        applied
+    }
+
+    pub fn map_occupancy(&self) -> MapOccupancy {
+        MapOccupancy {
+            intercept_counts: Arc::clone(&self.intercept_counts),
+            original_destinations: Arc::clone(&self.original_destinations),
+            events: Arc::clone(&self.events),
+        }
+    }
+
+    pub fn original_destinations(&self) -> Arc<OriginalDestinations> {
+        Arc::clone(&self.original_destinations)
+    }
+
+    /// Takes connect4 and connect6 off, so nothing new is sent to the proxy. sockops
+    /// stays: a connect rewritten just before still needs its record when its
+    /// handshake completes, or the proxy would find none and reset it.
+    pub fn stop_redirecting(&self) {
+        let mut programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ebpf) = programs.as_mut() else {
+            return;
+        };
+        for name in [CONNECT4_PROGRAM, CONNECT6_PROGRAM] {
+            let unloaded = program::<CgroupSockAddr>(ebpf, name)
+                .and_then(|connect| connect.unload().map_err(program_error(name)));
+            if let Err(error) = unloaded {
+                // Dropping everything in `detach` still takes it off.
+                warn!(%error, "cannot detach {name} ahead of the other programs");
+            }
+        }
+        info!(cgroup = %self.cgroup.display(), "stopped redirecting");
+    }
+
+    /// Detaches the programs now, so new connections go direct while the proxy drains.
+    /// The maps stay, so records of connections already redirected can still be read.
+    pub fn detach(&self) {
+        let programs = self.ebpf.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if programs.is_some() {
+            drop(programs);
+            info!(cgroup = %self.cgroup.display(), "programs detached");
+        }
+    }
+}
+
+/// Takes the map `name` out of the object, typed as the caller wants it; aya checks
+/// the key and value sizes against the types.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, KernelError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(KernelError::MissingMap(name))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::MissingProgram(name))?;
+    program.try_into().map_err(program_error(name))
+}
+
+fn map_error(name: &'static str) -> impl Fn(MapError) -> KernelError {
+    move |source| KernelError::Map { name, source }
+}
+
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> KernelError {
+    move |source| KernelError::Program { name, source }
+}
