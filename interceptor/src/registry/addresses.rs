@@ -3,9 +3,10 @@
 
 use std::{
     collections::{HashMap, hash_map::Entry},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
 };
 
+use interceptor_common::{mapped_bits, mapped_prefix_len};
 use ipnet::IpNet;
 
 /// Per destination port, the address rules grouped by prefix length, longest first,
@@ -28,7 +29,7 @@ impl AddressTable {
     /// Claims `network` on `port` for `value` (service index, port index), unless an
     /// older entry already claims it: then `false`, and the older one keeps it.
     pub(super) fn insert(&mut self, network: &IpNet, port: u16, value: (usize, usize)) -> bool {
-        let prefix_len = mapped_prefix_len(network);
+        let prefix_len = mapped_prefix_len(network.addr(), network.prefix_len());
         let groups = self.by_port.entry(port).or_default();
         let group = match groups
             .iter_mut()
@@ -75,22 +76,6 @@ fn prefix_mask(prefix_len: u8) -> u128 {
     u128::MAX
         .checked_shl(128 - u32::from(prefix_len))
         .unwrap_or(0)
-}
-
-/// An address in one space for both families: IPv4 mapped into IPv6 (::ffff:a.b.c.d),
-/// so an IPv4 destination never matches an IPv6 network and the other way round.
-fn mapped_bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V4(ip) => u128::from(ip.to_ipv6_mapped()),
-        IpAddr::V6(ip) => u128::from(ip),
-    }
-}
-
-fn mapped_prefix_len(network: &IpNet) -> u8 {
-    match network {
-        IpNet::V4(network) => 96 + network.prefix_len(),
-        IpNet::V6(network) => network.prefix_len(),
-    }
 }
 
 #[cfg(test)]
