@@ -37,8 +37,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cargo_test_args: Vec<String>,
     },
-    /// Fuzz the parsers that read untrusted client bytes (ClientHello, HTTP request
-    /// head) with cargo fuzz, each for a bounded time. Not part of CI.
+    /// Fuzz the parsers that read untrusted bytes (ClientHello, HTTP request head,
+    /// configuration files) with cargo fuzz, each for a bounded time. Not part of CI.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -53,7 +53,8 @@ enum Task {
         daemon_args: Vec<String>,
     },
     /// Measure what the proxy costs against direct connections and HAProxy, in a
-    /// network namespace of its own (needs root). Writes target/bench/*.json.
+    /// network namespace of its own (needs root). Writes target/bench/*.json and,
+    /// after a full default run, BENCHMARKS.md.
     Bench(bench::BenchArgs),
     /// Internal: the benchmark's load generator, started by `bench` in its cgroup.
     #[command(name = "bench-client", hide = true)]
@@ -173,7 +174,7 @@ fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
     result
 }
 
-const FUZZ_TARGETS: &[&str] = &["client_hello", "http_request_head"];
+const FUZZ_TARGETS: &[&str] = &["client_hello", "http_request_head", "config_load"];
 
 fn fuzz(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
     setup::ensure_toolchain()?;

@@ -90,6 +90,11 @@ impl Endpoint {
         field: &str,
         report: &mut impl FnMut(Severity, String, String),
     ) -> Option<Endpoint> {
+        if endpoint.address.is_empty() && !endpoint.network.is_empty() {
+            // Istio reaches such an endpoint through its network's gateway; a node agent
+            // has none, and validation has already warned about it.
+            return None;
+        }
         let address = if let Some(path) = endpoint.unix_socket_path() {
             EndpointAddress::Unix(path.to_owned())
         } else if let Ok(ip) = endpoint.address.parse::<IpAddr>() {
@@ -278,6 +283,21 @@ mod tests {
             .count();
         // Expected 9000; ±300 is ten standard deviations.
         assert!((8_700..=9_300).contains(&heavy), "{heavy}");
+    }
+
+    #[test]
+    fn an_endpoint_known_only_by_its_network_is_left_out_without_an_error() {
+        for resolution in ["STATIC", "DNS"] {
+            let remote = entry(
+                "remote",
+                &format!(
+                    "  resolution: {resolution}\n  ports: [{{number: 443, name: tls, protocol: TLS}}]\n  endpoints: [{{address: 198.18.0.1}}, {{network: net1}}]\n"
+                ),
+            );
+            let (registry, _) = Registry::build(&config(&[&remote])).expect("builds");
+            let endpoints = &registry.services()[0].endpoints;
+            assert_eq!(endpoints.len(), 1, "{resolution}: {endpoints:?}");
+        }
     }
 
     #[test]
