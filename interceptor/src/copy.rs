@@ -21,14 +21,14 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
-/// How bytes are moved; both are correct, and the benchmark compares them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How bytes are moved; both are correct, and the benchmark compares them. The
+/// variants' docs are `--copy-mode`'s help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CopyMode {
     /// read(2)/write(2) through adaptive user-space buffers.
     Userspace,
-    /// Like `Userspace`, but bulk directions switch to splice(2): the default, as it
-    /// measured 15-40% less proxy CPU per GiB than `Userspace` (`cargo xtask bench
-    /// --scenario bulk`, with and without `--daemon-arg=--copy-mode=userspace`).
+    /// Like userspace, but bulk directions switch to splice(2), which costs the proxy
+    /// less CPU per byte (`cargo xtask bench --scenario bulk` compares the two).
     #[default]
     Splice,
 }
