@@ -276,9 +276,9 @@ fn reuseport_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkersError {
-    #[error("building a worker's runtime: {0}")]
+    #[error("building a worker's runtime")]
     Runtime(#[source] io::Error),
-    #[error("starting a worker thread: {0}")]
+    #[error("starting a worker thread")]
     Spawn(#[source] io::Error),
 }
 

@@ -41,8 +41,15 @@ impl std::fmt::Display for Target {
 pub enum ResolveError {
     #[error("the service has no endpoint")]
     NoEndpoint,
+    /// Message only: the proxy logs this error on its own.
     #[error("DNS: {0}")]
-    Dns(#[from] LookupError),
+    Dns(LookupError),
+}
+
+impl From<LookupError> for ResolveError {
+    fn from(error: LookupError) -> Self {
+        Self::Dns(error)
+    }
 }
 
 /// The targets to try, in order. Only DNS resolution returns more than one: the
