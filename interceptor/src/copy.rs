@@ -28,14 +28,14 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
-/// How bytes are moved; both are correct, and the benchmark compares them. The
-/// variants' docs are `--copy-mode`'s help.
+/// How bytes are moved; both are correct, and `cargo xtask bench --scenario bulk`
+/// compares them. The variants' docs are `--copy-mode`'s help.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CopyMode {
     /// read(2)/write(2) through adaptive user-space buffers.
     Userspace,
     /// Like userspace, but bulk directions switch to splice(2), which costs the proxy
-    /// less CPU per byte (`cargo xtask bench --scenario bulk` compares the two).
+    /// less CPU per byte.
     #[default]
     Splice,
 }

@@ -102,8 +102,7 @@ struct RunArgs {
     /// or request head, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     sniff_timeout_ms: u64,
-    /// How the proxy moves bytes: `userspace` (adaptive buffers) or `splice` (bulk
-    /// directions switch to splice(2)).
+    /// How the proxy moves bytes.
     #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
     copy_mode: CopyMode,
     /// Proxy threads, each accepting on its own SO_REUSEPORT listener. Default: the
