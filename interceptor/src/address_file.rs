@@ -16,9 +16,11 @@ use std::{
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::report::Chain;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AddressFileError {
-    #[error("cannot write the address file {path}: {source}")]
+    #[error("cannot write the address file {path}")]
     Write {
         path: PathBuf,
         #[source]
@@ -26,7 +28,7 @@ pub enum AddressFileError {
     },
     #[error("no address file at {path}: no daemon is running with --address-file {path}")]
     Missing { path: PathBuf },
-    #[error("cannot read the address file {path}: {source}")]
+    #[error("cannot read the address file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -36,7 +38,7 @@ pub enum AddressFileError {
         "the address file {path} belongs to another running interceptor (pid {pid}); give each daemon a file of its own"
     )]
     InUse { path: PathBuf, pid: u32 },
-    #[error("the address file {path} is not one interceptor wrote: {source}")]
+    #[error("the address file {path} is not one interceptor wrote")]
     Parse {
         path: PathBuf,
         #[source]
@@ -115,7 +117,7 @@ impl AddressFile {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         addresses.admin = admin;
         if let Err(error) = write(&self.path, &addresses) {
-            warn!(%error, "probes reading the address file still find the previous admin address");
+            warn!(error = %Chain(&error), "probes reading the address file still find the previous admin address");
         }
     }
 

@@ -48,7 +48,7 @@ pub enum AdminError {
         "the admin address {0} is not loopback: it exposes the config and live connections; pass --admin-allow-non-loopback to allow it"
     )]
     NotLoopback(SocketAddr),
-    #[error("cannot listen on the admin address {addr}: {source}")]
+    #[error("cannot listen on the admin address {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]

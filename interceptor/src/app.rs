@@ -9,20 +9,25 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use tokio::{signal::unix::SignalKind, sync::Semaphore};
+use tokio::{
+    signal::unix::{Signal, SignalKind},
+    sync::Semaphore,
+    task::JoinHandle,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
     address_file::{self, AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
-    config::{self, LoadError},
     copy::{CopyMode, PipeBudget},
     kernel::{Kernel, KernelConfig, KernelError},
+    limits::{self, ConnectionLimits},
+    load::{self, LoadError},
     metrics::Metrics,
-    proxy::workers::{ContainerAddrs, ProxyListeners},
+    proxy::workers::{ContainerAddrs, ProxyListeners, Workers},
     proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
-    registry::{BuildError, Registry},
+    registry::Registry,
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
     systemd,
@@ -71,12 +76,10 @@ pub struct RunConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
-    Config(#[from] LoadError),
-    #[error(transparent)]
-    Registry(#[from] BuildError),
+    Load(#[from] LoadError),
     #[error(transparent)]
     Kernel(#[from] KernelError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: SocketAddr,
         #[source]
@@ -84,9 +87,9 @@ pub enum AppError {
     },
     #[error(transparent)]
     Dns(#[from] DnsSetupError),
-    #[error("cannot start the proxy workers: {0}")]
+    #[error("cannot start the proxy workers")]
     Workers(#[source] proxy::workers::WorkersError),
-    #[error("cannot install signal handlers: {0}")]
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Admin(#[from] AdminError),
@@ -94,54 +97,38 @@ pub enum AppError {
     AddressFile(#[from] AddressFileError),
 }
 
-/// Descriptors kept free for what the daemon opens besides connections and pipes:
-/// admin requests, DNS queries, config reloads.
-const DESCRIPTOR_MARGIN: usize = 64;
-
-/// The descriptors connections and their splice pipes may use: the open-files limit
-/// less the ones the daemon already holds (maps, programs, listeners, runtimes), a
-/// margin, and one per listener (each may hold one accepted client while it waits
-/// for a permit another listener took). By default three quarters go to
-/// connections, two each (client and upstream), and the rest to splice pipes, two
-/// each, so bulk transfers cannot use up the descriptors new connections need; all
-/// go to connections when nothing is spliced.
-fn descriptors_for_connections(listeners: usize) -> usize {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Semaphore::MAX_PERMITS;
-    }
-    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
-    usize::try_from(limit.rlim_cur)
-        .unwrap_or(usize::MAX)
-        .saturating_sub(open + DESCRIPTOR_MARGIN + listeners)
+/// A daemon that serves: its programs attached, its listeners bound, its config
+/// applied. [`Bound::wait_termination`] runs it until a signal and shuts it down.
+pub struct Bound {
+    terminate: Signal,
+    interrupt: Signal,
+    drain_timeout: Duration,
+    admin_state: Arc<AdminState>,
+    kernel: Arc<Kernel>,
+    stop_reloading: CancellationToken,
+    reloader: JoinHandle<()>,
+    shutdown: CancellationToken,
+    workers: Workers,
+    sweeper: JoinHandle<()>,
+    connections: TaskTracker,
+    admin_server: JoinHandle<()>,
+    admin_reclaim: Option<JoinHandle<()>>,
+    address_file: Option<Arc<AddressFile>>,
 }
 
-/// Loads and checks the whole configuration; nothing is applied unless all of it is valid.
-pub fn load_registry(paths: &[PathBuf]) -> Result<Registry, AppError> {
-    let loaded = config::load(paths)?;
-    for skipped in &loaded.skipped {
-        info!("skipping {skipped}: not a kind interceptor handles");
-    }
-    for warning in &loaded.warnings {
-        warn!("{warning}");
-    }
-    let (registry, warnings) = Registry::build(&loaded.config)?;
-    for warning in &warnings {
-        warn!("{warning}");
-    }
-    Ok(registry)
-}
-
+/// Starts the daemon and serves until SIGTERM or SIGINT.
 pub async fn run(config: RunConfig) -> Result<(), AppError> {
+    build(config).await?.wait_termination().await
+}
+
+/// Binds the admin server, loads config, binds the proxy, attaches the programs and
+/// starts serving and reloading.
+pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     // Before anything slow: SIGHUP's default action would kill a daemon that is
     // still starting, and a SIGTERM then must wait for a clean shutdown.
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(AppError::Signals);
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
+    let terminate = signal(SignalKind::terminate())?;
+    let interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
     if let Some(path) = &config.address_file {
         AddressFile::clear_stale(path)?;
@@ -189,8 +176,8 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let admin_reclaim = (admin_addr.port() != config.admin_addr.port()
         && config.admin_addr.port() != 0)
         .then(|| {
-            // Weak: the file goes when run() lets go of it, on every way out, aborted
-            // task or not.
+            // Weak: the file goes when the daemon lets go of it, on every way out,
+            // aborted task or not.
             let address_file = address_file.as_ref().map(Arc::downgrade);
             tokio::spawn(admin::reclaim(
                 config.admin_addr,
@@ -205,7 +192,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         });
 
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
-    let initial = load_registry(&config.config_paths)?;
+    let initial = load::load_and_log(&config.config_paths)?;
     let dns = DnsCache::new(config.dns.clone())?;
 
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
@@ -242,7 +229,7 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
     let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
     let listener_count = listeners.count();
-    let mut workers = proxy::workers::start(
+    let workers = proxy::workers::start(
         listeners,
         config.busy_poll,
         &shared,
@@ -250,17 +237,11 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         &shutdown,
     )
     .map_err(AppError::Workers)?;
-    let descriptors = descriptors_for_connections(listener_count);
-    let for_connections = match config.copy_mode {
-        CopyMode::Splice => descriptors / 4 * 3,
-        CopyMode::Userspace => descriptors,
-    };
-    let max_connections = config
-        .max_connections
-        .unwrap_or(for_connections / 2)
-        .clamp(1, Semaphore::MAX_PERMITS);
+    let ConnectionLimits {
+        max_connections,
+        splice_pipes,
+    } = limits::connection_limits(listener_count, config.copy_mode, config.max_connections);
     shared.connection_slots.add_permits(max_connections);
-    let splice_pipes = descriptors.saturating_sub(2 * max_connections) / 2;
     shared.pipes.grant(splice_pipes);
     metrics.connections_limit.set(max_connections as i64);
     info!(max_connections, splice_pipes, "connection limit");
@@ -305,59 +286,80 @@ pub async fn run(config: RunConfig) -> Result<(), AppError> {
         services = registry.load().services().len(),
         "ready"
     );
-
-    let signal = tokio::select! {
-        _ = terminate.recv() => "SIGTERM",
-        _ = interrupt.recv() => "SIGINT",
-    };
-    info!(signal, "shutting down");
-    admin_state.readiness.set(Phase::Draining);
-    systemd::stopping();
-    // Stop redirecting first: new connections go direct rather than to a proxy that
-    // is closing. Connects rewritten just before are still completing their
-    // handshakes; the rest of the programs and the listeners stay until they have.
-    kernel.stop_redirecting();
-    tokio::time::sleep(IN_FLIGHT_REDIRECTS).await;
-    kernel.detach();
-    stop_reloading.cancel();
-    let _ = reloader.await;
-    shutdown.cancel();
-    workers.stopped_accepting().await;
-    sweeper.abort();
-    connections.close();
-    if tokio::time::timeout(config.drain_timeout, connections.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            remaining = connections.len(),
-            "drain timeout reached; closing the remaining connections"
-        );
-    }
-    workers.finish().await;
-    admin_server.abort();
-    if let Some(reclaim) = admin_reclaim {
-        reclaim.abort();
-    }
-    drop(address_file);
-    info!("stopped");
-    Ok(())
+    Ok(Bound {
+        terminate,
+        interrupt,
+        drain_timeout: config.drain_timeout,
+        admin_state,
+        kernel,
+        stop_reloading,
+        reloader,
+        shutdown,
+        workers,
+        sweeper,
+        connections,
+        admin_server,
+        admin_reclaim,
+        address_file,
+    })
 }
 
-/// The cgroup2 mount point, read from /proc/self/mounts.
-pub fn cgroup2_root() -> std::io::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
-    mounts
-        .lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(target))
-        })
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no cgroup2 filesystem is mounted (see /proc/self/mounts)",
-            )
-        })
+impl Bound {
+    /// Serves until SIGTERM or SIGINT, then shuts down in order: redirects off,
+    /// in-flight connects finished, programs detached, reloads and accepts stopped,
+    /// connections drained (up to the drain timeout), workers ended.
+    pub async fn wait_termination(self) -> Result<(), AppError> {
+        let Self {
+            mut terminate,
+            mut interrupt,
+            drain_timeout,
+            admin_state,
+            kernel,
+            stop_reloading,
+            reloader,
+            shutdown,
+            mut workers,
+            sweeper,
+            connections,
+            admin_server,
+            admin_reclaim,
+            address_file,
+        } = self;
+        let signal = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        info!(signal, "shutting down");
+        admin_state.readiness.set(Phase::Draining);
+        systemd::stopping();
+        // Stop redirecting first: new connections go direct rather than to a proxy
+        // that is closing. Connects rewritten just before are still completing their
+        // handshakes; the rest of the programs and the listeners stay until they have.
+        kernel.stop_redirecting();
+        tokio::time::sleep(IN_FLIGHT_REDIRECTS).await;
+        kernel.detach();
+        stop_reloading.cancel();
+        let _ = reloader.await;
+        shutdown.cancel();
+        workers.stopped_accepting().await;
+        sweeper.abort();
+        connections.close();
+        if tokio::time::timeout(drain_timeout, connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
+        }
+        workers.finish().await;
+        admin_server.abort();
+        if let Some(reclaim) = admin_reclaim {
+            reclaim.abort();
+        }
+        drop(address_file);
+        info!("stopped");
+        Ok(())
+    }
 }

@@ -12,8 +12,15 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl},
+    sys::socket::{Shutdown, shutdown},
+    unistd::pipe2,
 };
 
 use tokio::{
@@ -21,14 +28,14 @@ use tokio::{
     net::{TcpStream, UnixStream},
 };
 
-/// How bytes are moved; both are correct, and the benchmark compares them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How bytes are moved; both are correct, and `cargo xtask bench --scenario bulk`
+/// compares them. The variants' docs are `--copy-mode`'s help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CopyMode {
     /// read(2)/write(2) through adaptive user-space buffers.
     Userspace,
-    /// Like `Userspace`, but bulk directions switch to splice(2): the default, as it
-    /// measured 15-40% less proxy CPU per GiB than `Userspace` (`cargo xtask bench
-    /// --scenario bulk`, with and without `--daemon-arg=--copy-mode=userspace`).
+    /// Like userspace, but bulk directions switch to splice(2), which costs the proxy
+    /// less CPU per byte.
     #[default]
     Splice,
 }
@@ -38,7 +45,7 @@ const MAX_BUFFER: usize = 256 * 1024;
 
 /// A socket tokio can wait on and use through a shared reference, so both directions
 /// of one connection can run at once.
-pub trait Socket: AsRawFd {
+pub trait Socket: AsFd {
     fn readable(&self) -> impl Future<Output = io::Result<()>>;
     fn writable(&self) -> impl Future<Output = io::Result<()>>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
@@ -254,8 +261,11 @@ fn read_some(from: &impl Socket, buffer: &mut Vec<u8>, limit: usize) -> io::Resu
     let result = from.try_io(Interest::READABLE, || {
         let spare = buffer.spare_capacity_mut();
         let room = spare.len().min(limit);
+        // By hand: nix's recv takes an initialised slice, and zeroing the spare
+        // capacity first would cost a memset per read.
         // SAFETY: recv writes at most `room` bytes into the spare capacity we own.
-        let received = unsafe { libc::recv(from.as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
+        let received =
+            unsafe { libc::recv(from.as_fd().as_raw_fd(), spare.as_mut_ptr().cast(), room, 0) };
         if received < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -298,17 +308,11 @@ pub async fn write_all(to: &impl Socket, mut bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Passes the EOF on: the peer sees the half-close, and the other direction goes on.
-fn shutdown_write(socket: &impl AsRawFd) -> io::Result<()> {
-    // SAFETY: shutdown on a descriptor the socket owns for as long as it is borrowed.
-    if unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) } == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    // The peer may already be gone; the other direction reports that.
-    if error.raw_os_error() == Some(libc::ENOTCONN) {
-        Ok(())
-    } else {
-        Err(error)
+fn shutdown_write(socket: &impl AsFd) -> io::Result<()> {
+    match shutdown(socket.as_fd().as_raw_fd(), Shutdown::Write) {
+        // The peer may already be gone; the other direction reports that.
+        Ok(()) | Err(Errno::ENOTCONN) => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -337,50 +341,27 @@ impl<'a> Pipe<'a> {
             return Err(io::ErrorKind::OutOfMemory.into());
         }
         let slot = PipeSlot(budget);
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into the array on success.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         budget.opened.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: both descriptors are fresh and owned by nobody else.
-        let pipe = unsafe {
-            Self {
-                read: OwnedFd::from_raw_fd(fds[0]),
-                write: OwnedFd::from_raw_fd(fds[1]),
-                _slot: slot,
-            }
-        };
         // A larger pipe means fewer splice calls; the default (64 KiB) still works.
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe {
-            libc::fcntl(
-                pipe.write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_CAPACITY as libc::c_int,
-            )
-        };
-        Ok(pipe)
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_CAPACITY as libc::c_int));
+        Ok(Self {
+            read,
+            write,
+            _slot: slot,
+        })
     }
 }
 
-fn splice(from: libc::c_int, to: libc::c_int, length: usize) -> io::Result<usize> {
-    // SAFETY: splice between two descriptors we hold, with no offsets.
-    let moved = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            length,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if moved < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(moved as usize)
-    }
+fn splice(from: impl AsFd, to: impl AsFd, length: usize) -> io::Result<usize> {
+    Ok(nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        length,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )?)
 }
 
 /// Moves bytes socket → pipe → socket until the source would block (returns false)
@@ -395,7 +376,7 @@ async fn splice_while_ready(
 ) -> io::Result<bool> {
     loop {
         let read = match from.try_io(Interest::READABLE, || {
-            splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CAPACITY)
+            splice(from.as_fd(), &pipe.write, PIPE_CAPACITY)
         }) {
             Ok(0) => return Ok(true),
             Ok(read) => read,
@@ -406,7 +387,7 @@ async fn splice_while_ready(
         while pending > 0 {
             to.writable().await?;
             match to.try_io(Interest::WRITABLE, || {
-                splice(pipe.read.as_raw_fd(), to.as_raw_fd(), pending)
+                splice(&pipe.read, to.as_fd(), pending)
             }) {
                 Ok(written) => pending -= written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}

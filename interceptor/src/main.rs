@@ -12,11 +12,15 @@ use interceptor::{
     address_file::AddressFile,
     app, config,
     copy::CopyMode,
+    limits,
+    load::{self, LoadError},
     probe,
     proxy::{OutboundPolicy, workers::ContainerAddrs},
+    report::Chain,
     resolve::DnsSettings,
 };
-use tracing::{info, warn};
+use interceptor_common::host::cgroup2_root;
+use nix::unistd::{SysconfVar, sysconf};
 use tracing_subscriber::EnvFilter;
 
 /// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
@@ -92,16 +96,15 @@ struct RunArgs {
     log_format: LogFormat,
     /// What happens to intercepted traffic that matches no service (Istio's
     /// outboundTrafficPolicy): forwarded to its original destination, or refused.
-    #[arg(long, value_enum, default_value_t = OutboundPolicyArg::AllowAny)]
-    outbound_policy: OutboundPolicyArg,
+    #[arg(long, value_enum, default_value_t = OutboundPolicy::AllowAny)]
+    outbound_policy: OutboundPolicy,
     /// How long a client on a TLS or HTTP port-only port has to send its ClientHello
     /// or request head, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     sniff_timeout_ms: u64,
-    /// How the proxy moves bytes: `userspace` (adaptive buffers) or `splice` (bulk
-    /// directions switch to splice(2)).
-    #[arg(long, value_enum, default_value_t = CopyModeArg::Splice)]
-    copy_mode: CopyModeArg,
+    /// How the proxy moves bytes.
+    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    copy_mode: CopyMode,
     /// Proxy threads, each accepting on its own SO_REUSEPORT listener. Default: the
     /// CPUs this process may use (cgroup CPU limits included).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
@@ -110,8 +113,8 @@ struct RunArgs {
     /// it blocks. The window adapts to the gaps between the worker's events, like
     /// guest halt-polling, so a worker whose events come closer together than this
     /// spins through them and its next packet finds it running instead of having to
-    /// wake it: 7-17 µs less per request/response round trip in the benchmark, for
-    /// more CPU while traffic flows. After a burst, and between requests spaced wider
+    /// wake it: less latency per request/response round trip, for more CPU while
+    /// traffic flows. After a burst, and between requests spaced wider
     /// than this, a worker spins at most a quarter of it before blocking. Timers, such
     /// as connect timeouts, may fire late by up to this long, more when other threads
     /// want the CPU. 0 never spins; at most 10000.
@@ -129,7 +132,7 @@ struct RunArgs {
     /// page. At 64 bytes a record, the default holds 32,768 connections the proxy has
     /// not accepted yet; past that, records go to a map the proxy reads with a system
     /// call (`interceptor_redirect_records_total{source="map"}` counts them).
-    #[arg(long, default_value_t = interceptor_ebpf::REDIRECTS_RING_BYTES, value_parser = parse_ring_bytes)]
+    #[arg(long, default_value_t = interceptor_common::REDIRECTS_RING_BYTES, value_parser = parse_ring_bytes)]
     redirect_ring_bytes: u32,
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
@@ -180,18 +183,6 @@ enum ValidateOutput {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum OutboundPolicyArg {
-    AllowAny,
-    RegistryOnly,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum CopyModeArg {
-    Userspace,
-    Splice,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -199,8 +190,10 @@ enum LogFormat {
 
 fn parse_ring_bytes(raw: &str) -> Result<u32, String> {
     let bytes: u32 = raw.parse().map_err(|error| format!("{raw}: {error}"))?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u32;
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |page| page.max(4096)) as u32;
     if bytes.is_power_of_two() && bytes >= page {
         Ok(bytes)
     } else {
@@ -287,7 +280,7 @@ fn main() -> ExitCode {
         Command::Run(args) => match run(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
-                eprintln!("interceptor: {}", error_chain(&error));
+                eprintln!("interceptor: {}", report(&error));
                 ExitCode::FAILURE
             }
         },
@@ -301,7 +294,7 @@ fn ready(args: &ReadyArgs) -> ExitCode {
         (Some(path), _) => match AddressFile::read(path) {
             Ok(addresses) => (addresses.admin, Some(addresses.instance)),
             Err(error) => {
-                eprintln!("interceptor: {error}");
+                eprintln!("interceptor: {}", Chain(&error));
                 return ExitCode::FAILURE;
             }
         },
@@ -314,26 +307,15 @@ fn ready(args: &ReadyArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("interceptor: {error}");
+            eprintln!("interceptor: {}", Chain(&error));
             ExitCode::FAILURE
         }
     }
 }
 
-/// The error and its causes, each once: most of the daemon's errors already say
-/// their cause in their own message, while contexts added here do not.
-fn error_chain(error: &anyhow::Error) -> String {
-    let mut message = String::new();
-    for cause in error.chain() {
-        let cause = cause.to_string();
-        if !message.ends_with(&cause) {
-            if !message.is_empty() {
-                message.push_str(": ");
-            }
-            message.push_str(&cause);
-        }
-    }
-    message
+/// The error and its causes, outermost first: each error says only its own part.
+fn report(error: &anyhow::Error) -> String {
+    format!("{error:#}")
 }
 
 fn init_logging(format: LogFormat) {
@@ -348,51 +330,12 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Below this many descriptors the daemon warns: about half as many connections.
-const FEW_OPEN_FILES: u64 = 16_384;
-
-/// Each proxied connection holds two descriptors, and the soft limit is 1024 in many
-/// containers and services, which would refuse connections past about 350. The hard
-/// limit is the administrator's cap; raising the soft one up to it needs no privilege.
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        warn!(error = %std::io::Error::last_os_error(), "cannot read the open files limit");
-        return;
-    }
-    let soft = limit.rlim_cur;
-    if soft < limit.rlim_max {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: setrlimit reads the struct we own.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-            info!(
-                from = soft,
-                to = limit.rlim_max,
-                "raised the open files limit to its hard limit"
-            );
-        } else {
-            warn!(error = %std::io::Error::last_os_error(), soft, hard = limit.rlim_max, "cannot raise the open files limit");
-            limit.rlim_cur = soft;
-        }
-    }
-    if limit.rlim_cur < FEW_OPEN_FILES {
-        warn!(
-            open_files = limit.rlim_cur,
-            "the open files limit caps the proxy at about half as many connections; raise the hard limit (LimitNOFILE=, ulimit -Hn)"
-        );
-    }
-}
-
 fn run(args: RunArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    raise_open_files_limit();
+    limits::raise_open_files_limit();
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
-        None => app::cgroup2_root().context("finding the cgroup2 root")?,
+        None => cgroup2_root().context("finding the cgroup2 root")?,
     };
     let workers = args.workers.map_or_else(
         || std::thread::available_parallelism().map_or(1, usize::from),
@@ -425,15 +368,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             negative_ttl: Duration::from_secs(args.dns_negative_ttl),
             query_timeout: Duration::from_millis(args.dns_timeout_ms),
         },
-        outbound_policy: match args.outbound_policy {
-            OutboundPolicyArg::AllowAny => OutboundPolicy::AllowAny,
-            OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
-        },
+        outbound_policy: args.outbound_policy,
         sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
-        copy_mode: match args.copy_mode {
-            CopyModeArg::Userspace => CopyMode::Userspace,
-            CopyModeArg::Splice => CopyMode::Splice,
-        },
+        copy_mode: args.copy_mode,
         workers,
         busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
         max_connections: args.max_connections.map(|max| max as usize),
@@ -445,18 +382,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {
-    let findings = match config::load(&args.paths) {
-        Ok(loaded) => match interceptor::registry::Registry::build(&loaded.config) {
-            Ok((_, serving_warnings)) => loaded
-                .warnings
-                .into_iter()
-                .chain(serving_warnings)
-                .collect(),
-            Err(error) => loaded.warnings.into_iter().chain(error.findings).collect(),
-        },
-        Err(config::LoadError::Invalid { findings }) => findings,
+    let findings = match load::load(&args.paths)
+        .map_or_else(LoadError::into_findings, |loaded| Ok(loaded.warnings))
+    {
+        Ok(findings) => findings,
         Err(error) => {
-            println!("error: {error}");
+            println!("error: {}", Chain(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -485,8 +416,10 @@ fn validate(args: &ValidateArgs) -> ExitCode {
 mod tests {
     use std::net::SocketAddrV4;
 
+    use interceptor::app::AppError;
+
     use super::{
-        ProxyAddrV6, error_chain, parse_container_proxy_addr, parse_proxy_addr, parse_proxy_addr_v6,
+        ProxyAddrV6, parse_container_proxy_addr, parse_proxy_addr, parse_proxy_addr_v6, report,
     };
 
     #[test]
@@ -512,21 +445,18 @@ mod tests {
 
     #[test]
     fn each_cause_is_reported_once() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("cannot listen on 198.18.5.1:15001: {source}")]
-        struct Listen {
-            #[source]
-            source: std::io::Error,
-        }
         let refused = || std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
-        let error = anyhow::Error::new(Listen { source: refused() });
+        let error = anyhow::Error::new(AppError::Listen {
+            addr: "198.18.5.1:15001".parse().unwrap(),
+            source: refused(),
+        });
         assert_eq!(
-            error_chain(&error),
+            report(&error),
             format!("cannot listen on 198.18.5.1:15001: {}", refused())
         );
         let error = anyhow::Error::new(refused()).context("starting the tokio runtime");
         assert_eq!(
-            error_chain(&error),
+            report(&error),
             format!("starting the tokio runtime: {}", refused())
         );
     }

@@ -22,7 +22,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use interceptor_ebpf::KernelEvent;
+use interceptor_common::KernelEvent;
 
 use crate::{
     kernel::{MapUsage, RecordSource},

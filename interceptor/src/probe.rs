@@ -15,13 +15,13 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    #[error("no admin server answers at {addr}: {source}")]
+    #[error("no admin server answers at {addr}")]
     Connect {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("asking the admin server at {addr} failed: {source}")]
+    #[error("asking the admin server at {addr} failed")]
     Exchange {
         addr: SocketAddr,
         #[source]

@@ -27,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
-    app::{AppError, load_registry},
     kernel::{Kernel, KernelError},
+    load::{self, LoadError},
     metrics::{Metrics, ReloadResult},
     registry::Registry,
+    report::Chain,
     systemd,
 };
 
@@ -42,17 +43,17 @@ const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("the new configuration is invalid; the running one stays: {0}")]
-    Invalid(#[source] AppError),
-    #[error("cannot update the BPF maps; the running configuration stays: {0}")]
+    #[error("the new configuration is invalid; the running one stays")]
+    Invalid(#[source] LoadError),
+    #[error("cannot update the BPF maps; the running configuration stays")]
     Kernel(#[source] KernelError),
-    #[error("the reload task stopped: {0}")]
+    #[error("the reload task stopped")]
     Task(#[source] tokio::task::JoinError),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
-    #[error("cannot watch {}: {source}", path.display())]
+    #[error("cannot watch {}", path.display())]
     Watch {
         path: PathBuf,
         #[source]
@@ -86,20 +87,20 @@ impl Reloader {
             }
             Err(error) => {
                 self.metrics.reloaded(ReloadResult::failed);
-                error!(trigger, "reload failed: {error}");
+                error!(trigger, "reload failed: {}", Chain(error));
             }
         }
         result.map(|_| ())
     }
 
     fn apply(&self) -> Result<usize, ReloadError> {
-        let new = load_registry(&self.config_paths).map_err(ReloadError::Invalid)?;
+        let new = load::load_and_log(&self.config_paths).map_err(ReloadError::Invalid)?;
         if let Err(error) = self.kernel.sync(new.intercepts()) {
             let running = self.registry.load();
             if let Err(rollback) = self.kernel.sync(running.intercepts()) {
                 // The maps now hold a mix, and routing falls back to ALLOW_ANY for
                 // what the running snapshot lacks; the next reload converges them.
-                error!(%rollback, "cannot restore the BPF maps of the running configuration");
+                error!(rollback = %Chain(&rollback), "cannot restore the BPF maps of the running configuration");
             }
             return Err(ReloadError::Kernel(error));
         }
@@ -125,7 +126,7 @@ impl ConfigWatch {
         let watcher = match watch(paths, changed_tx) {
             Ok(watcher) => Some(watcher),
             Err(error) => {
-                warn!("{error}; config changes need a SIGHUP to apply");
+                warn!("{}; config changes need a SIGHUP to apply", Chain(&error));
                 None
             }
         };
@@ -156,12 +157,12 @@ pub async fn run(
                 "file change"
             }
         };
-        systemd::reloading(monotonic_usec());
+        systemd::reloading();
         let task = Arc::clone(&reloader);
         if let Err(join) = tokio::task::spawn_blocking(move || task.reload(trigger)).await {
             // The swap is a reload's last step: one that did not finish applied nothing.
             reloader.metrics.reloaded(ReloadResult::failed);
-            error!("{}", ReloadError::Task(join));
+            error!("{}", Chain(&ReloadError::Task(join)));
         }
         systemd::ready();
     }
@@ -350,16 +351,6 @@ fn is_relevant(event: &notify::Event, watched: &[WatchTarget]) -> bool {
 
 fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-fn monotonic_usec() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
 }
 
 #[cfg(test)]

@@ -2,13 +2,17 @@
 //! diagnostics (NETLINK_SOCK_DIAG, what `ss -ti` reads). Asked on demand for
 //! `/connections`, so the data path pays nothing per connection for them.
 
-use std::{
-    collections::HashMap,
-    io,
-    mem::size_of,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+use std::{collections::HashMap, io, net::SocketAddr};
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
+};
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
 /// What the kernel counted on one accepted socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,151 +23,52 @@ pub struct SocketBytes {
     pub to_client: u64,
 }
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const INET_DIAG_INFO: u16 = 2;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const TCP_LISTEN: u32 = 10;
-
-#[repr(C)]
-struct NetlinkHeader {
-    len: u32,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    pid: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct SocketId {
-    source_port: [u8; 2],
-    destination_port: [u8; 2],
-    source: [[u8; 4]; 4],
-    destination: [[u8; 4]; 4],
-    interface: u32,
-    cookie: [u32; 2],
-}
-
-#[repr(C)]
-struct InetDiagRequest {
-    family: u8,
-    protocol: u8,
-    extensions: u8,
-    _pad: u8,
-    states: u32,
-    id: SocketId,
-}
-
-#[repr(C)]
-struct DumpRequest {
-    header: NetlinkHeader,
-    request: InetDiagRequest,
-}
-
-/// The fixed part of each answer (`struct inet_diag_msg`), before its attributes.
-const INET_DIAG_MSG_LEN: usize = 72;
-const SOCKET_ID_OFFSET: usize = 4;
-
 /// Byte counts of every TCP socket accepted on `listener`, by the client's address.
 pub fn accepted_socket_bytes(listener: SocketAddr) -> io::Result<HashMap<SocketAddr, SocketBytes>> {
-    // SAFETY: plain socket(2); the descriptor is owned right away.
-    let raw = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    // Port 0 is the kernel.
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let (family, unspecified) = match listener {
+        SocketAddr::V4(_) => (AF_INET, SocketId::new_v4()),
+        SocketAddr::V6(_) => (AF_INET6, SocketId::new_v6()),
     };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    let request = DumpRequest {
-        header: NetlinkHeader {
-            len: size_of::<DumpRequest>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
-            seq: 1,
-            pid: 0,
-        },
-        request: InetDiagRequest {
-            family: match listener {
-                SocketAddr::V4(_) => libc::AF_INET as u8,
-                SocketAddr::V6(_) => libc::AF_INET6 as u8,
-            },
-            protocol: libc::IPPROTO_TCP as u8,
-            extensions: 1 << (INET_DIAG_INFO - 1),
-            _pad: 0,
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
             // Every state but LISTEN: half-closed connections still count.
-            states: !(1 << TCP_LISTEN),
-            id: SocketId {
-                source_port: [0; 2],
-                destination_port: [0; 2],
-                source: [[0; 4]; 4],
-                destination: [[0; 4]; 4],
-                interface: 0,
-                cookie: [u32::MAX; 2],
+            states: StateFlags::from_bits_retain(!StateFlags::LISTEN.bits()),
+            socket_id: SocketId {
+                cookie: [0xff; 8],
+                ..unspecified
             },
-        },
-    };
-    // SAFETY: the kernel reads `len` bytes of a repr(C) request we own; a zeroed
-    // sockaddr_nl addresses the kernel.
-    let sent = unsafe {
-        let mut kernel: libc::sockaddr_nl = std::mem::zeroed();
-        kernel.nl_family = libc::AF_NETLINK as u16;
-        libc::sendto(
-            socket.as_raw_fd(),
-            (&request as *const DumpRequest).cast(),
-            size_of::<DumpRequest>(),
-            0,
-            (&kernel as *const libc::sockaddr_nl).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        )
-    };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut sent = vec![0; request.buffer_len()];
+    request.serialize(&mut sent);
+    socket.send(&sent, 0)?;
 
     let mut found = HashMap::new();
-    let mut buffer = vec![0u8; 64 * 1024];
+    let mut buffer = Vec::with_capacity(64 * 1024);
     loop {
-        // SAFETY: recv writes at most buffer.len() bytes into the buffer we own.
-        let received = unsafe {
-            libc::recv(
-                socket.as_raw_fd(),
-                buffer.as_mut_ptr().cast(),
-                buffer.len(),
-                0,
-            )
-        };
-        if received < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut messages = &buffer[..received as usize];
-        while messages.len() >= size_of::<NetlinkHeader>() {
-            let length = u32::from_ne_bytes(messages[0..4].try_into().unwrap_or_default()) as usize;
-            let kind = u16::from_ne_bytes(messages[4..6].try_into().unwrap_or_default());
-            if length < size_of::<NetlinkHeader>() || length > messages.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "truncated netlink message",
-                ));
-            }
-            match kind {
-                NLMSG_DONE => return Ok(found),
-                NLMSG_ERROR => {
-                    let code = messages
-                        .get(16..20)
-                        .and_then(|bytes| bytes.try_into().ok())
-                        .map_or(0, i32::from_ne_bytes);
-                    return Err(io::Error::from_raw_os_error(-code));
-                }
-                SOCK_DIAG_BY_FAMILY => {
-                    if let Some((client, bytes)) =
-                        parse_socket(&messages[size_of::<NetlinkHeader>()..length], listener)
-                    {
+        buffer.clear();
+        socket.recv(&mut buffer, 0)?;
+        let mut messages = &buffer[..];
+        while !messages.is_empty() {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(messages)
+                .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(error) => return Err(error.to_io()),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
+                    if let Some((client, bytes)) = accepted_on(&response, listener) {
                         found.insert(client, bytes);
                     }
                 }
@@ -174,45 +79,28 @@ pub fn accepted_socket_bytes(listener: SocketAddr) -> io::Result<HashMap<SocketA
     }
 }
 
-/// One `inet_diag_msg`: the socket's client address and byte counts, if the socket
-/// was accepted on `listener`.
-fn parse_socket(message: &[u8], listener: SocketAddr) -> Option<(SocketAddr, SocketBytes)> {
-    let id = message.get(SOCKET_ID_OFFSET..SOCKET_ID_OFFSET + size_of::<SocketId>())?;
-    let local_port = u16::from_be_bytes([id[0], id[1]]);
-    let remote_port = u16::from_be_bytes([id[2], id[3]]);
-    // Both addresses take 16 bytes; an IPv4 one fills the first 4.
-    let address = |bytes: &[u8]| -> Option<IpAddr> {
-        Some(match listener {
-            SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(&bytes[..4]).ok()?)),
-            SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
-        })
-    };
-    let local = address(&id[4..20])?;
-    let remote = address(&id[20..36])?;
-    if SocketAddr::new(local, local_port) != listener {
+/// The socket's client address and byte counts, if it was accepted on `listener`.
+fn accepted_on(response: &InetResponse, listener: SocketAddr) -> Option<(SocketAddr, SocketBytes)> {
+    let id = &response.header.socket_id;
+    if SocketAddr::new(id.source_address, id.source_port) != listener {
         return None;
     }
-    let mut attributes = message.get(INET_DIAG_MSG_LEN..)?;
-    while attributes.len() >= 4 {
-        let length = u16::from_ne_bytes([attributes[0], attributes[1]]) as usize;
-        let kind = u16::from_ne_bytes([attributes[2], attributes[3]]);
-        if length < 4 || length > attributes.len() {
-            return None;
-        }
-        if kind == INET_DIAG_INFO {
-            let info = &attributes[4..length];
-            let bytes = SocketBytes {
+    let client = SocketAddr::new(id.destination_address, id.destination_port);
+    response.nlas.iter().find_map(|nla| match nla {
+        // Raw, as the kernel's struct tcp_info grows between versions and only two
+        // of its fields matter here.
+        Nla::TcpInfo(info) => Some((
+            client,
+            SocketBytes {
                 from_client: read_u64(
                     info,
                     std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received),
                 )?,
                 to_client: read_u64(info, std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked))?,
-            };
-            return Some((SocketAddr::new(remote, remote_port), bytes));
-        }
-        attributes = attributes.get(align(length)..).unwrap_or_default();
-    }
-    None
+            },
+        )),
+        _ => None,
+    })
 }
 
 fn read_u64(bytes: &[u8], offset: usize) -> Option<u64> {
@@ -221,7 +109,7 @@ fn read_u64(bytes: &[u8], offset: usize) -> Option<u64> {
     ))
 }
 
-/// Netlink messages and attributes start on 4-byte boundaries.
+/// Netlink messages start on 4-byte boundaries.
 fn align(length: usize) -> usize {
     (length + 3) & !3
 }

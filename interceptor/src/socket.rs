@@ -3,8 +3,13 @@
 use std::{
     io,
     net::SocketAddr,
-    os::fd::{AsRawFd, FromRawFd as _, IntoRawFd as _},
+    os::fd::{AsFd, AsRawFd, FromRawFd as _, IntoRawFd as _},
     time::Duration,
+};
+
+use nix::{
+    errno::Errno,
+    sys::socket::{SockaddrStorage, connect, setsockopt, sockopt},
 };
 
 use tokio::{
@@ -54,86 +59,14 @@ pub async fn connect_bypassing(
 
 /// A non-blocking connect(2): Ok once the handshake is under way (or, rarely, done).
 fn start_connect(socket: &impl AsRawFd, destination: SocketAddr) -> io::Result<()> {
-    let (storage, length) = sockaddr(destination);
-    // SAFETY: `storage` holds a valid sockaddr of `length` bytes for the call's duration.
-    let result = unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            (&storage as *const libc::sockaddr_storage).cast(),
-            length,
-        )
-    };
-    if result == 0 {
-        return Ok(());
-    }
-    let error = io::Error::last_os_error();
-    if error.raw_os_error() == Some(libc::EINPROGRESS) {
-        Ok(())
-    } else {
-        Err(error)
+    match connect(socket.as_raw_fd(), &SockaddrStorage::from(destination)) {
+        Ok(()) | Err(Errno::EINPROGRESS) => Ok(()),
+        Err(error) => Err(error.into()),
     }
 }
 
-fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero bytes are a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let length = match address {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(*v4.ip()).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, length as libc::socklen_t)
-}
-
-fn set_mark(socket: &impl AsRawFd, mark: u32) -> io::Result<()> {
-    set_u32_option(socket, libc::SOL_SOCKET, libc::SO_MARK, mark)
-}
-
-fn set_u32_option(
-    socket: &impl AsRawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: u32,
-) -> io::Result<()> {
-    // SAFETY: both options take a u32 by pointer and length.
-    let result = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            &value as *const u32 as *const libc::c_void,
-            std::mem::size_of::<u32>() as libc::socklen_t,
-        )
-    };
-    if result == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+fn set_mark(socket: &impl AsFd, mark: u32) -> io::Result<()> {
+    Ok(setsockopt(socket, sockopt::Mark, &mark)?)
 }
 
 /// Closes with a RST instead of a FIN, so the client sees at once that the

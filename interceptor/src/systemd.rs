@@ -1,6 +1,9 @@
 //! The sd_notify protocol, for `Type=notify` units: one datagram of `KEY=value`
 //! lines to the unix socket named by `$NOTIFY_SOCKET`. Without that variable (not
 //! under systemd) every call does nothing.
+//!
+//! Hand-written: the `sd-notify` crate connects to `$NOTIFY_SOCKET` as a path only,
+//! so the abstract sockets (`@name`) systemd may hand out would fail.
 
 use std::{
     ffi::{OsStr, OsString},
@@ -11,15 +14,18 @@ use std::{
     },
 };
 
+use nix::time::{ClockId, clock_gettime};
 use tracing::{debug, warn};
+
+use crate::report::Chain;
 
 const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
-    #[error("bad NOTIFY_SOCKET {0:?}: {1}")]
+    #[error("bad NOTIFY_SOCKET {0:?}")]
     Address(OsString, #[source] io::Error),
-    #[error("cannot notify systemd at {0:?}: {1}")]
+    #[error("cannot notify systemd at {0:?}")]
     Send(OsString, #[source] io::Error),
 }
 
@@ -36,10 +42,18 @@ pub fn stopping() {
 
 /// Tells the service manager a reload is being applied (`Type=notify-reload` and
 /// `systemctl reload` wait for the `READY=1` that follows).
-pub fn reloading(monotonic_usec: u64) {
+pub fn reloading() {
     notify(&format!(
-        "RELOADING=1\nMONOTONIC_USEC={monotonic_usec}\nSTATUS=reloading\n"
+        "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS=reloading\n",
+        monotonic_usec()
     ));
+}
+
+/// CLOCK_MONOTONIC, which the reload message must carry, in microseconds.
+fn monotonic_usec() -> u64 {
+    clock_gettime(ClockId::CLOCK_MONOTONIC).map_or(0, |now| {
+        now.tv_sec() as u64 * 1_000_000 + now.tv_nsec() as u64 / 1_000
+    })
 }
 
 fn notify(state: &str) {
@@ -49,7 +63,7 @@ fn notify(state: &str) {
     match notify_to(&socket, state) {
         Ok(()) => debug!(state = state.trim_end(), "notified systemd"),
         // systemd will time the unit out; logging is all that is left to do.
-        Err(error) => warn!(%error, "sd_notify failed"),
+        Err(error) => warn!(error = %Chain(&error), "sd_notify failed"),
     }
 }
 

@@ -21,11 +21,12 @@
 use std::{
     collections::BTreeSet,
     fs, io,
-    os::fd::RawFd,
+    os::fd::{BorrowedFd, RawFd},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tokio::runtime::{Builder, Runtime};
 use tracing::warn;
 
@@ -64,7 +65,7 @@ pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime
     };
     // tokio opens its epoll descriptor when the runtime is built, after the hook is
     // set; the hook reads the descriptors found afterwards.
-    let polled = Arc::new(OnceLock::<([libc::pollfd; MAX_POLLED], usize)>::new());
+    let polled = Arc::new(OnceLock::<([PollFd<'static>; MAX_POLLED], usize)>::new());
     // Only the worker's own thread parks this runtime, so the lock is never contended.
     let window = Arc::new(Mutex::new(SpinWindow::new(budget)));
     let park_window = Arc::clone(&window);
@@ -76,7 +77,7 @@ pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime
         let parking = Instant::now();
         let spin = lock(&park_window).parking(parking);
         if !spin.is_zero() {
-            spin_until_ready(*descriptors, *count, parking + spin);
+            spin_until_ready(descriptors.clone(), *count, parking + spin);
             spun.inc_by(parking.elapsed().as_secs_f64());
         }
     });
@@ -84,11 +85,6 @@ pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime
     let runtime = builder.build()?;
     match epoll_descriptors() {
         Ok(after) => {
-            let mut descriptors = [libc::pollfd {
-                fd: -1,
-                events: libc::POLLIN,
-                revents: 0,
-            }; MAX_POLLED];
             let opened: Vec<RawFd> = after.difference(&before).copied().collect();
             if opened.is_empty() || opened.len() > MAX_POLLED {
                 warn!(
@@ -96,9 +92,14 @@ pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime
                     "the runtime's epoll descriptor is not recognisable: busy polling is off for this worker"
                 );
             } else {
-                for (slot, fd) in descriptors.iter_mut().zip(&opened) {
-                    slot.fd = *fd;
-                }
+                // SAFETY: the runtime keeps its epoll descriptors open for as long as
+                // it lives, and only its own park hook polls them.
+                let watch =
+                    |fd| PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, PollFlags::POLLIN);
+                // Slots past the count repeat the first descriptor and are never polled.
+                let descriptors = std::array::from_fn(|index| {
+                    watch(opened.get(index).copied().unwrap_or(opened[0]))
+                });
                 let _ = polled.set((descriptors, opened.len()));
             }
         }
@@ -169,18 +170,21 @@ impl SpinWindow {
 /// Spins until one of the runtime's epoll descriptors has an event queued, or until
 /// `deadline`. Timers the runtime holds fire late by up to the spin, and by a
 /// scheduler turn more when a yield lets other threads run past the deadline.
-fn spin_until_ready(mut descriptors: [libc::pollfd; MAX_POLLED], count: usize, deadline: Instant) {
+fn spin_until_ready(
+    mut descriptors: [PollFd<'static>; MAX_POLLED],
+    count: usize,
+    deadline: Instant,
+) {
     loop {
-        // SAFETY: `count` valid pollfds the runtime keeps open; a zero timeout never
-        // blocks.
-        let ready = unsafe { libc::poll(descriptors.as_mut_ptr(), count as libc::nfds_t, 0) };
-        if ready != 0 || Instant::now() >= deadline {
+        // A zero timeout never blocks.
+        let ready = poll(&mut descriptors[..count], PollTimeout::ZERO);
+        if ready != Ok(0) || Instant::now() >= deadline {
             return;
         }
         // Any other thread runnable on this CPU (on a small machine, often the
-        // client or the backend this worker is waiting for) runs first.
-        // SAFETY: sched_yield has no arguments and cannot fail on Linux.
-        unsafe { libc::sched_yield() };
+        // client or the backend this worker is waiting for) runs first: this is
+        // sched_yield(2).
+        std::thread::yield_now();
     }
 }
 

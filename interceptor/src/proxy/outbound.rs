@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// Istio's meshConfig.outboundTrafficPolicy, for intercepted traffic no service matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum OutboundPolicy {
     #[default]
     AllowAny,

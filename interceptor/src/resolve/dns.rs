@@ -42,9 +42,9 @@ impl Default for DnsSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsSetupError {
-    #[error("cannot read the system resolver configuration (/etc/resolv.conf): {0}")]
+    #[error("cannot read the system resolver configuration (/etc/resolv.conf)")]
     SystemConfig(#[source] NetError),
-    #[error("cannot build the DNS resolver: {0}")]
+    #[error("cannot build the DNS resolver")]
     Build(#[source] NetError),
 }
 

@@ -41,8 +41,15 @@ impl std::fmt::Display for Target {
 pub enum ResolveError {
     #[error("the service has no endpoint")]
     NoEndpoint,
+    /// Message only: the proxy logs this error on its own.
     #[error("DNS: {0}")]
-    Dns(#[from] LookupError),
+    Dns(LookupError),
+}
+
+impl From<LookupError> for ResolveError {
+    fn from(error: LookupError) -> Self {
+        Self::Dns(error)
+    }
 }
 
 /// The targets to try, in order. Only DNS resolution returns more than one: the
@@ -288,7 +295,7 @@ mod tests {
                     file: "workloads.yaml".into(),
                     document: 0,
                 },
-                resource: serde_yaml::from_str(&format!(
+                resource: serde_saphyr::from_str(&format!(
                     "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}}}\nspec: {{address: '{address}', labels: {{app: local}}}}\n"
                 ))
                 .unwrap(),
