@@ -1,7 +1,7 @@
 //! The SNI path sees bytes from any application on the node before anything else does.
 #![no_main]
 
-use interceptor::proxy::sni::{ClientHello, parse_client_hello};
+use interceptor::parsers::{ClientHello, is_plausible_host, parse_client_hello};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -18,6 +18,6 @@ fuzz_target!(|data: &[u8]| {
         server_name: Some(name),
     } = whole
     {
-        assert!(interceptor::proxy::sni::is_plausible_host(&name));
+        assert!(is_plausible_host(&name));
     }
 });

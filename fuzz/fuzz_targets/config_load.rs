@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use interceptor::config::{LoadError, OutputFormat, load_str, render};
+use interceptor::parsers::{LoadError, OutputFormat, load_str, render};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

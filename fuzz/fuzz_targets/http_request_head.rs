@@ -1,6 +1,6 @@
 #![no_main]
 
-use interceptor::proxy::http::{HttpRequest, parse_request_head};
+use interceptor::parsers::{HttpRequest, parse_request_head};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -100,10 +100,12 @@ impl PipeBudget {
         self.left.fetch_add(pipes, Ordering::Relaxed);
     }
 
+    #[cfg(test)]
     pub fn left(&self) -> usize {
         self.left.load(Ordering::Relaxed)
     }
 
+    #[cfg(test)]
     pub fn opened(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }

@@ -1,21 +1,34 @@
 //! interceptor: an eBPF transparent egress interceptor for Istio ServiceEntry
-//! configuration. The binary in `main.rs` is a thin CLI over these modules.
+//! configuration. The binary in `main.rs` calls [`cli::main`]; every other module is
+//! private, so the compiler reports what nothing uses.
 
-pub mod address_file;
-pub mod admin;
-pub mod app;
-pub mod config;
-pub mod copy;
-pub mod kernel;
-pub mod limits;
-pub mod load;
-pub mod metrics;
-pub mod probe;
-pub mod proxy;
-pub mod registry;
-pub mod reload;
-pub mod report;
-pub mod resolve;
-pub mod sockdiag;
-pub mod socket;
-pub mod systemd;
+mod address_file;
+mod admin;
+mod app;
+pub mod cli;
+mod config;
+mod copy;
+mod kernel;
+mod limits;
+mod load;
+mod metrics;
+mod probe;
+mod proxy;
+mod registry;
+mod reload;
+mod report;
+mod resolve;
+mod sockdiag;
+mod socket;
+mod systemd;
+
+/// The parsers that read untrusted bytes, for the fuzz targets.
+pub mod parsers {
+    pub use crate::{
+        config::{LoadError, OutputFormat, load_str, render},
+        proxy::{
+            http::{HttpRequest, parse_request_head},
+            sni::{ClientHello, is_plausible_host, parse_client_hello},
+        },
+    };
+}

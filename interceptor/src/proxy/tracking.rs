@@ -134,17 +134,6 @@ impl ConnectionTable {
         connections
     }
 
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn shard(&self, id: u64) -> &Shard {
         &self.shards[id as usize % self.shards.len()]
     }
@@ -298,7 +287,7 @@ mod tests {
         guard.finished(&Ok((10, 20)));
         drop(guard);
 
-        assert!(table.is_empty());
+        assert!(table.snapshot().is_empty());
         assert_eq!(
             counter_line(&metrics, "interceptor_connections_closed_total"),
             "interceptor_connections_closed_total 1"

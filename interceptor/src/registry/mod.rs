@@ -276,7 +276,8 @@ impl Registry {
     }
 
     /// The route for a destination when no host is known: address or opaque port
-    /// routes only. For tests and callers that never sniff.
+    /// routes only, as a connection that is never sniffed gets it.
+    #[cfg(test)]
     pub fn route(&self, destination: SocketAddr) -> Option<Route> {
         match self.lookup(destination) {
             Lookup::Route(route) => Some(route),

@@ -24,7 +24,7 @@ use super::{
     VirtualService, WorkloadEntry, object_name,
 };
 
-pub use overlap::{CreationTime, EntryOrder, entry_order, oldest_first, parse_rfc3339};
+pub use overlap::{entry_order, oldest_first};
 
 /// Validates every resource in the set, and the set as a whole.
 pub fn config_set(config: &ConfigSet) -> Vec<Finding> {

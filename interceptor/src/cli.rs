@@ -1,0 +1,466 @@
+//! The command line: `run`, `validate` and `ready`.
+
+use std::{
+    io::IsTerminal as _,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use interceptor_common::host::cgroup2_root;
+use nix::unistd::{SysconfVar, sysconf};
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    address_file::AddressFile,
+    app, config,
+    copy::CopyMode,
+    limits,
+    load::{self, LoadError},
+    probe,
+    proxy::{OutboundPolicy, workers::ContainerAddrs},
+    report::Chain,
+    resolve::DnsSettings,
+};
+
+/// eBPF transparent egress interceptor for Istio ServiceEntry configuration.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Attach the programs and run the proxy until SIGTERM or SIGINT.
+    Run(Box<RunArgs>),
+    /// Check configuration files; exit 1 if any error is found.
+    Validate(ValidateArgs),
+    /// Ask a running daemon whether it is serving; exit 0 if it is, 1 if not. For
+    /// exec readiness probes and scripts.
+    Ready(ReadyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+struct ReadyArgs {
+    /// The file the daemon keeps with --address-file: asks that daemon, wherever its
+    /// admin server ended up (a daemon started next to another takes a free port).
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+    /// Ask whatever daemon serves at this admin address.
+    #[arg(long)]
+    admin_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// ServiceEntry YAML files or directories of them.
+    #[arg(long = "config", required = true, num_args = 1..)]
+    config: Vec<PathBuf>,
+    /// The cgroup (v2) whose connections are intercepted. Defaults to the cgroup2
+    /// root, which intercepts the whole host.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Where the proxy listens for redirected IPv4 connections (dual-stack sockets'
+    /// included).
+    #[arg(long, default_value = "127.0.0.1:15001", value_parser = parse_proxy_addr::<SocketAddrV4>)]
+    proxy_addr: SocketAddrV4,
+    /// Where the proxy listens for redirected native IPv6 connections, or `off` to
+    /// leave IPv6 destinations alone. Without IPv6 on the host it is off by itself.
+    #[arg(long, default_value = "[::1]:15001", value_parser = parse_proxy_addr_v6)]
+    proxy_addr_v6: ProxyAddrV6,
+    /// Where connects from processes in other network namespaces (containers, pods) in
+    /// the cgroup are redirected: an IPv4 address of this host they can reach, such as
+    /// the container bridge's or the node's, never loopback. The proxy listens there
+    /// too and answers only connections its programs redirected, so it relays nothing
+    /// for anyone else. Without it, their connects go direct.
+    #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV4>)]
+    container_proxy_addr: Option<SocketAddrV4>,
+    /// The same for native IPv6 connects from other network namespaces: an IPv6
+    /// address of this host they can reach, as `[ADDR]:PORT`. Without it, they go
+    /// direct.
+    #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV6>)]
+    container_proxy_addr_v6: Option<SocketAddrV6>,
+    /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
+    #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
+    bypass_mark: u32,
+    /// Upstream connect deadline, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    connect_timeout_ms: u64,
+    /// How long open connections may finish after SIGTERM, in seconds.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// What happens to intercepted traffic that matches no service (Istio's
+    /// outboundTrafficPolicy): forwarded to its original destination, or refused.
+    #[arg(long, value_enum, default_value_t = OutboundPolicy::AllowAny)]
+    outbound_policy: OutboundPolicy,
+    /// How long a client on a TLS or HTTP port-only port has to send its ClientHello
+    /// or request head, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    sniff_timeout_ms: u64,
+    /// How the proxy moves bytes.
+    #[arg(long, value_enum, default_value_t = CopyMode::Splice)]
+    copy_mode: CopyMode,
+    /// Proxy threads, each accepting on its own SO_REUSEPORT listener. Default: the
+    /// CPUs this process may use (cgroup CPU limits included).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+    /// The longest an idle proxy thread spins, watching for the next event, before
+    /// it blocks. The window adapts to the gaps between the worker's events, like
+    /// guest halt-polling, so a worker whose events come closer together than this
+    /// spins through them and its next packet finds it running instead of having to
+    /// wake it: less latency per request/response round trip, for more CPU while
+    /// traffic flows. After a burst, and between requests spaced wider
+    /// than this, a worker spins at most a quarter of it before blocking. Timers, such
+    /// as connect timeouts, may fire late by up to this long, more when other threads
+    /// want the CPU. 0 never spins; at most 10000.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    busy_poll_us: u32,
+    /// The most connections the proxy serves at once; more wait in the kernel's
+    /// accept queue until one ends, rather than being accepted without the
+    /// descriptors to serve them. Default: three quarters of the descriptors the
+    /// open-files limit leaves after what the daemon holds at start and a margin, two
+    /// per connection; the other quarter is for splice pipes.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+    /// Bytes of the ring buffer through which sockops hands each redirected
+    /// connection's original destination to the proxy: a power of two, at least a
+    /// page. At 64 bytes a record, the default holds 32,768 connections the proxy has
+    /// not accepted yet; past that, records go to a map the proxy reads with a system
+    /// call (`interceptor_redirect_records_total{source="map"}` counts them).
+    #[arg(long, default_value_t = interceptor_common::REDIRECTS_RING_BYTES, value_parser = parse_ring_bytes)]
+    redirect_ring_bytes: u32,
+    /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
+    #[arg(long = "dns-server")]
+    dns_servers: Vec<SocketAddr>,
+    /// Lower clamp on DNS record TTLs, in seconds.
+    #[arg(long, default_value_t = 1)]
+    dns_min_ttl: u64,
+    /// Upper clamp on DNS record TTLs, in seconds.
+    #[arg(long, default_value_t = 300)]
+    dns_max_ttl: u64,
+    /// How long a failed lookup is cached, in seconds.
+    #[arg(long, default_value_t = 5)]
+    dns_negative_ttl: u64,
+    /// Timeout of one DNS query, in milliseconds (a lookup makes at most two).
+    #[arg(long, default_value_t = 2000)]
+    dns_timeout_ms: u64,
+    /// Where the admin server listens: /healthz/ready, /config_dump, /connections,
+    /// /metrics. Loopback only, unless --admin-allow-non-loopback.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Allow a non-loopback --admin-addr. The admin server has no authentication and
+    /// shows the config and every live connection.
+    #[arg(long)]
+    admin_allow_non_loopback: bool,
+    /// Keep the addresses this daemon really listens on (admin server, proxy) in
+    /// this JSON file, and remove it on exit. They differ from the configured ones
+    /// when another daemon held those at start; `interceptor ready --address-file`
+    /// reads it. The admin server also serves at its configured address once that is
+    /// free, and the file then names that. One file per daemon.
+    #[arg(long)]
+    address_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ValidateArgs {
+    /// ServiceEntry YAML files or directories of them.
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// `text`: one line per finding; `json`: machine-readable findings.
+    #[arg(long, value_enum, default_value_t = ValidateOutput::Text)]
+    output: ValidateOutput,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ValidateOutput {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_ring_bytes(raw: &str) -> Result<u32, String> {
+    let bytes: u32 = raw.parse().map_err(|error| format!("{raw}: {error}"))?;
+    let page = sysconf(SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |page| page.max(4096)) as u32;
+    if bytes.is_power_of_two() && bytes >= page {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "{bytes} must be a power of two of at least the page size ({page})"
+        ))
+    }
+}
+
+/// `Option` itself would make clap treat the flag as optional, not as "off".
+#[derive(Debug, Clone, Copy)]
+struct ProxyAddrV6(Option<SocketAddrV6>);
+
+fn parse_proxy_addr_v6(raw: &str) -> Result<ProxyAddrV6, String> {
+    if raw == "off" {
+        return Ok(ProxyAddrV6(None));
+    }
+    parse_proxy_addr(raw)
+        .map(|addr| ProxyAddrV6(Some(addr)))
+        .map_err(|error| match raw.parse::<SocketAddrV6>() {
+            Ok(_) => error,
+            Err(_) => format!("{raw} is neither an IPv6 socket address ([::1]:15001) nor `off`"),
+        })
+}
+
+/// A connect to the unspecified address reaches loopback, so a redirected socket
+/// would never show the proxy address its records are handed over for.
+fn parse_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
+    parse_listen_addr(
+        raw,
+        std::net::IpAddr::is_unspecified,
+        "the proxy needs a specific address, such as 127.0.0.1 or ::1",
+    )
+}
+
+fn parse_container_proxy_addr<Addr>(raw: &str) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
+    parse_listen_addr(
+        raw,
+        |ip| ip.is_loopback() || ip.is_unspecified(),
+        "containers cannot reach this host on a loopback or unspecified address; \
+         give one of its addresses on their network",
+    )
+}
+
+/// A socket address of `Addr`'s family whose IP `refused` does not reject (`why`).
+fn parse_listen_addr<Addr>(
+    raw: &str,
+    refused: impl Fn(&std::net::IpAddr) -> bool,
+    why: &str,
+) -> Result<Addr, String>
+where
+    Addr: std::str::FromStr + Into<std::net::SocketAddr> + Copy,
+{
+    let addr: Addr = raw
+        .parse()
+        .map_err(|_| format!("{raw} is not a socket address of this family"))?;
+    if refused(&Into::<std::net::SocketAddr>::into(addr).ip()) {
+        return Err(format!("{raw}: {why}"));
+    }
+    Ok(addr)
+}
+
+fn parse_u32(raw: &str) -> Result<u32, String> {
+    let parsed = match raw.strip_prefix("0x").or_else(|| raw.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => raw.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("the bypass mark must not be 0: unmarked sockets would bypass".into()),
+        Ok(value) => Ok(value),
+        Err(error) => Err(error.to_string()),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => match run(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("interceptor: {}", report(&error));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Validate(args) => validate(&args),
+        Command::Ready(args) => ready(&args),
+    }
+}
+
+fn ready(args: &ReadyArgs) -> ExitCode {
+    let (admin, instance) = match (&args.address_file, args.admin_addr) {
+        (Some(path), _) => match AddressFile::read(path) {
+            Ok(addresses) => (addresses.admin, Some(addresses.instance)),
+            Err(error) => {
+                eprintln!("interceptor: {}", Chain(&error));
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, Some(admin)) => (admin, None),
+        (None, None) => unreachable!("clap requires one of them"),
+    };
+    match probe::ready(admin, instance, probe::PROBE_TIMEOUT) {
+        Ok(body) => {
+            println!("{body} ({admin})");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("interceptor: {}", Chain(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes, outermost first: each error says only its own part.
+fn report(error: &anyhow::Error) -> String {
+    format!("{error:#}")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    limits::raise_open_files_limit();
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => cgroup2_root().context("finding the cgroup2 root")?,
+    };
+    let workers = args.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, usize::from),
+        usize::from,
+    );
+    // The proxy runs on its own threads (see proxy::workers); this runtime only
+    // serves the admin endpoints, reloads, DNS refreshes and signals.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    runtime.block_on(app::run(app::RunConfig {
+        config_paths: args.config,
+        cgroup,
+        proxy_addr: args.proxy_addr,
+        proxy_addr_v6: args.proxy_addr_v6.0,
+        container_proxy_addrs: ContainerAddrs {
+            v4: args.container_proxy_addr,
+            v6: args.container_proxy_addr_v6,
+        },
+        redirect_ring_bytes: args.redirect_ring_bytes,
+        bypass_mark: args.bypass_mark,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        dns: DnsSettings {
+            servers: args.dns_servers,
+            min_ttl: Duration::from_secs(args.dns_min_ttl),
+            max_ttl: Duration::from_secs(args.dns_max_ttl),
+            negative_ttl: Duration::from_secs(args.dns_negative_ttl),
+            query_timeout: Duration::from_millis(args.dns_timeout_ms),
+        },
+        outbound_policy: args.outbound_policy,
+        sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),
+        copy_mode: args.copy_mode,
+        workers,
+        busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
+        max_connections: args.max_connections.map(|max| max as usize),
+        admin_addr: args.admin_addr,
+        admin_allow_non_loopback: args.admin_allow_non_loopback,
+        address_file: args.address_file,
+    }))?;
+    Ok(())
+}
+
+fn validate(args: &ValidateArgs) -> ExitCode {
+    let findings = match load::load(&args.paths)
+        .map_or_else(LoadError::into_findings, |loaded| Ok(loaded.warnings))
+    {
+        Ok(findings) => findings,
+        Err(error) => {
+            println!("error: {}", Chain(&error));
+            return ExitCode::FAILURE;
+        }
+    };
+    let format = match args.output {
+        ValidateOutput::Text => config::OutputFormat::Text,
+        ValidateOutput::Json => config::OutputFormat::Json,
+    };
+    print!("{}", config::render(&findings, format));
+    let errors = findings
+        .iter()
+        .filter(|finding| finding.severity == config::Severity::Error)
+        .count();
+    // On stderr, so stdout stays one line per finding (or pure JSON) for scripts.
+    eprintln!(
+        "interceptor validate: {errors} error(s), {} warning(s)",
+        findings.len() - errors
+    );
+    if errors > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddrV4;
+
+    use crate::app::AppError;
+
+    use super::{
+        ProxyAddrV6, parse_container_proxy_addr, parse_proxy_addr, parse_proxy_addr_v6, report,
+    };
+
+    #[test]
+    fn the_proxy_addresses_must_be_specific() {
+        assert!(parse_proxy_addr::<SocketAddrV4>("127.0.0.1:15001").is_ok());
+        let error = parse_proxy_addr::<SocketAddrV4>("0.0.0.0:15001").unwrap_err();
+        assert!(error.contains("specific address"), "{error}");
+        assert!(matches!(
+            parse_proxy_addr_v6("[::1]:15001"),
+            Ok(ProxyAddrV6(Some(_)))
+        ));
+        assert!(matches!(parse_proxy_addr_v6("off"), Ok(ProxyAddrV6(None))));
+        assert!(parse_proxy_addr_v6("[::]:15001").is_err());
+        let error = parse_proxy_addr_v6("127.0.0.1:15001").unwrap_err();
+        assert!(error.contains("neither an IPv6 socket address"), "{error}");
+        // Containers need an address of the host on their network.
+        assert!(parse_container_proxy_addr::<SocketAddrV4>("198.18.5.1:15001").is_ok());
+        for refused in ["127.0.0.1:15001", "0.0.0.0:15001"] {
+            let error = parse_container_proxy_addr::<SocketAddrV4>(refused).unwrap_err();
+            assert!(error.contains("containers cannot reach"), "{error}");
+        }
+    }
+
+    #[test]
+    fn each_cause_is_reported_once() {
+        let refused = || std::io::Error::from_raw_os_error(libc::EADDRNOTAVAIL);
+        let error = anyhow::Error::new(AppError::Listen {
+            addr: "198.18.5.1:15001".parse().unwrap(),
+            source: refused(),
+        });
+        assert_eq!(
+            report(&error),
+            format!("cannot listen on 198.18.5.1:15001: {}", refused())
+        );
+        let error = anyhow::Error::new(refused()).context("starting the tokio runtime");
+        assert_eq!(
+            report(&error),
+            format!("starting the tokio runtime: {}", refused())
+        );
+    }
+}
