@@ -119,13 +119,12 @@ fn unmatched(original: SocketAddr, policy: OutboundPolicy) -> Decision {
 
 #[cfg(test)]
 mod tests {
-    use std::{path::PathBuf, time::Duration};
 
     use super::*;
     use crate::{
-        config::{ConfigSet, Resolution, Source, Sourced},
-        registry::test_support::{config, entry},
-        resolve::{self, DnsCache, DnsSettings, Target},
+        config::{ConfigSet, Resolution},
+        registry::test_support::{config, entry, weighted_tls_split},
+        resolve::{self, Target},
     };
 
     const ALLOW_ANY: OutboundPolicy = OutboundPolicy::AllowAny;
@@ -199,23 +198,7 @@ mod tests {
 
     /// The addresses the proxy would try, for services that need no DNS lookup.
     fn targets(decision: Decision, original: &str) -> Vec<Target> {
-        let route = forwarded(decision).route;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            // Nothing listens here: these services never need a lookup.
-            let dns = DnsCache::new(DnsSettings {
-                servers: vec![addr("127.0.0.1:9")],
-                query_timeout: Duration::from_millis(50),
-                ..DnsSettings::default()
-            })
-            .unwrap();
-            resolve::targets(&route, addr(original), &dns)
-                .await
-                .unwrap()
-        })
+        resolve::targets_without_lookup(&forwarded(decision).route, addr(original))
     }
 
     fn tcp(text: &str) -> Target {
@@ -346,25 +329,7 @@ mod tests {
 
     #[test]
     fn virtual_service_tls_routes_split_by_weight() {
-        let mut config = config(&[
-            &by_host(
-                "apis",
-                "[api.example.com, \"*.example.org\"]",
-                TLS,
-                "  resolution: NONE\n",
-            ),
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: blue}\nspec:\n  hosts: [blue.internal]\n  addresses: [240.240.0.7]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.7}]\n",
-        ]);
-        config.virtual_services.push(Sourced {
-            source: Source {
-                file: PathBuf::from("vs.yaml"),
-                document: 0,
-            },
-            resource: serde_saphyr::from_str(
-                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  hosts: [\"*.example.org\"]\n  tls:\n  - match: [{sniHosts: [www.example.org], port: 443}]\n    route:\n    - {destination: {host: blue.internal, port: {number: 8443}}, weight: 80}\n    - {destination: {host: green.external}, weight: 20}\n",
-            )
-            .unwrap(),
-        });
+        let config = weighted_tls_split();
         let registry = build(&config);
         let mut blue = 0;
         for _ in 0..1_000 {

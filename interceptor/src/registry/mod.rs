@@ -326,6 +326,27 @@ pub(crate) mod test_support {
             .map(|route| route.service.name.clone())
     }
 
+    /// A NONE service for `api.example.com` and `*.example.org` on 443, a STATIC
+    /// `blue.internal`, and a VirtualService that sends SNI `www.example.org` 80% to
+    /// blue (port 8443) and 20% to `green.external`.
+    pub fn weighted_tls_split() -> ConfigSet {
+        let mut config = config(&[
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: apis}\nspec:\n  hosts: [api.example.com, \"*.example.org\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: NONE\n",
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: blue}\nspec:\n  hosts: [blue.internal]\n  addresses: [240.240.0.7]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.7}]\n",
+        ]);
+        config.virtual_services.push(Sourced {
+            source: Source {
+                file: std::path::PathBuf::from("vs.yaml"),
+                document: 0,
+            },
+            resource: serde_saphyr::from_str(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  hosts: [\"*.example.org\"]\n  tls:\n  - match: [{sniHosts: [www.example.org], port: 443}]\n    route:\n    - {destination: {host: blue.internal, port: {number: 8443}}, weight: 80}\n    - {destination: {host: green.external}, weight: 20}\n",
+            )
+            .unwrap(),
+        });
+        config
+    }
+
     pub fn entry(name: &str, extra: &str) -> String {
         format!(
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n{extra}"

@@ -174,20 +174,7 @@ mod tests {
 
     #[test]
     fn virtual_service_tls_routes_override_sni_and_split_by_weight() {
-        let mut config = config(&[
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: apis}\nspec:\n  hosts: [api.example.com, \"*.example.org\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: NONE\n",
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: blue}\nspec:\n  hosts: [blue.internal]\n  addresses: [240.240.0.7]\n  ports: [{number: 8443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.7}]\n",
-        ]);
-        config.virtual_services.push(Sourced {
-            source: Source {
-                file: std::path::PathBuf::from("vs.yaml"),
-                document: 0,
-            },
-            resource: serde_saphyr::from_str(
-                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  hosts: [\"*.example.org\"]\n  tls:\n  - match: [{sniHosts: [www.example.org], port: 443}]\n    route:\n    - {destination: {host: blue.internal, port: {number: 8443}}, weight: 80}\n    - {destination: {host: green.external}, weight: 20}\n",
-            )
-            .unwrap(),
-        });
+        let config = weighted_tls_split();
         let (registry, warnings) = Registry::build(&config).unwrap();
         assert!(warnings.is_empty(), "{warnings:?}");
         let Lookup::ByHost(routes) = registry.lookup("198.18.9.9:443".parse().unwrap()) else {

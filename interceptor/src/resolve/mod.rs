@@ -190,9 +190,27 @@ fn tcp_target(endpoint: &Endpoint, route: &Route, address: IpAddr) -> Target {
     Target::Tcp(SocketAddr::new(address, number))
 }
 
+/// The targets of a route whose addresses need no DNS lookup, for tests: the cache
+/// asks a server nobody listens on, so a lookup would fail the test.
+#[cfg(test)]
+pub(crate) fn targets_without_lookup(route: &Route, original: SocketAddr) -> Vec<Target> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dns = DnsCache::new(DnsSettings {
+            servers: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+            query_timeout: std::time::Duration::from_millis(50),
+            ..DnsSettings::default()
+        })
+        .unwrap();
+        targets(route, original, &dns).await.unwrap()
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
 
     use super::*;
     use crate::registry::{
@@ -208,20 +226,7 @@ mod tests {
         let (registry, _) = Registry::build(config).unwrap();
         let destination: SocketAddr = destination.parse().unwrap();
         let route = registry.route(destination).expect("routed");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            // Nothing listens here: these services never need a lookup.
-            let dns = DnsCache::new(DnsSettings {
-                servers: vec!["127.0.0.1:9".parse().unwrap()],
-                query_timeout: Duration::from_millis(50),
-                ..DnsSettings::default()
-            })
-            .unwrap();
-            targets(&route, destination, &dns).await.unwrap()
-        })
+        targets_without_lookup(&route, destination)
     }
 
     fn tcp(addr: &str) -> Target {
