@@ -268,16 +268,27 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     daemon.wait_for_log("selects no usable WorkloadEntry in namespace data", 1);
 }
 
-/// The thread of `pid` named `name`, as /proc/<pid>/task/<tid>.
+/// The thread of `pid` named `name`, as /proc/<pid>/task/<tid>. A Rust thread names
+/// itself once it runs, which may be after the daemon logged that it is ready.
 fn thread_named(pid: u32, name: &str) -> std::path::PathBuf {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("list the daemon's threads")
-        .filter_map(Result::ok)
-        .map(|entry| entry.path())
-        .find(|task| {
-            std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name)
-        })
-        .unwrap_or_else(|| panic!("the daemon has no thread named {name}"))
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let found = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("list the daemon's threads")
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .find(|task| {
+                std::fs::read_to_string(task.join("comm")).is_ok_and(|comm| comm.trim() == name)
+            });
+        if let Some(task) = found {
+            return task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon has no thread named {name}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// SIGSTOP reaches a process's threads one by one; a worker still running could
