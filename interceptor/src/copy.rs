@@ -9,11 +9,17 @@
 //! In [`CopyMode::Splice`], a direction that fills a buffer switches to splice(2)
 //! through a pipe, so its bytes never enter user space. Request/response traffic
 //! never fills a buffer and never pays for the pipe.
+//!
+//! A close passes through as what it was: a FIN as a FIN (half-close included), and
+//! a reset as a reset, so a truncated answer never looks complete to the client, nor
+//! an aborted upload to the upstream.
 
 use std::{
-    io,
+    fmt, io,
     os::fd::{AsFd, AsRawFd as _, OwnedFd},
+    pin::pin,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    time::Duration,
 };
 
 use nix::{
@@ -26,7 +32,10 @@ use nix::{
 use tokio::{
     io::Interest,
     net::{TcpStream, UnixStream},
+    time::Instant,
 };
+
+use crate::socket::reset_on_close;
 
 /// How bytes are moved; both are correct, and `cargo xtask bench --scenario bulk`
 /// compares them. The variants' docs are `--copy-mode`'s help.
@@ -50,10 +59,16 @@ pub trait Socket: AsFd {
     fn writable(&self) -> impl Future<Output = io::Result<()>>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Bytes written to the socket that its peer has not acknowledged yet, which a
+    /// reset would throw away. A unix socket's bytes are in its peer's queue as soon
+    /// as they are written, and its close never discards them.
+    fn unacknowledged(&self) -> io::Result<usize> {
+        Ok(0)
+    }
 }
 
 macro_rules! socket {
-    ($type:ty) => {
+    ($type:ty $(, $($extra:tt)*)?) => {
         impl Socket for $type {
             fn readable(&self) -> impl Future<Output = io::Result<()>> {
                 <$type>::readable(self)
@@ -71,10 +86,23 @@ macro_rules! socket {
             ) -> io::Result<R> {
                 <$type>::try_io(self, interest, f)
             }
+            $($($extra)*)?
         }
     };
 }
-socket!(TcpStream);
+socket!(
+    TcpStream,
+    fn unacknowledged(&self) -> io::Result<usize> {
+        let mut queued: libc::c_int = 0;
+        // SIOCOUTQ (TIOCOUTQ's number): for TCP, bytes sent or queued and not yet
+        // acknowledged.
+        // SAFETY: the ioctl writes one int into `queued`, which we own.
+        if unsafe { libc::ioctl(self.as_raw_fd(), libc::TIOCOUTQ, &mut queued) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(usize::try_from(queued).unwrap_or(0))
+    }
+);
 socket!(UnixStream);
 
 /// How many splice pipes may be open at once. Each holds two descriptors, which
@@ -123,68 +151,290 @@ impl PipeBudget {
     }
 }
 
-/// Copies `client` ↔ `upstream` until both directions reached EOF, or either failed.
-/// Returns (bytes client → upstream, bytes upstream → client).
-///
-/// The caller must close both sockets when this returns: the direction that ends
-/// last leaves its FIN to that close, which sends it anyway, saving a shutdown(2) per
-/// connection.
-pub async fn bidirectional(
-    client: &impl Socket,
-    upstream: &impl Socket,
-    mode: CopyMode,
-    pipes: &PipeBudget,
-) -> io::Result<(u64, u64)> {
-    let one_finished = AtomicBool::new(false);
-    tokio::try_join!(
-        one_way(client, upstream, mode, pipes, &one_finished),
-        one_way(upstream, client, mode, pipes, &one_finished)
-    )
+/// One of the two sockets of a relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
 }
 
-/// Passes an EOF from one socket on to the other.
-fn pass_eof(to: &impl Socket, one_finished: &AtomicBool) -> io::Result<()> {
-    if one_finished.swap(true, Ordering::Relaxed) {
-        // Both directions are done and the caller closes both sockets next; nothing
-        // is left unread on `to`, so its close sends the FIN.
-        Ok(())
-    } else {
-        shutdown_write(to)
+impl Side {
+    pub const ALL: [Self; 2] = [Self::Client, Self::Upstream];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Upstream => "upstream",
+        }
     }
 }
 
+/// How a side ended its part of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum How {
+    /// A FIN: the side finished sending, and its peer gets a clean end of stream.
+    Fin,
+    /// A reset, or a write into a connection the side had already closed.
+    Reset,
+    /// Any other failure of the proxy's I/O on that side (timed out, unreachable).
+    /// The other side is reset all the same: a failure must not look like an end.
+    Error,
+}
+
+impl How {
+    pub const ALL: [Self; 3] = [Self::Fin, Self::Reset, Self::Error];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Fin => "fin",
+            Self::Reset => "reset",
+            Self::Error => "error",
+        }
+    }
+
+    /// How a failed read or write on a side ended it. EPIPE is what a write into a
+    /// reset TCP connection returns once the reset was reported, and what a unix
+    /// socket, which has no reset, returns for a peer that went away.
+    pub fn of(error: &io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Self::Reset,
+            _ => Self::Error,
+        }
+    }
+}
+
+/// What ended a connection: the side that reset or failed, if one did, wherever in
+/// the connection's life; otherwise the side whose FIN came first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub side: Side,
+    pub how: How,
+}
+
+/// `client_fin`, `upstream_reset`, ...: the closing log line's `close` field.
+impl fmt::Display for Close {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "{}_{}", self.side.label(), self.how.label())
+    }
+}
+
+/// How a relayed connection went.
+#[derive(Debug)]
+pub struct Copied {
+    /// Bytes client → upstream, the preface included.
+    pub sent: u64,
+    /// Bytes upstream → client.
+    pub received: u64,
+    pub close: Close,
+    /// What failed, when the close is not a FIN.
+    pub error: Option<io::Error>,
+}
+
+/// How long the survivor of a reset has to take the bytes the proxy already holds
+/// for it before it is reset too: the failed side had sent them before its reset,
+/// and a peer connected directly would have had them. A peer that does not read
+/// them in this time loses them, as it may when a connection fails anyway.
+const FLUSH_BEFORE_RESET: Duration = Duration::from_secs(1);
+
+/// Writes `preface` (bytes already read from the client) to the upstream, then
+/// copies `client` ↔ `upstream` until both directions reached EOF, or a side reset
+/// or failed.
+///
+/// A side that resets or fails gets its reset passed on: the direction reading from
+/// it forwards what it sent before the reset, the other side is given up to
+/// [`FLUSH_BEFORE_RESET`] to take what the proxy holds for it, and both sockets are
+/// set to reset when closed. The caller must close both sockets when this returns:
+/// after a clean end, the direction that ended last leaves its FIN to that close,
+/// which sends it anyway, saving a shutdown(2) per connection.
+pub async fn bidirectional(
+    client: &impl Socket,
+    upstream: &impl Socket,
+    preface: Vec<u8>,
+    mode: CopyMode,
+    pipes: &PipeBudget,
+) -> Copied {
+    let ends = Ends::default();
+    let (mut sent, mut received) = (0, 0);
+    let mut first_fin = None;
+    let failure = {
+        let mut upload = pin!(async {
+            sent = preface.len() as u64;
+            write_all(upstream, &preface).await.map_err(Broken::to)?;
+            // A long-lived connection should not keep the ClientHello or request head.
+            drop(preface);
+            one_way(client, upstream, mode, pipes, &ends, &mut sent).await
+        });
+        let mut download = pin!(one_way(upstream, client, mode, pipes, &ends, &mut received));
+        let (mut upload_done, mut download_done) = (false, false);
+        let failure = loop {
+            let (from, result) = tokio::select! {
+                result = &mut upload, if !upload_done => {
+                    upload_done = true;
+                    (Side::Client, result)
+                }
+                result = &mut download, if !download_done => {
+                    download_done = true;
+                    (Side::Upstream, result)
+                }
+            };
+            match result {
+                Ok(()) => {
+                    first_fin.get_or_insert(from);
+                    if upload_done && download_done {
+                        break None;
+                    }
+                }
+                Err(broken) => break Some((broken.side(from), broken.error)),
+            }
+        };
+        if let Some((failed, _)) = &failure {
+            // Whatever the failed side sent before its reset is still to be read:
+            // the direction from it forwards that, and then stops at the reset (or
+            // at an EOF, once the other direction has taken the reset's error).
+            ends.failed.store(true, Ordering::Relaxed);
+            let deadline = Instant::now() + FLUSH_BEFORE_RESET;
+            match failed {
+                Side::Client => {
+                    if !upload_done {
+                        let _ = tokio::time::timeout_at(deadline, &mut upload).await;
+                    }
+                    flush(upstream, deadline).await;
+                }
+                Side::Upstream => {
+                    if !download_done {
+                        let _ = tokio::time::timeout_at(deadline, &mut download).await;
+                    }
+                    flush(client, deadline).await;
+                }
+            }
+        }
+        failure
+    };
+    match failure {
+        None => Copied {
+            sent,
+            received,
+            // Both directions ended, so one was first.
+            close: Close {
+                side: first_fin.unwrap_or(Side::Client),
+                how: How::Fin,
+            },
+            error: None,
+        },
+        Some((side, error)) => {
+            // The failed side's socket is dead after a reset, but not after a failure
+            // of the proxy's own, which must not look like a clean end either.
+            let _ = reset_on_close(client);
+            let _ = reset_on_close(upstream);
+            Copied {
+                sent,
+                received,
+                close: Close {
+                    side,
+                    how: How::of(&error),
+                },
+                error: Some(error),
+            }
+        }
+    }
+}
+
+/// What the two directions of a connection tell each other.
+#[derive(Default)]
+struct Ends {
+    /// One direction has passed its EOF on.
+    one_finished: AtomicBool,
+    /// A side reset or failed: an EOF from now on is not passed on, since it is the
+    /// failed side's socket ending, not a FIN.
+    failed: AtomicBool,
+}
+
+/// A direction that stopped because a read or write on one of its sockets failed.
+struct Broken {
+    at: End,
+    error: io::Error,
+}
+
+enum End {
+    From,
+    To,
+}
+
+impl Broken {
+    fn from(error: io::Error) -> Self {
+        Self {
+            at: End::From,
+            error,
+        }
+    }
+
+    fn to(error: io::Error) -> Self {
+        Self { at: End::To, error }
+    }
+
+    /// The side that failed, in a direction reading from `from`.
+    fn side(&self, from: Side) -> Side {
+        match (&self.at, from) {
+            (End::From, side) => side,
+            (End::To, Side::Client) => Side::Upstream,
+            (End::To, Side::Upstream) => Side::Client,
+        }
+    }
+}
+
+/// Waits until `survivor` has acknowledged what the proxy wrote to it, or until
+/// `deadline`, so that its reset does not throw those bytes away.
+async fn flush(survivor: &impl Socket, deadline: Instant) {
+    let mut pause = Duration::from_millis(1);
+    while survivor.unacknowledged().is_ok_and(|bytes| bytes > 0) && Instant::now() < deadline {
+        tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Passes an EOF from one socket on to the other.
+fn pass_eof(to: &impl Socket, ends: &Ends) -> Result<(), Broken> {
+    if ends.failed.load(Ordering::Relaxed) || ends.one_finished.swap(true, Ordering::Relaxed) {
+        // Either both directions are done and the caller closes both sockets next
+        // (nothing is left unread on `to`, so its close sends the FIN), or the other
+        // side failed and `to` is to be reset, not sent a FIN.
+        Ok(())
+    } else {
+        shutdown_write(to).map_err(Broken::to)
+    }
+}
+
+/// Copies `from` → `to` until EOF, adding what it forwards to `total`.
 async fn one_way(
     from: &impl Socket,
     to: &impl Socket,
     mode: CopyMode,
     pipes: &PipeBudget,
-    one_finished: &AtomicBool,
-) -> io::Result<u64> {
-    let mut total = 0u64;
+    ends: &Ends,
+    total: &mut u64,
+) -> Result<(), Broken> {
     let mut size = INITIAL_BUFFER;
     let mut pipe: Option<Pipe> = None;
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(Broken::from)?;
         if let Some(pipe) = &pipe {
-            if splice_while_ready(from, to, pipe, &mut total).await? {
-                pass_eof(to, one_finished)?;
-                return Ok(total);
+            if splice_while_ready(from, to, pipe, total).await? {
+                return pass_eof(to, ends);
             }
             continue;
         }
         loop {
             let (read, unsent) = read_and_forward(from, to, size);
             let bytes = match read? {
-                Read::Eof => {
-                    pass_eof(to, one_finished)?;
-                    return Ok(total);
-                }
+                Read::Eof => return pass_eof(to, ends),
                 Read::WouldBlock => break,
                 Read::Data { bytes, drained } => {
                     if let Some(unsent) = unsent {
-                        write_all(to, &unsent).await?;
+                        write_all(to, &unsent).await.map_err(Broken::to)?;
                     }
-                    total += bytes as u64;
+                    *total += bytes as u64;
                     if drained {
                         break;
                     }
@@ -220,21 +470,21 @@ fn read_and_forward(
     from: &impl Socket,
     to: &impl Socket,
     size: usize,
-) -> (io::Result<Read>, Option<Vec<u8>>) {
+) -> (Result<Read, Broken>, Option<Vec<u8>>) {
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         scratch.clear();
         scratch.reserve(size);
         let read = match read_some(from, &mut scratch, size) {
             Ok(read @ Read::Data { .. }) => read,
-            other => return (other, None),
+            other => return (other.map_err(Broken::from), None),
         };
         let mut sent = 0;
         while sent < scratch.len() {
             match to.try_write(&scratch[sent..]) {
                 Ok(written) => sent += written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(error) => return (Err(error), None),
+                Err(error) => return (Err(Broken::to(error)), None),
             }
         }
         let unsent = (sent < scratch.len()).then(|| scratch[sent..].to_vec());
@@ -297,7 +547,7 @@ fn read_some(from: &impl Socket, buffer: &mut Vec<u8>, limit: usize) -> io::Resu
     }
 }
 
-pub async fn write_all(to: &impl Socket, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(to: &impl Socket, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         to.writable().await?;
         match to.try_write(bytes) {
@@ -375,7 +625,7 @@ async fn splice_while_ready(
     to: &impl Socket,
     pipe: &Pipe<'_>,
     total: &mut u64,
-) -> io::Result<bool> {
+) -> Result<bool, Broken> {
     loop {
         let read = match from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), &pipe.write, PIPE_CAPACITY)
@@ -383,17 +633,17 @@ async fn splice_while_ready(
             Ok(0) => return Ok(true),
             Ok(read) => read,
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-            Err(error) => return Err(error),
+            Err(error) => return Err(Broken::from(error)),
         };
         let mut pending = read;
         while pending > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(Broken::to)?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(&pipe.read, to.as_fd(), pending)
             }) {
                 Ok(written) => pending -= written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                Err(error) => return Err(error),
+                Err(error) => return Err(Broken::to(error)),
             }
         }
         *total += read as u64;
@@ -443,7 +693,7 @@ mod tests {
             .set_recv_buffer_size(64 * 1024)
             .unwrap();
         let relay = tokio::spawn(async move {
-            bidirectional(&client_inner, &upstream_inner, mode, pipes).await
+            bidirectional(&client_inner, &upstream_inner, Vec::new(), mode, pipes).await
         });
 
         let upload = pattern(UPLOAD, 0x5a);
@@ -477,8 +727,13 @@ mod tests {
             "download arrived damaged or incomplete"
         );
 
-        let counts = relay.await.unwrap().unwrap();
-        assert_eq!(counts, (UPLOAD as u64, DOWNLOAD as u64));
+        let copied = relay.await.unwrap();
+        assert_eq!(
+            (copied.sent, copied.received),
+            (UPLOAD as u64, DOWNLOAD as u64)
+        );
+        assert_eq!(copied.close.to_string(), "client_fin");
+        assert!(copied.error.is_none(), "{copied:?}");
     }
 
     fn budget(pipes: usize) -> &'static PipeBudget {
@@ -526,6 +781,7 @@ mod tests {
             bidirectional(
                 &client_inner,
                 &upstream_inner,
+                Vec::new(),
                 CopyMode::default(),
                 budget(2),
             )
@@ -546,6 +802,221 @@ mod tests {
         let mut response = Vec::new();
         client.read_to_end(&mut response).await.unwrap();
         assert_eq!(response, b"response");
-        assert_eq!(relay.await.unwrap().unwrap(), (7, 8));
+        let copied = relay.await.unwrap();
+        assert_eq!((copied.sent, copied.received), (7, 8));
+        assert_eq!(copied.close.to_string(), "client_fin");
+    }
+
+    /// A relay between two fresh pairs, with the preface `preface`: (client end,
+    /// upstream end, the copy, its pipes).
+    async fn relayed(
+        mode: CopyMode,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<Copied>,
+        &'static PipeBudget,
+    ) {
+        let (client, client_inner) = pair().await;
+        let (upstream, upstream_inner) = pair().await;
+        let pipes = budget(2);
+        let relay = tokio::spawn(async move {
+            bidirectional(
+                &client_inner,
+                &upstream_inner,
+                b"preface".to_vec(),
+                mode,
+                pipes,
+            )
+            .await
+        });
+        (client, upstream, relay, pipes)
+    }
+
+    /// Splice mode moved the bulk through a pipe; user-space mode opened none.
+    fn assert_pipes(mode: CopyMode, pipes: &PipeBudget) {
+        assert_eq!(pipes.opened() > 0, mode == CopyMode::Splice, "{mode:?}");
+    }
+
+    /// Closes with a reset, once the peer has acknowledged everything written: what a
+    /// process that aborts its connection after sending does.
+    async fn abort(stream: TcpStream) {
+        while Socket::unacknowledged(&stream).unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stream.set_zero_linger().unwrap();
+        drop(stream);
+    }
+
+    /// Reads until the stream fails or ends: (bytes read, how it ended).
+    async fn read_until_the_end(stream: &mut TcpStream) -> (Vec<u8>, io::Result<()>) {
+        let mut received = Vec::new();
+        let mut chunk = vec![0; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .expect("the stream ended in time")
+            {
+                Ok(0) => return (received, Ok(())),
+                Ok(read) => received.extend_from_slice(&chunk[..read]),
+                Err(error) => return (received, Err(error)),
+            }
+        }
+    }
+
+    async fn upstream_reset_reaches_the_client_after_its_bytes(mode: CopyMode) {
+        const RESPONSE: usize = 100 * 1024;
+        let (mut client, mut upstream, relay, pipes) = relayed(mode).await;
+        let reader = tokio::spawn(async move { read_until_the_end(&mut client).await });
+        let response = pattern(RESPONSE, 0x33);
+        upstream.write_all(&response).await.unwrap();
+        abort(upstream).await;
+
+        let (received, end) = reader.await.unwrap();
+        assert!(
+            received == response,
+            "{} of {RESPONSE} bytes",
+            received.len()
+        );
+        let error = end.expect_err("the client got a clean EOF");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        let copied = relay.await.unwrap();
+        assert_eq!(copied.close.to_string(), "upstream_reset");
+        assert_eq!(copied.received, RESPONSE as u64);
+        assert!(copied.error.is_some());
+        assert_pipes(mode, pipes);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn userspace_copy_passes_an_upstream_reset_on_after_the_bytes() {
+        upstream_reset_reaches_the_client_after_its_bytes(CopyMode::Userspace).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn splice_copy_passes_an_upstream_reset_on_after_the_bytes() {
+        upstream_reset_reaches_the_client_after_its_bytes(CopyMode::Splice).await;
+    }
+
+    async fn client_reset_reaches_the_upstream(mode: CopyMode) {
+        const UPLOAD: usize = 300 * 1024;
+        let (mut client, mut upstream, relay, pipes) = relayed(mode).await;
+        let reader = tokio::spawn(async move { read_until_the_end(&mut upstream).await });
+        let upload = pattern(UPLOAD, 0x44);
+        client.write_all(&upload).await.unwrap();
+        abort(client).await;
+
+        let (received, end) = reader.await.unwrap();
+        assert!(
+            received[..7] == *b"preface" && received[7..] == upload,
+            "{} of {UPLOAD} bytes after the preface",
+            received.len().saturating_sub(7)
+        );
+        let error = end.expect_err("the upstream got a clean EOF");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        let copied = relay.await.unwrap();
+        assert_eq!(copied.close.to_string(), "client_reset");
+        assert_eq!(copied.sent, 7 + UPLOAD as u64);
+        assert_pipes(mode, pipes);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn userspace_copy_passes_a_client_reset_on() {
+        client_reset_reaches_the_upstream(CopyMode::Userspace).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn splice_copy_passes_a_client_reset_on() {
+        client_reset_reaches_the_upstream(CopyMode::Splice).await;
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reset_after_a_half_close_is_passed_on() {
+        let (mut client, mut upstream, relay, _) = relayed(CopyMode::default()).await;
+        client.write_all(b"request").await.unwrap();
+        client.shutdown().await.unwrap();
+        let (request, end) = read_until_the_end(&mut upstream).await;
+        assert_eq!(request, b"prefacerequest");
+        end.expect("the client's half-close reached the upstream as a FIN");
+        upstream.write_all(b"partial answer").await.unwrap();
+        abort(upstream).await;
+
+        let (answer, end) = read_until_the_end(&mut client).await;
+        assert_eq!(answer, b"partial answer");
+        let error = end.expect_err("the client got a clean EOF");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset, "{error}");
+        assert_eq!(relay.await.unwrap().close.to_string(), "upstream_reset");
+    }
+
+    /// A reset the proxy meets writing (the client aborts while the upstream streams
+    /// to it) is passed on like one it meets reading.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reset_met_while_writing_is_passed_on() {
+        let (mut client, mut upstream, relay, _) = relayed(CopyMode::default()).await;
+        let streaming = tokio::spawn(async move {
+            let chunk = pattern(64 * 1024, 0x55);
+            loop {
+                if let Err(error) = upstream.write_all(&chunk).await {
+                    return error;
+                }
+            }
+        });
+        let mut first = vec![0; 1024];
+        client.read_exact(&mut first).await.unwrap();
+        client.set_zero_linger().unwrap();
+        drop(client);
+
+        let error = tokio::time::timeout(Duration::from_secs(5), streaming)
+            .await
+            .expect("the upstream's writes failed in time")
+            .unwrap();
+        assert!(
+            matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ),
+            "{error}"
+        );
+        assert_eq!(relay.await.unwrap().close.to_string(), "client_reset");
+    }
+
+    /// The upstream answers and closes cleanly: the client gets the answer and a
+    /// clean EOF, and nobody is reset.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_clean_close_stays_clean() {
+        let (mut client, mut upstream, relay, _) = relayed(CopyMode::default()).await;
+        upstream.write_all(b"answer").await.unwrap();
+        upstream.shutdown().await.unwrap();
+        let (answer, end) = read_until_the_end(&mut client).await;
+        assert_eq!(answer, b"answer");
+        end.expect("a clean EOF");
+        client.write_all(b"late request").await.unwrap();
+        drop(client);
+        let (request, end) = read_until_the_end(&mut upstream).await;
+        assert_eq!(request, b"prefacelate request");
+        end.expect("a clean EOF");
+        let copied = relay.await.unwrap();
+        assert_eq!(copied.close.to_string(), "upstream_fin");
+        assert!(copied.error.is_none());
+    }
+
+    #[test]
+    fn errors_are_told_apart_as_resets_or_other_failures() {
+        for (kind, how) in [
+            (io::ErrorKind::ConnectionReset, How::Reset),
+            (io::ErrorKind::BrokenPipe, How::Reset),
+            (io::ErrorKind::ConnectionAborted, How::Reset),
+            (io::ErrorKind::TimedOut, How::Error),
+            (io::ErrorKind::HostUnreachable, How::Error),
+        ] {
+            assert_eq!(How::of(&io::Error::from(kind)), how, "{kind:?}");
+        }
+        assert_eq!(
+            How::of(&io::Error::from_raw_os_error(libc::ECONNRESET)),
+            How::Reset
+        );
+        assert_eq!(
+            How::of(&io::Error::from_raw_os_error(libc::EPIPE)),
+            How::Reset
+        );
     }
 }

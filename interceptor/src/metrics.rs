@@ -25,6 +25,7 @@ use prometheus_client::{
 use interceptor_common::KernelEvent;
 
 use crate::{
+    copy::{Close, How, Side},
     kernel::{MapUsage, RecordSource},
     resolve::LookupError,
 };
@@ -104,6 +105,13 @@ pub struct ReloadLabels {
     pub result: ReloadResult,
 }
 
+/// Which side ended a forwarded connection, and how (see [`Close`]).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub side: &'static str,
+    pub how: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RecordSourceLabels {
     pub source: &'static str,
@@ -165,7 +173,7 @@ impl DnsMetrics {
 pub struct Metrics {
     registry: Registry,
     pub connections_opened: Counter,
-    pub connections_closed: Counter,
+    connections_closed: Family<CloseLabels, Counter>,
     pub connections_failed: Family<FailureLabels, Counter>,
     pub connections_open: Gauge,
     pub connections_limit: Gauge,
@@ -183,6 +191,8 @@ pub struct Metrics {
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
+    /// Handles on every series of `connections_closed`, by [`Side`] and [`How`].
+    closes: [[Counter; How::ALL.len()]; Side::ALL.len()],
 }
 
 impl Default for Metrics {
@@ -196,7 +206,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("interceptor");
         let metrics = Self {
             connections_opened: Counter::default(),
-            connections_closed: Counter::default(),
+            connections_closed: Family::default(),
             connections_failed: Family::default(),
             connections_open: Gauge::default(),
             connections_limit: Gauge::default(),
@@ -215,6 +225,7 @@ impl Metrics {
             busy_poll_spin: Counter::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
+            closes: Default::default(),
             registry: Registry::default(),
         };
         let source = |source| {
@@ -223,9 +234,23 @@ impl Metrics {
                 .get_or_create(&RecordSourceLabels { source })
                 .clone()
         };
+        // Every series exists from the start, so a rate() over them works before the
+        // first reset.
+        let closes = Side::ALL.map(|side| {
+            How::ALL.map(|how| {
+                metrics
+                    .connections_closed
+                    .get_or_create(&CloseLabels {
+                        side: side.label(),
+                        how: how.label(),
+                    })
+                    .clone()
+            })
+        });
         let metrics = Self {
             records_from_ring: source("ring"),
             records_from_map: source("map"),
+            closes,
             ..metrics
         };
         registry.register(
@@ -235,7 +260,10 @@ impl Metrics {
         );
         registry.register(
             "connections_closed",
-            "Connections that were forwarded and have ended",
+            "Connections that were forwarded and have ended, by the side that ended them \
+             and how: a reset or failure wherever it came (how=reset, or error for a \
+             failure other than a reset; the other side was reset), else the first FIN \
+             (how=fin)",
             metrics.connections_closed.clone(),
         );
         registry.register(
@@ -351,6 +379,11 @@ impl Metrics {
         };
     }
 
+    pub fn connection_closed(&self, close: Close) {
+        // `ALL` lists the variants in order, so a variant's number is its index there.
+        self.closes[close.side as usize][close.how as usize].inc();
+    }
+
     pub fn connection_failed(&self, reason: FailureReason) {
         self.connections_failed
             .get_or_create(&FailureLabels { reason })
@@ -455,6 +488,38 @@ mod tests {
             "interceptor_config_reloads_total{result=\"ok\"} 0",
             "interceptor_dns_lookups_total",
             "# EOF",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} missing from:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn closes_are_counted_by_side_and_how_from_the_start() {
+        assert!(
+            Side::ALL
+                .iter()
+                .enumerate()
+                .all(|(index, side)| *side as usize == index)
+        );
+        assert!(
+            How::ALL
+                .iter()
+                .enumerate()
+                .all(|(index, how)| *how as usize == index)
+        );
+        let metrics = Metrics::new();
+        metrics.connection_closed(Close {
+            side: Side::Upstream,
+            how: How::Reset,
+        });
+        let text = metrics.encode();
+        for expected in [
+            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"} 1",
+            "interceptor_connections_closed_total{side=\"client\",how=\"fin\"} 0",
+            "interceptor_connections_closed_total{side=\"client\",how=\"error\"} 0",
         ] {
             assert!(
                 text.contains(expected),

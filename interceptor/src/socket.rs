@@ -72,8 +72,19 @@ fn set_mark(socket: &impl AsFd, mark: u32) -> io::Result<()> {
 /// Closes with a RST instead of a FIN, so the client sees at once that the
 /// connection failed rather than a clean, empty response.
 pub fn reset(stream: TcpStream) {
-    let _ = stream.set_zero_linger();
+    let _ = reset_on_close(&stream);
     drop(stream);
+}
+
+/// Makes the socket's close send a RST instead of a FIN (SO_LINGER on, 0 seconds),
+/// throwing away whatever it still holds to send. A unix socket has no reset: its
+/// peer sees a close.
+pub fn reset_on_close(socket: &impl AsFd) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    Ok(setsockopt(socket, sockopt::Linger, &linger)?)
 }
 
 /// An upstream connection: TCP, or a unix socket for `unix://` endpoints.

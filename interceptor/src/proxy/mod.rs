@@ -275,24 +275,26 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
-    let copied = match upstream {
-        Upstream::Tcp(upstream) => relay(&client, &upstream, preface, &shared).await,
-        Upstream::Unix(upstream) => relay(&client, &upstream, preface, &shared).await,
+    let (mode, pipes) = (shared.config.copy_mode, &shared.pipes);
+    // Dropping both sockets at the end closes them: with a FIN after a clean end, with
+    // a reset when a side reset or failed.
+    let copied = match &upstream {
+        Upstream::Tcp(upstream) => {
+            copy::bidirectional(&client, upstream, preface, mode, pipes).await
+        }
+        Upstream::Unix(upstream) => {
+            copy::bidirectional(&client, upstream, preface, mode, pipes).await
+        }
     };
     conn.finished(&copied);
-    match copied {
-        Ok((sent, received)) => info!(
-            bytes_sent = sent,
-            bytes_received = received,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection closed"
-        ),
-        Err(error) => info!(
-            %error,
-            duration_ms = started.elapsed().as_millis() as u64,
-            "connection closed with an error"
-        ),
-    }
+    info!(
+        close = %copied.close,
+        bytes_sent = copied.sent,
+        bytes_received = copied.received,
+        duration_ms = started.elapsed().as_millis() as u64,
+        error = copied.error.as_ref().map(tracing::field::display),
+        "connection closed"
+    );
 }
 
 static UNREDIRECTED_LOG: LogLimit = LogLimit::new();
@@ -332,22 +334,6 @@ impl LogLimit {
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
     }
-}
-
-/// Replays the sniffed preface, then copies both ways with half-close.
-async fn relay(
-    client: &TcpStream,
-    upstream: &impl copy::Socket,
-    preface: Vec<u8>,
-    shared: &Shared,
-) -> std::io::Result<(u64, u64)> {
-    copy::write_all(upstream, &preface).await?;
-    let preface_len = preface.len() as u64;
-    // Long-lived connections should not keep the ClientHello or request head.
-    drop(preface);
-    let (sent, received) =
-        copy::bidirectional(client, upstream, shared.config.copy_mode, &shared.pipes).await?;
-    Ok((sent + preface_len, received))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    copy::{Close, Copied},
     kernel::RecordSource,
     metrics::{FailureReason, Metrics, TrafficLabels, UNMATCHED},
     registry::Service,
@@ -54,6 +55,8 @@ struct State {
     failure: Option<FailureReason>,
     /// (client → upstream, upstream → client), known when the copy ends.
     bytes: Option<(u64, u64)>,
+    /// How the copy ended.
+    close: Option<Close>,
 }
 
 /// One live connection as `/connections` shows it.
@@ -207,12 +210,12 @@ impl ConnectionGuard {
         self.record.state().failure = Some(reason.into());
     }
 
-    /// The copy ended; its byte counts go to the metrics when the guard drops. A copy
-    /// that ended in an error has no counts to report.
-    pub fn finished(&self, copied: &std::io::Result<(u64, u64)>) {
-        if let Ok(bytes) = copied {
-            self.record.state().bytes = Some(*bytes);
-        }
+    /// The copy ended; how, and its byte counts, go to the metrics when the guard
+    /// drops.
+    pub fn finished(&self, copied: &Copied) {
+        let mut state = self.record.state();
+        state.bytes = Some((copied.sent, copied.received));
+        state.close = Some(copied.close);
     }
 }
 
@@ -231,7 +234,11 @@ impl Drop for ConnectionGuard {
             metrics.connection_failed(reason);
             return;
         }
-        metrics.connections_closed.inc();
+        // Without a close, the task was dropped mid-copy: the daemon is exiting after
+        // its drain timeout, and nobody scrapes it any more.
+        if let Some(close) = state.close {
+            metrics.connection_closed(close);
+        }
         if let Some((sent, received)) = state.bytes {
             let labels = TrafficLabels {
                 service_entry: state
@@ -261,6 +268,7 @@ impl From<&ResolveError> for FailureReason {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::copy::{How, Side};
 
     fn counter_line(metrics: &Metrics, prefix: &str) -> String {
         metrics
@@ -269,6 +277,25 @@ mod tests {
             .find(|line| line.starts_with(prefix))
             .unwrap_or_default()
             .to_owned()
+    }
+
+    /// The closed connections over every side and how.
+    fn closed_total(metrics: &Metrics) -> u64 {
+        metrics
+            .encode()
+            .lines()
+            .filter(|line| line.starts_with("interceptor_connections_closed_total{"))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
+    fn copied(sent: u64, received: u64, side: Side, how: How) -> Copied {
+        Copied {
+            sent,
+            received,
+            close: Close { side, how },
+            error: None,
+        }
     }
 
     #[test]
@@ -284,14 +311,18 @@ mod tests {
         assert_eq!(listed[0].client, client);
         assert_eq!(listed[0].state, "forwarding");
         assert_eq!(listed[0].endpoint.as_deref(), Some("198.18.0.1:80"));
-        guard.finished(&Ok((10, 20)));
+        guard.finished(&copied(10, 20, Side::Client, How::Fin));
         drop(guard);
 
         assert!(table.snapshot().is_empty());
         assert_eq!(
-            counter_line(&metrics, "interceptor_connections_closed_total"),
-            "interceptor_connections_closed_total 1"
+            counter_line(
+                &metrics,
+                "interceptor_connections_closed_total{side=\"client\",how=\"fin\"}"
+            ),
+            "interceptor_connections_closed_total{side=\"client\",how=\"fin\"} 1"
         );
+        assert_eq!(closed_total(&metrics), 1);
         assert_eq!(
             counter_line(&metrics, "interceptor_sent_bytes_total"),
             "interceptor_sent_bytes_total{service_entry=\"unmatched\",host=\"unmatched\"} 10"
@@ -314,9 +345,29 @@ mod tests {
             text.contains("interceptor_connections_failed_total{reason=\"no_upstream\"} 1"),
             "{text}"
         );
-        assert!(
-            text.contains("interceptor_connections_closed_total 0"),
-            "{text}"
+        assert_eq!(closed_total(&metrics), 0, "{text}");
+    }
+
+    /// A reset ends the copy with its counts: what went through before it is counted.
+    #[test]
+    fn a_reset_is_counted_with_its_side_and_bytes() {
+        let metrics = Arc::new(Metrics::new());
+        let table = ConnectionTable::new(Arc::clone(&metrics));
+        let guard = table.open("10.0.0.1:40002".parse().unwrap());
+        guard.connected(&"198.18.0.1:80");
+        guard.finished(&copied(5, 100, Side::Upstream, How::Reset));
+        drop(guard);
+        assert_eq!(
+            counter_line(
+                &metrics,
+                "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"}"
+            ),
+            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"} 1"
+        );
+        assert_eq!(closed_total(&metrics), 1);
+        assert_eq!(
+            counter_line(&metrics, "interceptor_received_bytes_total"),
+            "interceptor_received_bytes_total{service_entry=\"unmatched\",host=\"unmatched\"} 100"
         );
     }
 }

@@ -6,4 +6,5 @@ mod deploy;
 mod dns;
 mod ops;
 mod redirect;
+mod resets;
 mod sni;
