@@ -46,7 +46,13 @@ pub enum FailureReason {
     no_upstream,
     /// The endpoint's hostname did not resolve.
     dns,
-    /// Every upstream address refused or timed out.
+    /// The upstream refused the connection (the last address tried, when several).
+    upstream_refused,
+    /// The upstream did not answer within the connect timeout.
+    upstream_timeout,
+    /// No route to the upstream's host or network.
+    upstream_unreachable,
+    /// Any other failure to connect to the upstream.
     upstream_connect,
     /// A TLS or HTTP port-only port, but no ClientHello or request head arrived in time
     /// (garbage, a silent client, or one that closed).
@@ -58,14 +64,29 @@ pub enum FailureReason {
 impl FailureReason {
     /// Every reason, so each series exists from the start; a `match` here would not
     /// compile without a new variant, which keeps the list complete.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 9] = [
         Self::no_redirect_record,
         Self::no_upstream,
         Self::dns,
+        Self::upstream_refused,
+        Self::upstream_timeout,
+        Self::upstream_unreachable,
         Self::upstream_connect,
         Self::no_host,
         Self::registry_only,
     ];
+
+    /// The reason a failed upstream connect is counted under.
+    pub fn of_connect(error: &std::io::Error) -> Self {
+        match error.kind() {
+            std::io::ErrorKind::ConnectionRefused => Self::upstream_refused,
+            std::io::ErrorKind::TimedOut => Self::upstream_timeout,
+            std::io::ErrorKind::HostUnreachable | std::io::ErrorKind::NetworkUnreachable => {
+                Self::upstream_unreachable
+            }
+            _ => Self::upstream_connect,
+        }
+    }
 
     #[cfg(test)]
     fn is_listed(self) -> bool {
@@ -73,6 +94,9 @@ impl FailureReason {
             Self::no_redirect_record
             | Self::no_upstream
             | Self::dns
+            | Self::upstream_refused
+            | Self::upstream_timeout
+            | Self::upstream_unreachable
             | Self::upstream_connect
             | Self::no_host
             | Self::registry_only => Self::ALL.contains(&self),
@@ -543,5 +567,41 @@ mod tests {
             })
             .get();
         assert!(no_records >= 1);
+    }
+
+    #[test]
+    fn a_failed_upstream_connect_is_counted_under_its_cause() {
+        use std::io::{Error, ErrorKind};
+        for (kind, reason) in [
+            (
+                ErrorKind::ConnectionRefused,
+                FailureReason::upstream_refused,
+            ),
+            (ErrorKind::TimedOut, FailureReason::upstream_timeout),
+            (
+                ErrorKind::HostUnreachable,
+                FailureReason::upstream_unreachable,
+            ),
+            (
+                ErrorKind::NetworkUnreachable,
+                FailureReason::upstream_unreachable,
+            ),
+            (ErrorKind::PermissionDenied, FailureReason::upstream_connect),
+        ] {
+            assert_eq!(
+                FailureReason::of_connect(&Error::from(kind)),
+                reason,
+                "{kind:?}"
+            );
+        }
+        // What connect(2) reports reaches the same reasons.
+        assert_eq!(
+            FailureReason::of_connect(&Error::from_raw_os_error(libc::ENETUNREACH)),
+            FailureReason::upstream_unreachable
+        );
+        assert_eq!(
+            FailureReason::of_connect(&Error::from_raw_os_error(libc::ECONNREFUSED)),
+            FailureReason::upstream_refused
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod tracking;
 pub mod workers;
 
 use std::{
+    io,
     net::SocketAddr,
     sync::{
         Arc,
@@ -268,10 +269,13 @@ async fn forward(
         }
     };
 
-    let Some((target, upstream)) = connect_any(&targets, &shared.config).await else {
-        conn.failed(FailureReason::upstream_connect);
-        reset(client);
-        return;
+    let (target, upstream) = match connect_any(&targets, &shared.config).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            conn.failed(FailureReason::of_connect(&error));
+            reset(client);
+            return;
+        }
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
@@ -405,12 +409,16 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Tries the targets in order until one accepts, all within one connect deadline;
 /// each attempt gets an equal share of what is left, so one black-holed address
 /// cannot use up the time of the others.
-async fn connect_any(targets: &[Target], config: &ProxyConfig) -> Option<(Target, Upstream)> {
+/// Tries the targets in order within the connect timeout; the error is the last
+/// address's, which names the cause the client's reset is counted under.
+async fn connect_any(targets: &[Target], config: &ProxyConfig) -> io::Result<(Target, Upstream)> {
     let deadline = Instant::now() + config.connect_timeout;
+    let mut last_error = None;
     for (index, target) in targets.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             warn!(%target, "connect deadline reached before trying every address");
+            last_error = None;
             break;
         }
         let attempt_timeout = remaining / (targets.len() - index) as u32;
@@ -421,14 +429,19 @@ async fn connect_any(targets: &[Target], config: &ProxyConfig) -> Option<(Target
             Target::Unix(path) => connect_unix(path).await.map(Upstream::Unix),
         };
         match result {
-            Ok(upstream) => return Some((target.clone(), upstream)),
+            Ok(upstream) => return Ok((target.clone(), upstream)),
             Err(error) if index + 1 < targets.len() => {
                 warn!(%target, %error, "upstream connect failed; trying the next address");
+                last_error = Some(error);
             }
-            Err(error) => warn!(%target, %error, "upstream connect failed; resetting the client"),
+            Err(error) => {
+                warn!(%target, %error, "upstream connect failed; resetting the client");
+                last_error = Some(error);
+            }
         }
     }
-    None
+    Err(last_error
+        .unwrap_or_else(|| io::Error::new(io::ErrorKind::TimedOut, "connect deadline reached")))
 }
 
 #[cfg(test)]

@@ -522,14 +522,16 @@ fn metrics_parse_and_match_the_traffic() {
     let sandbox = Sandbox::new("ops-metrics");
     sandbox.add_host("198.18.10.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.10.1:7000");
-    // Nothing listens on 198.18.10.1:7001: the second entry's connects fail.
+    // Nothing listens on 198.18.10.1:7001: the second entry's connects are refused.
+    // No route leads to 198.18.10.99: the third entry's are unreachable.
     let config = format!(
-        "{}---\n{}",
+        "{}---\n{}---\n{}",
         vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         vip_entry("ops", "dead", "240.240.10.2", "198.18.10.1").replace(
             "  - address: 198.18.10.1\n",
             "  - address: 198.18.10.1\n    ports: {tcp: 7001}\n"
-        )
+        ),
+        vip_entry("ops", "gone", "240.240.10.3", "198.18.10.99"),
     );
     let _daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
 
@@ -545,12 +547,13 @@ fn metrics_parse_and_match_the_traffic() {
     }
     // A direct connection to the proxy port has no redirect record.
     assert_refused_by_proxy(PROXY, b"");
-    // The dead entry's endpoint refuses.
+    // The dead entry's endpoint refuses, and the gone entry's has no route.
     assert_refused_by_proxy("240.240.10.2:7000", b"");
+    assert_refused_by_proxy("240.240.10.3:7000", b"");
 
     let metrics = scrape_until(Duration::from_secs(10), |scrape| {
         scrape.value("interceptor_connections_closed_total", &[]) == Some(CONNECTIONS as f64)
-            && scrape.value("interceptor_connections_failed_total", &[]) == Some(2.0)
+            && scrape.value("interceptor_connections_failed_total", &[]) == Some(3.0)
     });
     let entry = [
         ("service_entry", "ServiceEntry/ops/echo"),
@@ -560,7 +563,7 @@ fn metrics_parse_and_match_the_traffic() {
         (
             "interceptor_connections_opened_total",
             &[][..],
-            CONNECTIONS as f64 + 2.0,
+            CONNECTIONS as f64 + 3.0,
         ),
         ("interceptor_connections_open", &[], 0.0),
         (
@@ -570,8 +573,18 @@ fn metrics_parse_and_match_the_traffic() {
         ),
         (
             "interceptor_connections_failed_total",
-            &[("reason", "upstream_connect")],
+            &[("reason", "upstream_refused")],
             1.0,
+        ),
+        (
+            "interceptor_connections_failed_total",
+            &[("reason", "upstream_unreachable")],
+            1.0,
+        ),
+        (
+            "interceptor_connections_failed_total",
+            &[("reason", "upstream_connect")],
+            0.0,
         ),
         (
             "interceptor_connections_failed_total",
@@ -583,7 +596,7 @@ fn metrics_parse_and_match_the_traffic() {
         (
             "interceptor_redirect_records_total",
             &[("source", "ring")],
-            CONNECTIONS as f64 + 1.0,
+            CONNECTIONS as f64 + 2.0,
         ),
         (
             "interceptor_redirect_records_total",
@@ -605,7 +618,7 @@ fn metrics_parse_and_match_the_traffic() {
         (
             "interceptor_bpf_map_entries",
             &[("map", "SERVICE_ADDRS")],
-            2.0,
+            3.0,
         ),
         (
             "interceptor_bpf_map_entries",
