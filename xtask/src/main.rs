@@ -80,6 +80,11 @@ fn main() -> Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
+    // A release xtask carried to another machine (xtask/device-bench.sh) runs from
+    // that machine's copy of the workspace, not from where it was built.
+    if let Some(root) = env::var_os("XTASK_WORKSPACE_ROOT") {
+        return PathBuf::from(root);
+    }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
 ];
+/// What `cargo xtask bench` runs besides the workspace's binaries: the peers it races
+/// (HAProxy, nginx with its stream module) and `ip` for the sandbox.
+pub const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "iproute2"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

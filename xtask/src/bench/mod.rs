@@ -1,16 +1,17 @@
 //! `cargo xtask bench`: what does the proxy cost?
 //!
-//! Every figure is measured side by side, in one run, on three paths from a client in
-//! the bench cgroup to a backend in the bench network namespace:
-//! - **direct**: to the backend's own address, which no ServiceEntry matches;
-//! - **interceptor**: to a ServiceEntry VIP, which connect4 redirects to the proxy;
-//! - **haproxy**: to HAProxy in TCP mode, configured explicitly.
+//! Every figure is measured in one run on each path of [`paths::all`], from a client in
+//! the bench cgroup to a backend in the bench network namespace: direct (no proxy),
+//! the interceptor with and without busy polling, HAProxy tuned for TCP with and
+//! without busy polling, and nginx's stream proxy. Only the measured path's proxy runs.
 //!
 //! The debug `cargo xtask` builds the daemon and xtask in release mode, then re-executes
 //! the release xtask (`--prebuilt`), so the backends and the load generator are
-//! optimised builds too.
+//! optimised builds too. `--bin-dir` and `--peers-dir` run binaries built elsewhere,
+//! on a machine without cargo or the peers installed (`xtask/device-bench.sh`).
 
 mod client;
+mod paths;
 mod proto;
 mod proxies;
 mod report;
@@ -41,6 +42,10 @@ pub struct BenchArgs {
     /// the figures.
     #[arg(long)]
     quick: bool,
+    /// Every scenario at reduced sizes, a few minutes in all on a 16-CPU machine:
+    /// for a borrowed machine with little time.
+    #[arg(long, conflicts_with = "quick")]
+    short: bool,
     /// Run only this scenario; repeat for several. Default: all.
     #[arg(long = "scenario", value_enum)]
     scenarios: Vec<Scenario>,
@@ -60,6 +65,16 @@ pub struct BenchArgs {
     /// Internal: this is the release build, already built; skip setup and build.
     #[arg(long, hide = true)]
     prebuilt: bool,
+    /// Run the `interceptor` binary in this directory instead of building one; this
+    /// xtask, which must be a release build, is the load generator. Nothing is
+    /// installed or built.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// The peers and tools from another machine: `bin/` (haproxy, nginx, ip) goes
+    /// first on PATH, `lib/` on LD_LIBRARY_PATH, and nginx loads
+    /// `modules/ngx_stream_module.so`. Nothing is installed.
+    #[arg(long)]
+    peers_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -109,7 +124,25 @@ pub struct Sizes {
 }
 
 impl Sizes {
-    fn new(quick: bool) -> Self {
+    fn new(quick: bool, short: bool) -> Self {
+        if short {
+            return Self {
+                rounds: 3,
+                bulk_bytes_per_stream: 256 << 20,
+                rr_warmup: 2_000,
+                rr_round_trips: 20_000,
+                rr_size: 1024,
+                conn_concurrency: 64,
+                conn_millis: 2_000,
+                conn_size: 128,
+                sequential_connections: 3_000,
+                sequential_millis: 2_000,
+                idle_connections: 10_000,
+                scale_small: 10,
+                scale_large: 10_000,
+                scale_repeats: 1,
+            };
+        }
         if quick {
             Self {
                 // Two, so that CI also runs the restart of the proxies between rounds.
@@ -155,9 +188,24 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         unsafe { libc::geteuid() } == 0,
         "cargo xtask bench needs root: it creates a network namespace and a cgroup and loads BPF programs"
     );
-    if !args.prebuilt {
+    if let Some(peers) = &args.peers_dir {
+        use_peers_dir(&user_path(peers))?;
+    }
+    if let Some(bin_dir) = &args.bin_dir {
+        ensure!(
+            !cfg!(debug_assertions),
+            "--bin-dir needs a release xtask: it is the load generator"
+        );
+        ensure!(
+            user_path(bin_dir).join("interceptor").exists(),
+            "{} has no interceptor binary",
+            bin_dir.display()
+        );
+    } else if !args.prebuilt {
         setup::ensure_toolchain()?;
-        setup::ensure_debian_packages(&["haproxy", "iproute2"])?;
+        if args.peers_dir.is_none() {
+            setup::ensure_debian_packages(setup::BENCH_PACKAGES)?;
+        }
         check(cargo().args([
             "build",
             "--release",
@@ -187,32 +235,52 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         .into_iter()
         .filter(|scenario| args.scenarios.is_empty() || args.scenarios.contains(scenario))
         .collect();
-    let sizes = Sizes::new(args.quick);
+    let sizes = Sizes::new(args.quick, args.short);
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs())
         .unwrap_or_default();
-    let interceptor = target_dir(root).join("release/interceptor");
+    let interceptor = match &args.bin_dir {
+        Some(bin_dir) => user_path(bin_dir).join("interceptor"),
+        None => target_dir(root).join("release/interceptor"),
+    };
     ensure!(
         interceptor.exists(),
         "{} is missing: run `cargo xtask bench` (without --prebuilt)",
         interceptor.display()
     );
+    let nginx_stream_module = match &args.peers_dir {
+        Some(peers) => user_path(peers).join("modules/ngx_stream_module.so"),
+        None => Path::new("/").join(proxies::NGINX_STREAM_MODULE),
+    };
 
     // Must come first: the namespace is entered by this thread before any other exists.
     let sandbox = sandbox::Sandbox::create()?;
     process::install_signal_handlers()?;
     let _backends = servers::start()?;
     let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let paths = paths::all();
+    let peer_configs = proxies::configs_text(threads, sandbox.open_files, &nginx_stream_module);
     let mut bench = scenarios::Bench {
         sandbox: &sandbox,
         interceptor,
+        nginx_stream_module,
         client: env::current_exe()?,
+        paths: paths.clone(),
         sizes: sizes.clone(),
         threads,
-        report: report::Report::default(),
+        report: report::Report {
+            paths: paths.iter().map(|path| path.name).collect(),
+            ..Default::default()
+        },
     };
-    let mode = if args.quick { "quick" } else { "full" };
+    let mode = if args.quick {
+        "quick"
+    } else if args.short {
+        "short"
+    } else {
+        "full"
+    };
     println!(
         "xtask bench: {mode} run of {} in a fresh network namespace, clients in {}",
         scenarios
@@ -235,13 +303,13 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         .unwrap_or_default()
         .trim()
         .to_owned();
-    let haproxy = proxies::haproxy_version();
+    let peers = proxies::peer_versions();
     let family = match args.family {
         proto::Family::Ipv4 => "IPv4",
         proto::Family::Ipv6 => "IPv6",
     };
     let title = format!(
-        "interceptor bench ({mode}, {family}, {threads} CPUs, kernel {kernel}, {haproxy}; both proxies with {threads} threads; each figure is the median of {} round(s))",
+        "interceptor bench ({mode}, {family}, {threads} CPUs, kernel {kernel}, {peers}; every proxy with {threads} threads or workers, one path alive at a time; each figure is the median of {} round(s))",
         sizes.rounds
     );
     let table = report.table(&title);
@@ -252,7 +320,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         "mode": mode,
         "family": args.family,
         "scenarios": scenarios,
-        "host": { "cpus": threads, "kernel": kernel, "haproxy": haproxy },
+        "host": { "cpus": threads, "kernel": kernel, "peers": peers },
+        "paths": paths.iter().map(|path| serde_json::json!({
+            "name": path.name,
+            "kind": format!("{:?}", path.kind),
+        })).collect::<Vec<_>>(),
+        "peer_configs": peer_configs,
         "sizes": sizes,
         "rows": report.rows,
         "config_scale": {
@@ -285,7 +358,12 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         && args.family == proto::Family::Ipv4
         && args.daemon_args.is_empty();
     if reference_run && report.failures.is_empty() && !process::interrupted() {
-        let path = report::write_benchmarks(root, &table)
+        let command = if args.short {
+            "cargo xtask bench --short"
+        } else {
+            report::REFERENCE_COMMAND
+        };
+        let path = report::write_benchmarks(root, command, &table, &peer_configs)
             .with_context(|| format!("writing {}", report::BENCHMARKS_FILE))?;
         println!("xtask bench: wrote {}", path.display());
     }
@@ -299,6 +377,28 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Puts a carried directory of peers and tools first: `bin/` on PATH, `lib/` on
+/// LD_LIBRARY_PATH. Must run before any thread exists; children inherit both.
+fn use_peers_dir(peers: &Path) -> Result<()> {
+    ensure!(
+        peers.join("bin").is_dir(),
+        "{} has no bin/ directory",
+        peers.display()
+    );
+    let prepend = |variable: &str, dir: PathBuf| -> Result<()> {
+        let mut dirs = vec![dir];
+        if let Some(existing) = env::var_os(variable) {
+            dirs.extend(env::split_paths(&existing));
+        }
+        let joined = env::join_paths(dirs).with_context(|| format!("building {variable}"))?;
+        // SAFETY: called before the harness starts any thread.
+        unsafe { env::set_var(variable, joined) };
+        Ok(())
+    };
+    prepend("PATH", peers.join("bin"))?;
+    prepend("LD_LIBRARY_PATH", peers.join("lib"))
 }
 
 /// xtask runs from the workspace root; a relative path the user typed means the

@@ -56,6 +56,8 @@ pub const CONN_PORT: u16 = 5003;
 pub const PROXY: &str = "127.0.0.1:15001";
 /// HAProxy listens on 15100 + (backend port - 5000).
 pub const HAPROXY_PORT_BASE: u16 = 15100;
+/// nginx listens on 15200 + (backend port - 5000).
+pub const NGINX_PORT_BASE: u16 = 15200;
 /// Ephemeral ports stay clear of every listener above.
 pub const EPHEMERAL_PORTS: &str = "16000 65000";
 
@@ -219,6 +221,18 @@ impl CpuTime {
         })
     }
 
+    /// A process and its children (nginx's master and its workers), read together.
+    pub fn of_tree(pid: u32) -> Option<Self> {
+        let mut total = Self::of(pid)?;
+        for child in children(pid) {
+            if let Some(cpu) = Self::of(child) {
+                total.user += cpu.user;
+                total.system += cpu.system;
+            }
+        }
+        Some(total)
+    }
+
     pub fn since(self, earlier: Self) -> Self {
         Self {
             user: self.user - earlier.user,
@@ -229,6 +243,26 @@ impl CpuTime {
     pub fn total(self) -> f64 {
         self.user + self.system
     }
+}
+
+/// The pids whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&candidate| {
+            std::fs::read_to_string(format!("/proc/{candidate}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After the name: state, then the parent's pid.
+                    let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+                    parent.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Latency summary in microseconds.

@@ -1,4 +1,5 @@
-//! The two proxies under test: the interceptor daemon and HAProxy in TCP mode.
+//! The proxies under test: the interceptor daemon, HAProxy in TCP mode, and nginx's
+//! stream proxy.
 
 use std::{
     fmt::Write as _,
@@ -13,7 +14,10 @@ use anyhow::{Context as _, Result, bail, ensure};
 use testbed::{DaemonOptions, Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
-    proto::{BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, PROXY, backend_ip, loopback, vip},
+    proto::{
+        BULK_PORT, CONN_PORT, ECHO_PORT, HAPROXY_PORT_BASE, NGINX_PORT_BASE, PROXY, backend_ip,
+        loopback, vip,
+    },
     sandbox::Sandbox,
 };
 
@@ -50,10 +54,6 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(binary: &Path, config: &Path, sandbox: &Sandbox) -> Result<Self> {
-        Self::start_with(binary, config, sandbox, &[])
-    }
-
     /// With `extra_args` after the run's `--daemon-arg`s.
     pub fn start_with(
         binary: &Path,
@@ -101,51 +101,149 @@ impl Daemon {
     }
 }
 
-pub fn haproxy_version() -> String {
-    Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .ok()
-        .and_then(|output| {
-            // "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - https://haproxy.org/"
-            String::from_utf8_lossy(&output.stdout)
-                .split_whitespace()
-                .nth(2)
-                .map(|version| format!("haproxy {version}"))
-        })
-        .unwrap_or_else(|| "unknown".into())
+/// `haproxy 2.6.12-1+deb12u4, nginx 1.22.1`, or `unknown` for either.
+pub fn peer_versions() -> String {
+    let version = |program: &str, arg: &str| {
+        Command::new(program)
+            .arg(arg)
+            .output()
+            .ok()
+            .and_then(|output| {
+                // HAProxy prints "HAProxy version 2.6.12-1+deb12u4 2026/10/17 - …" to
+                // stdout, nginx "nginx version: nginx/1.22.1" to stderr.
+                let text = [output.stdout, output.stderr].concat();
+                let text = String::from_utf8_lossy(&text);
+                let word = text.split_whitespace().nth(2)?;
+                Some(word.trim_start_matches("nginx/").to_owned())
+            })
+            .unwrap_or_else(|| "unknown".into())
+    };
+    format!(
+        "haproxy {}, nginx {}",
+        version("haproxy", "-v"),
+        version("nginx", "-v")
+    )
 }
 
 pub fn haproxy_port(backend_port: u16) -> u16 {
     HAPROXY_PORT_BASE + (backend_port - 5000)
 }
 
-pub struct Haproxy {
+pub fn nginx_port(backend_port: u16) -> u16 {
+    NGINX_PORT_BASE + (backend_port - 5000)
+}
+
+/// Descriptors a peer may spend on connections, two each, out of the open-files
+/// limit, after a margin for its own.
+fn connection_budget(open_files: u64) -> u64 {
+    open_files.saturating_sub(200) / 2
+}
+
+/// HAProxy as its documentation recommends for a TCP relay: `option splice-auto`
+/// (kernel splicing where the socket buffers show it pays), with `maxpipes` sized so
+/// that connections and pipes (two descriptors each) together fit the descriptor
+/// limit it can raise itself to; HAProxy refuses to start otherwise.
+/// `busy_polling` adds the global `busy-polling`: its threads spin instead of
+/// sleeping in epoll_wait.
+pub fn haproxy_config(threads: usize, open_files: u64, busy_polling: bool) -> String {
+    // Half of the budget for connections, half for pipes: a spliced connection
+    // holds one pipe (two descriptors) per direction with data in flight.
+    let per_kind = connection_budget(open_files) / 2;
+    let maxconn = per_kind.saturating_sub(20);
+    let maxpipes = per_kind.saturating_sub(20);
+    let spin = if busy_polling { "  busy-polling\n" } else { "" };
+    let mut config = format!(
+        "global\n  nbthread {threads}\n  maxconn {maxconn}\n  maxpipes {maxpipes}\n{spin}\ndefaults\n  mode tcp\n  option splice-auto\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
+    );
+    for port in BACKEND_PORTS {
+        let _ = write!(
+            config,
+            "\nlisten bench-{port}\n  bind {}\n  server backend {}\n",
+            SocketAddr::new(loopback(), haproxy_port(port)),
+            SocketAddr::new(backend_ip(), port),
+        );
+    }
+    config
+}
+
+/// nginx's stream proxy as its documentation recommends for many connections: a
+/// worker per CPU, each with its own `reuseport` listener, descriptors to match,
+/// and a 64 KiB `proxy_buffer_size` (the default 16 KiB costs bulk transfers four
+/// times the system calls). nginx has no busy-polling option and no splice in the
+/// stream module.
+pub fn nginx_config(threads: usize, open_files: u64, stream_module: &Path) -> String {
+    let connections = connection_budget(open_files);
+    let mut config = format!(
+        "load_module {};\nuser root root;\ndaemon off;\nmaster_process on;\nworker_processes {threads};\nworker_rlimit_nofile {open_files};\nerror_log stderr warn;\n\nevents {{\n  worker_connections {connections};\n  multi_accept on;\n}}\n\nstream {{\n  proxy_buffer_size 64k;\n  proxy_connect_timeout 5s;\n  proxy_timeout 300s;\n  tcp_nodelay on;\n",
+        stream_module.display()
+    );
+    for port in BACKEND_PORTS {
+        let _ = write!(
+            config,
+            "\n  server {{\n    listen {} reuseport backlog=4096;\n    proxy_pass {};\n  }}\n",
+            SocketAddr::new(loopback(), nginx_port(port)),
+            SocketAddr::new(backend_ip(), port),
+        );
+    }
+    config.push_str("}\n");
+    config
+}
+
+/// The peers' configurations as this run writes them, for the JSON and BENCHMARKS.md.
+pub fn configs_text(threads: usize, open_files: u64, stream_module: &Path) -> String {
+    format!(
+        "# haproxy-poll: haproxy (below) plus `busy-polling` in `global`\n# haproxy.cfg\n{}\n# nginx.conf\n{}",
+        haproxy_config(threads, open_files, false),
+        nginx_config(threads, open_files, stream_module)
+    )
+}
+
+/// Where Debian's libnginx-mod-stream puts the module, relative to a root.
+pub const NGINX_STREAM_MODULE: &str = "usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// A peer proxy process (HAProxy, or nginx's master with its workers).
+pub struct Peer {
     process: Proc,
 }
 
-impl Haproxy {
-    pub fn start(sandbox: &Sandbox, threads: usize) -> Result<Self> {
-        // HAProxy refuses to start when 2 × maxconn + its own descriptors exceed what
-        // it may raise RLIMIT_NOFILE to.
-        let maxconn = (sandbox.open_files.saturating_sub(100) / 2).saturating_sub(20);
-        let mut config = format!(
-            "global\n  nbthread {threads}\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
-        );
-        for port in BACKEND_PORTS {
-            let _ = write!(
-                config,
-                "\nlisten bench-{port}\n  bind {}\n  server backend {}\n",
-                SocketAddr::new(loopback(), haproxy_port(port)),
-                SocketAddr::new(backend_ip(), port),
-            );
-        }
+impl Peer {
+    pub fn haproxy(sandbox: &Sandbox, threads: usize, busy_polling: bool) -> Result<Self> {
         let path = sandbox.workdir.join("haproxy.cfg");
-        fs::write(&path, config)?;
+        fs::write(
+            &path,
+            haproxy_config(threads, sandbox.open_files, busy_polling),
+        )?;
         let mut command = Command::new("haproxy");
         command.arg("-db").arg("-f").arg(&path);
+        Self::spawn("haproxy", command, haproxy_port)
+    }
+
+    pub fn nginx(sandbox: &Sandbox, threads: usize, stream_module: &Path) -> Result<Self> {
+        let path = sandbox.workdir.join("nginx.conf");
+        fs::write(
+            &path,
+            nginx_config(threads, sandbox.open_files, stream_module),
+        )?;
+        let prefix = sandbox.workdir.join("nginx");
+        fs::create_dir_all(&prefix)?;
+        let mut command = Command::new("nginx");
+        // -e: the compiled-in error log (/var/log/nginx) is opened before the
+        // configuration is read, and may not exist.
+        command
+            .arg("-p")
+            .arg(&prefix)
+            .arg("-e")
+            .arg("stderr")
+            .arg("-c")
+            .arg(&path)
+            .arg("-g")
+            .arg(format!("pid {};", prefix.join("nginx.pid").display()));
+        Self::spawn("nginx", command, nginx_port)
+    }
+
+    fn spawn(name: &str, mut command: Command, port_of: fn(u16) -> u16) -> Result<Self> {
         let mut process = Proc::spawn(
-            "haproxy",
+            name,
             &mut command,
             SpawnOptions {
                 stop_signal: libc::SIGTERM,
@@ -160,13 +258,13 @@ impl Haproxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         let probes: Vec<SocketAddr> = BACKEND_PORTS
             .iter()
-            .map(|&port| SocketAddr::new(loopback(), haproxy_port(port)))
+            .map(|&port| SocketAddr::new(loopback(), port_of(port)))
             .collect();
         loop {
             bail_if_interrupted()?;
             if let Some(status) = process.try_wait()? {
                 std::thread::sleep(Duration::from_millis(100));
-                bail!("haproxy exited with {status}{}", process.stderr_tail());
+                bail!("{name} exited with {status}{}", process.stderr_tail());
             }
             // The harness is outside the bench cgroup, so its probes are never
             // redirected.
@@ -178,7 +276,7 @@ impl Haproxy {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "haproxy is not listening after 10 s{}",
+                    "{name} is not listening after 10 s{}",
                     process.stderr_tail()
                 );
             }
@@ -190,12 +288,28 @@ impl Haproxy {
         self.process.pid()
     }
 
-    pub fn stop(mut self) {
-        let _ = self.process.stop(STOP_TIMEOUT);
+    /// SIGTERM, and waits until it has exited, so no process of it is left running
+    /// while the next path is measured.
+    pub fn stop(mut self) -> Result<()> {
+        let name = self.process.name.clone();
+        self.process
+            .stop(STOP_TIMEOUT)
+            .with_context(|| format!("stopping {name}"))?;
+        Ok(())
     }
 }
 
-pub fn rss_bytes(pid: u32) -> Result<u64> {
+/// The RSS of `pid` and its children (nginx's master and workers).
+pub fn rss_bytes_tree(pid: u32) -> Result<u64> {
+    let mut total = rss_bytes(pid)?;
+    for child in super::proto::children(pid) {
+        // A child may exit between the listing and the read.
+        total += rss_bytes(child).unwrap_or(0);
+    }
+    Ok(total)
+}
+
+fn rss_bytes(pid: u32) -> Result<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kib: u64 = status

@@ -4,6 +4,8 @@ use std::{fmt::Write as _, path::Path};
 
 use serde::Serialize;
 
+use super::paths::{self, PAIRS, Pair, PathSpec};
+
 /// A target from the issue, evaluated on the measured figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -34,33 +36,111 @@ impl Check {
     }
 }
 
-/// One figure measured on the three paths.
+/// Which way a figure is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Better {
+    Higher,
+    Lower,
+}
+
+impl Better {
+    /// The better of two figures.
+    fn pick(self, a: f64, b: f64) -> f64 {
+        match self {
+            Self::Higher => a.max(b),
+            Self::Lower => a.min(b),
+        }
+    }
+
+    fn at_least_as_good(self, figure: f64, bar: f64) -> bool {
+        match self {
+            Self::Higher => figure >= bar,
+            Self::Lower => figure <= bar,
+        }
+    }
+}
+
+/// One like-for-like pair on one figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairFigure {
+    pub pair: &'static str,
+    pub interceptor: &'static str,
+    /// The pair's better peer on this figure.
+    pub peer: Option<&'static str>,
+    /// interceptor / that peer
+    pub ratio: Option<f64>,
+    /// Whether the interceptor path is at least as good as that peer.
+    pub holds: Option<bool>,
+}
+
+impl PairFigure {
+    fn new(pair: Pair, better: Better, paths: &[PathSpec], values: &[Option<f64>]) -> Self {
+        let value = |name: &str| paths::index(paths, name).and_then(|index| values[index]);
+        let peer = pair
+            .peers
+            .iter()
+            .filter_map(|&name| Some((name, value(name)?)))
+            .reduce(|best, next| {
+                if better.pick(best.1, next.1) == next.1 && next.1 != best.1 {
+                    next
+                } else {
+                    best
+                }
+            });
+        let interceptor = value(pair.interceptor);
+        Self {
+            pair: pair.label,
+            interceptor: pair.interceptor,
+            peer: peer.map(|(name, _)| name),
+            ratio: ratio(interceptor, peer.map(|(_, value)| value)),
+            holds: interceptor
+                .zip(peer)
+                .map(|(icpt, (_, bar))| better.at_least_as_good(icpt, bar)),
+        }
+    }
+}
+
+/// One figure measured on every path.
 #[derive(Debug, Clone, Serialize)]
 pub struct PathRow {
     pub figure: String,
     pub unit: &'static str,
-    pub direct: Option<f64>,
-    pub interceptor: Option<f64>,
-    pub haproxy: Option<f64>,
-    /// interceptor / direct
-    pub vs_direct: Option<f64>,
-    /// interceptor / haproxy
-    pub vs_haproxy: Option<f64>,
+    pub better: Better,
+    /// Per path name.
+    pub values: serde_json::Map<String, serde_json::Value>,
+    /// In the table's column order.
+    #[serde(skip)]
+    cells: Vec<Option<f64>>,
+    pub pairs: Vec<PairFigure>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
 }
 
 impl PathRow {
-    pub fn new(figure: impl Into<String>, unit: &'static str, values: [Option<f64>; 3]) -> Self {
-        let [direct, interceptor, haproxy] = values;
+    /// `values` per path, in `paths` order.
+    pub fn new(
+        figure: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        paths: &[PathSpec],
+        values: Vec<Option<f64>>,
+    ) -> Self {
+        let pairs = PAIRS
+            .iter()
+            .map(|&pair| PairFigure::new(pair, better, paths, &values))
+            .collect();
         Self {
             figure: figure.into(),
             unit,
-            direct,
-            interceptor,
-            haproxy,
-            vs_direct: ratio(interceptor, direct),
-            vs_haproxy: ratio(interceptor, haproxy),
+            better,
+            values: paths
+                .iter()
+                .zip(&values)
+                .map(|(path, value)| (path.name.to_owned(), serde_json::json!(value)))
+                .collect(),
+            cells: values,
+            pairs,
             check: None,
         }
     }
@@ -68,6 +148,18 @@ impl PathRow {
     pub fn check(mut self, check: Check) -> Self {
         self.check = Some(check);
         self
+    }
+
+    /// The issue's target: in each pair, the interceptor path is at least as good as
+    /// the pair's better peer.
+    pub fn race_target(self) -> Self {
+        let holds: Option<Vec<bool>> = self.pairs.iter().map(|pair| pair.holds).collect();
+        let target = match self.better {
+            Better::Higher => "≥ better peer in each pair",
+            Better::Lower => "≤ better peer in each pair",
+        };
+        let pass = holds.map(|holds| holds.iter().all(|&holds| holds));
+        self.check(Check::new(target, pass, None))
     }
 }
 
@@ -116,6 +208,8 @@ pub fn ratio(numerator: Option<f64>, denominator: Option<f64>) -> Option<f64> {
 
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
+    /// The path names, the table's columns.
+    pub paths: Vec<&'static str>,
     pub rows: Vec<PathRow>,
     pub scale_entries: (u32, u32),
     pub scale_rows: Vec<ScaleRow>,
@@ -140,25 +234,39 @@ impl Report {
     pub fn table(&self, title: &str) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "{title}");
-        let rule = "-".repeat(150);
+        let width = 44 + 13 * (self.paths.len() + PAIRS.len()) + 40;
+        let rule = "-".repeat(width);
+        let _ = writeln!(out, "{rule}");
+        let mut header = format!("{:<34} {:<8}", "figure", "unit");
+        for name in &self.paths {
+            let _ = write!(header, " {name:>12}");
+        }
+        for pair in PAIRS {
+            let _ = write!(header, " {:>11}", format!("{}:ratio", pair.label));
+        }
+        let _ = writeln!(out, "{header}   target");
+        for row in &self.rows {
+            let mut line = format!("{:<34} {:<8}", row.figure, row.unit);
+            for value in &row.cells {
+                let _ = write!(line, " {:>12}", number(*value, row.unit));
+            }
+            for pair in &row.pairs {
+                let _ = write!(line, " {:>11}", times(pair.ratio));
+            }
+            let _ = writeln!(out, "{line}   {}", verdict(row.check.as_ref()));
+        }
         let _ = writeln!(out, "{rule}");
         let _ = writeln!(
             out,
-            "{:<34} {:<8} {:>11} {:>11} {:>11} {:>11} {:>12}   target",
-            "figure", "unit", "direct", "interceptor", "haproxy", "icpt/direct", "icpt/haproxy"
+            "pairs (each ratio is the interceptor path over the pair's better peer on that figure):"
         );
-        for row in &self.rows {
+        for pair in PAIRS {
             let _ = writeln!(
                 out,
-                "{:<34} {:<8} {:>11} {:>11} {:>11} {:>11} {:>12}   {}",
-                row.figure,
-                row.unit,
-                number(row.direct, row.unit),
-                number(row.interceptor, row.unit),
-                number(row.haproxy, row.unit),
-                times(row.vs_direct),
-                times(row.vs_haproxy),
-                verdict(row.check.as_ref()),
+                "  {}: {} against {}",
+                pair.label,
+                pair.interceptor,
+                pair.peers.join(", ")
             );
         }
         if !self.scale_rows.is_empty() {
@@ -166,26 +274,22 @@ impl Report {
             let _ = writeln!(out, "{rule}");
             let _ = writeln!(
                 out,
-                "{:<34} {:<8} {:>11} {:>11} {:>11} {:>11} {:>12}   target",
+                "{:<34} {:<8} {:>11} {:>11} {:>11}   target",
                 "config scale (ServiceEntries)",
                 "unit",
                 format!("{small}"),
                 format!("{large}"),
-                "",
                 format!("{large}/{small}"),
-                ""
             );
             for row in &self.scale_rows {
                 let _ = writeln!(
                     out,
-                    "{:<34} {:<8} {:>11} {:>11} {:>11} {:>11} {:>12}   {}",
+                    "{:<34} {:<8} {:>11} {:>11} {:>11}   {}",
                     row.figure,
                     row.unit,
                     number(row.small, row.unit),
                     number(row.large, row.unit),
-                    "",
                     times(row.ratio),
-                    "",
                     verdict(row.check.as_ref()),
                 );
             }
@@ -216,26 +320,39 @@ const METHOD: &str = "\
 ## Method
 
 `cargo xtask bench` creates a network namespace and a cgroup of its own and, in one
-run, measures three paths from a client in that cgroup to a backend in that
-namespace, side by side:
+run, measures each path from a client in that cgroup to a backend in that namespace:
 
 - **direct**: to the backend's own address, which no ServiceEntry matches;
-- **interceptor**: to a ServiceEntry VIP, which connect4 redirects to the daemon's
-  proxy, which connects to the backend;
-- **haproxy**: to HAProxy in TCP mode, configured explicitly (xtask installs it).
+- **icpt-poll**: to a ServiceEntry VIP, which connect4 redirects to the daemon's
+  proxy, with adaptive busy polling (`--busy-poll-us 50`, the default);
+- **icpt**: the same with `--busy-poll-us 0`: the proxy never spins;
+- **haproxy**: HAProxy in TCP mode as its documentation recommends for a relay:
+  `option splice-auto`, and a `maxpipes` that fits the descriptor limit;
+- **haproxy-poll**: the same with `busy-polling`;
+- **nginx**: nginx's stream proxy (Debian's `libnginx-mod-stream`), a worker per CPU
+  with `reuseport` listeners and `proxy_buffer_size 64k`. nginx has no busy-polling
+  option, so it has no latency-tuned variant.
 
-The daemon, the backends and the load generator are release builds; both proxies run
-with one thread per CPU and their default flags (adaptive busy polling is on).
+Only the path being measured has a proxy running: each path's proxy is started for
+its measurement and stopped, and waited for, before the next path starts, so a
+spinning or idle proxy never warms or starves the CPUs for another path's figure.
+Each proxy runs one thread (or worker) per CPU.
+
+Figures are compared like for like, in two pairs, never across them: **poll**
+(icpt-poll against haproxy-poll: both spin) and **no-poll** (icpt against the better
+of haproxy and nginx on that figure: nobody spins). The ratio columns are the
+interceptor path's figure over the pair's better peer; the target column says
+whether the interceptor path is at least as good as that peer in both pairs.
+
 Scenarios: bulk throughput (1 and 8 streams), 1 KiB request/response latency on a
 persistent connection, new connections per second at concurrency 64 and one by one,
-daemon RSS per idle intercepted connection, and config scale (a small against a large
-number of ServiceEntries). Each path figure is the median of several rounds; the
-paths' order rotates each round and both proxies are restarted between rounds, so
-where a process's threads land becomes round-to-round spread that the median absorbs.
-\"proxy CPU\" rows count the proxy process; \"machine CPU\" rows count every process
-and interrupt on the machine, and say how fast the interceptor path could go with
-every CPU busy. The target column holds the goals the project set itself; the bench
-never fails on a figure, only when a path does not work.
+RSS per idle connection, and config scale (a small against a large number of
+ServiceEntries, interceptor only). Each path figure is the median of several rounds;
+the paths' order rotates each round. \"proxy CPU\" rows count the proxy's processes
+(nginx's workers included), spinning included, per unit of work; \"machine CPU\" rows
+count every process and interrupt on the machine, which with one path alive at a time
+is that path's whole cost. The bench never fails on a figure, only when a path does
+not work.
 
 Client, proxy and backend share the machine's CPUs, so figures move between runs,
 request/response and new connections most. Compare paths within one table, not
@@ -243,29 +360,40 @@ tables from different machines.
 
 Other runs print their table and write JSON to `target/bench/` only:
 `--quick` (a smoke run, part of `cargo xtask test`), `--scenario NAME` (repeatable),
-`--family ipv6` (every path over IPv6), and `--daemon-arg=FLAG` (for example
-`--daemon-arg=--copy-mode=userspace` or `--daemon-arg=--busy-poll-us=0`, to compare
-the daemon's options).
+`--family ipv6` (every path over IPv6), and `--daemon-arg=FLAG` (an extra flag for
+every interceptor path, for example `--daemon-arg=--copy-mode=userspace`).
+`--bin-dir` and `--peers-dir` run prebuilt binaries and carried peers on a machine
+without cargo (`xtask/device-bench.sh`).
 ";
 
-/// The whole of [`BENCHMARKS_FILE`]: the method, then one run's table.
-pub fn benchmarks_markdown(table: &str) -> String {
+/// The whole of [`BENCHMARKS_FILE`]: the method, the peers' configurations, then one
+/// run's table, which `command` produced.
+pub fn benchmarks_markdown(command: &str, table: &str, peer_configs: &str) -> String {
     format!(
         "# Benchmarks\n\n\
-         Written by `{REFERENCE_COMMAND}`, which replaces this file after each full run \
-         in which every path worked.\n\n\
+         Written by `{REFERENCE_COMMAND}` (or `--short`), which replaces this file after \
+         each run of every scenario in which every path worked.\n\n\
          {METHOD}\n\
+         ## Peer configurations\n\n\
+         As the run below wrote them (connection limits follow its descriptor limit):\n\n\
+         ```\n{}\n```\n\n\
          ## Current table\n\n\
-         Produced by `{REFERENCE_COMMAND}`:\n\n\
+         Produced by `{command}`:\n\n\
          ```\n{}\n```\n",
+        peer_configs.trim_end(),
         table.trim_end()
     )
 }
 
-/// Replaces [`BENCHMARKS_FILE`] under `root` with `table`.
-pub fn write_benchmarks(root: &Path, table: &str) -> std::io::Result<std::path::PathBuf> {
+/// Replaces [`BENCHMARKS_FILE`] under `root`.
+pub fn write_benchmarks(
+    root: &Path,
+    command: &str,
+    table: &str,
+    peer_configs: &str,
+) -> std::io::Result<std::path::PathBuf> {
     let path = root.join(BENCHMARKS_FILE);
-    std::fs::write(&path, benchmarks_markdown(table))?;
+    std::fs::write(&path, benchmarks_markdown(command, table, peer_configs))?;
     Ok(path)
 }
 
@@ -334,10 +462,77 @@ mod tests {
 
     #[test]
     fn benchmarks_file_holds_the_method_and_the_table() {
-        let markdown = benchmarks_markdown("title\nrow\n");
+        let markdown = benchmarks_markdown("cargo xtask bench", "title\nrow\n", "global\n");
         assert!(markdown.starts_with("# Benchmarks\n"));
         assert!(markdown.contains("## Method\n"));
+        assert!(markdown.contains("```\nglobal\n```"));
         assert!(markdown.ends_with("```\ntitle\nrow\n```\n"));
+    }
+
+    fn row(better: Better, values: &[(&str, f64)]) -> PathRow {
+        let paths = paths::all();
+        let cells = paths
+            .iter()
+            .map(|path| {
+                values
+                    .iter()
+                    .find(|(name, _)| *name == path.name)
+                    .map(|&(_, value)| value)
+            })
+            .collect();
+        PathRow::new("figure", "µs", better, &paths, cells)
+    }
+
+    #[test]
+    fn each_pair_is_judged_against_its_own_better_peer() {
+        // The spinning peer is far better, but it is only in the poll pair.
+        let latency = row(
+            Better::Lower,
+            &[
+                ("icpt-poll", 30.0),
+                ("haproxy-poll", 20.0),
+                ("icpt", 50.0),
+                ("haproxy", 60.0),
+                ("nginx", 55.0),
+            ],
+        )
+        .race_target();
+        let [poll, no_poll] = [&latency.pairs[0], &latency.pairs[1]];
+        assert_eq!(
+            (poll.pair, poll.peer, poll.holds),
+            ("poll", Some("haproxy-poll"), Some(false))
+        );
+        assert_eq!(poll.ratio, Some(1.5));
+        // The better of haproxy and nginx is the lower latency.
+        assert_eq!((no_poll.peer, no_poll.holds), (Some("nginx"), Some(true)));
+        assert_eq!(latency.check.unwrap().pass, Some(false));
+
+        let throughput = row(
+            Better::Higher,
+            &[
+                ("icpt-poll", 10.0),
+                ("haproxy-poll", 10.0),
+                ("icpt", 9.0),
+                ("haproxy", 8.0),
+                ("nginx", 9.5),
+            ],
+        )
+        .race_target();
+        assert_eq!(throughput.pairs[0].holds, Some(true), "a tie holds");
+        assert_eq!(throughput.pairs[1].peer, Some("nginx"));
+        assert_eq!(throughput.pairs[1].holds, Some(false));
+    }
+
+    #[test]
+    fn a_missing_figure_leaves_the_target_open() {
+        let row = row(
+            Better::Higher,
+            &[("icpt-poll", 10.0), ("icpt", 9.0), ("nginx", 1.0)],
+        )
+        .race_target();
+        assert_eq!(row.pairs[0].holds, None);
+        assert_eq!(row.pairs[1].peer, Some("nginx"));
+        assert_eq!(row.check.unwrap().pass, None);
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! The scenarios. A failed path is recorded in the report and the run goes on, so one
 //! broken path still leaves the other figures; the run then exits non-zero.
+//!
+//! Only the path being measured has a proxy running: each path's proxy is started
+//! for its measurement and stopped (and waited for) before the next path starts, so
+//! no proxy, spinning or idle, warms or starves the CPUs of another path's figure.
 
 use std::{fs, net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
@@ -8,12 +12,13 @@ use testbed::{Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
     Scenario, Sizes,
+    paths::{self, Kind, PathSpec},
     proto::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
     },
-    proxies::{self, BACKEND_PORTS, Daemon, Haproxy, haproxy_port, service_entries_yaml},
-    report::{Check, PathRow, Report, ScaleRow},
+    proxies::{self, BACKEND_PORTS, Daemon, Peer, haproxy_port, nginx_port, service_entries_yaml},
+    report::{Better, Check, PathRow, Report, ScaleRow},
     sandbox::Sandbox,
 };
 
@@ -21,54 +26,55 @@ use super::{
 /// sit idle; /proc counts CPU in 10 ms ticks, so this resolves 5 ms/s.
 const IDLE_CPU_WINDOW: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
-    Direct,
-    Interceptor,
-    Haproxy,
+fn target(path: &PathSpec, port: u16) -> Target {
+    let addr = match path.kind {
+        Kind::Direct => SocketAddr::new(backend_ip(), port),
+        Kind::Interceptor { .. } => SocketAddr::new(vip(0), port),
+        Kind::Haproxy { .. } => SocketAddr::new(loopback(), haproxy_port(port)),
+        Kind::Nginx => SocketAddr::new(loopback(), nginx_port(port)),
+    };
+    Target { addr, vips: 0 }
 }
 
-impl Route {
-    const ALL: [Self; 3] = [Self::Direct, Self::Interceptor, Self::Haproxy];
+/// The proxy of the path being measured.
+enum Running {
+    Daemon(Daemon),
+    Peer(Peer),
+}
 
-    fn name(self) -> &'static str {
+impl Running {
+    fn pid(&self) -> u32 {
         match self {
-            Self::Direct => "direct",
-            Self::Interceptor => "interceptor",
-            Self::Haproxy => "haproxy",
+            Self::Daemon(daemon) => daemon.pid(),
+            Self::Peer(peer) => peer.pid(),
         }
     }
 
-    fn target(self, port: u16) -> Target {
-        let addr = match self {
-            Self::Direct => SocketAddr::new(backend_ip(), port),
-            Self::Interceptor => SocketAddr::new(vip(0), port),
-            Self::Haproxy => SocketAddr::new(loopback(), haproxy_port(port)),
-        };
-        Target { addr, vips: 0 }
+    fn stop(self) -> Result<()> {
+        match self {
+            Self::Daemon(daemon) => daemon.stop(),
+            Self::Peer(peer) => peer.stop(),
+        }
     }
-}
-
-/// The proxies a scenario runs; `None` for one that failed to start.
-struct Proxies {
-    daemon: Option<Daemon>,
-    haproxy: Option<Haproxy>,
 }
 
 pub struct Bench<'a> {
     pub sandbox: &'a Sandbox,
     pub interceptor: PathBuf,
+    /// nginx's `ngx_stream_module.so`.
+    pub nginx_stream_module: PathBuf,
     /// This executable, run as `bench-client`.
     pub client: PathBuf,
+    pub paths: Vec<PathSpec>,
     pub sizes: Sizes,
     pub threads: usize,
     pub report: Report,
 }
 
-/// A figure per route, in `Route::ALL` order.
-type Figures = [Option<f64>; 3];
-/// Every round's outcome per route, in `Route::ALL` order.
-type Outcomes = [Vec<Outcome>; 3];
+/// A figure per path, in `paths` order.
+type Figures = Vec<Option<f64>>;
+/// Every round's outcome per path, in `paths` order.
+type Outcomes = Vec<Vec<Outcome>>;
 
 impl Bench<'_> {
     pub fn run(&mut self, scenario: Scenario) {
@@ -95,29 +101,29 @@ impl Bench<'_> {
         Ok(path)
     }
 
-    /// Both proxies; one that does not start is a failed path, and the routes through
-    /// the other proxy and the direct route still run.
-    fn start_proxies(&mut self) -> Result<Proxies> {
-        let config = self.base_config()?;
-        let daemon = Daemon::start(&self.interceptor, &config, self.sandbox)
-            .map_err(|error| self.report.fail(format!("starting interceptor: {error:#}")))
-            .ok();
-        bail_if_interrupted()?;
-        let haproxy = Haproxy::start(self.sandbox, self.threads)
-            .map_err(|error| self.report.fail(format!("starting haproxy: {error:#}")))
-            .ok();
-        Ok(Proxies { daemon, haproxy })
-    }
-
-    fn stop_proxies(&mut self, proxies: Proxies) {
-        if let Some(haproxy) = proxies.haproxy {
-            haproxy.stop();
-        }
-        if let Some(daemon) = proxies.daemon
-            && let Err(error) = daemon.stop()
-        {
-            self.report.fail(format!("{error:#}"));
-        }
+    /// The path's proxy, fresh, or `None` for the direct path. The daemon gets the
+    /// path's flags, then `extra`.
+    fn start_path(&self, path: &PathSpec, extra: &[String]) -> Result<Option<Running>> {
+        Ok(Some(match &path.kind {
+            Kind::Direct => return Ok(None),
+            Kind::Interceptor { args } => {
+                let args: Vec<String> = args.iter().chain(extra).cloned().collect();
+                Running::Daemon(Daemon::start_with(
+                    &self.interceptor,
+                    &self.base_config()?,
+                    self.sandbox,
+                    &args,
+                )?)
+            }
+            Kind::Haproxy { busy_polling } => {
+                Running::Peer(Peer::haproxy(self.sandbox, self.threads, *busy_polling)?)
+            }
+            Kind::Nginx => Running::Peer(Peer::nginx(
+                self.sandbox,
+                self.threads,
+                &self.nginx_stream_module,
+            )?),
+        }))
     }
 
     fn spawn_client(&self, job: Job) -> Result<Proc> {
@@ -153,81 +159,60 @@ impl Bench<'_> {
         Ok(outcome)
     }
 
-    /// Fresh proxy processes. How fast a long-lived proxy runs on this VM depends on
-    /// where its threads and memory happened to land, and that holds for the life of
-    /// the process: with the same processes through all rounds, a path could be faster
-    /// in every round of one run and slower in every round of the next. A new
-    /// pair each round makes that a round-to-round difference, which the median of the
-    /// rounds evens out.
-    fn restart_proxies(&mut self, proxies: &mut Proxies) -> Result<()> {
-        let old = std::mem::replace(
-            proxies,
-            Proxies {
-                daemon: None,
-                haproxy: None,
-            },
-        );
-        self.stop_proxies(old);
-        *proxies = self.start_proxies()?;
-        Ok(())
-    }
-
-    /// Runs `job` on each route, `sizes.rounds` times with the order rotating each
-    /// round, so a change in background load spreads over all routes, and with fresh
-    /// proxies each round ([`Self::restart_proxies`]): the outcomes per route (with the
-    /// CPU the proxy on that route used). A route that fails is recorded and not
-    /// retried.
-    fn each_route(
+    /// Runs `job` on each path, `sizes.rounds` times with the order rotating each
+    /// round, so a change in background load spreads over all paths: the outcomes per
+    /// path, with the CPU its proxy and the whole machine used.
+    ///
+    /// Each measurement gets a fresh proxy, stopped before the next starts. How fast
+    /// a long-lived proxy runs on a VM depends on where its threads and memory
+    /// happened to land, and that holds for the life of the process: a fresh one per
+    /// round makes that round-to-round spread, which the median evens out. A path
+    /// that fails is recorded and not retried.
+    fn each_path(
         &mut self,
         name: &str,
-        proxies: &mut Proxies,
         timeout: Duration,
         job: impl Fn(Target) -> Job,
         port: u16,
         figure: impl Fn(&Outcome) -> Option<f64>,
     ) -> Outcomes {
         let rounds = self.sizes.rounds;
-        let mut outcomes: Outcomes = Default::default();
-        let mut failed = [false; 3];
+        let count = self.paths.len();
+        let mut outcomes: Outcomes = vec![Vec::new(); count];
+        let mut failed = vec![false; count];
         for round in 0..rounds {
-            if round > 0
-                && let Err(error) = self.restart_proxies(proxies)
-            {
-                self.report
-                    .fail(format!("{name}, round {}: {error:#}", round + 1));
-                break;
-            }
-            for offset in 0..Route::ALL.len() {
-                let index = (round + offset) % Route::ALL.len();
-                let route = Route::ALL[index];
+            for offset in 0..count {
+                let index = (round + offset) % count;
                 if failed[index] || bail_if_interrupted().is_err() {
                     continue;
                 }
+                let path = self.paths[index].clone();
                 let label = if rounds > 1 {
-                    format!("{name}, {}, round {}", route.name(), round + 1)
+                    format!("{name}, {}, round {}", path.name, round + 1)
                 } else {
-                    format!("{name}, {}", route.name())
+                    format!("{name}, {}", path.name)
                 };
-                let proxy = match route {
-                    Route::Direct => None,
-                    Route::Interceptor => match &proxies.daemon {
-                        Some(daemon) => Some(daemon.pid()),
-                        None => continue,
-                    },
-                    Route::Haproxy => match &proxies.haproxy {
-                        Some(haproxy) => Some(haproxy.pid()),
-                        None => continue,
-                    },
+                let running = match self.start_path(&path, &[]) {
+                    Ok(running) => running,
+                    Err(error) => {
+                        failed[index] = true;
+                        self.report
+                            .fail(format!("{label}: starting {}: {error:#}", path.name));
+                        continue;
+                    }
                 };
-                let cpu_before = proxy.and_then(CpuTime::of);
+                let proxy = running.as_ref().map(Running::pid);
+                let cpu_before = proxy.and_then(CpuTime::of_tree);
                 let machine_before = machine_busy_seconds();
-                match self.client(job(route.target(port)), timeout) {
+                let result = self.client(job(target(&path, port)), timeout);
+                let machine_after = machine_busy_seconds();
+                let cpu_after = proxy.and_then(CpuTime::of_tree);
+                match result {
                     Ok(mut outcome) => {
-                        outcome.machine_cpu = machine_busy_seconds()
+                        outcome.machine_cpu = machine_after
                             .zip(machine_before)
                             .map(|(after, before)| after - before);
-                        outcome.proxy_cpu = proxy
-                            .and_then(CpuTime::of)
+                        outcome.proxy_cpu = cpu_after
                             .zip(cpu_before)
                             .map(|(after, before)| after.since(before));
                         if let Some(value) = figure(&outcome) {
@@ -241,13 +226,29 @@ impl Bench<'_> {
                         self.report.fail(format!("{label}: {error:#}"));
                     }
                 }
+                if let Some(running) = running
+                    && let Err(error) = running.stop()
+                {
+                    failed[index] = true;
+                    self.report.fail(format!("{label}: {error:#}"));
+                }
             }
         }
         outcomes
     }
 
-    /// A row with the proxies' CPU per unit of work (`per(outcome)` units), and the
-    /// interceptor's user/system split.
+    fn row(
+        &self,
+        figure: impl Into<String>,
+        unit: &'static str,
+        better: Better,
+        values: Figures,
+    ) -> PathRow {
+        PathRow::new(figure, unit, better, &self.paths, values)
+    }
+
+    /// A row with the proxies' CPU per unit of work (`per(outcome)` units), spinning
+    /// included, and the interceptor paths' user/system split.
     fn cpu_row(
         &mut self,
         figure: String,
@@ -264,81 +265,70 @@ impl Bench<'_> {
                 .map(|cpu| cpu.total() * scale / work)
         };
         let values = figures(outcomes, cpu);
-        let split = outcomes[1]
+        let split: Vec<String> = self
+            .paths
             .iter()
-            .filter_map(|outcome| outcome.proxy_cpu)
-            .reduce(|sum, cpu| CpuTime {
-                user: sum.user + cpu.user,
-                system: sum.system + cpu.system,
+            .zip(outcomes)
+            .filter(|(path, _)| matches!(path.kind, Kind::Interceptor { .. }))
+            .filter_map(|(path, outcomes)| {
+                let cpu = outcomes
+                    .iter()
+                    .filter_map(|outcome| outcome.proxy_cpu)
+                    .reduce(|sum, cpu| CpuTime {
+                        user: sum.user + cpu.user,
+                        system: sum.system + cpu.system,
+                    })
+                    .filter(|cpu| cpu.total() > 0.0)?;
+                Some(format!(
+                    "{} {:.0}% sys",
+                    path.name,
+                    100.0 * cpu.system / cpu.total()
+                ))
             })
-            .filter(|cpu| cpu.total() > 0.0)
-            .map(|cpu| {
-                format!(
-                    "interceptor CPU: {:.0}% system, {:.0}% user",
-                    100.0 * cpu.system / cpu.total(),
-                    100.0 * cpu.user / cpu.total()
-                )
-            });
-        let mut row = PathRow::new(figure, unit, values);
-        if let Some(split) = split {
-            row = row.check(Check::note(split));
+            .collect();
+        let mut row = self.row(figure, unit, Better::Lower, values).race_target();
+        if let Some(check) = &mut row.check
+            && !split.is_empty()
+        {
+            check.detail = Some(split.join(", "));
         }
         self.report.rows.push(row);
     }
 
     /// What the whole machine (client, proxy, backend, kernel) spent per unit of work
-    /// on each path. With every CPU busy, it caps what a path can reach here; the note
-    /// says how far the interceptor's cap is from the direct path's measured figure.
-    /// `cap` turns CPU seconds per unit into units per second on one CPU.
+    /// on each path: with one proxy alive at a time, this is the path's own cost.
     fn machine_cpu_row(
         &mut self,
         figure: String,
         unit: &'static str,
         outcomes: &Outcomes,
-        (scale, per): (f64, impl Fn(&Outcome) -> f64),
-        direct_figure: Option<f64>,
-        cap: impl Fn(f64) -> f64,
+        scale: f64,
+        per: impl Fn(&Outcome) -> f64,
     ) {
         let cpu_per_unit = |outcome: &Outcome| {
             let work = per(outcome);
             outcome
                 .machine_cpu
                 .filter(|_| work > 0.0)
-                .map(|cpu| cpu / work)
+                .map(|cpu| cpu * scale / work)
         };
-        let seconds = figures(outcomes, cpu_per_unit);
-        let cpus = std::thread::available_parallelism().map_or(2, usize::from) as f64;
-        let note = seconds[1].zip(direct_figure).map(|(icpt, direct)| {
-            let capped = cpus * cap(icpt);
-            format!(
-                "{cpus} busy CPUs cap the interceptor path at {capped:.1} = {:.2}× direct",
-                capped / direct
-            )
-        });
-        let mut row = PathRow::new(figure, unit, seconds.map(|value| value.map(|v| v * scale)));
-        if let Some(note) = note {
-            row = row.check(Check::note(note));
-        }
+        let values = figures(outcomes, cpu_per_unit);
+        let row = self.row(figure, unit, Better::Lower, values);
         self.report.rows.push(row);
     }
 
     fn bulk(&mut self) -> Result<()> {
-        let mut proxies = self.start_proxies()?;
         let bytes = self.sizes.bulk_bytes_per_stream;
         for streams in [1usize, 8] {
             let total = bytes * streams as u64;
             let timeout = Duration::from_secs(60 + total / (20 << 20));
-            let name = format!(
-                "bulk, {streams} stream{} × {}",
-                if streams == 1 { "" } else { "s" },
-                size_label(bytes)
-            );
+            let plural = if streams == 1 { "" } else { "s" };
+            let name = format!("bulk, {streams} stream{plural} × {}", size_label(bytes));
             let gbits = |outcome: &Outcome| {
                 (outcome.seconds > 0.0).then(|| outcome.bytes as f64 * 8.0 / outcome.seconds / 1e9)
             };
-            let outcomes = self.each_route(
+            let outcomes = self.each_path(
                 &name,
-                &mut proxies,
                 timeout,
                 |target| Job::Bulk {
                     target,
@@ -349,57 +339,38 @@ impl Bench<'_> {
                 gbits,
             );
             let values = figures(&outcomes, gbits);
-            let [direct, icpt, haproxy_value] = values;
-            let pass = both(icpt, direct)
-                .zip(haproxy_value)
-                .map(|((icpt, direct), haproxy)| icpt >= 0.8 * direct && icpt > haproxy);
-            self.report
-                .rows
-                .push(PathRow::new(name, "Gbit/s", values).check(Check::new(
-                    "≥ 0.8× direct and > haproxy",
-                    pass,
-                    None,
-                )));
+            let row = self
+                .row(name, "Gbit/s", Better::Higher, values)
+                .race_target();
+            self.report.rows.push(row);
+            let gib = |outcome: &Outcome| outcome.bytes as f64 / f64::from(1u32 << 30);
             self.cpu_row(
-                format!(
-                    "  proxy CPU, {streams} stream{}",
-                    if streams == 1 { "" } else { "s" }
-                ),
+                format!("  proxy CPU, {streams} stream{plural}"),
                 "ms/GiB",
                 &outcomes,
                 1000.0,
-                |outcome| outcome.bytes as f64 / f64::from(1u32 << 30),
+                gib,
             );
             self.machine_cpu_row(
-                format!(
-                    "  machine CPU, {streams} stream{}",
-                    if streams == 1 { "" } else { "s" }
-                ),
+                format!("  machine CPU, {streams} stream{plural}"),
                 "ms/GiB",
                 &outcomes,
-                (1000.0, |outcome: &Outcome| {
-                    outcome.bytes as f64 / f64::from(1u32 << 30)
-                }),
-                direct,
-                // CPU s per GiB → Gbit/s on one CPU.
-                |seconds_per_gib| 8.0 * 1.073_741_824 / seconds_per_gib,
+                1000.0,
+                gib,
             );
         }
-        self.stop_proxies(proxies);
         Ok(())
     }
 
     fn latency(&mut self) -> Result<()> {
-        let mut proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let timeout = Duration::from_secs(60 + sizes.rr_round_trips / 2_000);
         let name = format!(
             "rr {} B, {} round trips",
             sizes.rr_size, sizes.rr_round_trips
         );
-        let outcomes = self.each_route(
+        let outcomes = self.each_path(
             &name,
-            &mut proxies,
             timeout,
             |target| Job::Latency {
                 target,
@@ -413,37 +384,35 @@ impl Bench<'_> {
         let p50 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p50));
         let p99 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p99));
         let p999 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p999));
-        let added = both(p50[1], p50[0]).map(|(icpt, direct)| icpt - direct);
-        self.report.rows.push(
-            PathRow::new("rr 1 KiB each way: p50", "µs", p50).check(Check::new(
-                "added ≤ 15 µs over direct",
-                added.map(|added| added <= 15.0),
-                added.map(|added| format!("{added:+.1} µs")),
-            )),
-        );
-        self.report.rows.push(
-            PathRow::new("rr 1 KiB each way: p99", "µs", p99).check(Check::new(
-                "≤ haproxy",
-                both(p99[1], p99[2]).map(|(icpt, haproxy)| icpt <= haproxy),
-                None,
-            )),
-        );
-        self.report
-            .rows
-            .push(PathRow::new("rr 1 KiB each way: p99.9", "µs", p999));
+        let row = self
+            .row("rr 1 KiB each way: p50", "µs", Better::Lower, p50)
+            .race_target();
+        self.report.rows.push(row);
+        let row = self
+            .row("rr 1 KiB each way: p99", "µs", Better::Lower, p99)
+            .race_target();
+        self.report.rows.push(row);
+        let row = self.row("rr 1 KiB each way: p99.9", "µs", Better::Lower, p999);
+        self.report.rows.push(row);
+        let round_trips = |outcome: &Outcome| outcome.ok as f64;
         self.cpu_row(
             "  proxy CPU per round trip".into(),
             "µs",
             &outcomes,
             1e6,
-            |outcome| outcome.ok as f64,
+            round_trips,
         );
-        self.stop_proxies(proxies);
+        self.machine_cpu_row(
+            "  machine CPU per round trip".into(),
+            "µs",
+            &outcomes,
+            1e6,
+            round_trips,
+        );
         Ok(())
     }
 
     fn conn_rate(&mut self) -> Result<()> {
-        let mut proxies = self.start_proxies()?;
         let sizes = self.sizes.clone();
         let rate = |outcome: &Outcome| {
             (outcome.seconds > 0.0).then(|| outcome.ok as f64 / outcome.seconds)
@@ -453,9 +422,8 @@ impl Bench<'_> {
             sizes.conn_concurrency,
             sizes.conn_millis as f64 / 1000.0
         );
-        let outcomes = self.each_route(
+        let outcomes = self.each_path(
             &name,
-            &mut proxies,
             Duration::from_millis(sizes.conn_millis) + Duration::from_secs(60),
             |target| Job::ConnRate {
                 target,
@@ -467,38 +435,34 @@ impl Bench<'_> {
             rate,
         );
         let values = figures(&outcomes, rate);
-        self.report.rows.push(
-            PathRow::new(
+        let row = self
+            .row(
                 format!("new conns/s, concurrency {}", sizes.conn_concurrency),
                 "conn/s",
+                Better::Higher,
                 values,
             )
-            .check(Check::new(
-                "≥ haproxy",
-                both(values[1], values[2]).map(|(icpt, haproxy)| icpt >= haproxy),
-                None,
-            )),
-        );
+            .race_target();
+        self.report.rows.push(row);
+        let connections = |outcome: &Outcome| outcome.ok as f64;
         self.cpu_row(
             "  proxy CPU per connection".into(),
             "µs",
             &outcomes,
             1e6,
-            |outcome| outcome.ok as f64,
+            connections,
         );
         self.machine_cpu_row(
             "  machine CPU per connection".into(),
             "µs",
             &outcomes,
-            (1e6, |outcome: &Outcome| outcome.ok as f64),
-            values[0],
-            |seconds_per_connection| 1.0 / seconds_per_connection,
+            1e6,
+            connections,
         );
 
         // The same exchange one connection at a time: the per-connection latency.
-        let outcomes = self.each_route(
+        let outcomes = self.each_path(
             "connect + 1 RTT + close, sequential",
-            &mut proxies,
             Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60),
             |target| Job::ConnectLatency {
                 target,
@@ -511,20 +475,29 @@ impl Bench<'_> {
         );
         let p50 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p50));
         let p99 = figures(&outcomes, |outcome| outcome.latency.map(|l| l.p99));
-        let added = both(p50[1], p50[0]).map(|(icpt, direct)| icpt - direct);
-        self.report.rows.push(
-            PathRow::new("connect+RTT+close, one by one: p50", "µs", p50).check(Check::note(
-                added.map_or_else(String::new, |added| {
-                    format!("interceptor {added:+.1} µs over direct")
-                }),
-            )),
-        );
-        self.report.rows.push(PathRow::new(
+        let row = self
+            .row(
+                "connect+RTT+close, one by one: p50",
+                "µs",
+                Better::Lower,
+                p50,
+            )
+            .race_target();
+        self.report.rows.push(row);
+        let row = self.row(
             "connect+RTT+close, one by one: p99",
             "µs",
+            Better::Lower,
             p99,
-        ));
-        self.stop_proxies(proxies);
+        );
+        self.report.rows.push(row);
+        self.cpu_row(
+            "  proxy CPU per connection".into(),
+            "µs",
+            &outcomes,
+            1e6,
+            connections,
+        );
         Ok(())
     }
 
@@ -542,75 +515,79 @@ impl Bench<'_> {
             connections > 0,
             "RLIMIT_NOFILE is too low to hold any connection"
         );
-        let mut per_connection: Figures = [None; 3];
-        let mut idle_cpu: Figures = [None; 3];
+        let count = self.paths.len();
+        let mut per_connection: Figures = vec![None; count];
+        let mut idle_cpu: Figures = vec![None; count];
 
-        // Sized for the connections held, as HAProxy's maxconn is: by default the
-        // daemon keeps a quarter of its descriptors for splice pipes, which idle
-        // connections never use.
+        // Sized for the connections held, as the peers' connection limits are: by
+        // default the daemon keeps a quarter of its descriptors for splice pipes,
+        // which idle connections never use.
         let limit = ["--max-connections".to_owned(), connections.to_string()];
-        match Daemon::start_with(
-            &self.interceptor,
-            &self.base_config()?,
-            self.sandbox,
-            &limit,
-        ) {
-            Ok(daemon) => {
-                match self.idle_rss(Route::Interceptor, connections, daemon.pid()) {
-                    Ok((kib, cpu)) => (per_connection[1], idle_cpu[1]) = (Some(kib), cpu),
-                    Err(error) => self.report.fail(format!("memory, interceptor: {error:#}")),
-                }
-                if let Err(error) = daemon.stop() {
-                    self.report.fail(format!("{error:#}"));
-                }
+        for index in 0..count {
+            bail_if_interrupted()?;
+            let path = self.paths[index].clone();
+            if !path.is_proxy() {
+                continue;
             }
-            Err(error) => self.report.fail(format!("starting interceptor: {error:#}")),
-        }
-        bail_if_interrupted()?;
-        match Haproxy::start(self.sandbox, self.threads) {
-            Ok(haproxy) => {
-                match self.idle_rss(Route::Haproxy, connections, haproxy.pid()) {
-                    Ok((kib, cpu)) => (per_connection[2], idle_cpu[2]) = (Some(kib), cpu),
-                    Err(error) => self.report.fail(format!("memory, haproxy: {error:#}")),
+            let running = match self.start_path(&path, &limit) {
+                Ok(Some(running)) => running,
+                Ok(None) => continue,
+                Err(error) => {
+                    self.report
+                        .fail(format!("memory, starting {}: {error:#}", path.name));
+                    continue;
                 }
-                haproxy.stop();
+            };
+            match self.idle_rss(&path, connections, running.pid()) {
+                Ok((kib, cpu)) => (per_connection[index], idle_cpu[index]) = (Some(kib), cpu),
+                Err(error) => self
+                    .report
+                    .fail(format!("memory, {}: {error:#}", path.name)),
             }
-            Err(error) => self.report.fail(format!("starting haproxy: {error:#}")),
+            if let Err(error) = running.stop() {
+                self.report
+                    .fail(format!("memory, {}: {error:#}", path.name));
+            }
         }
 
-        self.report.rows.push(
-            PathRow::new(
+        let row = self
+            .row(
                 format!("RSS per idle conn ({connections} open)"),
                 "KiB/conn",
+                Better::Lower,
                 per_connection,
             )
-            .check(Check::new(
-                "≤ 8 KiB per connection",
-                per_connection[1].map(|kib| kib <= 8.0),
-                None,
-            )),
-        );
-        // What the connections cost while nothing moves on them: busy polling must
-        // not spin here, and neither proxy has timers per connection.
-        self.report.rows.push(PathRow::new(
+            .race_target();
+        self.report.rows.push(row);
+        // What the connections cost while nothing moves on them: the daemon's busy
+        // polling must not spin here; HAProxy's busy-polling does.
+        let row = self.row(
             format!(
                 "  proxy CPU holding them, idle {:.0} s",
                 IDLE_CPU_WINDOW.as_secs_f64()
             ),
             "ms/s",
+            Better::Lower,
             idle_cpu,
-        ));
+        );
+        self.report.rows.push(row);
         Ok(())
     }
 
-    /// Opens `connections` through `route` (one small round trip each, so the proxy
+    /// Opens `connections` through `path` (one small round trip each, so the proxy
     /// has connected upstream), and returns the proxy's RSS growth per connection in
-    /// KiB and the CPU it used while they stayed idle, in ms per second.
-    fn idle_rss(&mut self, route: Route, connections: u64, pid: u32) -> Result<(f64, Option<f64>)> {
-        let rss = || proxies::rss_bytes(pid);
+    /// KiB (nginx's workers included) and the CPU it used while they stayed idle, in
+    /// ms per second.
+    fn idle_rss(
+        &mut self,
+        path: &PathSpec,
+        connections: u64,
+        pid: u32,
+    ) -> Result<(f64, Option<f64>)> {
+        let rss = || proxies::rss_bytes_tree(pid);
         let before = rss()?;
         let mut client = self.spawn_client(Job::Hold {
-            target: route.target(CONN_PORT),
+            target: target(path, CONN_PORT),
             connections,
         })?;
         let opened = read_outcome(&mut client, Duration::from_secs(60 + connections / 100))?;
@@ -622,9 +599,9 @@ impl Bench<'_> {
         // Let the proxy finish its side of the last connections.
         std::thread::sleep(Duration::from_millis(500));
         let after = rss()?;
-        let cpu_before = CpuTime::of(pid);
+        let cpu_before = CpuTime::of_tree(pid);
         std::thread::sleep(IDLE_CPU_WINDOW);
-        let idle_cpu = CpuTime::of(pid).zip(cpu_before).map(|(now, before)| {
+        let idle_cpu = CpuTime::of_tree(pid).zip(cpu_before).map(|(now, before)| {
             now.since(before).total() * 1000.0 / IDLE_CPU_WINDOW.as_secs_f64()
         });
         client.write_line("close")?;
@@ -639,12 +616,12 @@ impl Bench<'_> {
         let kib = (after as f64 - before as f64) / connections as f64 / 1024.0;
         println!(
             "  memory, {}: RSS {:.1} MiB → {:.1} MiB with {connections} idle connections: {kib:.2} KiB each",
-            route.name(),
+            path.name,
             before as f64 / 1048576.0,
             after as f64 / 1048576.0
         );
         self.report.detail(
-            format!("memory, {}", route.name()),
+            format!("memory, {}", path.name),
             serde_json::json!({
                 "connections": connections,
                 "rss_before_bytes": before,
@@ -667,13 +644,21 @@ impl Bench<'_> {
             fs::write(&config, service_entries_yaml(entries, &[CONN_PORT]))?;
             configs.push((entries, config));
         }
+        // The daemon as the `icpt-poll` path runs it.
+        let scale_args = match paths::index(&self.paths, paths::POLL_PAIR.interceptor)
+            .map(|index| &self.paths[index].kind)
+        {
+            Some(Kind::Interceptor { args }) => args.clone(),
+            _ => Vec::new(),
+        };
         let mut ready_ms = [Vec::new(), Vec::new()];
         let mut latencies = [Vec::new(), Vec::new()];
         // The two configurations alternate, so background load hits both alike.
         for repeat in 0..sizes.scale_repeats {
             for (slot, (entries, config)) in configs.iter().enumerate() {
                 bail_if_interrupted()?;
-                let daemon = Daemon::start(&self.interceptor, config, self.sandbox)?;
+                let daemon =
+                    Daemon::start_with(&self.interceptor, config, self.sandbox, &scale_args)?;
                 let ready = daemon.ready_after.as_secs_f64() * 1000.0;
                 ready_ms[slot].push(ready);
                 // Every connection goes to another entry's VIP, all of them in turn.
@@ -761,9 +746,12 @@ fn read_outcome(process: &mut Proc, timeout: Duration) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// Per route, the median over its rounds.
+/// Per path, the median over its rounds.
 fn figures(outcomes: &Outcomes, figure: impl Fn(&Outcome) -> Option<f64>) -> Figures {
-    [0, 1, 2].map(|index| median(outcomes[index].iter().filter_map(&figure).collect()))
+    outcomes
+        .iter()
+        .map(|rounds| median(rounds.iter().filter_map(&figure).collect()))
+        .collect()
 }
 
 fn median(mut values: Vec<f64>) -> Option<f64> {
