@@ -169,12 +169,14 @@ pub fn haproxy_config(threads: usize, open_files: u64, busy_polling: bool) -> St
 /// nginx's stream proxy as its documentation recommends for many connections: a
 /// worker per CPU, each with its own `reuseport` listener, descriptors to match,
 /// and a 64 KiB `proxy_buffer_size` (the default 16 KiB costs bulk transfers four
-/// times the system calls). nginx has no busy-polling option and no splice in the
-/// stream module.
+/// times the system calls), and `proxy_half_close`, without which nginx ends the
+/// whole session at the first FIN where a TCP relay passes it on as HAProxy and the
+/// interceptor do. nginx has no busy-polling option and no splice in the stream
+/// module.
 pub fn nginx_config(threads: usize, open_files: u64, stream_module: &Path) -> String {
     let connections = connection_budget(open_files);
     let mut config = format!(
-        "load_module {};\nuser root root;\ndaemon off;\nmaster_process on;\nworker_processes {threads};\nworker_rlimit_nofile {open_files};\nerror_log stderr warn;\n\nevents {{\n  worker_connections {connections};\n  multi_accept on;\n}}\n\nstream {{\n  proxy_buffer_size 64k;\n  proxy_connect_timeout 5s;\n  proxy_timeout 300s;\n  tcp_nodelay on;\n",
+        "load_module {};\nuser root root;\ndaemon off;\nmaster_process on;\nworker_processes {threads};\nworker_rlimit_nofile {open_files};\nerror_log stderr warn;\n\nevents {{\n  worker_connections {connections};\n  multi_accept on;\n}}\n\nstream {{\n  proxy_buffer_size 64k;\n  proxy_half_close on;\n  proxy_connect_timeout 5s;\n  proxy_timeout 300s;\n  tcp_nodelay on;\n",
         stream_module.display()
     );
     for port in BACKEND_PORTS {
