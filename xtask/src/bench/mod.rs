@@ -53,8 +53,9 @@ pub struct BenchArgs {
     /// target/bench/latest.json.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// An extra flag for the interceptor daemon, e.g. `--daemon-arg=--copy-mode=splice`,
-    /// to compare its data paths; repeat for several.
+    /// An extra flag for every interceptor path's daemon, e.g.
+    /// `--daemon-arg=--copy-mode=userspace`, to compare its data paths; repeat for
+    /// several. Not one a path sets itself (`--busy-poll-us`).
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     pub daemon_args: Vec<String>,
     /// The address family of every path: IPv6 puts the backend on 2001:2:0:1::1, the
