@@ -1,0 +1,348 @@
+//! What a soak found: per-class tallies, the faults injected, resource samples, the
+//! daemons' exits and log lines, leftovers; printed as one table, and judged.
+
+use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+
+use super::{
+    daemons::Exited,
+    model::{Class, Fault, Window, explain, grows, slope_per_minute},
+    traffic::{ClassTally, Sizes},
+};
+
+pub struct Sample {
+    pub at: f64,
+    pub generation: u32,
+    pub rss: Option<f64>,
+    pub fds: Option<f64>,
+    pub map_entries: Option<f64>,
+    pub idle_connections: u64,
+}
+
+/// Warning and error lines the soak's own faults cause, and which fault each needs to
+/// have happened. Anything else at WARN or ERROR is a finding.
+const EXPECTED_LOG_LINES: &[(&str, &[Fault])] = &[];
+
+pub struct Report {
+    quick: bool,
+    sizes: Sizes,
+    duration: Duration,
+    pub windows: Vec<Window>,
+    pub samples: Vec<Sample>,
+    pub tallies: BTreeMap<Class, ClassTally>,
+    pub handover_started: Vec<f64>,
+    injected: BTreeMap<Fault, u64>,
+    exits: Vec<String>,
+    bad_exits: Vec<String>,
+    panics: Vec<String>,
+    unexpected_lines: Vec<String>,
+    expected_lines: u64,
+    pub attached: Vec<String>,
+    pub leftovers: Vec<String>,
+    other: Vec<String>,
+}
+
+impl Report {
+    pub fn new(quick: bool, sizes: &Sizes, duration: Duration) -> Self {
+        Self {
+            quick,
+            sizes: sizes.clone(),
+            duration,
+            windows: Vec::new(),
+            samples: Vec::new(),
+            tallies: BTreeMap::new(),
+            handover_started: Vec::new(),
+            injected: BTreeMap::new(),
+            exits: Vec::new(),
+            bad_exits: Vec::new(),
+            panics: Vec::new(),
+            unexpected_lines: Vec::new(),
+            expected_lines: 0,
+            attached: Vec::new(),
+            leftovers: Vec::new(),
+            other: Vec::new(),
+        }
+    }
+
+    pub fn injected(&mut self, fault: Fault) {
+        *self.injected.entry(fault).or_default() += 1;
+    }
+
+    pub fn violation(&mut self, message: String) {
+        self.other.push(message);
+    }
+
+    /// Checks how a daemon ended and reads its log.
+    pub fn exited(&mut self, exited: Exited) {
+        let how = match (exited.stopped_with, exited.code, exited.in_time) {
+            (_, _, false) => Err("did not exit in time and was killed".to_owned()),
+            (Some(libc::SIGKILL), None, true) => Ok("killed (SIGKILL)".to_owned()),
+            (Some(libc::SIGTERM), Some(0), true) => Ok("exit 0 on SIGTERM".to_owned()),
+            (signal, code, true) => {
+                Err(format!("ended with code {code:?} after signal {signal:?}"))
+            }
+        };
+        match how {
+            Ok(how) => self
+                .exits
+                .push(format!("daemon {}: {how}", exited.generation)),
+            Err(how) => self
+                .bad_exits
+                .push(format!("daemon {}: {how}", exited.generation)),
+        }
+        for line in exited.logs.lines() {
+            if line.contains("panicked") {
+                self.panics
+                    .push(format!("daemon {}: {line}", exited.generation));
+                continue;
+            }
+            let level = line
+                .split_whitespace()
+                .take(3)
+                .find(|word| matches!(*word, "WARN" | "ERROR"));
+            if level.is_none() {
+                continue;
+            }
+            let explained = EXPECTED_LOG_LINES.iter().any(|(needle, faults)| {
+                line.contains(needle)
+                    && faults.iter().any(|fault| self.injected.contains_key(fault))
+            });
+            if explained {
+                self.expected_lines += 1;
+            } else {
+                self.unexpected_lines
+                    .push(format!("daemon {}: {line}", exited.generation));
+            }
+        }
+    }
+
+    fn failures(&self) -> (u64, Vec<String>) {
+        let mut explained = 0;
+        let mut unexplained = Vec::new();
+        for tally in self.tallies.values() {
+            for failure in &tally.failures {
+                match explain(failure, &self.windows) {
+                    Some(_) => explained += 1,
+                    None => unexplained.push(format!(
+                        "{} {:?} between {:.1} s and {:.1} s: {}",
+                        failure.class.name(),
+                        failure.kind,
+                        failure.start,
+                        failure.end,
+                        failure.detail
+                    )),
+                }
+            }
+        }
+        (explained, unexplained)
+    }
+
+    /// Per resource: the samples of the daemon that served longest, after warm-up
+    /// (its first third, and at least one idle-connection lifetime).
+    fn trends(&self) -> Vec<(&'static str, f64, Option<f64>, Option<f64>, bool)> {
+        let mut by_generation: BTreeMap<u32, Vec<&Sample>> = BTreeMap::new();
+        for sample in &self.samples {
+            by_generation
+                .entry(sample.generation)
+                .or_default()
+                .push(sample);
+        }
+        let Some(longest) = by_generation.values().max_by(|a, b| {
+            let span = |s: &Vec<&Sample>| s.last().map_or(0.0, |l| l.at) - s[0].at;
+            span(a).total_cmp(&span(b))
+        }) else {
+            return Vec::new();
+        };
+        let first = longest[0].at;
+        let span = longest.last().map_or(0.0, |last| last.at) - first;
+        let skip = (span / 3.0).max(self.sizes.idle_lifetime.as_secs_f64());
+        let steady: Vec<&&Sample> = longest
+            .iter()
+            .filter(|sample| sample.at >= first + skip)
+            .collect();
+        type Pick = fn(&Sample) -> Option<f64>;
+        let resources: [(&str, Pick, f64); 3] = [
+            ("daemon RSS (MiB)", |s| s.rss.map(|b| b / 1048576.0), 16.0),
+            ("daemon open descriptors", |s| s.fds, 64.0),
+            ("BPF map entries", |s| s.map_entries, 64.0),
+        ];
+        resources
+            .into_iter()
+            .map(|(name, pick, floor)| {
+                let points: Vec<(f64, f64)> = steady
+                    .iter()
+                    .filter_map(|sample| Some((sample.at, pick(sample)?)))
+                    .collect();
+                let last = points.last().map(|p| p.1);
+                let first = points.first().map_or(0.0, |p| p.1);
+                let slope = slope_per_minute(&points);
+                (name, first, last, slope, grows(&points, floor))
+            })
+            .collect()
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        let mut violations = self.other.clone();
+        let corrupt: u64 = self
+            .tallies
+            .values()
+            .flat_map(|tally| &tally.failures)
+            .filter(|failure| failure.kind == super::model::FailKind::Corrupt)
+            .count() as u64;
+        if corrupt > 0 {
+            violations.push(format!(
+                "{corrupt} transfer(s) with lost or corrupted bytes"
+            ));
+        }
+        let (_, unexplained) = self.failures();
+        violations.extend(
+            unexplained
+                .into_iter()
+                .map(|f| format!("unexplained failure: {f}")),
+        );
+        violations.extend(self.bad_exits.iter().cloned());
+        violations.extend(self.panics.iter().map(|p| format!("panic: {p}")));
+        violations.extend(
+            self.unexpected_lines
+                .iter()
+                .map(|line| format!("log line no fault explains: {line}")),
+        );
+        for (name, _, _, slope, grows) in self.trends() {
+            if grows {
+                violations.push(format!(
+                    "{name} grows after warm-up: {:+.2}/min",
+                    slope.unwrap_or_default()
+                ));
+            }
+        }
+        for class in Class::ALL {
+            if self
+                .tallies
+                .get(&class)
+                .is_none_or(|tally| tally.completed == 0)
+            {
+                violations.push(format!("{}: no exchange completed", class.name()));
+            }
+        }
+        violations.extend(
+            self.attached
+                .iter()
+                .map(|program| format!("still attached after the run: {program}")),
+        );
+        violations.extend(
+            self.leftovers
+                .iter()
+                .map(|left| format!("left behind: {left}")),
+        );
+        violations
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mode = if self.quick { "quick" } else { "full" };
+        let peak_idle = self
+            .samples
+            .iter()
+            .map(|sample| sample.idle_connections)
+            .max()
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "interceptor soak ({mode}, {} s of traffic, up to {} concurrent idle connections (peak sampled {peak_idle}), {} MiB bulk streams)",
+            self.duration.as_secs(),
+            self.sizes.idle_connections,
+            self.sizes.bulk_bytes >> 20
+        );
+        let _ = writeln!(
+            out,
+            "\n| class | completed | bytes verified | failed, explained | failed, unexplained | hung | corrupt |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for class in Class::ALL {
+            let tally = self.tallies.get(&class).cloned().unwrap_or_default();
+            let (mut explained, mut unexplained, mut hung, mut corrupt) = (0, 0, 0, 0);
+            for failure in &tally.failures {
+                match failure.kind {
+                    super::model::FailKind::Hung => hung += 1,
+                    super::model::FailKind::Corrupt => corrupt += 1,
+                    _ => {}
+                }
+                if explain(failure, &self.windows).is_some() {
+                    explained += 1;
+                } else {
+                    unexplained += 1;
+                }
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {explained} | {unexplained} | {hung} | {corrupt} |",
+                class.name(),
+                tally.completed,
+                tally.bytes_verified
+            );
+        }
+        let _ = writeln!(out, "\n| fault | injected |\n|---|---:|");
+        for (fault, count) in &self.injected {
+            let _ = writeln!(out, "| {} | {count} |", fault.name());
+        }
+        let _ = writeln!(
+            out,
+            "\n| resource (longest-serving daemon, after warm-up) | first | last | slope per minute | grows |\n|---|---:|---:|---:|---|"
+        );
+        for (name, first, last, slope, grows) in self.trends() {
+            let _ = writeln!(
+                out,
+                "| {name} | {first:.1} | {} | {} | {} |",
+                last.map_or("-".into(), |v| format!("{v:.1}")),
+                slope.map_or("-".into(), |v| format!("{v:+.2}")),
+                if grows { "YES" } else { "no" }
+            );
+        }
+        let (explained, unexplained) = self.failures();
+        let corrupt_transfers = self
+            .tallies
+            .values()
+            .flat_map(|tally| &tally.failures)
+            .filter(|failure| failure.kind == super::model::FailKind::Corrupt)
+            .count();
+        let hung = self
+            .tallies
+            .values()
+            .flat_map(|tally| &tally.failures)
+            .filter(|failure| failure.kind == super::model::FailKind::Hung)
+            .count();
+        let _ = writeln!(out, "\n| check | result |\n|---|---|");
+        let rows = [
+            (
+                "transfers with lost or corrupted bytes",
+                corrupt_transfers.to_string(),
+            ),
+            ("failures explained by a fault", explained.to_string()),
+            ("failures no fault explains", unexplained.len().to_string()),
+            ("connections hung past their deadline", hung.to_string()),
+            ("panics", self.panics.len().to_string()),
+            (
+                "WARN/ERROR lines: caused by the soak / not",
+                format!("{} / {}", self.expected_lines, self.unexpected_lines.len()),
+            ),
+            (
+                "daemons that exited as expected",
+                format!(
+                    "{} of {}",
+                    self.exits.len(),
+                    self.exits.len() + self.bad_exits.len()
+                ),
+            ),
+            (
+                "programs attached after the run",
+                self.attached.len().to_string(),
+            ),
+            (
+                "cgroups, namespaces, pins left",
+                self.leftovers.len().to_string(),
+            ),
+        ];
+        for (check, result) in rows {
+            let _ = writeln!(out, "| {check} | {result} |");
+        }
+        out
+    }
+}
