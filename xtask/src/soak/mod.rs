@@ -124,13 +124,16 @@ pub fn run(args: SoakArgs) -> Result<()> {
     let plan = Plan::new(&args, open_files);
     let pinned_before = pinned_objects();
     testbed::remove_stale_cgroups(CGROUP_PREFIX)?;
+    // Before the sandbox, so that the watcher thread stays outside its namespace and
+    // the namespace can go when the soak ends.
+    process::install_signal_handlers()?;
 
-    // Must come first: the namespace is entered by this thread before any other exists.
+    // The namespace is entered by this thread; every thread the soak starts after
+    // this lives in it.
     let sandbox = testbed::Sandbox::create(
         &format!("{CGROUP_PREFIX}{}", std::process::id()),
         testbed::Placement::Harness,
     )?;
-    process::install_signal_handlers()?;
     for host in [backends::HOST_A, backends::HOST_B, backends::DNS_HOST] {
         sandbox.add_address(host.into())?;
     }
@@ -181,6 +184,7 @@ fn soak(sandbox: &testbed::Sandbox, binary: &Path, plan: &Plan, report: &mut Rep
         workdir: sandbox.workdir.clone(),
     };
     let origin = Instant::now();
+    report.origin_unix = unix_seconds();
     let first = launcher.start(0)?;
     println!(
         "xtask soak: {} s of traffic and faults in {}, {} idle connections",
@@ -347,7 +351,8 @@ impl Run<'_> {
                 Fault::Reload
             };
             let start = self.now();
-            self.window(fault, start, start + 1.0);
+            // The daemon applies a change shortly after the last write.
+            self.window(fault, start, start + 3.0);
             self.report.injected(fault);
         }
         if now >= self.next_sample {
@@ -428,6 +433,12 @@ impl Run<'_> {
         }
         Ok(())
     }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
 fn log_tail(logs: &str) -> String {

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 
 use super::{
     daemons::Exited,
-    model::{Class, Fault, Window, explain, grows, slope_per_minute},
+    model::{Class, FailKind, Fault, GRACE, Window, explain, grows, slope_per_minute},
     traffic::{ClassTally, Sizes},
 };
 
@@ -18,9 +18,57 @@ pub struct Sample {
     pub idle_connections: u64,
 }
 
-/// Warning and error lines the soak's own faults cause, and which fault each needs to
-/// have happened. Anything else at WARN or ERROR is a finding.
-const EXPECTED_LOG_LINES: &[(&str, &[Fault])] = &[];
+/// Warning and error lines the soak's own faults cause, and the fault that must be in
+/// force when one is written. Anything else at WARN or ERROR is a finding.
+const EXPECTED_LOG_LINES: &[(&str, Fault)] = &[
+    ("error=Connection refused", Fault::BackendRefuse),
+    ("request timed out", Fault::DnsDown),
+    ("Too many open files", Fault::LowFdLimit),
+    // hickory's word for a UDP socket it could not open.
+    ("no connections available", Fault::LowFdLimit),
+    (
+        "reload failed: the new configuration is invalid",
+        Fault::InvalidReload,
+    ),
+    (
+        "address is in use (a previous interceptor?)",
+        Fault::Handover,
+    ),
+];
+
+/// Whether `line`, written `at` seconds into the soak, is one a fault in force caused.
+fn expected_line(line: &str, at: Option<f64>, windows: &[Window]) -> bool {
+    let Some(at) = at else {
+        return false;
+    };
+    let grace = GRACE.as_secs_f64();
+    EXPECTED_LOG_LINES.iter().any(|(needle, fault)| {
+        line.contains(needle)
+            && windows.iter().any(|window| {
+                window.fault == *fault && window.start - grace <= at && at <= window.end + grace
+            })
+    })
+}
+
+/// Seconds since the Unix epoch of a log line's leading `2026-12-04T17:46:08.541333Z`.
+fn line_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut date = date.split('-').map(str::parse::<i64>);
+    let (year, month, day) = (date.next()?.ok()?, date.next()?.ok()?, date.next()?.ok()?);
+    let mut time = time.split(':');
+    let hours: f64 = time.next()?.parse().ok()?;
+    let minutes: f64 = time.next()?.parse().ok()?;
+    let seconds: f64 = time.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    Some(days as f64 * 86_400.0 + hours * 3_600.0 + minutes * 60.0 + seconds)
+}
 
 pub struct Report {
     quick: bool,
@@ -33,9 +81,9 @@ pub struct Report {
     injected: BTreeMap<Fault, u64>,
     exits: Vec<String>,
     bad_exits: Vec<String>,
-    panics: Vec<String>,
-    unexpected_lines: Vec<String>,
-    expected_lines: u64,
+    logs: Vec<(u32, String)>,
+    /// The soak's start, in seconds since the Unix epoch, to place log lines.
+    pub origin_unix: f64,
     pub attached: Vec<String>,
     pub leftovers: Vec<String>,
     other: Vec<String>,
@@ -54,9 +102,8 @@ impl Report {
             injected: BTreeMap::new(),
             exits: Vec::new(),
             bad_exits: Vec::new(),
-            panics: Vec::new(),
-            unexpected_lines: Vec::new(),
-            expected_lines: 0,
+            logs: Vec::new(),
+            origin_unix: 0.0,
             attached: Vec::new(),
             leftovers: Vec::new(),
             other: Vec::new(),
@@ -89,30 +136,34 @@ impl Report {
                 .bad_exits
                 .push(format!("daemon {}: {how}", exited.generation)),
         }
-        for line in exited.logs.lines() {
-            if line.contains("panicked") {
-                self.panics
-                    .push(format!("daemon {}: {line}", exited.generation));
-                continue;
-            }
-            let level = line
-                .split_whitespace()
-                .take(3)
-                .find(|word| matches!(*word, "WARN" | "ERROR"));
-            if level.is_none() {
-                continue;
-            }
-            let explained = EXPECTED_LOG_LINES.iter().any(|(needle, faults)| {
-                line.contains(needle)
-                    && faults.iter().any(|fault| self.injected.contains_key(fault))
-            });
-            if explained {
-                self.expected_lines += 1;
-            } else {
-                self.unexpected_lines
-                    .push(format!("daemon {}: {line}", exited.generation));
+        self.logs.push((exited.generation, exited.logs));
+    }
+
+    /// Panics, lines a fault explains (a count), and lines none does.
+    fn log_findings(&self) -> (Vec<String>, u64, Vec<String>) {
+        let (mut panics, mut expected, mut unexpected) = (Vec::new(), 0, Vec::new());
+        for (generation, logs) in &self.logs {
+            for line in logs.lines() {
+                if line.contains("panicked") {
+                    panics.push(format!("daemon {generation}: {line}"));
+                    continue;
+                }
+                let level = line
+                    .split_whitespace()
+                    .take(3)
+                    .any(|word| matches!(word, "WARN" | "ERROR"));
+                if !level {
+                    continue;
+                }
+                let at = line_time(line).map(|unix| unix - self.origin_unix);
+                if expected_line(line, at, &self.windows) {
+                    expected += 1;
+                } else {
+                    unexpected.push(format!("daemon {generation}: {line}"));
+                }
             }
         }
+        (panics, expected, unexpected)
     }
 
     fn failures(&self) -> (u64, Vec<String>) {
@@ -186,7 +237,7 @@ impl Report {
             .tallies
             .values()
             .flat_map(|tally| &tally.failures)
-            .filter(|failure| failure.kind == super::model::FailKind::Corrupt)
+            .filter(|failure| failure.kind == FailKind::Corrupt)
             .count() as u64;
         if corrupt > 0 {
             violations.push(format!(
@@ -200,9 +251,10 @@ impl Report {
                 .map(|f| format!("unexplained failure: {f}")),
         );
         violations.extend(self.bad_exits.iter().cloned());
-        violations.extend(self.panics.iter().map(|p| format!("panic: {p}")));
+        let (panics, _, unexpected_lines) = self.log_findings();
+        violations.extend(panics.iter().map(|p| format!("panic: {p}")));
         violations.extend(
-            self.unexpected_lines
+            unexpected_lines
                 .iter()
                 .map(|line| format!("log line no fault explains: {line}")),
         );
@@ -261,8 +313,8 @@ impl Report {
             let (mut explained, mut unexplained, mut hung, mut corrupt) = (0, 0, 0, 0);
             for failure in &tally.failures {
                 match failure.kind {
-                    super::model::FailKind::Hung => hung += 1,
-                    super::model::FailKind::Corrupt => corrupt += 1,
+                    FailKind::Hung => hung += 1,
+                    FailKind::Corrupt => corrupt += 1,
                     _ => {}
                 }
                 if explain(failure, &self.windows).is_some() {
@@ -279,9 +331,29 @@ impl Report {
                 tally.bytes_verified
             );
         }
-        let _ = writeln!(out, "\n| fault | injected |\n|---|---:|");
+        let mut caused: BTreeMap<Fault, BTreeMap<(Class, FailKind), u64>> = BTreeMap::new();
+        for failure in self.tallies.values().flat_map(|tally| &tally.failures) {
+            if let Some(fault) = explain(failure, &self.windows) {
+                *caused
+                    .entry(fault)
+                    .or_default()
+                    .entry((failure.class, failure.kind))
+                    .or_default() += 1;
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n| fault | injected | failures it explains (class: kind × count) |\n|---|---:|---|"
+        );
         for (fault, count) in &self.injected {
-            let _ = writeln!(out, "| {} | {count} |", fault.name());
+            let explained = caused.get(fault).map_or("-".to_owned(), |failures| {
+                failures
+                    .iter()
+                    .map(|((class, kind), count)| format!("{}: {kind:?} × {count}", class.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            let _ = writeln!(out, "| {} | {count} | {explained} |", fault.name());
         }
         let _ = writeln!(
             out,
@@ -301,14 +373,33 @@ impl Report {
             .tallies
             .values()
             .flat_map(|tally| &tally.failures)
-            .filter(|failure| failure.kind == super::model::FailKind::Corrupt)
+            .filter(|failure| failure.kind == FailKind::Corrupt)
             .count();
         let hung = self
             .tallies
             .values()
             .flat_map(|tally| &tally.failures)
-            .filter(|failure| failure.kind == super::model::FailKind::Hung)
+            .filter(|failure| failure.kind == FailKind::Hung)
             .count();
+        let _ = writeln!(
+            out,
+            "\n| fault window (s since start; the start was {:.3} s after the Unix epoch) | from | to |\n|---|---:|---:|",
+            self.origin_unix
+        );
+        for window in self
+            .windows
+            .iter()
+            .filter(|window| !matches!(window.fault, Fault::Reload | Fault::InvalidReload))
+        {
+            let _ = writeln!(
+                out,
+                "| {} | {:.1} | {:.1} |",
+                window.fault.name(),
+                window.start,
+                window.end
+            );
+        }
+        let (panics, expected_lines, unexpected_lines) = self.log_findings();
         let _ = writeln!(out, "\n| check | result |\n|---|---|");
         let rows = [
             (
@@ -318,10 +409,10 @@ impl Report {
             ("failures explained by a fault", explained.to_string()),
             ("failures no fault explains", unexplained.len().to_string()),
             ("connections hung past their deadline", hung.to_string()),
-            ("panics", self.panics.len().to_string()),
+            ("panics", panics.len().to_string()),
             (
                 "WARN/ERROR lines: caused by the soak / not",
-                format!("{} / {}", self.expected_lines, self.unexpected_lines.len()),
+                format!("{expected_lines} / {}", unexpected_lines.len()),
             ),
             (
                 "daemons that exited as expected",
@@ -344,5 +435,27 @@ impl Report {
             let _ = writeln!(out, "| {check} | {result} |");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_lines_are_placed_in_time_and_matched_to_their_fault() {
+        let unix = line_time("2026-12-04T17:46:08.500000Z  WARN x: y").unwrap();
+        // date -u -d 2026-12-04T17:46:08Z +%s
+        assert!((unix - 1_796_406_368.5).abs() < 1e-3, "{unix}");
+        let windows = [Window {
+            fault: Fault::BackendRefuse,
+            start: 10.0,
+            end: 12.0,
+        }];
+        let refused = "WARN upstream connect failed error=Connection refused (os error 111)";
+        assert!(expected_line(refused, Some(11.0), &windows));
+        assert!(!expected_line(refused, Some(30.0), &windows));
+        assert!(!expected_line(refused, None, &windows));
+        assert!(!expected_line("WARN something else", Some(11.0), &windows));
     }
 }

@@ -72,25 +72,44 @@ impl Worker {
     }
 
     fn record(&self, opened: Instant, result: Result<u64, Failed>) {
-        let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = tally.entry(self.class).or_default();
+        let failed = result.is_err();
+        {
+            let mut tally = self.tally.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = tally.entry(self.class).or_default();
+            record_in(entry, self, opened, result);
+        }
+        if failed {
+            // As real clients back off, so a fault's tally counts attempts, not spins.
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+fn record_in(
+    entry: &mut ClassTally,
+    worker: &Worker,
+    opened: Instant,
+    result: Result<u64, Failed>,
+) {
+    let (class, start) = (worker.class, worker.seconds(opened));
+    {
         match result {
             Ok(bytes) => {
                 entry.completed += 1;
                 entry.bytes_verified += bytes;
             }
             Err(failed) => entry.failures.push(Failure {
-                class: self.class,
+                class,
                 kind: failed.kind,
-                start: self.seconds(opened),
-                end: self.seconds(Instant::now()),
+                start,
+                end: worker.seconds(Instant::now()),
                 detail: failed.detail,
             }),
         }
-    }
-
-    fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
     }
 }
 
