@@ -299,6 +299,7 @@ impl Run<'_> {
             }
             Fault::Handover => {
                 self.wait_for_drain()?;
+                let start = self.now();
                 let generation = self.serving()?.generation + 1;
                 let next = self.launcher.start(generation)?;
                 let mut old = self.serving.replace(next).expect("a daemon serves");
@@ -309,6 +310,9 @@ impl Run<'_> {
             }
             Fault::Kill => {
                 self.wait_for_drain()?;
+                // From the kill itself: a window that began while the previous
+                // handover drained could pass that handover's failures as the kill's.
+                let start = self.now();
                 let mut killed = self.serving.take().context("no daemon serves")?;
                 let generation = killed.generation + 1;
                 killed.signal(libc::SIGKILL);
@@ -343,7 +347,7 @@ impl Run<'_> {
         if now >= self.next_reload {
             self.next_reload += RELOAD_EVERY;
             self.reloads += 1;
-            let invalid = self.reloads % 3 == 0;
+            let invalid = self.reloads.is_multiple_of(3);
             config::write(&self.config_dir, self.reloads, invalid)?;
             let fault = if invalid {
                 Fault::InvalidReload

@@ -70,6 +70,15 @@ fn line_time(line: &str) -> Option<f64> {
     Some(days as f64 * 86_400.0 + hours * 3_600.0 + minutes * 60.0 + seconds)
 }
 
+/// One sampled resource of the longest-serving daemon, after warm-up.
+struct Trend {
+    name: &'static str,
+    first: f64,
+    last: Option<f64>,
+    slope: Option<f64>,
+    grows: bool,
+}
+
 pub struct Report {
     quick: bool,
     sizes: Sizes,
@@ -189,7 +198,7 @@ impl Report {
 
     /// Per resource: the samples of the daemon that served longest, after warm-up
     /// (its first third, and at least one idle-connection lifetime).
-    fn trends(&self) -> Vec<(&'static str, f64, Option<f64>, Option<f64>, bool)> {
+    fn trends(&self) -> Vec<Trend> {
         let mut by_generation: BTreeMap<u32, Vec<&Sample>> = BTreeMap::new();
         for sample in &self.samples {
             by_generation
@@ -226,7 +235,13 @@ impl Report {
                 let last = points.last().map(|p| p.1);
                 let first = points.first().map_or(0.0, |p| p.1);
                 let slope = slope_per_minute(&points);
-                (name, first, last, slope, grows(&points, floor))
+                Trend {
+                    name,
+                    first,
+                    last,
+                    slope,
+                    grows: grows(&points, floor),
+                }
             })
             .collect()
     }
@@ -258,11 +273,12 @@ impl Report {
                 .iter()
                 .map(|line| format!("log line no fault explains: {line}")),
         );
-        for (name, _, _, slope, grows) in self.trends() {
-            if grows {
+        for trend in self.trends() {
+            if trend.grows {
                 violations.push(format!(
-                    "{name} grows after warm-up: {:+.2}/min",
-                    slope.unwrap_or_default()
+                    "{} grows after warm-up: {:+.2}/min",
+                    trend.name,
+                    trend.slope.unwrap_or_default()
                 ));
             }
         }
@@ -359,13 +375,15 @@ impl Report {
             out,
             "\n| resource (longest-serving daemon, after warm-up) | first | last | slope per minute | grows |\n|---|---:|---:|---:|---|"
         );
-        for (name, first, last, slope, grows) in self.trends() {
+        for trend in self.trends() {
             let _ = writeln!(
                 out,
-                "| {name} | {first:.1} | {} | {} | {} |",
-                last.map_or("-".into(), |v| format!("{v:.1}")),
-                slope.map_or("-".into(), |v| format!("{v:+.2}")),
-                if grows { "YES" } else { "no" }
+                "| {} | {:.1} | {} | {} | {} |",
+                trend.name,
+                trend.first,
+                trend.last.map_or("-".into(), |v| format!("{v:.1}")),
+                trend.slope.map_or("-".into(), |v| format!("{v:+.2}")),
+                if trend.grows { "YES" } else { "no" }
             );
         }
         let (explained, unexplained) = self.failures();
