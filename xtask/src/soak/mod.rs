@@ -88,6 +88,7 @@ impl Plan {
                     bulk_bytes: 4 << 20,
                     bulk_streams: 1,
                     idle_connections: 500.min(idle_ceiling),
+                    idle_threads: 1,
                     idle_lifetime: Duration::from_secs(8),
                     churn_threads: 1,
                 },
@@ -96,14 +97,17 @@ impl Plan {
             Self {
                 duration: Duration::from_secs(args.minutes.max(1) * 60),
                 warm_up: Duration::from_secs(20),
-                quiet: Duration::from_secs(10),
+                // Long enough that a daemon serves for minutes between restarts, so
+                // its resource samples show a trend.
+                quiet: Duration::from_secs(20),
                 fault_length: Duration::from_secs(4),
                 sample_every: Duration::from_secs(2),
                 sizes: Sizes {
                     bulk_bytes: 32 << 20,
                     bulk_streams: 2,
                     idle_connections: 10_000.min(idle_ceiling),
-                    idle_lifetime: Duration::from_secs(15),
+                    idle_threads: 4,
+                    idle_lifetime: Duration::from_secs(12),
                     churn_threads: 2,
                 },
             }

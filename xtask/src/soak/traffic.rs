@@ -32,6 +32,9 @@ pub struct Sizes {
     pub bulk_bytes: u64,
     pub bulk_streams: usize,
     pub idle_connections: usize,
+    /// Threads sharing the idle connections, each opening and closing its part: one
+    /// thread alone falls behind at 10,000, and its connections then outlive the drain.
+    pub idle_threads: usize,
     /// How long each idle connection stays open: shorter than the daemon's drain, so
     /// a handover never has to cut one.
     pub idle_lifetime: Duration,
@@ -146,6 +149,7 @@ impl Traffic {
             let copies = match class {
                 Class::Bulk => sizes.bulk_streams,
                 Class::Churn => sizes.churn_threads,
+                Class::Idle => sizes.idle_threads,
                 _ => 1,
             };
             for copy in 0..copies {
@@ -328,9 +332,10 @@ fn persistent(worker: &mut Worker) {
 /// before it closes at the end of its lifetime.
 fn idle(worker: &mut Worker, sizes: &Sizes, idle_open: &AtomicU64) {
     let addr = SocketAddr::new(STATIC_VIP.into(), ECHO_PORT);
+    let share = sizes.idle_connections / sizes.idle_threads.max(1);
     let mut open: VecDeque<(Instant, u64, TcpStream)> = VecDeque::new();
     // Spread opening over a lifetime, so that closes are spread too.
-    let interval = sizes.idle_lifetime / sizes.idle_connections.max(1) as u32;
+    let interval = sizes.idle_lifetime / share.max(1) as u32;
     let mut next_open = Instant::now();
     while !worker.stopping() {
         let now = Instant::now();
@@ -338,9 +343,10 @@ fn idle(worker: &mut Worker, sizes: &Sizes, idle_open: &AtomicU64) {
             && now.duration_since(*opened) >= sizes.idle_lifetime
         {
             let (opened, seed, mut stream) = open.pop_front().expect("front exists");
+            idle_open.fetch_sub(1, Ordering::Relaxed);
             let result = echo(&mut stream, &[], seed, 16);
             worker.record(opened, result);
-        } else if open.len() < sizes.idle_connections && now >= next_open {
+        } else if open.len() < share && now >= next_open {
             next_open += interval;
             let seed = worker.next_seed();
             let opened = Instant::now();
@@ -348,20 +354,22 @@ fn idle(worker: &mut Worker, sizes: &Sizes, idle_open: &AtomicU64) {
                 echo(&mut stream, &[], seed, 16)?;
                 Ok(stream)
             }) {
-                Ok(stream) => open.push_back((opened, seed, stream)),
+                Ok(stream) => {
+                    open.push_back((opened, seed, stream));
+                    idle_open.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(failed) => worker.record(opened, Err(failed)),
             }
         } else {
             thread::sleep(Duration::from_millis(2).min(interval));
         }
-        idle_open.store(open.len() as u64, Ordering::Relaxed);
     }
     // The last ones close early, still verified.
     for (opened, seed, mut stream) in open {
+        idle_open.fetch_sub(1, Ordering::Relaxed);
         let result = echo(&mut stream, &[], seed, 16);
         worker.record(opened, result);
     }
-    idle_open.store(0, Ordering::Relaxed);
 }
 
 /// A minimal TLS 1.2 ClientHello record naming `host` in its SNI extension: all the
