@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 /// One kind of traffic. A new data path or feature (the kernel path, DNS capture, TLS
-/// origination) is one more entry here, in [`Class::ALL`], and in `traffic::dial`.
+/// origination) is one more entry here and in [`Class::ALL`], in `traffic::one_shot`
+/// (how its client talks) and in `config::yaml` (its ServiceEntry).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
     /// Long streams of checksummed bytes to a sink, STATIC VIP.
