@@ -303,6 +303,9 @@ impl Run<'_> {
             }
             Fault::Handover => {
                 self.wait_for_drain()?;
+                // A daemon refuses to start on an invalid config, as it should; a
+                // restart during an invalid spell would only test that.
+                self.reload(false)?;
                 let start = self.now();
                 let generation = self.serving()?.generation + 1;
                 let next = self.launcher.start(generation)?;
@@ -316,14 +319,17 @@ impl Run<'_> {
                 self.wait_for_drain()?;
                 // From the kill itself: a window that began while the previous
                 // handover drained could pass that handover's failures as the kill's.
+                self.reload(false)?;
                 let start = self.now();
                 let mut killed = self.serving.take().context("no daemon serves")?;
                 let generation = killed.generation + 1;
                 killed.signal(libc::SIGKILL);
                 self.exited(killed.reap(Duration::from_secs(5)));
-                self.serving = Some(self.launcher.start(generation)?);
+                let next = self.launcher.start(generation);
+                // Also when the restart failed: until then, the kill explains failures.
                 let end = self.now();
                 self.window(fault, start, end);
+                self.serving = Some(next?);
             }
             Fault::Reload | Fault::InvalidReload => unreachable!("reloads run on a timer"),
         }
@@ -350,18 +356,8 @@ impl Run<'_> {
         let now = Instant::now();
         if now >= self.next_reload {
             self.next_reload += RELOAD_EVERY;
-            self.reloads += 1;
-            let invalid = self.reloads.is_multiple_of(3);
-            config::write(&self.config_dir, self.reloads, invalid)?;
-            let fault = if invalid {
-                Fault::InvalidReload
-            } else {
-                Fault::Reload
-            };
-            let start = self.now();
-            // The daemon applies a change shortly after the last write.
-            self.window(fault, start, start + 3.0);
-            self.report.injected(fault);
+            let invalid = (self.reloads + 1).is_multiple_of(3);
+            self.reload(invalid)?;
         }
         if now >= self.next_sample {
             self.next_sample += self.plan.sample_every;
@@ -396,6 +392,21 @@ impl Run<'_> {
         {
             self.finish_drain();
         }
+        Ok(())
+    }
+
+    fn reload(&mut self, invalid: bool) -> Result<()> {
+        self.reloads += 1;
+        config::write(&self.config_dir, self.reloads, invalid)?;
+        let fault = if invalid {
+            Fault::InvalidReload
+        } else {
+            Fault::Reload
+        };
+        let start = self.now();
+        // The daemon applies a change shortly after the last write.
+        self.window(fault, start, start + 3.0);
+        self.report.injected(fault);
         Ok(())
     }
 
