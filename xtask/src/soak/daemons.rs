@@ -118,16 +118,26 @@ impl Instance {
         self.daemon.has_exited()
     }
 
-    /// The sum of `interceptor_bpf_map_entries` from its admin server.
-    pub fn map_entries(&self) -> Option<f64> {
-        let metrics = http_get(admin_addr(&self.address_file)?, "/metrics")?;
-        Some(
-            metrics
-                .lines()
-                .filter(|line| line.starts_with("interceptor_bpf_map_entries"))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+    /// From its admin server: the sum of `interceptor_bpf_map_entries`, and
+    /// `interceptor_connections_open`.
+    pub fn metrics(&self) -> (Option<f64>, Option<f64>) {
+        let Some(metrics) =
+            admin_addr(&self.address_file).and_then(|addr| http_get(addr, "/metrics"))
+        else {
+            return (None, None);
+        };
+        let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
+        let map_entries = metrics
+            .lines()
+            .filter(|line| line.starts_with("interceptor_bpf_map_entries"))
+            .filter_map(value)
+            .sum();
+        let open = metrics
+            .lines()
+            .filter(|line| line.starts_with("interceptor_connections_open"))
+            .filter_map(value)
+            .sum();
+        (Some(map_entries), Some(open))
     }
 }
 

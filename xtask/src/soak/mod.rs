@@ -158,7 +158,17 @@ pub fn run(args: SoakArgs) -> Result<()> {
     report.attached = attached_programs(&cgroup);
     drop(sandbox);
     report.leftovers = leftovers(&cgroup, &netns, &pinned_before);
-    println!("\n{}", report.table());
+    let table = report.table();
+    println!("\n{table}");
+    let directory = crate::workspace_root().join("target/soak");
+    if fs::create_dir_all(&directory).is_ok() {
+        let _ = fs::write(directory.join("latest.md"), &table);
+        let _ = fs::write(directory.join("latest-samples.csv"), report.samples_csv());
+        println!(
+            "xtask soak: wrote {0}/latest.md and {0}/latest-samples.csv",
+            directory.display()
+        );
+    }
     let violations = report.violations();
     if process::interrupted() {
         bail!("interrupted");
@@ -363,12 +373,15 @@ impl Run<'_> {
             self.next_sample += self.plan.sample_every;
             if let Some(serving) = &self.serving {
                 let pid = serving.pid();
+                let fds = daemons::open_fds(pid);
+                let (map_entries, connections) = serving.metrics();
                 self.report.samples.push(Sample {
                     at: self.now(),
                     generation: serving.generation,
                     rss: daemons::rss(pid),
-                    fds: daemons::open_fds(pid),
-                    map_entries: serving.map_entries(),
+                    fds,
+                    connections,
+                    map_entries,
                     idle_connections: self.traffic_idle.load(std::sync::atomic::Ordering::Relaxed),
                 });
             }

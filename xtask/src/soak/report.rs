@@ -14,6 +14,8 @@ pub struct Sample {
     pub generation: u32,
     pub rss: Option<f64>,
     pub fds: Option<f64>,
+    /// Connections the proxy serves (`interceptor_connections_open`).
+    pub connections: Option<f64>,
     pub map_entries: Option<f64>,
     pub idle_connections: u64,
 }
@@ -220,9 +222,15 @@ impl Report {
             .filter(|sample| sample.at >= first + skip)
             .collect();
         type Pick = fn(&Sample) -> Option<f64>;
+        // Descriptors follow the load (two per connection); what they leave over is
+        // the daemon's own, and that must stay flat.
         let resources: [(&str, Pick, f64); 3] = [
             ("daemon RSS (MiB)", |s| s.rss.map(|b| b / 1048576.0), 16.0),
-            ("daemon open descriptors", |s| s.fds, 64.0),
+            (
+                "daemon descriptors beyond 2 per open connection",
+                |s| Some(s.fds? - 2.0 * s.connections?),
+                64.0,
+            ),
             ("BPF map entries", |s| s.map_entries, 64.0),
         ];
         resources
@@ -302,6 +310,28 @@ impl Report {
                 .map(|left| format!("left behind: {left}")),
         );
         violations
+    }
+
+    /// Every resource sample, for a closer look at a trend.
+    pub fn samples_csv(&self) -> String {
+        let mut csv = String::from(
+            "seconds,daemon,rss_bytes,fds,connections_open,map_entries,idle_connections\n",
+        );
+        let show = |value: Option<f64>| value.map_or(String::new(), |v| format!("{v}"));
+        for sample in &self.samples {
+            let _ = writeln!(
+                csv,
+                "{:.1},{},{},{},{},{},{}",
+                sample.at,
+                sample.generation,
+                show(sample.rss),
+                show(sample.fds),
+                show(sample.connections),
+                show(sample.map_entries),
+                sample.idle_connections
+            );
+        }
+        csv
     }
 
     pub fn table(&self) -> String {
