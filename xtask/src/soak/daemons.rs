@@ -126,19 +126,28 @@ impl Instance {
         else {
             return (None, None);
         };
-        let value = |line: &str| line.rsplit(' ').next()?.parse::<f64>().ok();
-        let map_entries = metrics
-            .lines()
-            .filter(|line| line.starts_with("interceptor_bpf_map_entries"))
-            .filter_map(value)
-            .sum();
-        let open = metrics
-            .lines()
-            .filter(|line| line.starts_with("interceptor_connections_open"))
-            .filter_map(value)
-            .sum();
+        let (map_entries, open) = parse_metrics(&metrics);
         (Some(map_entries), Some(open))
     }
+}
+
+/// The sum of every `interceptor_bpf_map_entries` series, and the
+/// `interceptor_connections_open` gauge (not `…_opened_total`).
+fn parse_metrics(metrics: &str) -> (f64, f64) {
+    let sum = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    (
+        sum("interceptor_bpf_map_entries"),
+        sum("interceptor_connections_open"),
+    )
 }
 
 fn admin_addr(address_file: &Path) -> Option<SocketAddr> {
@@ -172,4 +181,18 @@ pub fn rss(pid: u32) -> Option<f64> {
 
 pub fn open_fds(pid: u32) -> Option<f64> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metrics_are_read_by_exact_name() {
+        let metrics = "# HELP interceptor_connections_open Connections accepted and not yet ended\n\
+            interceptor_connections_opened_total 90000\n\
+            interceptor_connections_open 12\n\
+            interceptor_bpf_map_entries{map=\"services\"} 7\n\
+            interceptor_bpf_map_entries{map=\"records\"} 3\n\
+            interceptor_bpf_map_entries_capacity{map=\"records\"} 65536\n";
+        assert_eq!(super::parse_metrics(metrics), (10.0, 12.0));
+    }
 }
