@@ -5,6 +5,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 
 use std::{
     env,
@@ -56,6 +57,9 @@ enum Task {
     /// network namespace of its own (needs root). Writes target/bench/*.json and,
     /// after a full default run, BENCHMARKS.md.
     Bench(bench::BenchArgs),
+    /// Mixed traffic through the daemon for minutes while faults are injected on a
+    /// schedule; fails on a lost byte, an unexplained failure or a leak (needs root).
+    Soak(soak::SoakArgs),
     /// Internal: the benchmark's load generator, started by `bench` in its cgroup.
     #[command(name = "bench-client", hide = true)]
     BenchClient,
@@ -75,6 +79,7 @@ fn main() -> Result<()> {
         Task::Run { daemon_args } => run(&root, &daemon_args),
         Task::Fuzz { seconds, targets } => fuzz(&root, seconds, &targets),
         Task::Bench(args) => bench::run(&root, args),
+        Task::Soak(args) => soak::run(args),
         Task::BenchClient => bench::client_main(),
     }
 }
@@ -135,6 +140,8 @@ fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     // The benchmark's smoke mode: every path must work, whatever the figures say.
     check(cargo().args(["xtask", "bench", "--quick"]))?;
     check(cargo().args(["xtask", "bench", "--quick", "--family", "ipv6"]))?;
+    // Every fault once, under traffic: nothing lost, nothing unexplained, nothing left.
+    check(cargo().args(["xtask", "soak", "--quick"]))?;
     check(
         cargo()
             .args(["test", "--workspace"])

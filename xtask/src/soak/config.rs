@@ -1,0 +1,119 @@
+//! The soak's ServiceEntries: one per traffic class's route, plus reload churn.
+
+use std::{fmt::Write as _, fs, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, Result};
+
+use super::backends::{
+    DNS_NAME, ECHO_PORT, FLAKY_PORT, HOST_A, HOST_B, HTTP_PORT, NONE_PORT, SINK_PORT, TLS_PORT,
+};
+
+/// The STATIC VIP (bulk, request/response, churn, idle, flaky) and the DNS one.
+pub const STATIC_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 1);
+pub const DNS_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 3);
+/// Where the SNI and Host clients connect: an address nobody holds, so that only the
+/// port-only entries' redirect reaches a backend.
+pub const PORT_ONLY_DESTINATION: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 9);
+pub const TLS_HOST: &str = "tls.soak.internal";
+pub const HTTP_HOST: &str = "http.soak.internal";
+
+/// The file the soak rewrites; the daemon watches its directory.
+pub const FILE: &str = "soak.yaml";
+
+/// The config of reload number `generation`: the same routes each time, plus
+/// `generation % 5` extra entries that no client uses, so that each reload changes
+/// the registry. `invalid` adds a document that validation rejects.
+pub fn yaml(generation: u64, invalid: bool) -> String {
+    let mut yaml = String::new();
+    entry(
+        &mut yaml,
+        "soak-static",
+        &format!(
+            "hosts: [static.soak.internal]\n  addresses: [{STATIC_VIP}]\n  resolution: STATIC"
+        ),
+        &[(SINK_PORT, "TCP"), (ECHO_PORT, "TCP"), (FLAKY_PORT, "TCP")],
+        Some(HOST_A),
+    );
+    entry(
+        &mut yaml,
+        "soak-tls",
+        &format!("hosts: [{TLS_HOST}]\n  resolution: STATIC"),
+        &[(TLS_PORT, "TLS")],
+        Some(HOST_A),
+    );
+    entry(
+        &mut yaml,
+        "soak-http",
+        &format!("hosts: [{HTTP_HOST}]\n  resolution: STATIC"),
+        &[(HTTP_PORT, "HTTP")],
+        Some(HOST_A),
+    );
+    entry(
+        &mut yaml,
+        "soak-dns",
+        &format!("hosts: [{DNS_NAME}]\n  addresses: [{DNS_VIP}]\n  resolution: DNS"),
+        &[(ECHO_PORT, "TCP")],
+        None,
+    );
+    entry(
+        &mut yaml,
+        "soak-none",
+        &format!("hosts: [none.soak.internal]\n  addresses: [{HOST_B}/32]\n  resolution: NONE"),
+        &[(NONE_PORT, "TCP")],
+        None,
+    );
+    for extra in 0..generation % 5 {
+        entry(
+            &mut yaml,
+            &format!("soak-extra-{extra}"),
+            &format!(
+                "hosts: [extra-{extra}.soak.internal]\n  addresses: [240.240.1.{}]\n  resolution: STATIC",
+                extra + 1
+            ),
+            &[(ECHO_PORT, "TCP")],
+            Some(HOST_A),
+        );
+    }
+    if invalid {
+        entry(
+            &mut yaml,
+            "soak-invalid",
+            "hosts: [invalid.soak.internal]\n  addresses: [240.240.2.1]\n  resolution: SOMETIMES",
+            &[(ECHO_PORT, "TCP")],
+            Some(HOST_A),
+        );
+    }
+    yaml
+}
+
+fn entry(
+    yaml: &mut String,
+    name: &str,
+    spec: &str,
+    ports: &[(u16, &str)],
+    endpoint: Option<Ipv4Addr>,
+) {
+    let _ = write!(
+        yaml,
+        "---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: {name}\n  namespace: soak\nspec:\n  {spec}\n  location: MESH_EXTERNAL\n  ports:\n"
+    );
+    for (port, protocol) in ports {
+        let _ = write!(
+            yaml,
+            "  - number: {port}\n    name: {}-{port}\n    protocol: {protocol}\n",
+            protocol.to_lowercase()
+        );
+    }
+    if let Some(endpoint) = endpoint {
+        let _ = write!(yaml, "  endpoints:\n  - address: {endpoint}\n");
+    }
+}
+
+/// Replaces the config file in one rename, so the daemon never reads half of it.
+pub fn write(directory: &Path, generation: u64, invalid: bool) -> Result<()> {
+    let staged = directory.join(".soak.yaml.tmp");
+    let path = directory.join(FILE);
+    fs::write(&staged, yaml(generation, invalid))
+        .with_context(|| format!("writing {}", staged.display()))?;
+    fs::rename(&staged, &path).with_context(|| format!("replacing {}", path.display()))
+}
