@@ -7,6 +7,7 @@ pub mod http;
 pub mod outbound;
 mod port_claim;
 pub mod sni;
+pub mod tls;
 pub mod tracking;
 pub mod workers;
 
@@ -203,6 +204,8 @@ async fn forward(
     let policy = shared.config.outbound_policy;
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
     let mut preface = Vec::new();
+    // The Host an HTTP client sent, which TLS origination may send on as its SNI.
+    let mut http_host = None;
     let decision = match outbound::decide(&registry, original, policy) {
         Step::Decided(decision) => decision,
         Step::NeedsHost(routes) => {
@@ -217,6 +220,9 @@ async fn forward(
                 Ok((kind, host)) => {
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
+                    }
+                    if kind == HostKind::Http {
+                        http_host.clone_from(&host);
                     }
                     outbound::decide_by_host(
                         &registry,
@@ -238,8 +244,10 @@ async fn forward(
     };
     drop(registry);
 
+    let mut originate = None;
     let targets = match decision {
         Decision::Forward(forward) => {
+            originate = tls::plan(&forward.route, http_host.as_deref());
             let service = &forward.route.service;
             span.record("service", service.name.as_str());
             conn.set_service(service);
@@ -279,6 +287,19 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
+    if let Some((policy, server_name)) = originate {
+        tls::originate(
+            client,
+            upstream,
+            preface,
+            &policy,
+            &server_name,
+            conn,
+            started,
+        )
+        .await;
+        return;
+    }
     let (mode, pipes) = (shared.config.copy_mode, &shared.pipes);
     // Dropping both sockets at the end closes them: with a FIN after a clean end, with
     // a reset when a side reset or failed.
