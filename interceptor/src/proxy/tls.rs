@@ -503,7 +503,7 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
     let upstream = match handshake(origination, server_name, upstream).await {
         Ok(upstream) => upstream,
         Err(error) => {
-            warn!(%error, server_name, rule_mode = origination.spec.mode.as_str(), "upstream TLS handshake failed; resetting the client");
+            warn!(%error, server_name, mode = origination.spec.mode.as_str(), "upstream TLS handshake failed; resetting the client");
             conn.failed(FailureReason::upstream_tls);
             reset(client);
             return None;

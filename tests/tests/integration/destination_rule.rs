@@ -259,7 +259,12 @@ fn subject_alt_names_roots_and_sni_decide_the_handshake() {
     });
     let logs = daemon.wait_for_log("upstream TLS handshake failed", 3);
     assert!(logs.contains("not valid for name"), "{logs}");
-    assert!(logs.contains("UnknownIssuer"), "{logs}");
+    // Both test CAs carry the same name, so the other CA's certificate is found as
+    // the issuer and its signature fails to verify.
+    assert!(
+        logs.contains("UnknownIssuer") || logs.contains("BadSignature"),
+        "{logs}"
+    );
 }
 
 /// Istio's egress TLS origination task: the app speaks HTTP to port 80, the entry
