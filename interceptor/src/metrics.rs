@@ -62,12 +62,14 @@ pub enum FailureReason {
     /// The TLS handshake a DestinationRule asked for failed (unknown CA, wrong
     /// name, expired, refused client certificate).
     upstream_tls,
+    /// A DestinationRule's `connectionPool.tcp.maxConnections` was reached.
+    pool_overflow,
 }
 
 impl FailureReason {
     /// Every reason, so each series exists from the start; a `match` here would not
     /// compile without a new variant, which keeps the list complete.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::no_redirect_record,
         Self::no_upstream,
         Self::dns,
@@ -78,6 +80,7 @@ impl FailureReason {
         Self::no_host,
         Self::registry_only,
         Self::upstream_tls,
+        Self::pool_overflow,
     ];
 
     /// The reason a failed upstream connect is counted under.
@@ -104,7 +107,8 @@ impl FailureReason {
             | Self::upstream_connect
             | Self::no_host
             | Self::registry_only
-            | Self::upstream_tls => Self::ALL.contains(&self),
+            | Self::upstream_tls
+            | Self::pool_overflow => Self::ALL.contains(&self),
         }
     }
 }

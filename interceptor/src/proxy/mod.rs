@@ -5,6 +5,7 @@
 pub mod busy_poll;
 pub mod http;
 pub mod outbound;
+pub mod pool;
 mod port_claim;
 pub mod sni;
 pub mod tls;
@@ -245,9 +246,11 @@ async fn forward(
     drop(registry);
 
     let mut originate = None;
+    let mut policy = None;
     let targets = match decision {
         Decision::Forward(forward) => {
             originate = tls::plan(&forward.route, http_host.as_deref());
+            policy = forward.route.upstream_policy().cloned();
             let service = &forward.route.service;
             span.record("service", service.name.as_str());
             conn.set_service(service);
@@ -277,7 +280,20 @@ async fn forward(
         }
     };
 
-    let (target, upstream) = match connect_any(&targets, &shared.config).await {
+    let pool = policy.as_ref().and_then(|policy| policy.pool.as_ref());
+    let _pool_slot = match pool.map(pool::TcpPool::admit) {
+        Some(None) => {
+            warn!("refused: the DestinationRule's connectionPool.tcp.maxConnections is reached");
+            conn.failed(FailureReason::pool_overflow);
+            reset(client);
+            return;
+        }
+        slot => slot,
+    };
+    let connect_timeout = pool
+        .and_then(|pool| pool.connect_timeout)
+        .unwrap_or(shared.config.connect_timeout);
+    let (target, upstream) = match connect_any(&targets, &shared.config, connect_timeout).await {
         Ok(connected) => connected,
         Err(error) => {
             conn.failed(FailureReason::of_connect(&error));
@@ -287,6 +303,11 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
+    if let (Some(pool), Upstream::Tcp(upstream)) = (pool, &upstream)
+        && let Err(error) = pool.apply(socket2::SockRef::from(upstream))
+    {
+        warn!(%error, "cannot set the DestinationRule's TCP keepalive");
+    }
     if let Some((policy, server_name)) = originate {
         tls::originate(
             client,
@@ -432,8 +453,12 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// cannot use up the time of the others.
 /// Tries the targets in order within the connect timeout; the error is the last
 /// address's, which names the cause the client's reset is counted under.
-async fn connect_any(targets: &[Target], config: &ProxyConfig) -> io::Result<(Target, Upstream)> {
-    let deadline = Instant::now() + config.connect_timeout;
+async fn connect_any(
+    targets: &[Target],
+    config: &ProxyConfig,
+    connect_timeout: Duration,
+) -> io::Result<(Target, Upstream)> {
+    let deadline = Instant::now() + connect_timeout;
     let mut last_error = None;
     for (index, target) in targets.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());

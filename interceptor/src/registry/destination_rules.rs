@@ -13,10 +13,10 @@ use serde::Serialize;
 use super::{HostTable, Service};
 use crate::{
     config::{
-        ClientTlsSettings, ConfigSet, DestinationRule, Finding, Severity, Sourced, TlsMode,
+        ClientTlsSettings, ConfigSet, DestinationRule, Finding, Opaque, Severity, Sourced, TlsMode,
         object_name,
     },
-    proxy::tls::Origination,
+    proxy::{pool::TcpPool, tls::Origination},
 };
 
 /// The effective policy for one service port.
@@ -29,6 +29,9 @@ pub struct UpstreamPolicy {
     /// SIMPLE or MUTUAL origination; `None` is plaintext.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<Origination>,
+    /// `connectionPool.tcp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pool: Option<TcpPool>,
 }
 
 /// The rules by host, built once per snapshot.
@@ -42,6 +45,7 @@ struct PolicySite<'a> {
     field: String,
     port: Option<u16>,
     tls: Option<&'a ClientTlsSettings>,
+    pool: Option<&'a Opaque>,
 }
 
 fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
@@ -52,6 +56,7 @@ fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
         field: "spec.trafficPolicy".into(),
         port: None,
         tls: policy.tls.as_ref(),
+        pool: policy.connection_pool.as_ref(),
     }];
     for (index, port_policy) in policy.port_level_settings.iter().enumerate() {
         let Some(port) = port_policy
@@ -64,6 +69,7 @@ fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
             field: format!("spec.trafficPolicy.portLevelSettings[{index}]"),
             port: Some(port),
             tls: port_policy.tls.as_ref(),
+            pool: port_policy.connection_pool.as_ref(),
         });
     }
     sites
@@ -83,6 +89,13 @@ impl<'a> DestinationRules<'a> {
         for (index, rule) in rules.iter().enumerate() {
             by_host.insert_if_absent(&rule.resource.spec.host, index);
             for site in sites(&rule.resource) {
+                if let Some(Err((field, message))) = site.pool.map(TcpPool::parse) {
+                    errors.push(finding(
+                        rule,
+                        format!("{}.connectionPool.{field}", site.field),
+                        message,
+                    ));
+                }
                 let Some(tls) = site.tls else { continue };
                 let field = format!("{}.tls", site.field);
                 if tls.insecure_skip_verify == Some(true) {
@@ -155,6 +168,10 @@ impl<'a> DestinationRules<'a> {
                     rule: object_name("DestinationRule", &rule.resource.metadata),
                     field: site.field.clone(),
                     tls,
+                    // Reported when the rules were indexed.
+                    pool: site
+                        .pool
+                        .and_then(|pool| TcpPool::parse(pool).ok().flatten()),
                 }))
             })
             .collect()

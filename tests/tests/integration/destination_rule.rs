@@ -452,3 +452,49 @@ fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_
             .contains("client=client-1")
     );
 }
+
+#[test]
+fn max_connections_refuses_the_extra_connection_and_counts_it() {
+    let sandbox = Sandbox::new("dr-pool");
+    sandbox.add_host("198.18.23.1".parse().unwrap());
+    let _server = integration_tests::TestServer::start("pooled", "198.18.23.1:7000");
+    let config = format!(
+        "{}---\n{}",
+        integration_tests::vip_entry("default", "pooled", "240.240.23.1", "198.18.23.1"),
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: pooled
+spec:
+  host: pooled.default.test
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+        connectTimeout: 2s
+        tcpKeepalive: {time: 30s, interval: 5s, probes: 3}
+"#
+    );
+    let daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let mut held = connect("240.240.23.1:7000").unwrap();
+    held.write_all(b"ECHO\n").unwrap();
+    let mut name = [0u8; 7];
+    held.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"pooled\n");
+
+    let mut extra = connect("240.240.23.1:7000").unwrap();
+    integration_tests::server::assert_closed_unanswered(&mut extra, b"WHO\n");
+    daemon.wait_for_log("maxConnections is reached", 1);
+    scrape_until(Duration::from_secs(5), |scrape| {
+        scrape.value(
+            "interceptor_connections_failed_total",
+            &[("reason", "pool_overflow")],
+        ) == Some(1.0)
+    });
+
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = integration_tests::server::who("240.240.23.1:7000").expect("room again");
+    assert_eq!(seen.server, "pooled");
+}
