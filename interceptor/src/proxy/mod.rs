@@ -2,6 +2,7 @@
 //! where it goes ([`outbound`]), and then carries that out: reads the client's SNI or
 //! Host if the decision asks for it, connects, and forwards bytes both ways.
 
+pub mod balance;
 pub mod busy_poll;
 pub mod http;
 pub mod outbound;
@@ -258,7 +259,10 @@ async fn forward(
                 conn.set_host(pattern);
             }
             match resolve::targets(&forward.route, original, &shared.dns).await {
-                Ok(targets) => targets,
+                Ok(targets) => match policy.as_ref().and_then(|p| p.balancer.as_ref()) {
+                    Some(balancer) => balancer.targets(&forward.route, original, targets),
+                    None => targets,
+                },
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
                     conn.failed(&error);
@@ -293,7 +297,9 @@ async fn forward(
     let connect_timeout = pool
         .and_then(|pool| pool.connect_timeout)
         .unwrap_or(shared.config.connect_timeout);
-    let (target, upstream) = match connect_any(&targets, &shared.config, connect_timeout).await {
+    let balancer = policy.as_ref().and_then(|policy| policy.balancer.as_ref());
+    let connected = connect_any(&targets, &shared.config, connect_timeout, balancer).await;
+    let (target, upstream) = match connected {
         Ok(connected) => connected,
         Err(error) => {
             conn.failed(FailureReason::of_connect(&error));
@@ -303,6 +309,7 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
+    let _active = balancer.map(|balancer| balancer.opened(&target));
     if let (Some(pool), Upstream::Tcp(upstream)) = (pool, &upstream)
         && let Err(error) = pool.apply(socket2::SockRef::from(upstream))
     {
@@ -457,6 +464,7 @@ async fn connect_any(
     targets: &[Target],
     config: &ProxyConfig,
     connect_timeout: Duration,
+    balancer: Option<&balance::Balancer>,
 ) -> io::Result<(Target, Upstream)> {
     let deadline = Instant::now() + connect_timeout;
     let mut last_error = None;
@@ -474,6 +482,16 @@ async fn connect_any(
                 .map(Upstream::Tcp),
             Target::Unix(path) => connect_unix(path).await.map(Upstream::Unix),
         };
+        if result.is_err()
+            && balancer.is_some_and(|balancer| {
+                balancer.failed(target, targets.len(), std::time::Instant::now())
+            })
+        {
+            let ejected = balancer.map_or(0, |balancer| {
+                balancer.ejected(std::time::Instant::now()).len()
+            });
+            warn!(%target, ejected, "ejected by the DestinationRule's outlierDetection");
+        }
         match result {
             Ok(upstream) => return Ok((target.clone(), upstream)),
             Err(error) if index + 1 < targets.len() => {

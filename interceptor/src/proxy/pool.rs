@@ -136,7 +136,7 @@ fn duration(value: &Opaque, field: &str) -> Result<Duration, (String, String)> {
     parse_duration(text).ok_or_else(invalid)
 }
 
-fn parse_duration(text: &str) -> Option<Duration> {
+pub(super) fn parse_duration(text: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = text.trim();
     if rest.is_empty() {

@@ -13,10 +13,10 @@ use serde::Serialize;
 use super::{HostTable, Service};
 use crate::{
     config::{
-        ClientTlsSettings, ConfigSet, DestinationRule, Finding, Opaque, Severity, Sourced, TlsMode,
-        object_name,
+        ClientTlsSettings, ConfigSet, DestinationRule, Finding, Opaque, Severity,
+        SimpleLoadBalancer, Sourced, TlsMode, object_name,
     },
-    proxy::{pool::TcpPool, tls::Origination},
+    proxy::{balance::Balancer, pool::TcpPool, tls::Origination},
 };
 
 /// The effective policy for one service port.
@@ -32,6 +32,9 @@ pub struct UpstreamPolicy {
     /// `connectionPool.tcp`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pool: Option<TcpPool>,
+    /// `loadBalancer.simple` and `outlierDetection`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balancer: Option<Balancer>,
 }
 
 /// The rules by host, built once per snapshot.
@@ -46,6 +49,8 @@ struct PolicySite<'a> {
     port: Option<u16>,
     tls: Option<&'a ClientTlsSettings>,
     pool: Option<&'a Opaque>,
+    load_balancer: Option<SimpleLoadBalancer>,
+    outlier: Option<&'a Opaque>,
 }
 
 fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
@@ -57,6 +62,8 @@ fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
         port: None,
         tls: policy.tls.as_ref(),
         pool: policy.connection_pool.as_ref(),
+        load_balancer: policy.load_balancer.as_ref().and_then(|lb| lb.simple),
+        outlier: policy.outlier_detection.as_ref(),
     }];
     for (index, port_policy) in policy.port_level_settings.iter().enumerate() {
         let Some(port) = port_policy
@@ -70,6 +77,8 @@ fn sites(rule: &DestinationRule) -> Vec<PolicySite<'_>> {
             port: Some(port),
             tls: port_policy.tls.as_ref(),
             pool: port_policy.connection_pool.as_ref(),
+            load_balancer: port_policy.load_balancer.as_ref().and_then(|lb| lb.simple),
+            outlier: port_policy.outlier_detection.as_ref(),
         });
     }
     sites
@@ -93,6 +102,13 @@ impl<'a> DestinationRules<'a> {
                     errors.push(finding(
                         rule,
                         format!("{}.connectionPool.{field}", site.field),
+                        message,
+                    ));
+                }
+                if let Err((field, message)) = Balancer::parse(site.load_balancer, site.outlier) {
+                    errors.push(finding(
+                        rule,
+                        format!("{}.outlierDetection.{field}", site.field),
                         message,
                     ));
                 }
@@ -172,6 +188,9 @@ impl<'a> DestinationRules<'a> {
                     pool: site
                         .pool
                         .and_then(|pool| TcpPool::parse(pool).ok().flatten()),
+                    balancer: Balancer::parse(site.load_balancer, site.outlier)
+                        .ok()
+                        .flatten(),
                 }))
             })
             .collect()

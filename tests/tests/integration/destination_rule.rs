@@ -498,3 +498,99 @@ spec:
     let seen = integration_tests::server::who("240.240.23.1:7000").expect("room again");
     assert_eq!(seen.server, "pooled");
 }
+
+/// A STATIC service with two endpoints on port 7000, and a rule for it.
+fn two_endpoints(name: &str, vip: &str, endpoints: [&str; 2], policy: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+spec:
+  hosts: [{name}.example]
+  addresses: [{vip}]
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: {}}}, {{address: {}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+spec:
+  host: {name}.example
+  trafficPolicy:
+{policy}"#,
+        endpoints[0], endpoints[1]
+    )
+}
+
+#[test]
+fn outlier_detection_ejects_an_endpoint_that_refuses() {
+    let sandbox = Sandbox::new("dr-outlier");
+    sandbox.add_host("198.18.24.1".parse().unwrap());
+    sandbox.add_host("198.18.24.2".parse().unwrap());
+    // Nothing listens on 198.18.24.1:7000.
+    let _server = integration_tests::TestServer::start("healthy", "198.18.24.2:7000");
+    let daemon = sandbox.start_daemon(
+        &two_endpoints(
+            "flaky",
+            "240.240.24.1",
+            ["198.18.24.1", "198.18.24.2"],
+            "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+        ),
+        &ADMIN_ARGS,
+    );
+    // Round robin puts the refusing endpoint first within two connections; each
+    // connection still reaches the healthy one.
+    for _ in 0..2 {
+        let seen = integration_tests::server::who("240.240.24.1:7000").unwrap();
+        assert_eq!(seen.server, "healthy");
+    }
+    daemon.wait_for_log("ejected by the DestinationRule's outlierDetection", 1);
+    let tries = |logs: &str| logs.matches("trying the next address").count();
+    let before = tries(&daemon.logs());
+    assert_eq!(before, 1, "{}", daemon.logs());
+    for _ in 0..6 {
+        let seen = integration_tests::server::who("240.240.24.1:7000").unwrap();
+        assert_eq!(seen.server, "healthy");
+    }
+    assert_eq!(
+        tries(&daemon.logs()),
+        before,
+        "an ejected endpoint was tried"
+    );
+}
+
+#[test]
+fn least_request_picks_the_idle_endpoint() {
+    let sandbox = Sandbox::new("dr-least-request");
+    sandbox.add_host("198.18.25.1".parse().unwrap());
+    sandbox.add_host("198.18.25.2".parse().unwrap());
+    let _one = integration_tests::TestServer::start("one", "198.18.25.1:7000");
+    let _two = integration_tests::TestServer::start("two", "198.18.25.2:7000");
+    let _daemon = sandbox.start_daemon(
+        &two_endpoints(
+            "busy",
+            "240.240.25.1",
+            ["198.18.25.1", "198.18.25.2"],
+            "    loadBalancer: {simple: LEAST_REQUEST}\n",
+        ),
+        &ADMIN_ARGS,
+    );
+    let mut held = connect("240.240.25.1:7000").unwrap();
+    held.write_all(b"ECHO\n").unwrap();
+    let mut name = [0u8; 4];
+    held.read_exact(&mut name).unwrap();
+    let busy = std::str::from_utf8(&name).unwrap().trim().to_owned();
+    let idle = if busy == "one" { "two" } else { "one" };
+    for _ in 0..6 {
+        let seen = integration_tests::server::who("240.240.25.1:7000").unwrap();
+        assert_eq!(seen.server, idle, "the busy endpoint {busy} was picked");
+        // The proxy counts a connection until both its sides closed, a moment after
+        // the answer arrived here.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+}
