@@ -34,6 +34,7 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 use super::tracking::ConnectionGuard;
+use crate::copy::{Close, Copied, How, Side};
 use crate::{
     config::{ClientTlsSettings, TlsMode},
     metrics::FailureReason,
@@ -510,9 +511,32 @@ async fn carry<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     match relay(&mut client, upstream, preface).await {
-        Ok(copied) => Some(copied),
+        Ok((sent, received)) => {
+            // Both directions ended cleanly; which FIN came first is not tracked here.
+            conn.finished(&Copied {
+                sent,
+                received,
+                close: Close {
+                    side: Side::Client,
+                    how: How::Fin,
+                },
+                error: None,
+            });
+            Some((sent, received))
+        }
         Err(error) => {
             warn!(%error, "TLS-originated connection failed; resetting the client");
+            conn.finished(&Copied {
+                sent: 0,
+                received: 0,
+                // Either side's failure ends up here; the upstream's is the one a
+                // handshake-protected stream reports (a bad record, a reset).
+                close: Close {
+                    side: Side::Upstream,
+                    how: How::of(&error),
+                },
+                error: None,
+            });
             reset(client);
             None
         }
