@@ -63,6 +63,52 @@ impl TestCa {
         )
     }
 
+    /// A server for `names` whose certificate has serial number `serial`.
+    pub fn server_config_with_serial(&self, names: &[&str], serial: u64) -> Arc<ServerConfig> {
+        let key = KeyPair::generate().expect("server key");
+        let mut params =
+            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .expect("server params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![certificate.der().clone()], key)
+                .expect("server config"),
+        )
+    }
+
+    /// A CRL, PEM, from this CA revoking the certificates with these serial numbers.
+    pub fn revocation_list_pem(&self, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("revocation list")
+            .pem()
+            .expect("revocation list PEM")
+    }
+
     /// A server for `names` that requires a client certificate from this CA.
     pub fn server_config_requiring_clients(&self, names: &[&str]) -> Arc<ServerConfig> {
         let (certificate, _, key) = self.issue(names);

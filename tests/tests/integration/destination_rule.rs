@@ -594,3 +594,45 @@ fn least_request_picks_the_idle_endpoint() {
     }
     drop(held);
 }
+
+#[test]
+fn a_revoked_server_certificate_fails_under_ca_crl() {
+    let sandbox = Sandbox::new("dr-crl");
+    sandbox.add_host("198.18.26.1".parse().unwrap());
+    sandbox.add_host("198.18.26.2".parse().unwrap());
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    write(&dir, "ca.pem", ca.certificate_pem());
+    write(&dir, "crl.pem", &ca.revocation_list_pem(&[666]));
+    start_origin_server(
+        "revoked",
+        "198.18.26.1:443",
+        ca.server_config_with_serial(&["db.internal"], 666),
+        Vec::new(),
+    );
+    start_origin_server(
+        "good",
+        "198.18.26.2:443",
+        ca.server_config_with_serial(&["db.internal"], 7),
+        Vec::new(),
+    );
+    let entry = |name: &str, vip: &str, endpoint: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n  addresses: [{vip}]\n  ports: [{{number: 443, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n---\n"
+        )
+    };
+    let config = format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: crl}}\nspec:\n  host: \"*.example\"\n  trafficPolicy:\n    tls: {{mode: SIMPLE, sni: db.internal, caCertificates: {dir}/ca.pem, caCrl: {dir}/crl.pem}}\n",
+        entry("revoked", "240.240.26.1", "198.18.26.1"),
+        entry("good", "240.240.26.2", "198.18.26.2"),
+        dir = dir.display()
+    );
+    let daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    assert_eq!(
+        ask("240.240.26.2:443", "x").unwrap(),
+        "good sni=db.internal client=- got=x"
+    );
+    assert_reset("240.240.26.1:443");
+    let logs = daemon.wait_for_log("upstream TLS handshake failed", 1);
+    assert!(logs.contains("Revoked"), "{logs}");
+}
