@@ -59,12 +59,17 @@ pub enum FailureReason {
     no_host,
     /// Nothing matched and the outbound traffic policy is REGISTRY_ONLY.
     registry_only,
+    /// The TLS handshake a DestinationRule asked for failed (unknown CA, wrong
+    /// name, expired, refused client certificate).
+    upstream_tls,
+    /// A DestinationRule's `connectionPool.tcp.maxConnections` was reached.
+    pool_overflow,
 }
 
 impl FailureReason {
     /// Every reason, so each series exists from the start; a `match` here would not
     /// compile without a new variant, which keeps the list complete.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 11] = [
         Self::no_redirect_record,
         Self::no_upstream,
         Self::dns,
@@ -74,6 +79,8 @@ impl FailureReason {
         Self::upstream_connect,
         Self::no_host,
         Self::registry_only,
+        Self::upstream_tls,
+        Self::pool_overflow,
     ];
 
     /// The reason a failed upstream connect is counted under.
@@ -99,7 +106,9 @@ impl FailureReason {
             | Self::upstream_unreachable
             | Self::upstream_connect
             | Self::no_host
-            | Self::registry_only => Self::ALL.contains(&self),
+            | Self::registry_only
+            | Self::upstream_tls
+            | Self::pool_overflow => Self::ALL.contains(&self),
         }
     }
 }

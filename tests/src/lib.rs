@@ -9,6 +9,7 @@ pub mod admin;
 pub mod bpf;
 pub mod daemon;
 pub mod dns;
+pub mod origin;
 pub mod server;
 pub mod tls;
 

@@ -11,12 +11,15 @@ use std::{
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
-    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    pki_types::{
+        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject as _,
+    },
 };
 
 pub struct TestCa {
     issuer: Issuer<'static, KeyPair>,
     certificate: CertificateDer<'static>,
+    certificate_pem: String,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -31,15 +34,103 @@ impl TestCa {
             .distinguished_name
             .push(DnType::CommonName, "interceptor test CA");
         let key = KeyPair::generate().expect("CA key");
-        let certificate = params
-            .self_signed(&key)
-            .expect("CA certificate")
-            .der()
-            .clone();
+        let signed = params.self_signed(&key).expect("CA certificate");
         Self {
             issuer: Issuer::new(params, key),
-            certificate,
+            certificate: signed.der().clone(),
+            certificate_pem: signed.pem(),
         }
+    }
+
+    /// The CA certificate, PEM, as a `caCertificates` file holds it.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// A leaf certificate for `names` (DNS SANs) signed by this CA: (DER, PEM, key PEM).
+    pub fn issue(&self, names: &[&str]) -> (CertificateDer<'static>, String, String) {
+        let key = KeyPair::generate().expect("leaf key");
+        let params =
+            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .expect("leaf params");
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("leaf certificate");
+        (
+            certificate.der().clone(),
+            certificate.pem(),
+            key.serialize_pem(),
+        )
+    }
+
+    /// A server for `names` whose certificate has serial number `serial`.
+    pub fn server_config_with_serial(&self, names: &[&str], serial: u64) -> Arc<ServerConfig> {
+        let key = KeyPair::generate().expect("server key");
+        let mut params =
+            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
+                .expect("server params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .expect("server certificate");
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(vec![certificate.der().clone()], key)
+                .expect("server config"),
+        )
+    }
+
+    /// A CRL, PEM, from this CA revoking the certificates with these serial numbers.
+    pub fn revocation_list_pem(&self, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2024, 1, 1),
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("revocation list")
+            .pem()
+            .expect("revocation list PEM")
+    }
+
+    /// A server for `names` that requires a client certificate from this CA.
+    pub fn server_config_requiring_clients(&self, names: &[&str]) -> Arc<ServerConfig> {
+        let (certificate, _, key) = self.issue(names);
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("leaf key PEM");
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.certificate.clone())
+            .expect("trust the test CA");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .expect("client verifier");
+        Arc::new(
+            ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(vec![certificate], key)
+                .expect("server config"),
+        )
     }
 
     pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {

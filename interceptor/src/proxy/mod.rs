@@ -2,11 +2,14 @@
 //! where it goes ([`outbound`]), and then carries that out: reads the client's SNI or
 //! Host if the decision asks for it, connects, and forwards bytes both ways.
 
+pub mod balance;
 pub mod busy_poll;
 pub mod http;
 pub mod outbound;
+pub mod pool;
 mod port_claim;
 pub mod sni;
+pub mod tls;
 pub mod tracking;
 pub mod workers;
 
@@ -203,6 +206,8 @@ async fn forward(
     let policy = shared.config.outbound_policy;
     // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
     let mut preface = Vec::new();
+    // The Host an HTTP client sent, which TLS origination may send on as its SNI.
+    let mut http_host = None;
     let decision = match outbound::decide(&registry, original, policy) {
         Step::Decided(decision) => decision,
         Step::NeedsHost(routes) => {
@@ -217,6 +222,9 @@ async fn forward(
                 Ok((kind, host)) => {
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
+                    }
+                    if kind == HostKind::Http {
+                        http_host.clone_from(&host);
                     }
                     outbound::decide_by_host(
                         &registry,
@@ -238,8 +246,12 @@ async fn forward(
     };
     drop(registry);
 
+    let mut originate = None;
+    let mut policy = None;
     let targets = match decision {
         Decision::Forward(forward) => {
+            originate = tls::plan(&forward.route, http_host.as_deref());
+            policy = forward.route.upstream_policy().cloned();
             let service = &forward.route.service;
             span.record("service", service.name.as_str());
             conn.set_service(service);
@@ -247,7 +259,10 @@ async fn forward(
                 conn.set_host(pattern);
             }
             match resolve::targets(&forward.route, original, &shared.dns).await {
-                Ok(targets) => targets,
+                Ok(targets) => match policy.as_ref().and_then(|p| p.balancer.as_ref()) {
+                    Some(balancer) => balancer.targets(&forward.route, original, targets),
+                    None => targets,
+                },
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
                     conn.failed(&error);
@@ -269,7 +284,22 @@ async fn forward(
         }
     };
 
-    let (target, upstream) = match connect_any(&targets, &shared.config).await {
+    let pool = policy.as_ref().and_then(|policy| policy.pool.as_ref());
+    let _pool_slot = match pool.map(pool::TcpPool::admit) {
+        Some(None) => {
+            warn!("refused: the DestinationRule's connectionPool.tcp.maxConnections is reached");
+            conn.failed(FailureReason::pool_overflow);
+            reset(client);
+            return;
+        }
+        slot => slot,
+    };
+    let connect_timeout = pool
+        .and_then(|pool| pool.connect_timeout)
+        .unwrap_or(shared.config.connect_timeout);
+    let balancer = policy.as_ref().and_then(|policy| policy.balancer.as_ref());
+    let connected = connect_any(&targets, &shared.config, connect_timeout, balancer).await;
+    let (target, upstream) = match connected {
         Ok(connected) => connected,
         Err(error) => {
             conn.failed(FailureReason::of_connect(&error));
@@ -279,6 +309,25 @@ async fn forward(
     };
     span.record("endpoint", tracing::field::display(&target));
     conn.connected(&target);
+    let _active = balancer.map(|balancer| balancer.opened(&target));
+    if let (Some(pool), Upstream::Tcp(upstream)) = (pool, &upstream)
+        && let Err(error) = pool.apply(socket2::SockRef::from(upstream))
+    {
+        warn!(%error, "cannot set the DestinationRule's TCP keepalive");
+    }
+    if let Some((policy, server_name)) = originate {
+        tls::originate(
+            client,
+            upstream,
+            preface,
+            &policy,
+            &server_name,
+            conn,
+            started,
+        )
+        .await;
+        return;
+    }
     let (mode, pipes) = (shared.config.copy_mode, &shared.pipes);
     // Dropping both sockets at the end closes them: with a FIN after a clean end, with
     // a reset when a side reset or failed.
@@ -411,8 +460,13 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// cannot use up the time of the others.
 /// Tries the targets in order within the connect timeout; the error is the last
 /// address's, which names the cause the client's reset is counted under.
-async fn connect_any(targets: &[Target], config: &ProxyConfig) -> io::Result<(Target, Upstream)> {
-    let deadline = Instant::now() + config.connect_timeout;
+async fn connect_any(
+    targets: &[Target],
+    config: &ProxyConfig,
+    connect_timeout: Duration,
+    balancer: Option<&balance::Balancer>,
+) -> io::Result<(Target, Upstream)> {
+    let deadline = Instant::now() + connect_timeout;
     let mut last_error = None;
     for (index, target) in targets.iter().enumerate() {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -428,6 +482,16 @@ async fn connect_any(targets: &[Target], config: &ProxyConfig) -> io::Result<(Ta
                 .map(Upstream::Tcp),
             Target::Unix(path) => connect_unix(path).await.map(Upstream::Unix),
         };
+        if result.is_err()
+            && balancer.is_some_and(|balancer| {
+                balancer.failed(target, targets.len(), std::time::Instant::now())
+            })
+        {
+            let ejected = balancer.map_or(0, |balancer| {
+                balancer.ejected(std::time::Instant::now()).len()
+            });
+            warn!(%target, ejected, "ejected by the DestinationRule's outlierDetection");
+        }
         match result {
             Ok(upstream) => return Ok((target.clone(), upstream)),
             Err(error) if index + 1 < targets.len() => {

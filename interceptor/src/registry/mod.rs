@@ -10,6 +10,7 @@
 //! `hosts` (the host tables and the one host matcher).
 
 mod addresses;
+mod destination_rules;
 mod hosts;
 mod services;
 mod virtual_services;
@@ -23,8 +24,9 @@ use std::{
 
 use ipnet::IpNet;
 
-use self::addresses::AddressTable;
+pub use self::destination_rules::UpstreamPolicy;
 pub(crate) use self::hosts::{HostPattern, best_match, host_subset_of, hosts_overlap};
+use self::{addresses::AddressTable, destination_rules::DestinationRules};
 pub use self::{
     hosts::HostTable,
     services::{Endpoint, EndpointAddress, Port, Service},
@@ -112,6 +114,11 @@ impl Route {
     pub fn port(&self) -> &Port {
         &self.service.ports[self.port]
     }
+
+    /// The DestinationRule policy for this port, if a rule covers the service.
+    pub fn upstream_policy(&self) -> Option<&Arc<UpstreamPolicy>> {
+        self.service.upstream.get(self.port)?.as_ref()
+    }
 }
 
 /// What the kernel maps must hold for a snapshot.
@@ -154,6 +161,7 @@ impl Registry {
         let mut registry = Registry::default();
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
+        let destination_rules = DestinationRules::new(config, &mut errors, &mut warnings);
         for entry in entries {
             let mut report = |severity, field: String, message: String| {
                 let finding = Finding {
@@ -169,8 +177,14 @@ impl Registry {
                     Severity::Warning => warnings.push(finding),
                 }
             };
-            if let Some(service) = Service::from_entry(entry, &config.workload_entries, &mut report)
+            if let Some(mut service) =
+                Service::from_entry(entry, &config.workload_entries, &mut report)
             {
+                service.upstream = destination_rules.policies(
+                    &service,
+                    &entry.resource.spec.subject_alt_names,
+                    &mut errors,
+                );
                 registry.add(service);
             }
         }

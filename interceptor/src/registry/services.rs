@@ -1,6 +1,6 @@
 //! Services: a ServiceEntry as the data path uses it, with its ports and endpoints.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
 use ipnet::IpNet;
 use serde::Serialize;
@@ -29,6 +29,8 @@ pub struct Service {
     /// Running sums of endpoint weights, for a weighted pick with one binary search.
     #[serde(skip)]
     pub(super) cumulative_weights: Vec<u64>,
+    /// Per port, the DestinationRule policy that applies (filled in by the registry).
+    pub upstream: Vec<Option<Arc<super::UpstreamPolicy>>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -237,6 +239,7 @@ impl Service {
             endpoints_from_hosts,
             cumulative_weights,
             addresses,
+            upstream: Vec::new(),
         })
     }
 

@@ -161,6 +161,7 @@ impl Registry {
             endpoints: vec![Endpoint::hostname(host)],
             endpoints_from_hosts: true,
             cumulative_weights: vec![1],
+            upstream: Vec::new(),
         };
         self.services.push(Arc::new(service));
         Some((self.services.len() - 1, 0))

@@ -21,7 +21,7 @@ use crate::{
 pub use dns::{DnsCache, DnsSettings, LookupError};
 
 /// One place to connect to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Target {
     Tcp(SocketAddr),
     /// A filesystem path, or an abstract socket name starting with `@`.
@@ -170,6 +170,17 @@ async fn resolve_endpoint(
 }
 
 /// An endpoint given as an IP or a unix socket; `None` for a hostname.
+/// Every endpoint of a STATIC service, for a DestinationRule's load balancer to
+/// order (a route without one picks a single endpoint by weight).
+pub fn every_static_target(route: &Route) -> Vec<Target> {
+    route
+        .service
+        .endpoints
+        .iter()
+        .filter_map(|endpoint| literal_target(endpoint, route))
+        .collect()
+}
+
 fn literal_target(endpoint: &Endpoint, route: &Route) -> Option<Target> {
     match &endpoint.address {
         EndpointAddress::Ip(address) => Some(tcp_target(endpoint, route, *address)),

@@ -3,6 +3,7 @@
 //! `cargo test -p integration-tests --test integration redirect::`.
 
 mod deploy;
+mod destination_rule;
 mod dns;
 mod ops;
 mod redirect;

@@ -1,0 +1,638 @@
+//! DestinationRule `trafficPolicy.tls` acted on: the proxy originates TLS (SIMPLE,
+//! MUTUAL) to real rustls servers with rcgen certificates, verifying what the rule
+//! says, and refuses what it cannot honour. The clients speak plaintext.
+
+use std::{
+    io::{ErrorKind, Read as _, Write as _},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use integration_tests::{
+    Sandbox,
+    admin::{ADMIN, get_ok, scrape, scrape_until},
+    origin::start_origin_server,
+    server::connect,
+    tls::TestCa,
+};
+
+const ADMIN_ARGS: [&str; 2] = ["--admin-addr", ADMIN];
+
+/// Sends one line in plaintext and returns the whole answer, or the error a reset
+/// gives.
+fn ask(addr: &str, line: &str) -> std::io::Result<String> {
+    let mut stream = connect(addr)?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.trim().to_owned())
+}
+
+fn assert_reset(addr: &str) {
+    match ask(addr, "hello") {
+        Err(error) => assert!(
+            matches!(
+                error.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof
+            ),
+            "{addr}: {error}"
+        ),
+        Ok(answer) => assert!(answer.is_empty(), "{addr} answered {answer:?}"),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, text).expect("write a certificate file");
+    std::fs::rename(&temporary, &path).expect("rename over it");
+    path
+}
+
+fn replace_config(sandbox: &Sandbox, yaml: &str) {
+    write(&sandbox.workdir, "config.yaml", yaml);
+}
+
+fn upstream_tls_failures() -> f64 {
+    scrape()
+        .value(
+            "interceptor_connections_failed_total",
+            &[("reason", "upstream_tls")],
+        )
+        .unwrap_or(0.0)
+}
+
+/// The reference's MongoDB example, shaped the same way: VIPs, STATIC endpoints on
+/// VMs, and a DestinationRule that originates mTLS with files.
+fn mongo_config(dir: &Path) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: external-svc-mongocluster
+spec:
+  hosts:
+  - mymongodb.somedomain
+  addresses:
+  - 240.240.20.0/24
+  ports:
+  - number: 27018
+    name: mongodb
+    protocol: MONGO
+  location: MESH_INTERNAL
+  resolution: STATIC
+  endpoints:
+  - address: 198.18.20.1
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: mtls-mongocluster
+spec:
+  host: mymongodb.somedomain
+  trafficPolicy:
+    tls:
+      mode: MUTUAL
+      clientCertificate: {dir}/myclientcert.pem
+      privateKey: {dir}/client_private_key.pem
+      caCertificates: {dir}/rootcacerts.pem
+"#,
+        dir = dir.display()
+    )
+}
+
+#[test]
+fn mongodb_mutual_tls_presents_the_configured_client_certificate_and_a_rotated_one() {
+    let sandbox = Sandbox::new("dr-mongo");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    let (first, first_pem, first_key) = ca.issue(&["client-1.example"]);
+    let (second, second_pem, second_key) = ca.issue(&["client-2.example"]);
+    write(&dir, "myclientcert.pem", &first_pem);
+    write(&dir, "client_private_key.pem", &first_key);
+    write(&dir, "rootcacerts.pem", ca.certificate_pem());
+    start_origin_server(
+        "mongo",
+        "198.18.20.1:27018",
+        ca.server_config_requiring_clients(&["mymongodb.somedomain"]),
+        vec![(first, "client-1".into()), (second, "client-2".into())],
+    );
+    let daemon = sandbox.start_daemon(&mongo_config(&dir), &ADMIN_ARGS);
+
+    assert_eq!(
+        ask("240.240.20.7:27018", "hello mongo").unwrap(),
+        "mongo sni=mymongodb.somedomain client=client-1 got=hello mongo"
+    );
+
+    // Rotated in place, certificate and key: new connections present the new one.
+    write(&dir, "myclientcert.pem", &second_pem);
+    write(&dir, "client_private_key.pem", &second_key);
+    assert_eq!(
+        ask("240.240.20.7:27018", "again").unwrap(),
+        "mongo sni=mymongodb.somedomain client=client-2 got=again"
+    );
+    assert!(daemon.logs().contains("TLS origination material reloaded"));
+    let dump = get_ok("/config_dump");
+    assert!(
+        dump.contains("DestinationRule/default/mtls-mongocluster"),
+        "{dump}"
+    );
+    assert!(dump.contains("MUTUAL"), "{dump}");
+}
+
+/// One origin with a certificate for `db.internal` only, and a service per case.
+fn verification_config(dir: &Path) -> String {
+    let case = |name: &str, vip: &str, se_extra: &str, tls: &str| {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+spec:
+  hosts: [{name}.example]
+  addresses: [{vip}]
+  ports: [{{number: 443, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: 198.18.21.1}}]
+{se_extra}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+spec:
+  host: {name}.example
+  trafficPolicy:
+    tls: {{mode: SIMPLE, {tls}}}
+---"#
+        )
+    };
+    let ca = format!("caCertificates: {}/ca.pem", dir.display());
+    let other_ca = format!("caCertificates: {}/other-ca.pem", dir.display());
+    [
+        // The SNI, the ServiceEntry host, is not in the certificate.
+        case("nosan", "240.240.21.1", "", &ca),
+        case(
+            "drsan",
+            "240.240.21.2",
+            "",
+            &format!("{ca}, subjectAltNames: [db.internal]"),
+        ),
+        case(
+            "sesan",
+            "240.240.21.3",
+            "  subjectAltNames: [db.internal]\n",
+            &ca,
+        ),
+        case(
+            "wrongsan",
+            "240.240.21.4",
+            "",
+            &format!("{ca}, subjectAltNames: [other.internal]"),
+        ),
+        case(
+            "wrongca",
+            "240.240.21.5",
+            "",
+            &format!("{other_ca}, sni: db.internal"),
+        ),
+        case("insecure", "240.240.21.6", "", "insecureSkipVerify: true"),
+        case(
+            "sni",
+            "240.240.21.7",
+            "",
+            &format!("{ca}, sni: db.internal"),
+        ),
+    ]
+    .concat()
+}
+
+#[test]
+fn subject_alt_names_roots_and_sni_decide_the_handshake() {
+    let sandbox = Sandbox::new("dr-verify");
+    sandbox.add_host("198.18.21.1".parse().unwrap());
+    let ca = TestCa::new();
+    let other = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    write(&dir, "ca.pem", ca.certificate_pem());
+    write(&dir, "other-ca.pem", other.certificate_pem());
+    start_origin_server(
+        "db",
+        "198.18.21.1:443",
+        ca.server_config(&["db.internal"]),
+        Vec::new(),
+    );
+    let daemon = sandbox.start_daemon(&verification_config(&dir), &ADMIN_ARGS);
+
+    // A rule's SAN, or else the entry's, is verified instead of the SNI.
+    assert_eq!(
+        ask("240.240.21.2:443", "a").unwrap(),
+        "db sni=drsan.example client=- got=a"
+    );
+    assert_eq!(
+        ask("240.240.21.3:443", "b").unwrap(),
+        "db sni=sesan.example client=- got=b"
+    );
+    // insecureSkipVerify passes a certificate no configured root signed.
+    assert_eq!(
+        ask("240.240.21.6:443", "c").unwrap(),
+        "db sni=insecure.example client=- got=c"
+    );
+    // A set SNI is sent, and verified.
+    assert_eq!(
+        ask("240.240.21.7:443", "d").unwrap(),
+        "db sni=db.internal client=- got=d"
+    );
+    assert!(daemon.logs().contains("insecureSkipVerify"));
+
+    let before = upstream_tls_failures();
+    for failing in ["240.240.21.1:443", "240.240.21.4:443", "240.240.21.5:443"] {
+        assert_reset(failing);
+    }
+    scrape_until(Duration::from_secs(5), |scrape| {
+        scrape.value(
+            "interceptor_connections_failed_total",
+            &[("reason", "upstream_tls")],
+        ) >= Some(before + 3.0)
+    });
+    let logs = daemon.wait_for_log("upstream TLS handshake failed", 3);
+    assert!(logs.contains("not valid for name"), "{logs}");
+    // Both test CAs carry the same name, so the other CA's certificate is found as
+    // the issuer and its signature fails to verify.
+    assert!(
+        logs.contains("UnknownIssuer") || logs.contains("BadSignature"),
+        "{logs}"
+    );
+}
+
+/// Istio's egress TLS origination task: the app speaks HTTP to port 80, the entry
+/// sends it to 443, and the rule's port 80 settings originate TLS. Port 8080 has no
+/// port settings, so the top-level policy, whose SNI the origin's certificate does
+/// not carry, applies there: port settings replace it wholesale.
+fn egress_config(dir: &Path) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: edition-cnn-com
+spec:
+  hosts:
+  - edition.cnn.com
+  ports:
+  - number: 80
+    name: http-port
+    protocol: HTTP
+    targetPort: 443
+  - number: 8080
+    name: http-alt
+    protocol: HTTP
+    targetPort: 443
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: edition-cnn-com
+spec:
+  host: edition.cnn.com
+  trafficPolicy:
+    tls:
+      mode: SIMPLE
+      sni: not-this.example
+      caCertificates: {dir}/ca.pem
+    portLevelSettings:
+    - port:
+        number: 80
+      tls:
+        mode: SIMPLE
+        caCertificates: {dir}/ca.pem
+"#,
+        dir = dir.display()
+    )
+}
+
+fn curl(url: &str, resolve: &str) -> std::process::Output {
+    std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--noproxy",
+            "*",
+            "--resolve",
+            resolve,
+            url,
+        ])
+        .output()
+        .expect("run curl")
+}
+
+#[test]
+fn the_egress_tls_origination_task_works_with_curl_and_port_settings_take_precedence() {
+    let sandbox = Sandbox::new("dr-egress");
+    sandbox.add_host("198.18.22.1".parse().unwrap());
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    write(&dir, "ca.pem", ca.certificate_pem());
+    start_origin_server(
+        "cnn",
+        "198.18.22.1:443",
+        ca.server_config(&["edition.cnn.com"]),
+        Vec::new(),
+    );
+    let daemon = sandbox.start_daemon(&egress_config(&dir), &ADMIN_ARGS);
+
+    let answer = curl(
+        "http://edition.cnn.com/politics",
+        "edition.cnn.com:80:198.18.22.1",
+    );
+    assert!(
+        answer.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&answer.stderr),
+        daemon.logs()
+    );
+    // The SNI came from the request's Host.
+    assert_eq!(
+        String::from_utf8_lossy(&answer.stdout),
+        "cnn sni=edition.cnn.com client=-"
+    );
+
+    let answer = curl(
+        "http://edition.cnn.com:8080/",
+        "edition.cnn.com:8080:198.18.22.1",
+    );
+    assert!(
+        !answer.status.success(),
+        "port 8080 used the port 80 policy"
+    );
+    let logs = daemon.wait_for_log("upstream TLS handshake failed", 1);
+    assert!(logs.contains("not-this.example"), "{logs}");
+}
+
+#[test]
+fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_serves() {
+    let sandbox = Sandbox::new("dr-invalid");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    let (client, client_pem, client_key) = ca.issue(&["client-1.example"]);
+    write(&dir, "myclientcert.pem", &client_pem);
+    write(&dir, "client_private_key.pem", &client_key);
+    write(&dir, "rootcacerts.pem", ca.certificate_pem());
+    start_origin_server(
+        "mongo",
+        "198.18.20.1:27018",
+        ca.server_config_requiring_clients(&["mymongodb.somedomain"]),
+        vec![(client, "client-1".into())],
+    );
+    let good = mongo_config(&dir);
+    let _daemon = sandbox.start_daemon(&good, &ADMIN_ARGS);
+    assert!(
+        ask("240.240.20.7:27018", "one")
+            .unwrap()
+            .contains("client=client-1")
+    );
+
+    let validate = |yaml: &str| {
+        let path = write(&dir, "candidate.yaml", yaml);
+        let output = std::process::Command::new(integration_tests::daemon::binary().unwrap())
+            .arg("validate")
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    // No key at all, a key file that is not there, and a key of another certificate.
+    let (_, _, stranger_key) = ca.issue(&["stranger.example"]);
+    write(&dir, "stranger.pem", &stranger_key);
+    let keyless = good.replace(
+        &format!(
+            "      privateKey: {}/client_private_key.pem\n",
+            dir.display()
+        ),
+        "",
+    );
+    let missing = good.replace("client_private_key.pem", "gone.pem");
+    let mismatched = good.replace("client_private_key.pem", "stranger.pem");
+    for (broken, expected) in [
+        (&keyless, "private key required for mutual tls"),
+        (&missing, "gone.pem"),
+        (&mismatched, "does not match"),
+    ] {
+        let (code, stdout) = validate(broken);
+        assert_eq!(code, Some(1), "{stdout}");
+        assert!(
+            stdout.contains("spec.trafficPolicy.tls.privateKey"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("DestinationRule/default/mtls-mongocluster"),
+            "{stdout}"
+        );
+        assert!(stdout.contains(expected), "{stdout}");
+    }
+    let (code, stdout) = validate(&good.replace("mode: MUTUAL", "mode: ISTIO_MUTUAL"));
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(stdout.contains("spec.trafficPolicy.tls.mode"), "{stdout}");
+
+    replace_config(&sandbox, &missing);
+    scrape_until(Duration::from_secs(10), |scrape| {
+        scrape.value("interceptor_config_reloads_total", &[("result", "failed")]) >= Some(1.0)
+    });
+    assert!(
+        ask("240.240.20.7:27018", "two")
+            .unwrap()
+            .contains("client=client-1")
+    );
+}
+
+#[test]
+fn max_connections_refuses_the_extra_connection_and_counts_it() {
+    let sandbox = Sandbox::new("dr-pool");
+    sandbox.add_host("198.18.23.1".parse().unwrap());
+    let _server = integration_tests::TestServer::start("pooled", "198.18.23.1:7000");
+    let config = format!(
+        "{}---\n{}",
+        integration_tests::vip_entry("default", "pooled", "240.240.23.1", "198.18.23.1"),
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: pooled
+spec:
+  host: pooled.default.test
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+        connectTimeout: 2s
+        tcpKeepalive: {time: 30s, interval: 5s, probes: 3}
+"#
+    );
+    let daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    let mut held = connect("240.240.23.1:7000").unwrap();
+    held.write_all(b"ECHO\n").unwrap();
+    let mut name = [0u8; 7];
+    held.read_exact(&mut name).unwrap();
+    assert_eq!(&name, b"pooled\n");
+
+    let mut extra = connect("240.240.23.1:7000").unwrap();
+    integration_tests::server::assert_closed_unanswered(&mut extra, b"WHO\n");
+    daemon.wait_for_log("maxConnections is reached", 1);
+    scrape_until(Duration::from_secs(5), |scrape| {
+        scrape.value(
+            "interceptor_connections_failed_total",
+            &[("reason", "pool_overflow")],
+        ) == Some(1.0)
+    });
+
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let seen = integration_tests::server::who("240.240.23.1:7000").expect("room again");
+    assert_eq!(seen.server, "pooled");
+}
+
+/// A STATIC service with two endpoints on port 7000, and a rule for it.
+fn two_endpoints(name: &str, vip: &str, endpoints: [&str; 2], policy: &str) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+spec:
+  hosts: [{name}.example]
+  addresses: [{vip}]
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: {}}}, {{address: {}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: {name}
+spec:
+  host: {name}.example
+  trafficPolicy:
+{policy}"#,
+        endpoints[0], endpoints[1]
+    )
+}
+
+#[test]
+fn outlier_detection_ejects_an_endpoint_that_refuses() {
+    let sandbox = Sandbox::new("dr-outlier");
+    sandbox.add_host("198.18.24.1".parse().unwrap());
+    sandbox.add_host("198.18.24.2".parse().unwrap());
+    // Nothing listens on 198.18.24.1:7000.
+    let _server = integration_tests::TestServer::start("healthy", "198.18.24.2:7000");
+    let daemon = sandbox.start_daemon(
+        &two_endpoints(
+            "flaky",
+            "240.240.24.1",
+            ["198.18.24.1", "198.18.24.2"],
+            "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+        ),
+        &ADMIN_ARGS,
+    );
+    // Round robin puts the refusing endpoint first within two connections; each
+    // connection still reaches the healthy one.
+    for _ in 0..2 {
+        let seen = integration_tests::server::who("240.240.24.1:7000").unwrap();
+        assert_eq!(seen.server, "healthy");
+    }
+    daemon.wait_for_log("ejected by the DestinationRule's outlierDetection", 1);
+    let tries = |logs: &str| logs.matches("trying the next address").count();
+    let before = tries(&daemon.logs());
+    assert_eq!(before, 1, "{}", daemon.logs());
+    for _ in 0..6 {
+        let seen = integration_tests::server::who("240.240.24.1:7000").unwrap();
+        assert_eq!(seen.server, "healthy");
+    }
+    assert_eq!(
+        tries(&daemon.logs()),
+        before,
+        "an ejected endpoint was tried"
+    );
+}
+
+#[test]
+fn least_request_picks_the_idle_endpoint() {
+    let sandbox = Sandbox::new("dr-least-request");
+    sandbox.add_host("198.18.25.1".parse().unwrap());
+    sandbox.add_host("198.18.25.2".parse().unwrap());
+    let _one = integration_tests::TestServer::start("one", "198.18.25.1:7000");
+    let _two = integration_tests::TestServer::start("two", "198.18.25.2:7000");
+    let _daemon = sandbox.start_daemon(
+        &two_endpoints(
+            "busy",
+            "240.240.25.1",
+            ["198.18.25.1", "198.18.25.2"],
+            "    loadBalancer: {simple: LEAST_REQUEST}\n",
+        ),
+        &ADMIN_ARGS,
+    );
+    let mut held = connect("240.240.25.1:7000").unwrap();
+    held.write_all(b"ECHO\n").unwrap();
+    let mut name = [0u8; 4];
+    held.read_exact(&mut name).unwrap();
+    let busy = std::str::from_utf8(&name).unwrap().trim().to_owned();
+    let idle = if busy == "one" { "two" } else { "one" };
+    for _ in 0..6 {
+        let seen = integration_tests::server::who("240.240.25.1:7000").unwrap();
+        assert_eq!(seen.server, idle, "the busy endpoint {busy} was picked");
+        // The proxy counts a connection until both its sides closed, a moment after
+        // the answer arrived here.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(held);
+}
+
+#[test]
+fn a_revoked_server_certificate_fails_under_ca_crl() {
+    let sandbox = Sandbox::new("dr-crl");
+    sandbox.add_host("198.18.26.1".parse().unwrap());
+    sandbox.add_host("198.18.26.2".parse().unwrap());
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    write(&dir, "ca.pem", ca.certificate_pem());
+    write(&dir, "crl.pem", &ca.revocation_list_pem(&[666]));
+    start_origin_server(
+        "revoked",
+        "198.18.26.1:443",
+        ca.server_config_with_serial(&["db.internal"], 666),
+        Vec::new(),
+    );
+    start_origin_server(
+        "good",
+        "198.18.26.2:443",
+        ca.server_config_with_serial(&["db.internal"], 7),
+        Vec::new(),
+    );
+    let entry = |name: &str, vip: &str, endpoint: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n  addresses: [{vip}]\n  ports: [{{number: 443, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n---\n"
+        )
+    };
+    let config = format!(
+        "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: crl}}\nspec:\n  host: \"*.example\"\n  trafficPolicy:\n    tls: {{mode: SIMPLE, sni: db.internal, caCertificates: {dir}/ca.pem, caCrl: {dir}/crl.pem}}\n",
+        entry("revoked", "240.240.26.1", "198.18.26.1"),
+        entry("good", "240.240.26.2", "198.18.26.2"),
+        dir = dir.display()
+    );
+    let daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);
+    assert_eq!(
+        ask("240.240.26.2:443", "x").unwrap(),
+        "good sni=db.internal client=- got=x"
+    );
+    assert_reset("240.240.26.1:443");
+    let logs = daemon.wait_for_log("upstream TLS handshake failed", 1);
+    assert!(logs.contains("Revoked"), "{logs}");
+}
