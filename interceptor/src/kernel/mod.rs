@@ -25,17 +25,20 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
+    BACKENDS_MAP, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
     REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::{maps::InterceptionMaps, stats::InterceptCounts};
 pub use self::{
     records::{OriginalDestinations, RecordSource},
     stats::{KernelEvents, MapOccupancy, MapUsage},
 };
-use crate::registry::InterceptSet;
+use crate::{
+    datapath::{self, DatapathMode},
+    registry::Registry,
+};
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
@@ -96,6 +99,8 @@ pub struct KernelConfig {
     /// Size of the REDIRECTS ring: a power of two, at least a page.
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
+    /// Whether eligible destinations take the kernel path.
+    pub datapath: DatapathMode,
 }
 
 impl KernelConfig {
@@ -143,6 +148,7 @@ pub struct Kernel {
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
+    datapath: DatapathMode,
 }
 
 impl Kernel {
@@ -163,6 +169,7 @@ impl Kernel {
             take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,
             take_map(&mut ebpf, SERVICE_PORTS_MAP)?,
             take_map(&mut ebpf, PORT_FILTER_MAP)?,
+            take_map(&mut ebpf, BACKENDS_MAP)?,
         );
         let original_destinations = Arc::new(OriginalDestinations::new(
             take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?,
@@ -203,6 +210,7 @@ impl Kernel {
             intercept_counts: Arc::default(),
             events,
             cgroup: config.cgroup.clone(),
+            datapath: config.datapath,
         })
     }
 
@@ -214,9 +222,21 @@ impl Kernel {
     /// to the running config, or a later reload) then rewrites every wanted key and
     /// deletes every key either side may have left, so it converges however far the
     /// failed one got.
-    pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
+    ///
+    /// Which path each destination takes is decided here, from `registry` and the
+    /// `--datapath` mode (see [`crate::datapath`]).
+    pub fn sync(&self, registry: &Registry) -> Result<(), KernelError> {
+        let wanted = datapath::plan(registry, self.datapath);
+        for (service, port, reason) in &wanted.proxied {
+            debug!(service, port, reason = reason.label(), "datapath=proxy");
+        }
+        info!(
+            kernel_path = wanted.backends.len(),
+            proxy_path = wanted.proxied.len(),
+            "service ports by datapath"
+        );
         let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
-        let applied = maps.sync(wanted);
+        let applied = maps.sync(&wanted);
         let current = maps.current();
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
