@@ -4,6 +4,7 @@
 
 mod deploy;
 mod dns;
+mod kernel_path;
 mod ops;
 mod redirect;
 mod resets;
