@@ -208,6 +208,9 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         datapath: config.datapath,
     })?);
     kernel.sync(&initial)?;
+    // DNS entries take the kernel path once their hostnames are resolved.
+    kernel.refresh_dns(&dns).await?;
+    tokio::spawn(Arc::clone(&kernel).follow_dns(Arc::clone(&dns)));
     let _ = admin_state.maps.set(kernel.map_occupancy());
     registry.store(Arc::new(initial));
     metrics.config_applied();

@@ -8,9 +8,10 @@
 //! endpoints, hostnames to resolve, and the outbound policy for unmatched traffic.
 
 use std::{
-    collections::{HashMap, hash_map::Entry},
+    collections::{BTreeSet, HashMap, hash_map::Entry},
     hash::{DefaultHasher, Hash, Hasher},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use interceptor_common::{
@@ -91,9 +92,27 @@ pub enum Backends {
     /// (`targetPort`, or the port itself).
     KeepAddress { port: u16 },
     /// One of these, picked with probability proportional to its weight; none at all
-    /// refuses the connect.
-    Endpoints(Vec<(SocketAddr, u32)>),
+    /// refuses the connect. A hostname stands for every address it resolves to, each
+    /// with the endpoint's weight; `first_only` (DNS_ROUND_ROBIN) keeps only the first
+    /// address of the first endpoint.
+    Endpoints {
+        endpoints: Vec<(Target, u16, u32)>,
+        first_only: bool,
+    },
 }
+
+/// An endpoint's address as the kernel path takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Ip(IpAddr),
+    /// Resolved by the daemon's DNS cache; the backend set is rewritten when the
+    /// answer changes.
+    Host(String),
+}
+
+/// The addresses the daemon's DNS cache holds for the hostnames of kernel-path
+/// endpoints; a host whose lookup failed has none.
+pub type Resolved = HashMap<String, Arc<[IpAddr]>>;
 
 /// Why each service takes the proxy path whatever its ports, from the resources
 /// around it: its annotation, VirtualServices and DestinationRules. Indexed like
@@ -151,22 +170,22 @@ pub fn port_path(
     if port.protocol.is_tls() || port.protocol.is_http() {
         return Err(ProxyReason::Protocol);
     }
-    let endpoints = match service.resolution {
+    let (endpoints, first_only) = match service.resolution {
         Resolution::None => {
             return Ok(Backends::KeepAddress {
                 port: port.default_endpoint_port,
             });
         }
         Resolution::DynamicDns => return Err(ProxyReason::DynamicDns),
-        Resolution::Static | Resolution::Dns => &service.endpoints[..],
+        Resolution::Static | Resolution::Dns => (&service.endpoints[..], false),
         // The proxy uses the first address of the first endpoint.
-        Resolution::DnsRoundRobin => &service.endpoints[..service.endpoints.len().min(1)],
+        Resolution::DnsRoundRobin => (&service.endpoints[..service.endpoints.len().min(1)], true),
     };
     let mut backends = Vec::with_capacity(endpoints.len());
     for endpoint in endpoints {
-        let ip = match &endpoint.address {
-            EndpointAddress::Ip(ip) => *ip,
-            EndpointAddress::Hostname(_) => return Err(ProxyReason::HostnameEndpoint),
+        let target = match &endpoint.address {
+            EndpointAddress::Ip(ip) => Target::Ip(*ip),
+            EndpointAddress::Hostname(host) => Target::Host(host.clone()),
             EndpointAddress::Unix(_) => return Err(ProxyReason::UnixEndpoint),
         };
         // The endpoint's port for this service port: by name, then targetPort, then
@@ -177,19 +196,156 @@ pub fn port_path(
             .copied()
             .unwrap_or(port.default_endpoint_port);
         let weight = u32::try_from(endpoint.weight).map_err(|_| ProxyReason::WeightOverflow)?;
-        backends.push((SocketAddr::new(ip, number), weight));
+        backends.push((target, number, weight));
     }
-    if backends.len() > MAX_BACKEND_ENDPOINTS {
+    Ok(Backends::Endpoints {
+        endpoints: backends,
+        first_only,
+    })
+}
+
+/// The kernel's form of `backends`, with hostnames replaced by the addresses in
+/// `resolved`. A host not looked up yet leaves the port on the proxy path for now.
+pub fn backend_set(backends: &Backends, resolved: &Resolved) -> Result<BackendSet, ProxyReason> {
+    let mut set = BackendSet {
+        count: 0,
+        total_weight: 0,
+        keep_address_port: [0; 2],
+        _pad: [0; 6],
+        endpoints: [BackendEndpoint::NONE; MAX_BACKEND_ENDPOINTS],
+    };
+    let (endpoints, first_only) = match backends {
+        Backends::KeepAddress { port } => {
+            set.keep_address_port = port.to_be_bytes();
+            return Ok(set);
+        }
+        Backends::Endpoints {
+            endpoints,
+            first_only,
+        } => (endpoints, *first_only),
+    };
+    let mut picks: Vec<(SocketAddr, u32)> = Vec::new();
+    for (target, port, weight) in endpoints {
+        let addresses = match target {
+            Target::Ip(ip) => Arc::from([*ip]),
+            Target::Host(host) => resolved
+                .get(host)
+                .cloned()
+                .ok_or(ProxyReason::HostnameEndpoint)?,
+        };
+        let take = if first_only { 1 } else { addresses.len() };
+        picks.extend(
+            addresses
+                .iter()
+                .take(take)
+                .map(|ip| (SocketAddr::new(*ip, *port), *weight)),
+        );
+    }
+    if picks.len() > MAX_BACKEND_ENDPOINTS {
         return Err(ProxyReason::TooManyEndpoints);
     }
-    let total = backends
+    let total = picks
         .iter()
-        .try_fold(0u32, |total, (_, weight)| total.checked_add(*weight));
-    match total {
-        None => Err(ProxyReason::WeightOverflow),
-        // All weights zero: the proxy's pick takes the first endpoint.
-        Some(0) if !backends.is_empty() => Ok(Backends::Endpoints(vec![(backends[0].0, 1)])),
-        Some(_) => Ok(Backends::Endpoints(backends)),
+        .try_fold(0u32, |total, (_, weight)| total.checked_add(*weight))
+        .ok_or(ProxyReason::WeightOverflow)?;
+    // All weights zero: the proxy's pick takes the first endpoint.
+    if total == 0 {
+        picks.truncate(1);
+        for pick in &mut picks {
+            pick.1 = 1;
+        }
+    }
+    for (slot, (addr, weight)) in set.endpoints.iter_mut().zip(&picks) {
+        set.total_weight += weight;
+        *slot = BackendEndpoint {
+            addr: address_of(addr.ip()),
+            port: addr.port().to_be_bytes(),
+            _pad: [0; 2],
+            cumulative_weight: set.total_weight,
+        };
+        set.count += 1;
+    }
+    Ok(set)
+}
+
+/// Which path each rule of a registry snapshot takes, before hostnames are resolved:
+/// what the kernel keeps between a reload and the DNS refreshes that follow it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Plan {
+    addresses: Vec<(IpNet, u16, u32, Option<u32>)>,
+    ports: Vec<(u16, u32, Option<u32>)>,
+    /// The backends of each kernel-path backend set id.
+    backends: HashMap<u32, Backends>,
+    /// The service port of each backend set id.
+    owners: HashMap<u32, (String, u16)>,
+    proxied: Vec<(String, u16, ProxyReason)>,
+}
+
+impl Plan {
+    /// The hostnames whose addresses the kernel-path backend sets need.
+    pub fn hosts(&self) -> BTreeSet<String> {
+        self.backends
+            .values()
+            .flat_map(|backends| match backends {
+                Backends::Endpoints { endpoints, .. } => endpoints
+                    .iter()
+                    .filter_map(|(target, _, _)| match target {
+                        Target::Host(host) => Some(host.clone()),
+                        Target::Ip(_) => None,
+                    })
+                    .collect(),
+                Backends::KeepAddress { .. } => Vec::new(),
+            })
+            .collect()
+    }
+
+    /// What the kernel maps must hold, with hostnames resolved by `resolved`.
+    pub fn rules(&self, resolved: &Resolved) -> KernelRules {
+        let mut rules = KernelRules {
+            proxied: self.proxied.clone(),
+            ..KernelRules::default()
+        };
+        let mut unresolved: HashMap<u32, ProxyReason> = HashMap::new();
+        for (id, backends) in &self.backends {
+            match backend_set(backends, resolved) {
+                Ok(set) => {
+                    rules.backends.insert(*id, set);
+                }
+                Err(reason) => {
+                    unresolved.insert(*id, reason);
+                }
+            }
+        }
+        let rule = |rule_id: u32, id: Option<u32>| InterceptRule {
+            rule_id,
+            backends: id
+                .filter(|id| rules.backends.contains_key(id))
+                .unwrap_or(PROXY_PATH),
+        };
+        let addresses = self
+            .addresses
+            .iter()
+            .map(|(network, port, rule_id, id)| (*network, *port, rule(*rule_id, *id)))
+            .collect();
+        let ports = self
+            .ports
+            .iter()
+            .map(|(port, rule_id, id)| (*port, rule(*rule_id, *id)))
+            .collect();
+        rules.addresses = addresses;
+        rules.ports = ports;
+        for (id, reason) in unresolved {
+            if let Some((service, port)) = self.owner(id) {
+                rules.proxied.push((service, port, reason));
+            }
+        }
+        rules.proxied.sort();
+        rules.proxied.dedup();
+        rules
+    }
+
+    fn owner(&self, id: u32) -> Option<(String, u16)> {
+        self.owners.get(&id).cloned()
     }
 }
 
@@ -206,18 +362,17 @@ pub struct KernelRules {
     pub proxied: Vec<(String, u16, ProxyReason)>,
 }
 
-/// The kernel maps' contents for `registry` under `mode`.
-pub fn plan(registry: &Registry, mode: DatapathMode) -> KernelRules {
+/// The paths of `registry`'s rules under `mode`.
+pub fn plan(registry: &Registry, mode: DatapathMode) -> Plan {
     let services = registry.services();
     let intercepts = registry.intercepts();
-    let mut rules = KernelRules::default();
-    // Which service port owns each backend id, to notice the (unlikely) collision.
-    let mut owners: HashMap<u32, (usize, u16)> = HashMap::new();
-    let mut path = |service_index: usize, port_number: u16, shared: bool| -> u32 {
+    let mut plan = Plan::default();
+    let mut path = |service_index: usize, port_number: u16, shared: bool| -> Option<u32> {
         let service = &services[service_index];
-        let Some(port) = service.ports.iter().find(|port| port.number == port_number) else {
-            return PROXY_PATH;
-        };
+        let port = service
+            .ports
+            .iter()
+            .find(|port| port.number == port_number)?;
         let service_reason = match mode {
             DatapathMode::Proxy => Some(ProxyReason::Mode),
             DatapathMode::Auto if shared => Some(ProxyReason::SharedPort),
@@ -225,35 +380,37 @@ pub fn plan(registry: &Registry, mode: DatapathMode) -> KernelRules {
         };
         let decided = port_path(service, port, service_reason).and_then(|backends| {
             let id = backend_id(&service.name, port_number);
-            match owners.entry(id) {
-                Entry::Occupied(owner) if *owner.get() != (service_index, port_number) => {
+            let owner = (service.name.clone(), port_number);
+            match plan.owners.entry(id) {
+                Entry::Occupied(existing) if *existing.get() != owner => {
                     Err(ProxyReason::IdCollision)
                 }
                 entry => {
-                    entry.or_insert((service_index, port_number));
-                    rules.backends.insert(id, backend_set(&backends));
+                    entry.or_insert(owner);
+                    plan.backends.insert(id, backends);
                     Ok(id)
                 }
             }
         });
-        decided.unwrap_or_else(|reason| {
-            rules
-                .proxied
-                .push((service.name.clone(), port_number, reason));
-            PROXY_PATH
-        })
+        match decided {
+            Ok(id) => Some(id),
+            Err(reason) => {
+                plan.proxied
+                    .push((service.name.clone(), port_number, reason));
+                None
+            }
+        }
     };
+    let mut addresses = Vec::new();
     for (network, port, rule_id) in &intercepts.addresses {
-        let backends = path(*rule_id as usize, *port, false);
-        rules.addresses.push((
+        addresses.push((
             *network,
             *port,
-            InterceptRule {
-                rule_id: *rule_id,
-                backends,
-            },
+            *rule_id,
+            path(*rule_id as usize, *port, false),
         ));
     }
+    let mut ports = Vec::new();
     for (port, rule_id) in &intercepts.ports {
         // Several entries without addresses on one port: the proxy tells them apart.
         let sharing = services
@@ -262,18 +419,11 @@ pub fn plan(registry: &Registry, mode: DatapathMode) -> KernelRules {
                 service.addresses.is_empty() && service.ports.iter().any(|own| own.number == *port)
             })
             .count();
-        let backends = path(*rule_id as usize, *port, sharing > 1);
-        rules.ports.push((
-            *port,
-            InterceptRule {
-                rule_id: *rule_id,
-                backends,
-            },
-        ));
+        ports.push((*port, *rule_id, path(*rule_id as usize, *port, sharing > 1)));
     }
-    rules.proxied.sort();
-    rules.proxied.dedup();
-    rules
+    plan.addresses = addresses;
+    plan.ports = ports;
+    plan
 }
 
 /// A backend set's id: a hash of the service's name and port, so it stays the same
@@ -284,33 +434,6 @@ fn backend_id(service: &str, port: u16) -> u32 {
     (service, port).hash(&mut hasher);
     let id = hasher.finish() as u32;
     if id == PROXY_PATH { 0 } else { id }
-}
-
-/// The kernel's form of `backends`.
-fn backend_set(backends: &Backends) -> BackendSet {
-    let mut set = BackendSet {
-        count: 0,
-        total_weight: 0,
-        keep_address_port: [0; 2],
-        _pad: [0; 6],
-        endpoints: [BackendEndpoint::NONE; MAX_BACKEND_ENDPOINTS],
-    };
-    match backends {
-        Backends::KeepAddress { port } => set.keep_address_port = port.to_be_bytes(),
-        Backends::Endpoints(endpoints) => {
-            for (slot, (addr, weight)) in set.endpoints.iter_mut().zip(endpoints) {
-                set.total_weight += weight;
-                *slot = BackendEndpoint {
-                    addr: address_of(addr.ip()),
-                    port: addr.port().to_be_bytes(),
-                    _pad: [0; 2],
-                    cumulative_weight: set.total_weight,
-                };
-                set.count += 1;
-            }
-        }
-    }
-    set
 }
 
 #[cfg(test)]
@@ -336,12 +459,15 @@ mod tests {
         let service = &registry.services()[0];
         assert_eq!(
             port_path(service, &service.ports[0], None),
-            Ok(Backends::Endpoints(vec![
-                ("198.18.0.1:7000".parse().unwrap(), 3),
-                ("198.18.0.2:6432".parse().unwrap(), 1),
-            ]))
+            Ok(Backends::Endpoints {
+                endpoints: vec![
+                    (Target::Ip("198.18.0.1".parse().unwrap()), 7000, 3),
+                    (Target::Ip("198.18.0.2".parse().unwrap()), 6432, 1),
+                ],
+                first_only: false,
+            })
         );
-        let rules = plan(&registry, DatapathMode::Auto);
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
         let (_, _, rule) = rules.addresses[0];
         let set = backends_of(&rules, rule).expect("kernel path");
         assert_eq!((set.count, set.total_weight), (2, 4));
@@ -361,14 +487,15 @@ mod tests {
             "  addresses: [198.18.0.0/24]\n  resolution: NONE\n  ports: [{number: 80, name: tcp, protocol: TCP, targetPort: 8080}]\n",
         )]);
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto);
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
         let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
         assert_eq!(set.keep_address_port, 8080u16.to_be_bytes());
     }
 
     #[test]
-    fn dns_literals_use_every_endpoint_and_round_robin_the_first() {
-        let endpoints = "  endpoints:\n  - {address: 198.18.0.1}\n  - {address: 198.18.0.2}\n";
+    fn dns_uses_every_resolved_address_and_round_robin_the_first() {
+        let endpoints =
+            "  endpoints:\n  - {address: api.upstream, weight: 2}\n  - {address: 198.18.0.9}\n";
         let dns = entry(
             "dns",
             &format!(
@@ -382,17 +509,36 @@ mod tests {
             ),
         );
         let registry = built(&config(&[&dns, &round_robin]));
-        let counts: Vec<u32> = registry
-            .services()
-            .iter()
-            .map(
-                |service| match port_path(service, &service.ports[0], None) {
-                    Ok(Backends::Endpoints(endpoints)) => endpoints.len() as u32,
-                    other => panic!("{other:?}"),
-                },
-            )
-            .collect();
-        assert_eq!(counts, [2, 1]);
+        let planned = plan(&registry, DatapathMode::Auto);
+        assert_eq!(planned.hosts(), BTreeSet::from(["api.upstream".to_owned()]));
+
+        // Until the host is resolved, both take the proxy path.
+        let unresolved = planned.rules(&Resolved::new());
+        assert!(unresolved.backends.is_empty());
+        assert_eq!(unresolved.proxied.len(), 2);
+
+        let resolved = Resolved::from([(
+            "api.upstream".to_owned(),
+            Arc::from(["198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap()]),
+        )]);
+        let rules = planned.rules(&resolved);
+        let dns_set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
+        // Each resolved address has its endpoint's weight, the literal its own.
+        assert_eq!((dns_set.count, dns_set.total_weight), (3, 5));
+        let rr_set = backends_of(&rules, rules.addresses[1].2).expect("kernel path");
+        assert_eq!((rr_set.count, rr_set.total_weight), (1, 2));
+        assert_eq!(
+            rr_set.endpoints[0].addr,
+            address_of("198.18.0.1".parse().unwrap())
+        );
+
+        // A failed lookup leaves the other endpoints; nothing at all refuses.
+        let failed = Resolved::from([("api.upstream".to_owned(), Arc::from([]))]);
+        let rules = planned.rules(&failed);
+        let dns_set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
+        assert_eq!(dns_set.count, 1);
+        let rr_set = backends_of(&rules, rules.addresses[1].2).expect("kernel path");
+        assert_eq!(rr_set.count, 0);
     }
 
     #[test]
@@ -444,7 +590,7 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto);
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
         let reason = |name: &str| {
             rules
                 .proxied
@@ -454,6 +600,7 @@ mod tests {
         };
         assert_eq!(reason("tls"), Some(ProxyReason::Protocol));
         assert_eq!(reason("unix"), Some(ProxyReason::UnixEndpoint));
+        // Until its hostname is resolved.
         assert_eq!(reason("hostname"), Some(ProxyReason::HostnameEndpoint));
         assert_eq!(reason("annotated"), Some(ProxyReason::Annotation));
         assert_eq!(reason("first"), Some(ProxyReason::SharedPort));
@@ -461,7 +608,7 @@ mod tests {
         assert_eq!(reason("eligible"), None);
         assert_eq!(rules.backends.len(), 1);
 
-        let everything = plan(&registry, DatapathMode::Proxy);
+        let everything = plan(&registry, DatapathMode::Proxy).rules(&Resolved::new());
         assert!(everything.backends.is_empty());
         assert!(
             everything
@@ -485,7 +632,7 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto);
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
         assert_eq!(rules.proxied[0].2, ProxyReason::DestinationRule);
     }
 
@@ -496,13 +643,16 @@ mod tests {
             "  addresses: [240.240.0.5]\n  resolution: STATIC\n  ports: [{number: 5432, name: tcp}]\n",
         )]);
         let registry = built(&config);
-        let first = plan(&registry, DatapathMode::Auto);
+        let first = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
         let set = backends_of(&first, first.addresses[0].2).expect("kernel path");
         assert_eq!(
             (set.count, set.total_weight, set.keep_address_port),
             (0, 0, [0; 2])
         );
-        assert_eq!(plan(&registry, DatapathMode::Auto), first);
+        assert_eq!(
+            plan(&registry, DatapathMode::Auto).rules(&Resolved::new()),
+            first
+        );
         assert_ne!(first.addresses[0].2.backends, PROXY_PATH);
     }
 }

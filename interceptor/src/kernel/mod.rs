@@ -36,8 +36,9 @@ pub use self::{
     stats::{KernelEvents, MapOccupancy, MapUsage},
 };
 use crate::{
-    datapath::{self, DatapathMode},
+    datapath::{self, DatapathMode, Plan, Resolved},
     registry::Registry,
+    resolve::DnsCache,
 };
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -137,13 +138,23 @@ impl KernelConfig {
     }
 }
 
+/// How often the kernel path looks at the DNS cache for changed answers.
+const DNS_FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The interception maps and what they were last synced from.
+struct Interceptions {
+    maps: InterceptionMaps,
+    plan: Plan,
+    resolved: Resolved,
+}
+
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 pub struct Kernel {
     // Field order matters: the maps are dropped after the programs' links. The
     // programs sit behind a lock so shutdown can detach them while the reloader
     // still holds the kernel to sync maps (which is harmless once detached).
     ebpf: Mutex<Option<Ebpf>>,
-    interceptions: Mutex<InterceptionMaps>,
+    interceptions: Mutex<Interceptions>,
     original_destinations: Arc<OriginalDestinations>,
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
@@ -205,7 +216,11 @@ impl Kernel {
 
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
-            interceptions: Mutex::new(interceptions),
+            interceptions: Mutex::new(Interceptions {
+                maps: interceptions,
+                plan: Plan::default(),
+                resolved: Resolved::new(),
+            }),
             original_destinations,
             intercept_counts: Arc::default(),
             events,
@@ -226,7 +241,52 @@ impl Kernel {
     /// Which path each destination takes is decided here, from `registry` and the
     /// `--datapath` mode (see [`crate::datapath`]).
     pub fn sync(&self, registry: &Registry) -> Result<(), KernelError> {
-        let wanted = datapath::plan(registry, self.datapath);
+        let plan = datapath::plan(registry, self.datapath);
+        let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        state.plan = plan;
+        self.apply(&mut state)
+    }
+
+    /// Resolves the hostnames of kernel-path endpoints through `dns` (served from its
+    /// cache while fresh) and rewrites the backend sets whose addresses changed.
+    pub async fn refresh_dns(&self, dns: &Arc<DnsCache>) -> Result<(), KernelError> {
+        let hosts = {
+            let state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+            state.plan.hosts()
+        };
+        let mut resolved = Resolved::new();
+        for host in hosts {
+            let addresses = dns.lookup(&host).await.unwrap_or_else(|error| {
+                debug!(%error, "kernel path: no addresses");
+                Arc::from([])
+            });
+            resolved.insert(host, addresses);
+        }
+        let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        // A reload may have changed the plan meanwhile: hosts it added are resolved
+        // by the next refresh, and are on the proxy path until then.
+        if state.resolved == resolved {
+            return Ok(());
+        }
+        state.resolved = resolved;
+        self.apply(&mut state)
+    }
+
+    /// Keeps the kernel-path backend sets of DNS entries in step with the DNS cache,
+    /// which refreshes each answer before its TTL runs out.
+    pub async fn follow_dns(self: Arc<Self>, dns: Arc<DnsCache>) {
+        let mut interval = tokio::time::interval(DNS_FOLLOW_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.refresh_dns(&dns).await {
+                warn!(error = %crate::report::Chain(&error), "cannot update the kernel path's DNS backends");
+            }
+        }
+    }
+
+    fn apply(&self, state: &mut Interceptions) -> Result<(), KernelError> {
+        let wanted = state.plan.rules(&state.resolved);
         for (service, port, reason) in &wanted.proxied {
             debug!(service, port, reason = reason.label(), "datapath=proxy");
         }
@@ -235,9 +295,8 @@ impl Kernel {
             proxy_path = wanted.proxied.len(),
             "service ports by datapath"
         );
-        let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
-        let applied = maps.sync(&wanted);
-        let current = maps.current();
+        let applied = state.maps.sync(&wanted);
+        let current = state.maps.current();
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
         applied

@@ -12,6 +12,7 @@ use integration_tests::{
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
+    dns::DnsServer,
     server::{connect, http_get, who},
 };
 
@@ -281,4 +282,51 @@ fn after_sigkill_nothing_stays_attached() {
     }
     let error = connect("240.240.20.9:7000").expect_err("nothing rewrites the VIP now");
     assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+}
+
+#[test]
+fn a_dns_entry_follows_a_record_change_after_its_ttl() {
+    let sandbox = Sandbox::new("kernel-dns");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    let _old = TestServer::start("old", "198.18.20.1:7000");
+    let _new = TestServer::start("new", "198.18.20.2:7000");
+    let dns = DnsServer::start();
+    dns.set("api.kernel.test", &["198.18.20.1"], 1);
+    let server = dns.addr.to_string();
+    let _daemon = sandbox.start_daemon(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: kernel}
+spec:
+  hosts: [api.kernel.test]
+  addresses: [240.240.20.10]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  resolution: DNS
+"#,
+        &[
+            "--datapath",
+            "auto",
+            "--dns-server",
+            &server,
+            "--dns-min-ttl",
+            "1",
+        ],
+    );
+    let seen = who("240.240.20.10:7000").unwrap();
+    assert_eq!(seen.server, "old");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), "240.240.20.10:7000");
+
+    dns.set("api.kernel.test", &["198.18.20.2"], 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = who("240.240.20.10:7000").unwrap();
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+        if seen.server == "new" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old address is still used");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
