@@ -155,6 +155,33 @@ pub const KERNEL_PATH_DST_MAP: &str = "KERNEL_PATH_DST";
 pub struct KernelPathDst {
     pub original: SocketAddress,
     pub backend: SocketAddress,
+    /// CLOCK_MONOTONIC times of the connect and of the handshake's end (zero until
+    /// then), for the close event.
+    pub connected_at_ns: u64,
+    pub established_at_ns: u64,
+}
+
+/// The ring buffer through which sockops reports each kernel-path connection's close.
+pub const KERNEL_PATH_CLOSES_RING: &str = "KERNEL_PATH_CLOSES";
+/// Bytes (a power of two, a multiple of the page size): 8,192 close events of 72
+/// bytes with their headers before the daemon must have read them.
+pub const KERNEL_PATH_CLOSES_RING_BYTES: u32 = 1 << 19;
+
+/// A kernel-path connection that closed, from sockops: its record and its byte counts.
+/// `record.established_at_ns` zero: the connect never established (refused, timed out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPathClose {
+    pub record: KernelPathDst,
+    /// Bytes the application sent that the backend acknowledged.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub closed_at_ns: u64,
+    /// The TCP state the socket closed from, and whether everything it sent, its FIN
+    /// included, was acknowledged (snd_una = snd_nxt): the byte counts are in sequence
+    /// space, where the SYN and each FIN count one.
+    pub old_state: u32,
+    pub all_acked: u32,
 }
 
 /// Where a redirected connection was going before connect4/6 rewrote it.

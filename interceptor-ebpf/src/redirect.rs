@@ -191,6 +191,8 @@ fn kernel_path(
             port: backend.1,
             _pad: [0; 2],
         },
+        connected_at_ns: unsafe { bpf_ktime_get_ns() },
+        established_at_ns: 0,
     };
     // Without the record the connection still works; only getpeername shows the
     // backend instead of the address the application asked for.

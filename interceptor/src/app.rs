@@ -211,6 +211,9 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     // DNS entries take the kernel path once their hostnames are resolved.
     kernel.refresh_dns(&dns).await?;
     tokio::spawn(Arc::clone(&kernel).follow_dns(Arc::clone(&dns)));
+    if let Some(closes) = kernel.take_close_events() {
+        tokio::spawn(crate::kernel::closes::follow(closes, Arc::clone(&registry)));
+    }
     let _ = admin_state.maps.set(kernel.map_occupancy());
     registry.store(Arc::new(initial));
     metrics.config_applied();

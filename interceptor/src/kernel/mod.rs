@@ -7,6 +7,7 @@
 //! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
 //! connections go direct instead of to a dead proxy port.
 
+pub mod closes;
 mod maps;
 mod records;
 mod stats;
@@ -21,12 +22,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapError,
+    maps::{MapData, MapError, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    BACKENDS_MAP, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
-    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+    BACKENDS_MAP, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING,
+    ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP,
+    SocketAddress,
 };
 use tracing::{debug, info, warn};
 
@@ -155,6 +157,8 @@ pub struct Kernel {
     // still holds the kernel to sync maps (which is harmless once detached).
     ebpf: Mutex<Option<Ebpf>>,
     interceptions: Mutex<Interceptions>,
+    /// The kernel path's close events, until the daemon takes them to follow.
+    close_events: Mutex<Option<RingBuf<MapData>>>,
     original_destinations: Arc<OriginalDestinations>,
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
@@ -187,6 +191,7 @@ impl Kernel {
             take_map(&mut ebpf, REDIRECTS_RING)?,
         )?);
         let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
+        let close_events = take_map(&mut ebpf, KERNEL_PATH_CLOSES_RING)?;
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -216,6 +221,7 @@ impl Kernel {
 
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
+            close_events: Mutex::new(Some(close_events)),
             interceptions: Mutex::new(Interceptions {
                 maps: interceptions,
                 plan: Plan::default(),
@@ -300,6 +306,14 @@ impl Kernel {
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
         applied
+    }
+
+    /// The ring of kernel-path close events, for [`closes::follow`]; once.
+    pub fn take_close_events(&self) -> Option<RingBuf<MapData>> {
+        self.close_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub fn map_occupancy(&self) -> MapOccupancy {

@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     io::{ErrorKind, Write as _},
+    net::Shutdown,
     time::{Duration, Instant},
 };
 
@@ -13,7 +14,7 @@ use integration_tests::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
     dns::DnsServer,
-    server::{connect, http_get, who},
+    server::{connect, http_get, pattern_checksum, who, write_pattern},
 };
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];
@@ -329,4 +330,71 @@ spec:
         assert!(Instant::now() < deadline, "the old address is still used");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn the_close_log_counts_a_known_transfer() {
+    let sandbox = Sandbox::new("kernel-close-log");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.20.1:7000");
+    let daemon = sandbox.start_daemon(
+        &static_entry(
+            "bulk",
+            "240.240.20.11",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    let upload = 300_000;
+    let download = 200_000;
+    let mut stream = connect("240.240.20.11:7000").unwrap();
+    let command = format!("BULK {download}\n");
+    stream.write_all(command.as_bytes()).unwrap();
+    write_pattern(&mut stream, upload).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut answer).unwrap();
+    let summary = format!("{upload} {:016x}\n", pattern_checksum(upload).value());
+    assert_eq!(answer.len(), summary.len() + download);
+    drop(stream);
+
+    let logs = daemon.wait_for_log("datapath=\"kernel\"", 1);
+    let line = logs
+        .lines()
+        .find(|line| line.contains("connection closed") && line.contains("datapath=\"kernel\""))
+        .unwrap_or_else(|| panic!("no kernel-path close line: {logs}"));
+    assert!(
+        line.contains("service=\"ServiceEntry/kernel/bulk\""),
+        "{line}"
+    );
+    assert!(line.contains("original_dst=240.240.20.11:7000"), "{line}");
+    assert!(line.contains("endpoint=198.18.20.1:7000"), "{line}");
+    assert!(
+        line.contains(&format!("bytes_sent={} ", command.len() + upload)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("bytes_received={} ", answer.len())),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_refused_connect_is_logged_against_its_endpoint() {
+    let sandbox = Sandbox::new("kernel-refused");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let daemon = sandbox.start_daemon(
+        &static_entry(
+            "dead",
+            "240.240.20.12",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    let error = connect("240.240.20.12:7000").expect_err("nothing listens");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    let logs = daemon.wait_for_log("upstream connect failed", 1);
+    assert!(logs.contains("endpoint=198.18.20.1:7000"), "{logs}");
 }
