@@ -22,10 +22,12 @@ pub use address::{
 };
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
-    InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
-    OriginalDst, PORT_FILTER_MAP, PORT_WORDS, REDIRECTS_RING, REDIRECTS_RING_BYTES, RedirectRecord,
-    SERVICE_ADDR_LOOKUP_PREFIX, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP,
-    SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
+    BACKENDS_CAPACITY, BACKENDS_MAP, BackendEndpoint, BackendSet, InterceptRule, KERNEL_EVENTS_MAP,
+    KERNEL_PATH_CLOSES_RING, KERNEL_PATH_CLOSES_RING_BYTES, KERNEL_PATH_DST_MAP, KernelEvent,
+    KernelPathClose, KernelPathDst, MAX_BACKEND_ENDPOINTS, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
+    OriginalDst, PORT_FILTER_MAP, PORT_WORDS, PROXY_PATH, REDIRECTS_RING, REDIRECTS_RING_BYTES,
+    RedirectRecord, SERVICE_ADDR_LOOKUP_PREFIX, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY,
+    SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
 };
 
 #[cfg(feature = "user")]
@@ -37,6 +39,7 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SocketAddress {}
     unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for super::BackendSet {}
 }
 
 #[cfg(test)]
@@ -51,5 +54,13 @@ mod tests {
         assert_eq!(size_of::<OriginalDst>(), 20 + 4 + 8);
         assert_eq!(size_of::<RedirectRecord>(), 20 + 4 + 32);
         assert_eq!(size_of::<Globals>(), 4 * 20 + 4 + 4 + 8);
+        assert_eq!(size_of::<InterceptRule>(), 4 + 4);
+        assert_eq!(size_of::<BackendEndpoint>(), 16 + 2 + 2 + 4);
+        assert_eq!(
+            size_of::<BackendSet>(),
+            4 + 4 + 2 + 6 + MAX_BACKEND_ENDPOINTS * 24
+        );
+        assert_eq!(size_of::<KernelPathDst>(), 2 * 20 + 2 * 8);
+        assert_eq!(size_of::<KernelPathClose>(), 56 + 3 * 8 + 2 * 4);
     }
 }

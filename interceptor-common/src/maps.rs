@@ -84,13 +84,104 @@ pub struct ServiceAddrKey {
     pub addr: Address,
 }
 
-/// Value of the interception maps: which registry rule claimed the destination.
-/// The kernel only needs to know that something matched; the id helps when reading
-/// the maps with bpftool.
+/// Value of the interception maps: which registry rule claimed the destination, and
+/// which path its connects take. The rule id helps when reading the maps with bpftool.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct InterceptRule {
     pub rule_id: u32,
+    /// The key of the destination's [`BackendSet`] in [`BACKENDS_MAP`] when connects
+    /// go straight to a backend (the kernel path), or [`PROXY_PATH`].
+    pub backends: u32,
+}
+
+/// [`InterceptRule::backends`] of a destination whose connects go to the proxy.
+pub const PROXY_PATH: u32 = u32::MAX;
+
+/// Kernel-path backend sets, keyed by [`InterceptRule::backends`].
+pub const BACKENDS_MAP: &str = "BACKENDS";
+pub const BACKENDS_CAPACITY: u32 = 16_384;
+/// The most endpoints a kernel-path backend set holds; a service with more takes the
+/// proxy path, so the connect hook's pick stays a short bounded loop.
+pub const MAX_BACKEND_ENDPOINTS: usize = 16;
+
+/// One endpoint of a [`BackendSet`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendEndpoint {
+    /// IPv4-mapped for IPv4, as everywhere.
+    pub addr: Address,
+    /// Network byte order.
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+    /// The sum of the weights of this endpoint and those before it: a ticket below it
+    /// and at or above the previous one picks this endpoint.
+    pub cumulative_weight: u32,
+}
+
+impl BackendEndpoint {
+    pub const NONE: Self = Self {
+        addr: [0; 4],
+        port: [0; 2],
+        _pad: [0; 2],
+        cumulative_weight: 0,
+    };
+}
+
+/// Where kernel-path connects to one service port go: either the destination's own
+/// address with another port (resolution NONE), or one of `endpoints[..count]` picked
+/// by weight. No endpoint at all refuses the connect with ECONNREFUSED.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendSet {
+    /// Endpoints in use, at most [`MAX_BACKEND_ENDPOINTS`].
+    pub count: u32,
+    /// The last endpoint's cumulative weight: tickets are drawn below it.
+    pub total_weight: u32,
+    /// Non-zero (network byte order): keep the destination address and connect to
+    /// this port instead; `endpoints` is unused.
+    pub keep_address_port: [u8; 2],
+    pub _pad: [u8; 6],
+    pub endpoints: [BackendEndpoint; MAX_BACKEND_ENDPOINTS],
+}
+
+/// Socket storage of a kernel-path socket: where the application connected (the VIP)
+/// and the backend connect4/6 sent it to, so getpeername can show the former while
+/// the socket is connected to the latter.
+pub const KERNEL_PATH_DST_MAP: &str = "KERNEL_PATH_DST";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPathDst {
+    pub original: SocketAddress,
+    pub backend: SocketAddress,
+    /// CLOCK_MONOTONIC times of the connect and of the handshake's end (zero until
+    /// then), for the close event.
+    pub connected_at_ns: u64,
+    pub established_at_ns: u64,
+}
+
+/// The ring buffer through which sockops reports each kernel-path connection's close.
+pub const KERNEL_PATH_CLOSES_RING: &str = "KERNEL_PATH_CLOSES";
+/// Bytes (a power of two, a multiple of the page size): 8,192 close events of 72
+/// bytes with their headers before the daemon must have read them.
+pub const KERNEL_PATH_CLOSES_RING_BYTES: u32 = 1 << 19;
+
+/// A kernel-path connection that closed, from sockops: its record and its byte counts.
+/// `record.established_at_ns` zero: the connect never established (refused, timed out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPathClose {
+    pub record: KernelPathDst,
+    /// Bytes the application sent that the backend acknowledged.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    pub closed_at_ns: u64,
+    /// The TCP state the socket closed from, and whether everything it sent, its FIN
+    /// included, was acknowledged (snd_una = snd_nxt): the byte counts are in sequence
+    /// space, where the SYN and each FIN count one.
+    pub old_state: u32,
+    pub all_acked: u32,
 }
 
 /// Where a redirected connection was going before connect4/6 rewrote it.

@@ -1,26 +1,39 @@
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use interceptor_common::{ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
     maps::globals,
-    redirect::{proxies_for_ipv4, redirect, set_user_ipv4, user_ipv4},
+    redirect::{ECONNREFUSED, Redirect, proxies_for_ipv4, redirect, set_user_ipv4, user_ipv4},
 };
 
-/// connect4 must return 1: 0 would fail the application's connect() with EPERM.
+/// connect4 must return 1: 0 fails the application's connect() (with EPERM, or the
+/// errno set by bpf_set_retval).
 const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     let globals = globals();
     let (addr, port) = user_ipv4(ctx.sock_addr);
-    if let Some((proxy_addr, proxy_port)) = redirect(
+    match redirect(
         &ctx,
         &globals,
         (ipv4_mapped(addr), port),
         proxies_for_ipv4(&globals),
-    ) && let Some(proxy_addr) = ipv4_in_mapped(proxy_addr)
-    {
-        set_user_ipv4(ctx.sock_addr, (proxy_addr, proxy_port));
+        true,
+    ) {
+        Some(Redirect::Proxy((to_addr, to_port)) | Redirect::Backend((to_addr, to_port))) => {
+            if let Some(to_addr) = ipv4_in_mapped(to_addr) {
+                set_user_ipv4(ctx.sock_addr, (to_addr, to_port));
+            }
+        }
+        Some(Redirect::Refuse) => {
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return REJECT;
+        }
+        None => {}
     }
     ALLOW
 }

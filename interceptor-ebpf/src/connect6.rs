@@ -1,12 +1,18 @@
-use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 
 use crate::{
     maps::globals,
-    redirect::{proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6},
+    redirect::{
+        ECONNREFUSED, Redirect, proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6,
+    },
 };
 
-/// connect6 must return 1: 0 would fail the application's connect() with EPERM.
+/// connect6 must return 1: 0 fails the application's connect() (with EPERM, or the
+/// errno set by bpf_set_retval).
 const ALLOW: i32 = 1;
+const REJECT: i32 = 0;
 
 /// Native IPv6 connects go to the proxy's IPv6 listeners. Dual-stack sockets (the
 /// default for Java, and for anything that opens AF_INET6 and connects to an IPv4
@@ -17,8 +23,13 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let globals = globals();
     let dst = user_ipv6(ctx.sock_addr);
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
-    if let Some(proxy) = redirect(&ctx, &globals, dst, proxies) {
-        set_user_ipv6(ctx.sock_addr, proxy);
+    match redirect(&ctx, &globals, dst, proxies, false) {
+        Some(Redirect::Proxy(to) | Redirect::Backend(to)) => set_user_ipv6(ctx.sock_addr, to),
+        Some(Redirect::Refuse) => {
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+            return REJECT;
+        }
+        None => {}
     }
     ALLOW
 }

@@ -10,9 +10,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use interceptor_common::{
-    Globals, InterceptRule, KernelEvent, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS,
-    REDIRECTS_RING_BYTES, SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey,
-    SocketAddress,
+    BACKENDS_CAPACITY, BackendSet, Globals, InterceptRule, KERNEL_PATH_CLOSES_RING_BYTES,
+    KernelEvent, KernelPathDst, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS, REDIRECTS_RING_BYTES,
+    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey, SocketAddress,
 };
 
 #[map]
@@ -35,6 +35,26 @@ pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
 /// no capacity sized in advance.
 #[btf_map]
 pub static ORIGINAL_DST: SkStorage<OriginalDst> = SkStorage::new();
+
+/// Kernel-path backend sets (see [`interceptor_common::BACKENDS_MAP`]). Allocated per
+/// entry: most configs have few kernel-path ports.
+#[map]
+pub static BACKENDS: HashMap<u32, BackendSet> =
+    HashMap::with_max_entries(BACKENDS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Socket storage of kernel-path sockets: the destination the application asked for
+/// and the backend it was sent to, for getpeername.
+#[btf_map]
+pub static KERNEL_PATH_DST: SkStorage<KernelPathDst> = SkStorage::new();
+
+#[map]
+pub static KERNEL_PATH_CLOSES: RingBuf = RingBuf::with_byte_size(KERNEL_PATH_CLOSES_RING_BYTES, 0);
+
+/// The kernel-path storage map as the helpers take it.
+#[inline(always)]
+pub fn kernel_path_dst_map() -> *mut core::ffi::c_void {
+    core::ptr::from_ref(&KERNEL_PATH_DST).cast_mut().cast()
+}
 
 /// The storage map as the helpers take it, for program types aya's wrapper does not
 /// cover (sock_ops).

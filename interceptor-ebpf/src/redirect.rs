@@ -5,19 +5,22 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_ktime_get_ns},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_common::{
-    Address, Globals, KernelEvent, OriginalDst, PORT_WORDS, SERVICE_ADDR_LOOKUP_PREFIX,
-    ServiceAddrKey, SocketAddress, ipv4_in_mapped, port_bit,
+    Address, Globals, KernelEvent, KernelPathDst, OriginalDst, PORT_WORDS, PROXY_PATH,
+    SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress, ipv4_in_mapped, port_bit,
 };
 
-use crate::maps::{ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, count};
+use crate::maps::{
+    BACKENDS, KERNEL_PATH_DST, ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, count,
+};
 
 const IPPROTO_TCP: u32 = 6;
+pub const ECONNREFUSED: i32 = 111;
 
 /// A socket address as the hooks see it: the address (IPv4-mapped for IPv4) and the
 /// port in network byte order.
@@ -35,15 +38,29 @@ pub struct Proxies {
     pub other_netns: Endpoint,
 }
 
+/// What a connect hook does with an intercepted connect.
+pub enum Redirect {
+    /// To the proxy's listener; the original destination is in `ORIGINAL_DST`.
+    Proxy(Endpoint),
+    /// Straight to this backend (the kernel path); the original destination and the
+    /// backend are in `KERNEL_PATH_DST`.
+    Backend(Endpoint),
+    /// The service has no endpoint: the connect fails at once with ECONNREFUSED
+    /// instead of hanging.
+    Refuse,
+}
+
 /// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
-/// original destination is then recorded in the socket's own storage.
+/// original destination is then recorded in the socket's own storage. `ipv4_socket`:
+/// the socket is AF_INET, so only an IPv4 backend can take it.
 #[inline(always)]
 pub fn redirect(
     ctx: &SockAddrContext,
     globals: &Globals,
     dst: Endpoint,
     proxies: Proxies,
-) -> Option<Endpoint> {
+    ipv4_socket: bool,
+) -> Option<Redirect> {
     let sock_addr = ctx.sock_addr;
     // Each context field is read on its own: LLVM would otherwise merge neighbouring
     // reads into one wide load, which the verifier rejects for this context.
@@ -59,6 +76,43 @@ pub fn redirect(
     if mark != 0 && mark == globals.bypass_mark {
         return None;
     }
+
+    let (addr, port) = dst;
+    let (word, bit) = port_bit(u16::from_be_bytes(port));
+    let has_address_rules = PORT_FILTER.get(word).is_some_and(|words| words & bit != 0);
+    let has_port_rule = PORT_FILTER
+        .get(word + PORT_WORDS)
+        .is_some_and(|words| words & bit != 0);
+    // The bitmaps only filter: the rule maps stay the truth, so a bit set a moment
+    // before its rule is added (or cleared a moment after) changes nothing. An address
+    // rule beats a port rule, as in the registry's lookup.
+    let address_rule = if has_address_rules {
+        SERVICE_ADDRS
+            .get(&Key::new(
+                SERVICE_ADDR_LOOKUP_PREFIX,
+                ServiceAddrKey {
+                    port,
+                    _pad: [0; 2],
+                    addr,
+                },
+            ))
+            .map(|rule| rule.backends)
+    } else {
+        None
+    };
+    let backends = match address_rule {
+        Some(backends) => backends,
+        None if has_port_rule => {
+            unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.map(|rule| rule.backends)?
+        }
+        None => return None,
+    };
+    if backends != PROXY_PATH
+        && let Some(kernel_path) = kernel_path(ctx, dst, backends, ipv4_socket)
+    {
+        return Some(kernel_path);
+    }
+
     // A container or pod in a network namespace of its own cannot reach the proxy's
     // loopback address: it goes to the address the proxy has for containers, or, if
     // there is none, direct.
@@ -71,31 +125,6 @@ pub fn redirect(
         proxies.other_netns
     };
     if proxy.1 == [0, 0] || same_endpoint(dst, proxy) {
-        return None;
-    }
-
-    let (addr, port) = dst;
-    let (word, bit) = port_bit(u16::from_be_bytes(port));
-    let has_address_rules = PORT_FILTER.get(word).is_some_and(|words| words & bit != 0);
-    let has_port_rule = PORT_FILTER
-        .get(word + PORT_WORDS)
-        .is_some_and(|words| words & bit != 0);
-    // The bitmaps only filter: the rule maps stay the truth, so a bit set a moment
-    // before its rule is added (or cleared a moment after) changes nothing.
-    let intercepted = has_port_rule
-        && unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.is_some()
-        || has_address_rules
-            && SERVICE_ADDRS
-                .get(&Key::new(
-                    SERVICE_ADDR_LOOKUP_PREFIX,
-                    ServiceAddrKey {
-                        port,
-                        _pad: [0; 2],
-                        addr,
-                    },
-                ))
-                .is_some();
-    if !intercepted {
         return None;
     }
 
@@ -116,7 +145,64 @@ pub fn redirect(
         return None;
     }
     unsafe { stored.write(original) };
-    Some(proxy)
+    Some(Redirect::Proxy(proxy))
+}
+
+/// The kernel path: picks the backend from the destination's backend set. `None`
+/// leaves the connect to the proxy path: the set is not there (a reload is between
+/// writing the rule and the set), or an AF_INET socket drew an IPv6 backend.
+#[inline(always)]
+fn kernel_path(
+    ctx: &SockAddrContext,
+    dst: Endpoint,
+    backends: u32,
+    ipv4_socket: bool,
+) -> Option<Redirect> {
+    let set = unsafe { BACKENDS.get(&backends) }?;
+    let backend = if set.keep_address_port != [0, 0] {
+        (dst.0, set.keep_address_port)
+    } else {
+        let count = set.count;
+        let total = set.total_weight;
+        if count == 0 || total == 0 {
+            return Some(Redirect::Refuse);
+        }
+        let ticket = unsafe { bpf_get_prandom_u32() } % total;
+        let mut chosen = None;
+        for endpoint in &set.endpoints {
+            if ticket < endpoint.cumulative_weight {
+                chosen = Some((endpoint.addr, endpoint.port));
+                break;
+            }
+        }
+        chosen?
+    };
+    if ipv4_socket && ipv4_in_mapped(backend.0).is_none() {
+        return None;
+    }
+    let record = KernelPathDst {
+        original: SocketAddress {
+            addr: dst.0,
+            port: dst.1,
+            _pad: [0; 2],
+        },
+        backend: SocketAddress {
+            addr: backend.0,
+            port: backend.1,
+            _pad: [0; 2],
+        },
+        connected_at_ns: unsafe { bpf_ktime_get_ns() },
+        established_at_ns: 0,
+    };
+    // Without the record the connection still works; only getpeername shows the
+    // backend instead of the address the application asked for.
+    let stored = unsafe { KERNEL_PATH_DST.get_or_insert_ptr_mut(ctx, None) };
+    if stored.is_null() {
+        count(KernelEvent::StorageUnavailable);
+    } else {
+        unsafe { stored.write(record) };
+    }
+    Some(Redirect::Backend(backend))
 }
 
 /// Where an IPv4 connect may go, as IPv4-mapped endpoints.

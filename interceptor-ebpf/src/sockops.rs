@@ -1,15 +1,24 @@
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::generated::bpf_sk_storage_get,
-    macros::sock_ops, programs::SockOpsContext,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_ktime_get_ns, generated::bpf_sk_storage_get},
+    macros::sock_ops,
+    programs::SockOpsContext,
 };
 use core::ptr::{null_mut, read_volatile};
 use interceptor_common::{
-    Address, KernelEvent, OriginalDst, RedirectRecord, SocketAddress, ipv4_mapped,
+    Address, KernelEvent, KernelPathClose, KernelPathDst, OriginalDst, RedirectRecord,
+    SocketAddress, ipv4_mapped,
 };
 
 use crate::{
-    maps::{ORIG_BY_CLIENT, REDIRECTS, count, globals, original_dst_map},
-    redirect::{Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket},
+    maps::{
+        KERNEL_PATH_CLOSES, ORIG_BY_CLIENT, REDIRECTS, count, globals, kernel_path_dst_map,
+        original_dst_map,
+    },
+    redirect::{Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket, same_endpoint},
 };
 
 const AF_INET: u32 = 2;
@@ -19,12 +28,67 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 /// sock_ops programs return 1 for success, like the other cgroup programs.
 const OK: u32 = 1;
 
+const TCP_CLOSE: u32 = 7;
+
 #[sock_ops]
 pub fn egress_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        hand_over_by_client_addr(&ctx);
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            hand_over_by_client_addr(&ctx);
+            if let Some(record) = kernel_path_record(&ctx) {
+                unsafe { (*record).established_at_ns = bpf_ktime_get_ns() };
+            }
+        }
+        // A kernel-path socket asks for its state changes, so its close is seen, also
+        // a close before the handshake ends (refused, timed out).
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if kernel_path_record(&ctx).is_some() {
+                let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            }
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => report_kernel_path_close(&ctx),
+        _ => {}
     }
     OK
+}
+
+/// The kernel-path record of the socket, if it is still connected to the backend
+/// connect4/6 chose for it.
+#[inline(always)]
+fn kernel_path_record(ctx: &SockOpsContext) -> Option<*mut KernelPathDst> {
+    let sk = unsafe { read_volatile(&(*ctx.ops).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return None;
+    }
+    let stored = unsafe { bpf_sk_storage_get(kernel_path_dst_map(), sk.cast(), null_mut(), 0) }
+        .cast::<KernelPathDst>();
+    if stored.is_null() {
+        return None;
+    }
+    let peer = remote_endpoint(ctx);
+    let backend = unsafe { (*stored).backend };
+    same_endpoint(peer, (backend.addr, backend.port)).then_some(stored)
+}
+
+/// Reports a kernel-path socket's close with its byte counts to the daemon. If the
+/// ring is full the event is lost: the connection is long gone, so nothing waits on it.
+#[inline(always)]
+fn report_kernel_path_close(ctx: &SockOpsContext) {
+    let Some(record) = kernel_path_record(ctx) else {
+        return;
+    };
+    let close = KernelPathClose {
+        record: unsafe { *record },
+        bytes_acked: unsafe { read_volatile(&(*ctx.ops).bytes_acked) },
+        bytes_received: unsafe { read_volatile(&(*ctx.ops).bytes_received) },
+        closed_at_ns: unsafe { bpf_ktime_get_ns() },
+        old_state: ctx.arg(0),
+        all_acked: u32::from(
+            unsafe { read_volatile(&(*ctx.ops).snd_una) }
+                == unsafe { read_volatile(&(*ctx.ops).snd_nxt) },
+        ),
+    };
+    let _ = KERNEL_PATH_CLOSES.output::<KernelPathClose>(&close, 0);
 }
 
 /// Hands the record connect4 left in the socket's storage, which the proxy cannot see,
@@ -110,4 +174,22 @@ fn addresses(ctx: &SockOpsContext) -> Option<(Address, Endpoint)> {
         }
         _ => None,
     }
+}
+
+/// The endpoint the socket connected to. Both families' fields are read, each on its
+/// own and unconditionally, and the family only selects between the values: reads
+/// under a branch per family are merged by LLVM into one read at a computed context
+/// offset, which the verifier rejects.
+#[inline(always)]
+fn remote_endpoint(ctx: &SockOpsContext) -> Endpoint {
+    let ops = ctx.ops;
+    let remote_port = ((unsafe { read_volatile(&(*ops).remote_port) } >> 16) as u16).to_ne_bytes();
+    let v4 = unsafe { read_volatile(&(*ops).remote_ip4) }.to_ne_bytes();
+    let v6 = [0, 1, 2, 3].map(|word| unsafe { read_volatile(&(*ops).remote_ip6[word]) });
+    let addr = if ctx.family() == AF_INET {
+        ipv4_mapped(v4)
+    } else {
+        v6
+    };
+    (addr, remote_port)
 }

@@ -55,6 +55,8 @@ pub struct RunConfig {
     pub container_proxy_addrs: ContainerAddrs,
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
+    /// Whether eligible destinations take the kernel path.
+    pub datapath: crate::datapath::DatapathMode,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub dns: DnsSettings,
@@ -203,8 +205,15 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         container_proxy_v6: container_proxy.v6,
         redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
+        datapath: config.datapath,
     })?);
-    kernel.sync(initial.intercepts())?;
+    kernel.sync(&initial)?;
+    // DNS entries take the kernel path once their hostnames are resolved.
+    kernel.refresh_dns(&dns).await?;
+    tokio::spawn(Arc::clone(&kernel).follow_dns(Arc::clone(&dns)));
+    if let Some(closes) = kernel.take_close_events() {
+        tokio::spawn(crate::kernel::closes::follow(closes, Arc::clone(&registry)));
+    }
     let _ = admin_state.maps.set(kernel.map_occupancy());
     registry.store(Arc::new(initial));
     metrics.config_applied();

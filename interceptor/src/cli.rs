@@ -86,6 +86,12 @@ struct RunArgs {
     /// direct.
     #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV6>)]
     container_proxy_addr_v6: Option<SocketAddrV6>,
+    /// Which path intercepted connections take: `auto` sends eligible ones (plain TCP
+    /// ports of entries with IP endpoints or resolution NONE, and no routing that
+    /// needs the bytes) straight to their backend from the connect hook, the rest
+    /// through the proxy; `proxy` sends every one through the proxy.
+    #[arg(long, value_enum, default_value_t = crate::datapath::DatapathMode::Auto)]
+    datapath: crate::datapath::DatapathMode,
     /// SO_MARK on the proxy's own upstream sockets, which connect4 never redirects.
     #[arg(long, default_value = "0x1e57", value_parser = parse_u32)]
     bypass_mark: u32,
@@ -362,6 +368,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         redirect_ring_bytes: args.redirect_ring_bytes,
         bypass_mark: args.bypass_mark,
+        datapath: args.datapath,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         dns: DnsSettings {

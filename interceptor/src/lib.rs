@@ -8,6 +8,7 @@ mod app;
 pub mod cli;
 mod config;
 mod copy;
+mod datapath;
 mod kernel;
 mod limits;
 mod load;

@@ -95,9 +95,9 @@ impl Reloader {
 
     fn apply(&self) -> Result<usize, ReloadError> {
         let new = load::load_and_log(&self.config_paths).map_err(ReloadError::Invalid)?;
-        if let Err(error) = self.kernel.sync(new.intercepts()) {
+        if let Err(error) = self.kernel.sync(&new) {
             let running = self.registry.load();
-            if let Err(rollback) = self.kernel.sync(running.intercepts()) {
+            if let Err(rollback) = self.kernel.sync(&running) {
                 // The maps now hold a mix, and routing falls back to ALLOW_ANY for
                 // what the running snapshot lacks; the next reload converges them.
                 error!(rollback = %Chain(&rollback), "cannot restore the BPF maps of the running configuration");

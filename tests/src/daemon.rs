@@ -52,6 +52,11 @@ pub fn spawn(
         "--cgroup".into(),
         cgroup.into(),
     ];
+    // The suite tests the proxy path unless a test picks a datapath: with the default
+    // (auto) eligible entries would go straight to their backends.
+    if !extra_args.contains(&"--datapath") {
+        args.extend(["--datapath".into(), "proxy".into()]);
+    }
     args.extend(extra_args.iter().map(OsString::from));
     spawn_command(command(&args, env)?)
 }

@@ -1,24 +1,27 @@
-//! Keeping the interception maps, and the port filter in front of them, in step with
-//! the registry's wanted [`InterceptSet`].
+//! Keeping the interception maps, the port filter in front of them and the kernel
+//! path's backend sets in step with the wanted [`KernelRules`].
 
 use std::collections::{HashMap as StdHashMap, HashSet};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use interceptor_common::{
-    InterceptRule, PORT_FILTER_MAP, PORT_WORDS, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_MAP,
-    SERVICE_PORTS_MAP, ServiceAddrKey, address_of, mapped_prefix_len, port_bit,
+    BACKENDS_MAP, BackendSet, InterceptRule, PORT_FILTER_MAP, PORT_WORDS, SERVICE_ADDR_PORT_BITS,
+    SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, ServiceAddrKey, address_of, mapped_prefix_len, port_bit,
 };
 use tracing::debug;
 
 use super::{KernelError, map_error};
-use crate::registry::InterceptSet;
+use crate::datapath::KernelRules;
 
-/// A rule id no registry produces (ids are service indexes), standing for "this key
-/// may or may not be in the map, with any value".
-const UNKNOWN_RULE: u32 = u32::MAX;
+/// A rule no plan produces (rule ids are service indexes), standing for "this key may
+/// or may not be in the map, with any value".
+const UNKNOWN_RULE: InterceptRule = InterceptRule {
+    rule_id: u32::MAX,
+    backends: u32::MAX,
+};
 
-type AddressRules = StdHashMap<(ipnet::IpNet, u16), u32>;
-type PortRules = StdHashMap<u16, u32>;
+type AddressRules = StdHashMap<(ipnet::IpNet, u16), InterceptRule>;
+type PortRules = StdHashMap<u16, InterceptRule>;
 
 pub(super) struct InterceptionMaps {
     addresses: LpmTrie<MapData, ServiceAddrKey, InterceptRule>,
@@ -26,7 +29,10 @@ pub(super) struct InterceptionMaps {
     port_filter: Array<MapData, u64>,
     /// What `port_filter` holds, word by word.
     port_filter_words: Vec<u64>,
-    current: InterceptSet,
+    backends: HashMap<MapData, u32, BackendSet>,
+    /// What `backends` holds; `None`: the key may or may not be there, with any value.
+    current_backends: StdHashMap<u32, Option<BackendSet>>,
+    current: KernelRules,
 }
 
 impl InterceptionMaps {
@@ -35,23 +41,71 @@ impl InterceptionMaps {
         addresses: LpmTrie<MapData, ServiceAddrKey, InterceptRule>,
         ports: HashMap<MapData, u16, InterceptRule>,
         port_filter: Array<MapData, u64>,
+        backends: HashMap<MapData, u32, BackendSet>,
     ) -> Self {
         Self {
             addresses,
             ports,
             port_filter,
             port_filter_words: vec![0; 2 * PORT_WORDS as usize],
-            current: InterceptSet::default(),
+            backends,
+            current_backends: StdHashMap::new(),
+            current: KernelRules::default(),
         }
     }
 
     /// What the maps hold now, or may hold after a failed [`Self::sync`].
-    pub(super) fn current(&self) -> &InterceptSet {
+    pub(super) fn current(&self) -> &KernelRules {
         &self.current
     }
 
-    /// See [`super::Kernel::sync`].
-    pub(super) fn sync(&mut self, wanted: &InterceptSet) -> Result<(), KernelError> {
+    /// See [`super::Kernel::sync`]. Backend sets are written before the rules that
+    /// point at them and deleted after, so no rule points at a missing set; a set's id
+    /// is stable, so one whose endpoints change is rewritten in place.
+    pub(super) fn sync(&mut self, wanted: &KernelRules) -> Result<(), KernelError> {
+        let written = self.write_backends(&wanted.backends);
+        let applied = written.and_then(|()| self.sync_rules(wanted));
+        let applied = applied.and_then(|()| self.delete_stale_backends(&wanted.backends));
+        if applied.is_err() {
+            for set in self.current_backends.values_mut() {
+                *set = None;
+            }
+        }
+        applied
+    }
+
+    fn write_backends(&mut self, wanted: &StdHashMap<u32, BackendSet>) -> Result<(), KernelError> {
+        for (id, set) in wanted {
+            if self.current_backends.get(id) != Some(&Some(*set)) {
+                // Unknown until the write is known to have happened.
+                self.current_backends.insert(*id, None);
+                self.backends
+                    .insert(id, set, 0)
+                    .map_err(map_error(BACKENDS_MAP))?;
+                self.current_backends.insert(*id, Some(*set));
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_stale_backends(
+        &mut self,
+        wanted: &StdHashMap<u32, BackendSet>,
+    ) -> Result<(), KernelError> {
+        let stale: Vec<u32> = self
+            .current_backends
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
+        for id in stale {
+            ignore_missing(self.backends.remove(&id)).map_err(map_error(BACKENDS_MAP))?;
+            self.current_backends.remove(&id);
+        }
+        Ok(())
+    }
+
+    fn sync_rules(&mut self, wanted: &KernelRules) -> Result<(), KernelError> {
         let old_addresses: AddressRules = self
             .current
             .addresses
@@ -73,13 +127,14 @@ impl InterceptionMaps {
                 debug!(
                     addresses = wanted.addresses.len(),
                     ports = wanted.ports.len(),
+                    kernel_path = wanted.backends.len(),
                     "interception maps synced"
                 );
                 wanted.clone()
             }
             // Unknown values make the next sync rewrite every key; keys from both
             // sides make it delete whatever it no longer wants.
-            Err(_) => InterceptSet {
+            Err(_) => KernelRules {
                 addresses: old_addresses
                     .keys()
                     .chain(new_addresses.keys())
@@ -94,6 +149,8 @@ impl InterceptionMaps {
                     .into_iter()
                     .map(|port| (*port, UNKNOWN_RULE))
                     .collect(),
+                backends: StdHashMap::new(),
+                proxied: Vec::new(),
             },
         };
         applied
@@ -120,7 +177,7 @@ impl InterceptionMaps {
             .partition(|(key, _)| !old_addresses.contains_key(key));
         for ((net, port), id) in added.into_iter().chain(changed) {
             self.addresses
-                .insert(&address_key(*net, *port), InterceptRule { rule_id: *id }, 0)
+                .insert(&address_key(*net, *port), *id, 0)
                 .map_err(map_error(SERVICE_ADDRS_MAP))?;
         }
         let (added, changed): (Vec<_>, Vec<_>) = new_ports
@@ -129,7 +186,7 @@ impl InterceptionMaps {
             .partition(|(port, _)| !old_ports.contains_key(port));
         for (port, id) in added.into_iter().chain(changed) {
             self.ports
-                .insert(*port, InterceptRule { rule_id: *id }, 0)
+                .insert(*port, *id, 0)
                 .map_err(map_error(SERVICE_PORTS_MAP))?;
         }
         for (net, port) in old_addresses
@@ -208,13 +265,17 @@ mod tests {
 
     #[test]
     fn the_port_filter_has_a_bit_per_port_with_rules_of_each_kind() {
+        let rule = |rule_id| InterceptRule {
+            rule_id,
+            backends: interceptor_common::PROXY_PATH,
+        };
         let addresses: AddressRules = [
-            (("240.240.0.0/16".parse().unwrap(), 443), 1),
-            (("2001:2::/64".parse().unwrap(), 443), 2),
-            (("198.18.0.10/32".parse().unwrap(), 65_535), 3),
+            (("240.240.0.0/16".parse().unwrap(), 443), rule(1)),
+            (("2001:2::/64".parse().unwrap(), 443), rule(2)),
+            (("198.18.0.10/32".parse().unwrap(), 65_535), rule(3)),
         ]
         .into();
-        let ports: PortRules = [(0, 4), (5432, 5)].into();
+        let ports: PortRules = [(0, rule(4)), (5432, rule(5))].into();
         let words = port_filter_words(&addresses, &ports);
         let set = |offset: u32, port: u16| {
             let (word, bit) = port_bit(port);

@@ -7,6 +7,7 @@
 //! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
 //! connections go direct instead of to a dead proxy port.
 
+pub mod closes;
 mod maps;
 mod records;
 mod stats;
@@ -21,21 +22,26 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapError,
+    maps::{MapData, MapError, RingBuf},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
-    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+    BACKENDS_MAP, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING,
+    ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP,
+    SocketAddress,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::{maps::InterceptionMaps, stats::InterceptCounts};
 pub use self::{
     records::{OriginalDestinations, RecordSource},
     stats::{KernelEvents, MapOccupancy, MapUsage},
 };
-use crate::registry::InterceptSet;
+use crate::{
+    datapath::{self, DatapathMode, Plan, Resolved},
+    registry::Registry,
+    resolve::DnsCache,
+};
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
 
@@ -96,6 +102,8 @@ pub struct KernelConfig {
     /// Size of the REDIRECTS ring: a power of two, at least a page.
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
+    /// Whether eligible destinations take the kernel path.
+    pub datapath: DatapathMode,
 }
 
 impl KernelConfig {
@@ -132,17 +140,30 @@ impl KernelConfig {
     }
 }
 
+/// How often the kernel path looks at the DNS cache for changed answers.
+const DNS_FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The interception maps and what they were last synced from.
+struct Interceptions {
+    maps: InterceptionMaps,
+    plan: Plan,
+    resolved: Resolved,
+}
+
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 pub struct Kernel {
     // Field order matters: the maps are dropped after the programs' links. The
     // programs sit behind a lock so shutdown can detach them while the reloader
     // still holds the kernel to sync maps (which is harmless once detached).
     ebpf: Mutex<Option<Ebpf>>,
-    interceptions: Mutex<InterceptionMaps>,
+    interceptions: Mutex<Interceptions>,
+    /// The kernel path's close events, until the daemon takes them to follow.
+    close_events: Mutex<Option<RingBuf<MapData>>>,
     original_destinations: Arc<OriginalDestinations>,
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
+    datapath: DatapathMode,
 }
 
 impl Kernel {
@@ -163,12 +184,14 @@ impl Kernel {
             take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,
             take_map(&mut ebpf, SERVICE_PORTS_MAP)?,
             take_map(&mut ebpf, PORT_FILTER_MAP)?,
+            take_map(&mut ebpf, BACKENDS_MAP)?,
         );
         let original_destinations = Arc::new(OriginalDestinations::new(
             take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?,
             take_map(&mut ebpf, REDIRECTS_RING)?,
         )?);
         let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
+        let close_events = take_map(&mut ebpf, KERNEL_PATH_CLOSES_RING)?;
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -198,11 +221,17 @@ impl Kernel {
 
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
-            interceptions: Mutex::new(interceptions),
+            close_events: Mutex::new(Some(close_events)),
+            interceptions: Mutex::new(Interceptions {
+                maps: interceptions,
+                plan: Plan::default(),
+                resolved: Resolved::new(),
+            }),
             original_destinations,
             intercept_counts: Arc::default(),
             events,
             cgroup: config.cgroup.clone(),
+            datapath: config.datapath,
         })
     }
 
@@ -214,13 +243,77 @@ impl Kernel {
     /// to the running config, or a later reload) then rewrites every wanted key and
     /// deletes every key either side may have left, so it converges however far the
     /// failed one got.
-    pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
-        let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
-        let applied = maps.sync(wanted);
-        let current = maps.current();
+    ///
+    /// Which path each destination takes is decided here, from `registry` and the
+    /// `--datapath` mode (see [`crate::datapath`]).
+    pub fn sync(&self, registry: &Registry) -> Result<(), KernelError> {
+        let plan = datapath::plan(registry, self.datapath);
+        let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        state.plan = plan;
+        self.apply(&mut state)
+    }
+
+    /// Resolves the hostnames of kernel-path endpoints through `dns` (served from its
+    /// cache while fresh) and rewrites the backend sets whose addresses changed.
+    pub async fn refresh_dns(&self, dns: &Arc<DnsCache>) -> Result<(), KernelError> {
+        let hosts = {
+            let state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+            state.plan.hosts()
+        };
+        let mut resolved = Resolved::new();
+        for host in hosts {
+            let addresses = dns.lookup(&host).await.unwrap_or_else(|error| {
+                debug!(%error, "kernel path: no addresses");
+                Arc::from([])
+            });
+            resolved.insert(host, addresses);
+        }
+        let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        // A reload may have changed the plan meanwhile: hosts it added are resolved
+        // by the next refresh, and are on the proxy path until then.
+        if state.resolved == resolved {
+            return Ok(());
+        }
+        state.resolved = resolved;
+        self.apply(&mut state)
+    }
+
+    /// Keeps the kernel-path backend sets of DNS entries in step with the DNS cache,
+    /// which refreshes each answer before its TTL runs out.
+    pub async fn follow_dns(self: Arc<Self>, dns: Arc<DnsCache>) {
+        let mut interval = tokio::time::interval(DNS_FOLLOW_INTERVAL);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(error) = self.refresh_dns(&dns).await {
+                warn!(error = %crate::report::Chain(&error), "cannot update the kernel path's DNS backends");
+            }
+        }
+    }
+
+    fn apply(&self, state: &mut Interceptions) -> Result<(), KernelError> {
+        let wanted = state.plan.rules(&state.resolved);
+        for (service, port, reason) in &wanted.proxied {
+            debug!(service, port, reason = reason.label(), "datapath=proxy");
+        }
+        info!(
+            kernel_path = wanted.backends.len(),
+            proxy_path = wanted.proxied.len(),
+            "service ports by datapath"
+        );
+        let applied = state.maps.sync(&wanted);
+        let current = state.maps.current();
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
         applied
+    }
+
+    /// The ring of kernel-path close events, for [`closes::follow`]; once.
+    pub fn take_close_events(&self) -> Option<RingBuf<MapData>> {
+        self.close_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     pub fn map_occupancy(&self) -> MapOccupancy {

@@ -137,6 +137,8 @@ pub struct Registry {
     /// Per port, how connections to services without addresses are routed.
     by_port: HashMap<u16, PortRoutes>,
     intercepts: InterceptSet,
+    /// Why each service takes the proxy path whatever its ports (see `datapath`).
+    proxy_reasons: Vec<Option<crate::datapath::ProxyReason>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +197,7 @@ impl Registry {
             return Err(BuildError { findings: errors });
         }
         registry.by_address.finish();
+        registry.proxy_reasons = crate::datapath::config_reasons(config, &registry.services);
         Ok((registry, warnings))
     }
 
@@ -306,6 +309,11 @@ impl Registry {
 
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
+    }
+
+    /// Why the service at `index` takes the proxy path, if its config says so.
+    pub fn proxy_reason(&self, index: usize) -> Option<crate::datapath::ProxyReason> {
+        self.proxy_reasons.get(index).copied().flatten()
     }
 }
 

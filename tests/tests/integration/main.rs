@@ -5,6 +5,7 @@
 mod deploy;
 mod destination_rule;
 mod dns;
+mod kernel_path;
 mod ops;
 mod redirect;
 mod resets;

@@ -1,0 +1,400 @@
+//! The kernel path: connect4/6 send eligible connects straight to a backend, with no
+//! proxy hop, and getpeername still shows the address the application connected to.
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Write as _},
+    net::Shutdown,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    Sandbox, TestServer,
+    bpf::{
+        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
+    },
+    dns::DnsServer,
+    server::{connect, http_get, pattern_checksum, who, write_pattern},
+};
+
+const AUTO: [&str; 2] = ["--datapath", "auto"];
+
+fn static_entry(name: &str, vip: &str, port: &str, endpoints: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: kernel
+spec:
+  hosts: [{name}.kernel.test]
+  addresses: [{vip}]
+  ports:
+  - {port}
+  resolution: STATIC
+  endpoints:
+{endpoints}
+"#
+    )
+}
+
+#[test]
+fn a_kernel_path_connection_is_the_only_tcp_connection_and_shows_the_vip() {
+    let sandbox = Sandbox::new("kernel-one-conn");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let server = TestServer::start("backend", "198.18.20.1:7000");
+    let _daemon = sandbox.start_daemon(
+        &static_entry(
+            "one",
+            "240.240.20.1",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    let seen = who("240.240.20.1:7000").expect("connect on the kernel path");
+    assert_eq!(seen.server, "backend");
+    // The backend's peer is the client's own socket: no proxy in between.
+    assert_eq!(seen.server_peer, seen.client_local, "{seen:?}");
+    assert!(!seen.went_through_proxy());
+    // getpeername shows the VIP, not the backend.
+    assert_eq!(seen.client_peer.to_string(), "240.240.20.1:7000");
+    assert_eq!(server.accepted(), 1);
+}
+
+#[test]
+fn static_weights_hold_over_hundreds_of_connects() {
+    let sandbox = Sandbox::new("kernel-weights");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    let _heavy = TestServer::start("heavy", "198.18.20.1:7000");
+    let _light = TestServer::start("light", "198.18.20.2:7000");
+    let _daemon = sandbox.start_daemon(
+        &static_entry(
+            "weighted",
+            "240.240.20.2",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - {address: 198.18.20.1, weight: 3}\n  - {address: 198.18.20.2, weight: 1}",
+        ),
+        &AUTO,
+    );
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..400 {
+        let seen = who("240.240.20.2:7000").expect("connect on the kernel path");
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+        *counts.entry(seen.server).or_default() += 1;
+    }
+    let heavy = counts.get("heavy").copied().unwrap_or(0);
+    // 3:1 of 400 is 300; the binomial standard deviation is about 9.
+    assert!((255..=345).contains(&heavy), "{counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 400, "{counts:?}");
+}
+
+#[test]
+fn endpoint_ports_map_by_name_then_target_port() {
+    let sandbox = Sandbox::new("kernel-ports");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    let _named = TestServer::start("named", "198.18.20.1:7001");
+    let _target = TestServer::start("target", "198.18.20.2:7002");
+    let _daemon = sandbox.start_daemon(
+        &[
+            static_entry(
+                "named",
+                "240.240.20.3",
+                "{number: 7100, name: tcp, protocol: TCP, targetPort: 7002}",
+                "  - {address: 198.18.20.1, ports: {tcp: 7001}}",
+            ),
+            static_entry(
+                "target",
+                "240.240.20.4",
+                "{number: 7100, name: tcp, protocol: TCP, targetPort: 7002}",
+                "  - {address: 198.18.20.2}",
+            ),
+        ]
+        .join("---\n"),
+        &AUTO,
+    );
+    for (vip, server, port) in [
+        ("240.240.20.3:7100", "named", 7001),
+        ("240.240.20.4:7100", "target", 7002),
+    ] {
+        let seen = who(vip).expect("connect on the kernel path");
+        assert_eq!(seen.server, server);
+        assert_eq!(seen.server_addr.port(), port);
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+        assert_eq!(seen.client_peer.to_string(), vip);
+    }
+}
+
+#[test]
+fn none_resolution_keeps_the_address_and_takes_the_target_port() {
+    let sandbox = Sandbox::new("kernel-none");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.20.1:7002");
+    let _daemon = sandbox.start_daemon(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: range, namespace: kernel}
+spec:
+  hosts: [range.kernel.test]
+  addresses: [198.18.20.0/24]
+  ports: [{number: 7100, name: tcp, protocol: TCP, targetPort: 7002}]
+  resolution: NONE
+"#,
+        &AUTO,
+    );
+    let seen = who("198.18.20.1:7100").expect("connect on the kernel path");
+    assert_eq!(seen.server_addr.to_string(), "198.18.20.1:7002");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), "198.18.20.1:7100");
+}
+
+#[test]
+fn a_service_without_endpoints_refuses_at_once() {
+    let sandbox = Sandbox::new("kernel-empty");
+    let _daemon = sandbox.start_daemon(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: empty, namespace: kernel}
+spec:
+  hosts: [empty.kernel.test]
+  addresses: [240.240.20.5]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  resolution: STATIC
+"#,
+        &AUTO,
+    );
+    let started = Instant::now();
+    let error = connect("240.240.20.5:7000").expect_err("no endpoint to connect to");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn host_routed_and_annotated_entries_still_go_through_the_proxy() {
+    let sandbox = Sandbox::new("kernel-mixed");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    let _kernel = TestServer::start("kernel", "198.18.20.1:7000");
+    let _web = TestServer::start("web", "198.18.20.2:8080");
+    let annotated = static_entry(
+        "annotated",
+        "240.240.20.7",
+        "{number: 7000, name: tcp, protocol: TCP}",
+        "  - address: 198.18.20.1",
+    )
+    .replace(
+        "namespace: kernel\n",
+        "namespace: kernel\n  annotations: {interceptor.dev/datapath: proxy}\n",
+    );
+    let _daemon = sandbox.start_daemon(
+        &[
+            static_entry(
+                "direct",
+                "240.240.20.6",
+                "{number: 7000, name: tcp, protocol: TCP}",
+                "  - address: 198.18.20.1",
+            ),
+            annotated,
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: kernel}
+spec:
+  hosts: [web.kernel.test]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 198.18.20.2}]
+"#
+            .to_owned(),
+        ]
+        .join("---\n"),
+        &AUTO,
+    );
+    assert!(!who("240.240.20.6:7000").unwrap().went_through_proxy());
+    assert!(who("240.240.20.7:7000").unwrap().went_through_proxy());
+    let (body, through_proxy) = http_get("198.18.20.9:8080", "web.kernel.test").unwrap();
+    assert!(body.contains("web"), "{body}");
+    assert!(through_proxy, "a Host-routed port needs the proxy");
+}
+
+#[test]
+fn a_reload_adding_a_route_moves_the_host_to_the_proxy_and_keeps_open_connections() {
+    let sandbox = Sandbox::new("kernel-reload");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.20.1:7000");
+    let entry = static_entry(
+        "moving",
+        "240.240.20.8",
+        "{number: 7000, name: tcp, protocol: TCP}",
+        "  - address: 198.18.20.1",
+    );
+    let daemon = sandbox.start_daemon(&entry, &AUTO);
+    // Open on the kernel path; the server answers WHO only once, so keep it idle.
+    let mut open = connect("240.240.20.8:7000").unwrap();
+    let open_local = open.local_addr().unwrap();
+    assert_eq!(open.peer_addr().unwrap().to_string(), "240.240.20.8:7000");
+    assert!(!who("240.240.20.8:7000").unwrap().went_through_proxy());
+
+    let routed = format!(
+        "{entry}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: moving, namespace: kernel}}\nspec:\n  hosts: [moving.kernel.test]\n  tcp:\n  - route: [{{destination: {{host: moving.kernel.test}}}}]\n"
+    );
+    std::fs::write(sandbox.workdir.join("config.yaml"), routed).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for_log("proxy_path=1", 1);
+    assert!(who("240.240.20.8:7000").unwrap().went_through_proxy());
+
+    // The connection opened before the reload still talks to its backend directly.
+    open.write_all(b"WHO\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut open, &mut answer).unwrap();
+    let fields: Vec<&str> = answer.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"server"), "{answer}");
+    assert_eq!(
+        fields.get(2),
+        Some(&open_local.to_string().as_str()),
+        "{answer}"
+    );
+}
+
+#[test]
+fn after_sigkill_nothing_stays_attached() {
+    let sandbox = Sandbox::new("kernel-sigkill");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.20.1:7000");
+    let mut daemon = sandbox.start_daemon(
+        &static_entry(
+            "killed",
+            "240.240.20.9",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    assert!(!who("240.240.20.9:7000").unwrap().went_through_proxy());
+    daemon.signal(libc::SIGKILL);
+    assert_eq!(daemon.wait(), None, "killed by a signal");
+    for attach_type in [
+        BPF_CGROUP_INET4_CONNECT,
+        BPF_CGROUP_INET6_CONNECT,
+        BPF_CGROUP_SOCK_OPS,
+    ] {
+        assert_eq!(attached_programs(&sandbox.cgroup, attach_type).unwrap(), 0);
+    }
+    let error = connect("240.240.20.9:7000").expect_err("nothing rewrites the VIP now");
+    assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
+}
+
+#[test]
+fn a_dns_entry_follows_a_record_change_after_its_ttl() {
+    let sandbox = Sandbox::new("kernel-dns");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    let _old = TestServer::start("old", "198.18.20.1:7000");
+    let _new = TestServer::start("new", "198.18.20.2:7000");
+    let dns = DnsServer::start();
+    dns.set("api.kernel.test", &["198.18.20.1"], 1);
+    let server = dns.addr.to_string();
+    let _daemon = sandbox.start_daemon(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: kernel}
+spec:
+  hosts: [api.kernel.test]
+  addresses: [240.240.20.10]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  resolution: DNS
+"#,
+        &[
+            "--datapath",
+            "auto",
+            "--dns-server",
+            &server,
+            "--dns-min-ttl",
+            "1",
+        ],
+    );
+    let seen = who("240.240.20.10:7000").unwrap();
+    assert_eq!(seen.server, "old");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), "240.240.20.10:7000");
+
+    dns.set("api.kernel.test", &["198.18.20.2"], 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = who("240.240.20.10:7000").unwrap();
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+        if seen.server == "new" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old address is still used");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_close_log_counts_a_known_transfer() {
+    let sandbox = Sandbox::new("kernel-close-log");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.20.1:7000");
+    let daemon = sandbox.start_daemon(
+        &static_entry(
+            "bulk",
+            "240.240.20.11",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    let upload = 300_000;
+    let download = 200_000;
+    let mut stream = connect("240.240.20.11:7000").unwrap();
+    let command = format!("BULK {download}\n");
+    stream.write_all(command.as_bytes()).unwrap();
+    write_pattern(&mut stream, upload).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    std::io::Read::read_to_end(&mut stream, &mut answer).unwrap();
+    let summary = format!("{upload} {:016x}\n", pattern_checksum(upload).value());
+    assert_eq!(answer.len(), summary.len() + download);
+    drop(stream);
+
+    let logs = daemon.wait_for_log("datapath=\"kernel\"", 1);
+    let line = logs
+        .lines()
+        .find(|line| line.contains("connection closed") && line.contains("datapath=\"kernel\""))
+        .unwrap_or_else(|| panic!("no kernel-path close line: {logs}"));
+    assert!(
+        line.contains("service=\"ServiceEntry/kernel/bulk\""),
+        "{line}"
+    );
+    assert!(line.contains("original_dst=240.240.20.11:7000"), "{line}");
+    assert!(line.contains("endpoint=198.18.20.1:7000"), "{line}");
+    assert!(
+        line.contains(&format!("bytes_sent={} ", command.len() + upload)),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("bytes_received={} ", answer.len())),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_refused_connect_is_logged_against_its_endpoint() {
+    let sandbox = Sandbox::new("kernel-refused");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let daemon = sandbox.start_daemon(
+        &static_entry(
+            "dead",
+            "240.240.20.12",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    let error = connect("240.240.20.12:7000").expect_err("nothing listens");
+    assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+    let logs = daemon.wait_for_log("upstream connect failed", 1);
+    assert!(logs.contains("endpoint=198.18.20.1:7000"), "{logs}");
+}
