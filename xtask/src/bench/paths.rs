@@ -63,12 +63,9 @@ pub const PAIRS: [Pair; 2] = [POLL_PAIR, BLOCKING_PAIR];
 /// out so a change of default does not silently change the race.
 const BUSY_POLL_US: &str = "50";
 
-/// Flags every interceptor path of the race gets: the plain-TCP STATIC entry the
-/// bench uses must go through the L7 proxy path, which is what the race measures.
-///
-/// LEAD (after merging issue 19's `--datapath auto|proxy`): make this
-/// `&["--datapath", "proxy"]` and uncomment the `icpt-kernel` entry in [`all`].
-const PROXY_PATH: &[&str] = &[];
+/// Flags every proxied interceptor path of the race gets: the plain-TCP STATIC entry
+/// the bench uses would otherwise take the kernel path, which has a column of its own.
+const PROXY_PATH: &[&str] = &["--datapath", "proxy"];
 
 fn interceptor(extra: &[&str]) -> Kind {
     Kind::Interceptor {
@@ -109,13 +106,14 @@ pub fn all() -> Vec<PathSpec> {
             name: "nginx",
             kind: Kind::Nginx,
         },
-        // LEAD: the kernel path (issue 19) joins the race here, outside the pairs:
-        // PathSpec {
-        //     name: "icpt-kernel",
-        //     kind: Kind::Interceptor {
-        //         args: vec!["--datapath".into(), "auto".into()],
-        //     },
-        // },
+        // The kernel path has no peer to pair with: no proxy can skip the second
+        // connection, so it is compared with direct only.
+        PathSpec {
+            name: "icpt-kernel",
+            kind: Kind::Interceptor {
+                args: vec!["--datapath".into(), "auto".into()],
+            },
+        },
     ]
 }
 
