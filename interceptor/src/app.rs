@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub dns: DnsSettings,
+    /// The DNS server; `None` runs none.
+    pub dns_server: Option<crate::dns::DnsConfig>,
     pub outbound_policy: OutboundPolicy,
     pub sniff_timeout: Duration,
     pub copy_mode: CopyMode,
@@ -87,6 +89,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Dns(#[from] DnsSetupError),
+    #[error(transparent)]
+    DnsServer(#[from] crate::dns::DnsStartError),
     #[error("cannot start the proxy workers")]
     Workers(#[source] proxy::workers::WorkersError),
     #[error("cannot install signal handlers")]
@@ -194,6 +198,17 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
     let initial = load::load_and_log(&config.config_paths)?;
     let dns = DnsCache::new(config.dns.clone())?;
+    let shutdown = CancellationToken::new();
+    // Before the programs attach: a captured query must find the server listening.
+    if let Some(dns_server) = &config.dns_server {
+        let bound = crate::dns::start(
+            dns_server,
+            Arc::clone(&registry),
+            metrics.dns_queries.clone(),
+            &shutdown,
+        )?;
+        info!(?bound, "DNS server listening");
+    }
 
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
@@ -226,7 +241,6 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         connection_slots: Arc::new(Semaphore::new(0)),
         pipes: PipeBudget::new(0),
     });
-    let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
     let listener_count = listeners.count();
     let workers = proxy::workers::start(

@@ -140,6 +140,13 @@ struct RunArgs {
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
+    /// Run the DNS server, which answers A and AAAA for ServiceEntry hosts and
+    /// relays every other query to the --dns-server servers (or /etc/resolv.conf's).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    dns_capture: Switch,
+    /// Where the DNS server listens, UDP and TCP (repeatable).
+    #[arg(long = "dns-listen", default_values = ["127.0.0.1:15053", "[::1]:15053"])]
+    dns_listen: Vec<SocketAddr>,
     /// Lower clamp on DNS record TTLs, in seconds.
     #[arg(long, default_value_t = 1)]
     dns_min_ttl: u64,
@@ -183,6 +190,12 @@ struct ValidateArgs {
 enum ValidateOutput {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -364,6 +377,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        dns_server: (args.dns_capture == Switch::On).then(|| crate::dns::DnsConfig {
+            listen: args.dns_listen,
+            upstreams: args.dns_servers.clone(),
+            bypass_mark: args.bypass_mark,
+        }),
         dns: DnsSettings {
             servers: args.dns_servers,
             min_ttl: Duration::from_secs(args.dns_min_ttl),

@@ -8,6 +8,7 @@ mod app;
 pub mod cli;
 mod config;
 mod copy;
+mod dns;
 mod kernel;
 mod limits;
 mod load;
@@ -26,6 +27,7 @@ mod systemd;
 pub mod parsers {
     pub use crate::{
         config::{LoadError, OutputFormat, load_str, render},
+        dns::{Decision as DnsDecision, NameTable, packet::decide as decide_dns_query},
         proxy::{
             http::{HttpRequest, parse_request_head},
             sni::{ClientHello, is_plausible_host, parse_client_hello},

@@ -212,6 +212,7 @@ pub struct Metrics {
     redirect_records: Family<RecordSourceLabels, Counter>,
     kernel_events: Family<KernelEventLabels, Counter>,
     pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub dns_queries: Family<crate::dns::QueryLabels, Counter>,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -247,6 +248,7 @@ impl Metrics {
             redirect_records: Family::default(),
             kernel_events: Family::default(),
             busy_poll_spin: Counter::default(),
+            dns_queries: Family::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             closes: Default::default(),
@@ -277,6 +279,12 @@ impl Metrics {
             closes,
             ..metrics
         };
+        registry.register(
+            "dns_queries",
+            "DNS queries the daemon's DNS server handled, by outcome: answered locally, \
+             forwarded upstream, or failed (SERVFAIL, FORMERR or dropped)",
+            metrics.dns_queries.clone(),
+        );
         registry.register(
             "connections_opened",
             "Connections the proxy accepted",

@@ -10,6 +10,7 @@
 //! `hosts` (the host tables and the one host matcher).
 
 mod addresses;
+mod allocation;
 mod hosts;
 mod services;
 mod virtual_services;
@@ -130,6 +131,7 @@ pub struct Registry {
     /// Per port, how connections to services without addresses are routed.
     by_port: HashMap<u16, PortRoutes>,
     intercepts: InterceptSet,
+    allocations: allocation::Allocations,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +294,11 @@ impl Registry {
 
     pub fn services(&self) -> &[Arc<Service>] {
         &self.services
+    }
+
+    /// The VIPs allocated to a host (none when it has addresses of its own).
+    pub fn allocated(&self, host: &str) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.allocations.vips(host)
     }
 }
 
