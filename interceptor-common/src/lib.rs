@@ -10,6 +10,7 @@
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
 mod address;
+mod dns;
 mod globals;
 mod maps;
 
@@ -20,6 +21,7 @@ pub use address::{
     Address, IPV4_MAPPED_PREFIX_BITS, SocketAddress, address_of, ip_of, ipv4_in_mapped,
     ipv4_mapped, mapped_bits, mapped_prefix_len,
 };
+pub use dns::{DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture};
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
     InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
@@ -37,6 +39,7 @@ mod pod {
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SocketAddress {}
     unsafe impl aya::Pod for super::Globals {}
+    unsafe impl aya::Pod for super::DnsCapture {}
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@ const ALLOW: i32 = 1;
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     let globals = globals();
+    if crate::dns::capture4(&ctx, &globals) {
+        return ALLOW;
+    }
     let (addr, port) = user_ipv4(ctx.sock_addr);
     if let Some((proxy_addr, proxy_port)) = redirect(
         &ctx,

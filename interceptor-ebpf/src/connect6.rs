@@ -15,6 +15,9 @@ const ALLOW: i32 = 1;
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let globals = globals();
+    if crate::dns::capture6(&ctx, &globals) {
+        return ALLOW;
+    }
     let dst = user_ipv6(ctx.sock_addr);
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
     if let Some(proxy) = redirect(&ctx, &globals, dst, proxies) {

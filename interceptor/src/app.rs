@@ -21,7 +21,7 @@ use crate::{
     address_file::{self, AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
     copy::{CopyMode, PipeBudget},
-    kernel::{Kernel, KernelConfig, KernelError},
+    kernel::{DnsListeners, Kernel, KernelConfig, KernelError},
     limits::{self, ConnectionLimits},
     load::{self, LoadError},
     metrics::Metrics,
@@ -200,15 +200,19 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     let dns = DnsCache::new(config.dns.clone())?;
     let shutdown = CancellationToken::new();
     // Before the programs attach: a captured query must find the server listening.
-    if let Some(dns_server) = &config.dns_server {
-        let bound = crate::dns::start(
-            dns_server,
-            Arc::clone(&registry),
-            metrics.dns_queries.clone(),
-            &shutdown,
-        )?;
-        info!(?bound, "DNS server listening");
-    }
+    let dns_listeners = match &config.dns_server {
+        Some(dns_server) => {
+            let bound = crate::dns::start(
+                dns_server,
+                Arc::clone(&registry),
+                metrics.dns_queries.clone(),
+                &shutdown,
+            )?;
+            info!(?bound, "DNS server listening");
+            DnsListeners::from_bound(&bound)
+        }
+        None => DnsListeners::default(),
+    };
 
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
@@ -218,6 +222,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         container_proxy_v6: container_proxy.v6,
         redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
+        dns: dns_listeners,
     })?);
     kernel.sync(initial.intercepts())?;
     let _ = admin_state.maps.set(kernel.map_occupancy());

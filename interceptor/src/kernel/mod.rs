@@ -7,6 +7,7 @@
 //! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
 //! connections go direct instead of to a dead proxy port.
 
+mod dns;
 mod maps;
 mod records;
 mod stats;
@@ -25,16 +26,17 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
-    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+    DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP,
+    PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
 };
 use tracing::{info, warn};
 
-use self::{maps::InterceptionMaps, stats::InterceptCounts};
 pub use self::{
+    dns::DnsListeners,
     records::{OriginalDestinations, RecordSource},
     stats::{KernelEvents, MapOccupancy, MapUsage},
 };
+use self::{maps::InterceptionMaps, stats::InterceptCounts};
 use crate::registry::InterceptSet;
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/interceptor"));
@@ -96,6 +98,8 @@ pub struct KernelConfig {
     /// Size of the REDIRECTS ring: a power of two, at least a page.
     pub redirect_ring_bytes: u32,
     pub bypass_mark: u32,
+    /// Where DNS queries are captured to; none: not captured.
+    pub dns: DnsListeners,
 }
 
 impl KernelConfig {
@@ -156,6 +160,7 @@ impl Kernel {
         let globals = config.globals()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBALS_SYMBOL, &globals, true)
+            .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 
@@ -193,6 +198,9 @@ impl Kernel {
             connect
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(name))?;
+        }
+        if config.dns != DnsListeners::default() {
+            dns::attach(&mut ebpf, &cgroup)?;
         }
         info!(cgroup = %config.cgroup.display(), "programs attached");
 

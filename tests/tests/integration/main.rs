@@ -4,6 +4,7 @@
 
 mod deploy;
 mod dns;
+mod dns_capture;
 mod ops;
 mod redirect;
 mod resets;

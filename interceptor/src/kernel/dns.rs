@@ -1,0 +1,84 @@
+//! DNS capture: the listeners the programs send port-53 queries to, and attaching
+//! the sendmsg and recvmsg hooks (connect4/6 capture TCP and connected UDP).
+
+use std::{
+    fs::File,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+};
+
+use aya::{
+    Ebpf,
+    programs::{CgroupAttachMode, CgroupSockAddr},
+};
+use interceptor_common::{DnsCapture, SocketAddress};
+
+use super::{KernelError, program, program_error};
+
+const PROGRAMS: [&str; 4] = [
+    "dns_recvmsg4",
+    "dns_recvmsg6",
+    "dns_sendmsg4",
+    "dns_sendmsg6",
+];
+
+/// Where captured queries go: the daemon's DNS listeners.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsListeners {
+    pub v4: Option<SocketAddrV4>,
+    pub v6: Option<SocketAddrV6>,
+}
+
+impl DnsListeners {
+    /// The first loopback listener of each family among `bound`: the programs send
+    /// only sockets in the daemon's own network namespace there.
+    pub fn from_bound(bound: &[SocketAddr]) -> Self {
+        let mut listeners = DnsListeners::default();
+        for addr in bound.iter().filter(|addr| addr.ip().is_loopback()) {
+            match addr {
+                SocketAddr::V4(v4) => _ = listeners.v4.get_or_insert(*v4),
+                SocketAddr::V6(v6) => _ = listeners.v6.get_or_insert(*v6),
+            }
+        }
+        listeners
+    }
+
+    pub(super) fn capture(self) -> DnsCapture {
+        DnsCapture {
+            v4: self
+                .v4
+                .map_or(SocketAddress::NONE, |v4| SocketAddress::of(v4.into())),
+            v6: self
+                .v6
+                .map_or(SocketAddress::NONE, |v6| SocketAddress::of(v6.into())),
+        }
+    }
+}
+
+/// Attaches the recvmsg hooks first, so no captured query's reply ever shows the
+/// listener as its source, then the sendmsg ones.
+pub(super) fn attach(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), KernelError> {
+    for name in PROGRAMS {
+        let hook: &mut CgroupSockAddr = program(ebpf, name)?;
+        hook.load().map_err(program_error(name))?;
+        hook.attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error(name))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_listeners_are_capture_targets() {
+        let bound: Vec<SocketAddr> = ["10.0.0.1:53", "127.0.0.1:15053", "[::1]:15053"]
+            .iter()
+            .map(|addr| addr.parse().unwrap())
+            .collect();
+        let listeners = DnsListeners::from_bound(&bound);
+        assert_eq!(listeners.v4, Some("127.0.0.1:15053".parse().unwrap()));
+        assert_eq!(listeners.v6, Some("[::1]:15053".parse().unwrap()));
+        assert_eq!(DnsListeners::default().capture(), DnsCapture::OFF);
+    }
+}

@@ -1,0 +1,119 @@
+//! DNS capture: real resolvers in the cgroup (glibc's `getent`, Python's
+//! `getaddrinfo`, `dig`) send their queries to the nameserver in /etc/resolv.conf;
+//! the programs take them to the daemon's DNS server, which answers ServiceEntry
+//! hosts and relays the rest to a real DNS server on a test host's port 53.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Daemon, Sandbox, dns::DnsServer};
+
+const UPSTREAM: &str = "198.18.0.53:53";
+
+/// Runs a resolver in the sandbox (the calling thread's network namespace, the test's
+/// cgroup) and returns its standard output.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {program} (is it installed?): {error}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn getent(name: &str) -> String {
+    run("getent", &["ahostsv4", name])
+}
+
+fn getaddrinfo(name: &str) -> String {
+    run(
+        "python3",
+        &[
+            "-c",
+            "import socket, sys\n\
+             try:\n    print(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)}))\n\
+             except socket.gaierror as e:\n    print('error', e)",
+            name,
+        ],
+    )
+}
+
+/// `dig` through the system resolver configuration, one try.
+fn dig(args: &[&str]) -> String {
+    let mut all = vec!["+time=6", "+tries=1"];
+    all.extend_from_slice(args);
+    run("dig", &all)
+}
+
+fn entry(name: &str, host: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: 198.18.0.54}}]\n"
+    )
+}
+
+fn start(sandbox: &Sandbox, upstream: &str) -> Daemon {
+    sandbox.start_daemon(
+        &entry("db", "db.capture.test", "240.240.7.1"),
+        &["--dns-server", upstream],
+    )
+}
+
+#[test]
+fn resolvers_in_the_cgroup_get_local_answers_and_forwarded_ones() {
+    let sandbox = Sandbox::new("dns-capture");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set("other.capture.test", &["198.18.0.91"], 60);
+    let _daemon = start(&sandbox, UPSTREAM);
+
+    // Local answers, never asked upstream.
+    assert!(
+        getent("db.capture.test").contains("240.240.7.1"),
+        "{}",
+        getent("db.capture.test")
+    );
+    assert_eq!(getaddrinfo("DB.capture.test").trim(), "['240.240.7.1']");
+    let udp = dig(&["db.capture.test", "A"]);
+    assert!(
+        udp.contains("240.240.7.1") && udp.contains(" 30\tIN\tA"),
+        "{udp}"
+    );
+    let tcp = dig(&["+tcp", "db.capture.test", "A"]);
+    assert!(tcp.contains("240.240.7.1"), "{tcp}");
+    let aaaa = dig(&["db.capture.test", "AAAA"]);
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
+        "AAAA for a v4-only host is an empty NOERROR: {aaaa}"
+    );
+    assert_eq!(upstream.queries("db.capture.test"), 0);
+
+    // Forwarded: an unknown name, and MX for a known one. The daemon's own query to
+    // the upstream's port 53 carries the bypass mark, so it is not captured back.
+    assert!(getent("other.capture.test").contains("198.18.0.91"));
+    assert_eq!(getaddrinfo("other.capture.test").trim(), "['198.18.0.91']");
+    let mx = dig(&["db.capture.test", "MX"]);
+    assert!(mx.contains("status: NXDOMAIN"), "{mx}");
+    assert_eq!(upstream.queries("db.capture.test"), 1);
+    let missing = dig(&["missing.capture.test", "A"]);
+    assert!(missing.contains("status: NXDOMAIN"), "{missing}");
+}
+
+#[test]
+fn a_dead_upstream_gets_servfail_within_five_seconds() {
+    let sandbox = Sandbox::new("dns-dead");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set_silent(true);
+    let _daemon = start(&sandbox, UPSTREAM);
+    let started = Instant::now();
+    let answer = dig(&["nowhere.capture.test", "A"]);
+    assert!(answer.contains("status: SERVFAIL"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // A local name still answers at once.
+    assert!(dig(&["db.capture.test"]).contains("240.240.7.1"));
+}
