@@ -27,7 +27,7 @@ use crate::{
     metrics::Metrics,
     proxy::workers::{ContainerAddrs, ProxyListeners, Workers},
     proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
-    registry::Registry,
+    registry::{Registry, StateError, StateFile},
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
     systemd,
@@ -58,6 +58,8 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub dns: DnsSettings,
+    /// Where VIP allocations are kept across restarts.
+    pub state_dir: PathBuf,
     /// The DNS server; `None` runs none.
     pub dns_server: Option<crate::dns::DnsConfig>,
     pub outbound_policy: OutboundPolicy,
@@ -91,6 +93,8 @@ pub enum AppError {
     Dns(#[from] DnsSetupError),
     #[error(transparent)]
     DnsServer(#[from] crate::dns::DnsStartError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("cannot start the proxy workers")]
     Workers(#[source] proxy::workers::WorkersError),
     #[error("cannot install signal handlers")]
@@ -196,7 +200,12 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         });
 
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
-    let initial = load::load_and_log(&config.config_paths)?;
+    let state = StateFile::in_dir(&config.state_dir);
+    let kept = state.read()?;
+    let initial = load::load_and_log(&config.config_paths, &kept)?;
+    if initial.allocations() != &kept {
+        state.write(initial.allocations())?;
+    }
     let dns = DnsCache::new(config.dns.clone())?;
     let shutdown = CancellationToken::new();
     // Before the programs attach: a captured query must find the server listening.
@@ -287,6 +296,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
             registry: Arc::clone(&registry),
             kernel: Arc::clone(&kernel),
             metrics: Arc::clone(&metrics),
+            state,
         }),
         config_watch,
         hangup,

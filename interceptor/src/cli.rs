@@ -144,6 +144,10 @@ struct RunArgs {
     /// relays every other query to the --dns-server servers (or /etc/resolv.conf's).
     #[arg(long, value_enum, default_value_t = Switch::On)]
     dns_capture: Switch,
+    /// Where the daemon keeps state across restarts: the VIPs it allocated to hosts
+    /// (vips.json), so they never move.
+    #[arg(long, default_value = "/var/lib/interceptor")]
+    state_dir: PathBuf,
     /// Where the DNS server listens, UDP and TCP (repeatable).
     #[arg(long = "dns-listen", default_values = ["127.0.0.1:15053", "[::1]:15053"])]
     dns_listen: Vec<SocketAddr>,
@@ -377,6 +381,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         bypass_mark: args.bypass_mark,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        state_dir: args.state_dir,
         dns_server: (args.dns_capture == Switch::On).then(|| crate::dns::DnsConfig {
             listen: args.dns_listen,
             upstreams: args.dns_servers.clone(),
