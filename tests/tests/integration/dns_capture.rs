@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Daemon, Sandbox, dns::DnsServer};
+use integration_tests::{Daemon, Sandbox, TestServer, dns::DnsServer, server::who};
 
 const UPSTREAM: &str = "198.18.0.53:53";
 
@@ -116,4 +116,77 @@ fn a_dead_upstream_gets_servfail_within_five_seconds() {
     );
     // A local name still answers at once.
     assert!(dig(&["db.capture.test"]).contains("240.240.7.1"));
+}
+
+fn static_entry(name: &str, endpoint: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.capture.test]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n"
+    )
+}
+
+/// The IPv4 address glibc resolves `name` to.
+fn vip(name: &str) -> String {
+    let answer = getent(name);
+    let ip = answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("{name} does not resolve: {answer:?}"));
+    assert!(ip.starts_with("240.240."), "{name} → {ip}");
+    ip.to_owned()
+}
+
+#[test]
+fn two_tcp_entries_on_one_port_each_reach_their_backend_through_their_vip() {
+    let sandbox = Sandbox::new("dns-vips");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let _upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    for (name, host) in [
+        ("a", "198.18.0.61"),
+        ("b", "198.18.0.62"),
+        ("c", "198.18.0.63"),
+    ] {
+        sandbox.add_host(host.parse().unwrap());
+        std::mem::forget(TestServer::start(name, &format!("{host}:5432")));
+    }
+    let state_dir = sandbox.workdir.join("state");
+    let state = state_dir.to_str().unwrap().to_owned();
+    let args = ["--dns-server", UPSTREAM, "--state-dir", &state];
+    let two = [
+        static_entry("db-a", "198.18.0.61"),
+        static_entry("db-b", "198.18.0.62"),
+    ]
+    .join("---\n");
+    let mut daemon = sandbox.start_daemon(&two, &args);
+
+    let (a, b) = (vip("db-a.capture.test"), vip("db-b.capture.test"));
+    assert_ne!(a, b);
+    for (ip, backend) in [(&a, "a"), (&b, "b")] {
+        let seen = who(&format!("{ip}:5432")).unwrap();
+        assert!(seen.went_through_proxy());
+        assert_eq!(seen.server, backend);
+    }
+
+    // A reload that adds a third entry moves neither, and the third gets its own.
+    let three = format!("{two}---\n{}", static_entry("db-c", "198.18.0.63"));
+    std::fs::write(sandbox.workdir.join("config.yaml"), &three).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", 1);
+    assert_eq!(
+        (vip("db-a.capture.test"), vip("db-b.capture.test")),
+        (a.clone(), b.clone())
+    );
+    let c = vip("db-c.capture.test");
+    assert_eq!(who(&format!("{c}:5432")).unwrap().server, "c");
+
+    // So does a restart, from the state file.
+    drop(daemon);
+    let _daemon = sandbox.start_daemon(&three, &args);
+    assert_eq!(
+        (
+            vip("db-a.capture.test"),
+            vip("db-b.capture.test"),
+            vip("db-c.capture.test")
+        ),
+        (a, b, c)
+    );
 }
