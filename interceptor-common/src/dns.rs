@@ -25,3 +25,24 @@ impl DnsCapture {
         v6: SocketAddress::NONE,
     };
 }
+
+/// The symbol of the programs' [`VipRefuse`] global, which the loader overrides.
+pub const VIP_REFUSE_SYMBOL: &str = "VIP_REFUSE";
+
+/// Where a TCP connect to a port no entry declares on a VIP range address (Istio's
+/// 240.240.0.0/16 and 2001:2::/48) is sent: a loopback port the daemon holds bound
+/// and never listens on, so the connect is refused at once instead of hanging on an
+/// address that exists nowhere. Port zero: left alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipRefuse {
+    pub v4: SocketAddress,
+    pub v6: SocketAddress,
+}
+
+impl VipRefuse {
+    pub const OFF: Self = Self {
+        v4: SocketAddress::NONE,
+        v6: SocketAddress::NONE,
+    };
+}

@@ -21,7 +21,7 @@ pub use address::{
     Address, IPV4_MAPPED_PREFIX_BITS, SocketAddress, address_of, ip_of, ipv4_in_mapped,
     ipv4_mapped, mapped_bits, mapped_prefix_len,
 };
-pub use dns::{DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture};
+pub use dns::{DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture, VIP_REFUSE_SYMBOL, VipRefuse};
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
     InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
@@ -40,6 +40,7 @@ mod pod {
     unsafe impl aya::Pod for super::SocketAddress {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::DnsCapture {}
+    unsafe impl aya::Pod for super::VipRefuse {}
 }
 
 #[cfg(test)]

@@ -24,6 +24,10 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     ) && let Some(proxy_addr) = ipv4_in_mapped(proxy_addr)
     {
         set_user_ipv4(ctx.sock_addr, (proxy_addr, proxy_port));
+    } else if let Some((to, port)) = crate::dns::refuse(&ctx, &globals, (ipv4_mapped(addr), port))
+        && let Some(to) = ipv4_in_mapped(to)
+    {
+        set_user_ipv4(ctx.sock_addr, (to, port));
     }
     ALLOW
 }

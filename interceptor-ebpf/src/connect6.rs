@@ -22,6 +22,8 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
     if let Some(proxy) = redirect(&ctx, &globals, dst, proxies) {
         set_user_ipv6(ctx.sock_addr, proxy);
+    } else if let Some(to) = crate::dns::refuse(&ctx, &globals, dst) {
+        set_user_ipv6(ctx.sock_addr, to);
     }
     ALLOW
 }

@@ -16,8 +16,8 @@ use core::{
     ptr::{self, read_volatile},
 };
 use interceptor_common::{
-    DNS_PORT, DnsCapture, Globals, KernelEvent, OriginalDst, SocketAddress, ipv4_in_mapped,
-    ipv4_mapped,
+    DNS_PORT, DnsCapture, Globals, KernelEvent, OriginalDst, SocketAddress, VipRefuse,
+    ipv4_in_mapped, ipv4_mapped,
 };
 
 use crate::{
@@ -34,18 +34,29 @@ const IPPROTO_UDP: u32 = 17;
 #[unsafe(no_mangle)]
 static DNS_CAPTURE: DnsCapture = DnsCapture::OFF;
 
+/// Set by the loader (see [`interceptor_common::VIP_REFUSE_SYMBOL`]).
+#[unsafe(no_mangle)]
+static VIP_REFUSE: VipRefuse = VipRefuse::OFF;
+
 /// Read a word at a time and volatile, as [`globals`] is, so LLVM neither folds the
-/// zero initialiser nor splits the read into bytes.
+/// zero initialiser nor splits the read into bytes. Both globals are two socket
+/// addresses.
 #[inline(always)]
-fn listeners() -> DnsCapture {
+fn read_pair<T: Copy>(global: &T) -> T {
     const WORDS: usize = mem::size_of::<DnsCapture>() / 4;
     const {
         assert!(mem::size_of::<DnsCapture>() == WORDS * 4 && mem::align_of::<DnsCapture>() == 4);
+        assert!(mem::size_of::<VipRefuse>() == WORDS * 4 && mem::align_of::<VipRefuse>() == 4);
     }
-    // SAFETY: DNS_CAPTURE is 4-aligned and WORDS words long.
-    let words = unsafe { read_volatile(ptr::from_ref(&DNS_CAPTURE).cast::<[u32; WORDS]>()) };
-    // SAFETY: the same size, and DnsCapture holds only integers.
-    unsafe { mem::transmute::<[u32; WORDS], DnsCapture>(words) }
+    // SAFETY: both globals are 4-aligned and WORDS words long.
+    let words = unsafe { read_volatile(ptr::from_ref(global).cast::<[u32; WORDS]>()) };
+    // SAFETY: the same size, and both hold only integers.
+    unsafe { mem::transmute_copy::<[u32; WORDS], T>(&words) }
+}
+
+#[inline(always)]
+fn listeners() -> DnsCapture {
+    read_pair(&DNS_CAPTURE)
 }
 
 /// The listener a query to `dst` goes to: IPv4 (mapped) for IPv4 nameservers, IPv6
@@ -184,4 +195,49 @@ pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
         set_user_ipv6(ctx.sock_addr, nameserver);
     }
     ALLOW
+}
+
+/// For connect4 and connect6, once a connect was not intercepted: a TCP connect to
+/// an address in the VIP ranges goes to the refusing port, so the application gets
+/// ECONNREFUSED at once: a VIP intercepts only the ports its entries declare.
+#[inline(always)]
+pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
+    let in_vip_range = match ipv4_in_mapped(dst.0) {
+        Some(v4) => v4[0] == 240 && v4[1] == 240,
+        None => {
+            let first = dst.0[0].to_ne_bytes();
+            let second = dst.0[1].to_ne_bytes();
+            first == [0x20, 0x01, 0x00, 0x02] && second[0] == 0 && second[1] == 0
+        }
+    };
+    if !in_vip_range {
+        return None;
+    }
+    let refuse = read_pair(&VIP_REFUSE);
+    let to = if ipv4_in_mapped(dst.0).is_some() {
+        refuse.v4
+    } else {
+        refuse.v6
+    };
+    if to.port == [0, 0] {
+        return None;
+    }
+    let sock_addr = ctx.sock_addr;
+    let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let mark = unsafe { read_volatile(&(*sk).mark) };
+    if mark != 0 && mark == globals.bypass_mark {
+        return None;
+    }
+    let own_netns = globals.proxy_netns_cookie;
+    if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
+        return None;
+    }
+    Some((to.addr, to.port))
 }

@@ -10,7 +10,8 @@ use aya::{
     Ebpf,
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
-use interceptor_common::{DnsCapture, SocketAddress};
+use interceptor_common::{DnsCapture, SocketAddress, VipRefuse};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{KernelError, program, program_error};
 
@@ -51,6 +52,45 @@ impl DnsListeners {
                 .v6
                 .map_or(SocketAddress::NONE, |v6| SocketAddress::of(v6.into())),
         }
+    }
+}
+
+/// Loopback ports held bound and never listened on: a TCP connect to one is refused
+/// at once, which is what a connect to an undeclared port of a VIP gets.
+pub(super) struct Refusal {
+    _sockets: Vec<Socket>,
+    pub(super) settings: VipRefuse,
+}
+
+impl Refusal {
+    pub(super) fn bind() -> Result<Self, KernelError> {
+        let hold = |addr: SocketAddr| -> std::io::Result<(Socket, SocketAddress)> {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.bind(&addr.into())?;
+            let bound = socket
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| std::io::Error::other("not an IP socket"))?;
+            Ok((socket, SocketAddress::of(bound)))
+        };
+        let (v4, v4_addr) =
+            hold(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(KernelError::Refusal)?;
+        let mut sockets = vec![v4];
+        // Without IPv6 on the host there are no IPv6 connects to refuse.
+        let v6_addr = match hold(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))) {
+            Ok((v6, addr)) => {
+                sockets.push(v6);
+                addr
+            }
+            Err(_) => SocketAddress::NONE,
+        };
+        Ok(Refusal {
+            _sockets: sockets,
+            settings: VipRefuse {
+                v4: v4_addr,
+                v6: v6_addr,
+            },
+        })
     }
 }
 

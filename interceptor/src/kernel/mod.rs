@@ -28,6 +28,7 @@ use aya::{
 use interceptor_common::{
     DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP,
     PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+    VIP_REFUSE_SYMBOL,
 };
 use tracing::{info, warn};
 
@@ -75,6 +76,8 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("cannot duplicate a map descriptor")]
     Dup(#[source] std::io::Error),
+    #[error("cannot bind the loopback port that refuses connects to undeclared VIP ports")]
+    Refusal(#[source] std::io::Error),
     #[error(
         "a container proxy address needs this network namespace's cookie, and reading it \
          (SO_NETNS_COOKIE, Linux 5.14) failed"
@@ -147,6 +150,8 @@ pub struct Kernel {
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
+    /// Held as long as the programs may send connects there.
+    _refusal: dns::Refusal,
 }
 
 impl Kernel {
@@ -158,9 +163,11 @@ impl Kernel {
             source,
         })?;
         let globals = config.globals()?;
+        let refusal = dns::Refusal::bind()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBALS_SYMBOL, &globals, true)
             .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
+            .override_global(VIP_REFUSE_SYMBOL, &refusal.settings, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 
@@ -211,6 +218,7 @@ impl Kernel {
             intercept_counts: Arc::default(),
             events,
             cgroup: config.cgroup.clone(),
+            _refusal: refusal,
         })
     }
 

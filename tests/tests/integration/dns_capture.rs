@@ -156,7 +156,7 @@ fn two_tcp_entries_on_one_port_each_reach_their_backend_through_their_vip() {
         static_entry("db-b", "198.18.0.62"),
     ]
     .join("---\n");
-    let mut daemon = sandbox.start_daemon(&two, &args);
+    let daemon = sandbox.start_daemon(&two, &args);
 
     let (a, b) = (vip("db-a.capture.test"), vip("db-b.capture.test"));
     assert_ne!(a, b);
@@ -165,6 +165,20 @@ fn two_tcp_entries_on_one_port_each_reach_their_backend_through_their_vip() {
         assert!(seen.went_through_proxy());
         assert_eq!(seen.server, backend);
     }
+
+    // A VIP intercepts only its entries' ports: another is refused at once.
+    let started = Instant::now();
+    let refused = std::net::TcpStream::connect_timeout(
+        &format!("{a}:5433").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
 
     // A reload that adds a third entry moves neither, and the third gets its own.
     let three = format!("{two}---\n{}", static_entry("db-c", "198.18.0.63"));
