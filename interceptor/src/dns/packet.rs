@@ -324,4 +324,28 @@ mod tests {
         assert!(cut.metadata.truncation);
         assert!(cut.answers.is_empty());
     }
+
+    proptest::proptest! {
+        /// The fuzz target's property, over arbitrary bytes and over valid queries with
+        /// bytes flipped: a decision without a panic, and no reply is answered again.
+        #[test]
+        fn any_bytes_get_a_decision_and_replies_are_never_answered(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..6),
+        ) {
+            let names = names();
+            let mut mutated = query("db.example.corp.internal.", RecordType::A);
+            for (index, value) in flips {
+                let index = index % mutated.len();
+                mutated[index] ^= value;
+            }
+            for input in [bytes, mutated] {
+                for udp in [true, false] {
+                    if let Decision::Reply { bytes, .. } = decide(&names, &input, udp) {
+                        proptest::prop_assert_eq!(decide(&names, &bytes, udp), Decision::Drop);
+                    }
+                }
+            }
+        }
+    }
 }
