@@ -393,6 +393,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             max_ttl: Duration::from_secs(args.dns_max_ttl),
             negative_ttl: Duration::from_secs(args.dns_negative_ttl),
             query_timeout: Duration::from_millis(args.dns_timeout_ms),
+            bypass_mark: args.bypass_mark,
         },
         outbound_policy: args.outbound_policy,
         sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),

@@ -204,3 +204,31 @@ fn two_tcp_entries_on_one_port_each_reach_their_backend_through_their_vip() {
         (a, b, c)
     );
 }
+
+#[test]
+fn the_daemons_own_lookups_are_not_captured() {
+    // A DNS entry without addresses: clients get its VIP from the daemon, and the
+    // daemon resolves the host itself at the upstream's port 53, which its programs
+    // would capture (and answer with the VIP, a loop) were its sockets not marked.
+    let sandbox = Sandbox::new("dns-own");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    sandbox.add_host("198.18.0.64".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set("db-d.capture.test", &["198.18.0.64"], 60);
+    let _server = TestServer::start("d", "198.18.0.64:5432");
+    let state_dir = sandbox.workdir.join("state");
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db-d}\nspec:\n  hosts: [db-d.capture.test]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: DNS\n";
+    let _daemon = sandbox.start_daemon(
+        yaml,
+        &[
+            "--dns-server",
+            UPSTREAM,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+    );
+    let vip = vip("db-d.capture.test");
+    let seen = who(&format!("{vip}:5432")).unwrap();
+    assert!(seen.went_through_proxy());
+    assert_eq!(seen.server, "d");
+}
