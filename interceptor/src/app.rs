@@ -235,6 +235,9 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     })?);
     kernel.sync(initial.intercepts())?;
     let _ = admin_state.maps.set(kernel.map_occupancy());
+    metrics
+        .vips_allocated
+        .set(initial.allocations().hosts.len() as i64);
     registry.store(Arc::new(initial));
     metrics.config_applied();
 

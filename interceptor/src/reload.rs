@@ -116,6 +116,9 @@ impl Reloader {
             return Err(ReloadError::Kernel(error));
         }
         let services = new.services().len();
+        self.metrics
+            .vips_allocated
+            .set(new.allocations().hosts.len() as i64);
         // Connections load the snapshot once, at accept: each sees the old config or
         // the new one, never a mix, and open ones keep what they loaded.
         self.registry.store(Arc::new(new));
