@@ -29,8 +29,7 @@ impl DnsCapture {
 /// The symbol of the programs' [`VipRefuse`] global, which the loader overrides.
 pub const VIP_REFUSE_SYMBOL: &str = "VIP_REFUSE";
 
-/// Where a TCP connect to a port no entry declares on a VIP range address (Istio's
-/// 240.240.0.0/16 and 2001:2::/48) is sent: a loopback port the daemon holds bound
+/// Where a TCP connect to a port no entry declares on an allocated VIP is sent: a loopback port the daemon holds bound
 /// and never listens on, so the connect is refused at once instead of hanging on an
 /// address that exists nowhere. Port zero: left alone.
 #[repr(C)]
@@ -46,3 +45,9 @@ impl VipRefuse {
         v6: SocketAddress::NONE,
     };
 }
+
+/// The hash map of allocated VIPs (IPv4-mapped or IPv6 address → 1): only these are
+/// refused on undeclared ports, never another address in the ranges.
+pub const ALLOCATED_VIPS_MAP: &str = "ALLOCATED_VIPS";
+/// Two per host: 32,768 hosts.
+pub const ALLOCATED_VIPS_CAPACITY: u32 = 65_536;

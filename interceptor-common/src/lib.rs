@@ -21,7 +21,10 @@ pub use address::{
     Address, IPV4_MAPPED_PREFIX_BITS, SocketAddress, address_of, ip_of, ipv4_in_mapped,
     ipv4_mapped, mapped_bits, mapped_prefix_len,
 };
-pub use dns::{DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture, VIP_REFUSE_SYMBOL, VipRefuse};
+pub use dns::{
+    ALLOCATED_VIPS_CAPACITY, ALLOCATED_VIPS_MAP, DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture,
+    VIP_REFUSE_SYMBOL, VipRefuse,
+};
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
     InterceptRule, KERNEL_EVENTS_MAP, KernelEvent, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,

@@ -8,7 +8,11 @@
 //! remembers the nameserver in its storage, where recvmsg4/6 find it for the reply.
 
 use aya_ebpf::{
-    EbpfContext as _, helpers::bpf_get_netns_cookie, macros::cgroup_sock_addr,
+    EbpfContext as _,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::bpf_get_netns_cookie,
+    macros::{cgroup_sock_addr, map},
+    maps::HashMap,
     programs::SockAddrContext,
 };
 use core::{
@@ -16,8 +20,8 @@ use core::{
     ptr::{self, read_volatile},
 };
 use interceptor_common::{
-    DNS_PORT, DnsCapture, Globals, KernelEvent, OriginalDst, SocketAddress, VipRefuse,
-    ipv4_in_mapped, ipv4_mapped,
+    ALLOCATED_VIPS_CAPACITY, Address, DNS_PORT, DnsCapture, Globals, KernelEvent, OriginalDst,
+    SocketAddress, VipRefuse, ipv4_in_mapped, ipv4_mapped,
 };
 
 use crate::{
@@ -33,6 +37,11 @@ const IPPROTO_UDP: u32 = 17;
 /// Set by the loader (see [`interceptor_common::DNS_CAPTURE_SYMBOL`]).
 #[unsafe(no_mangle)]
 static DNS_CAPTURE: DnsCapture = DnsCapture::OFF;
+
+/// See [`interceptor_common::ALLOCATED_VIPS_MAP`].
+#[map]
+static ALLOCATED_VIPS: HashMap<Address, u8> =
+    HashMap::with_max_entries(ALLOCATED_VIPS_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Set by the loader (see [`interceptor_common::VIP_REFUSE_SYMBOL`]).
 #[unsafe(no_mangle)]
@@ -198,7 +207,7 @@ pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
 }
 
 /// For connect4 and connect6, once a connect was not intercepted: a TCP connect to
-/// an address in the VIP ranges goes to the refusing port, so the application gets
+/// an allocated VIP goes to the refusing port, so the application gets
 /// ECONNREFUSED at once: a VIP intercepts only the ports its entries declare.
 #[inline(always)]
 pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
@@ -210,7 +219,8 @@ pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option
             first == [0x20, 0x01, 0x00, 0x02] && second[0] == 0 && second[1] == 0
         }
     };
-    if !in_vip_range {
+    // The range test first: most connects are to no VIP, and it costs no lookup.
+    if !in_vip_range || unsafe { ALLOCATED_VIPS.get(&dst.0) }.is_none() {
         return None;
     }
     let refuse = read_pair(&VIP_REFUSE);

@@ -8,9 +8,12 @@ use std::{
 
 use aya::{
     Ebpf,
+    maps::{HashMap, MapData},
     programs::{CgroupAttachMode, CgroupSockAddr},
 };
-use interceptor_common::{DnsCapture, SocketAddress, VipRefuse};
+use interceptor_common::{
+    ALLOCATED_VIPS_MAP, Address, DnsCapture, SocketAddress, VipRefuse, address_of,
+};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::{KernelError, program, program_error};
@@ -91,6 +94,46 @@ impl Refusal {
                 v6: v6_addr,
             },
         })
+    }
+}
+
+/// The allocated VIPs the programs refuse undeclared ports of.
+pub(super) struct AllocatedVips {
+    map: HashMap<MapData, Address, u8>,
+    current: std::collections::HashSet<Address>,
+}
+
+impl AllocatedVips {
+    pub(super) fn new(map: HashMap<MapData, Address, u8>) -> Self {
+        AllocatedVips {
+            map,
+            current: Default::default(),
+        }
+    }
+
+    /// New VIPs first, then stale ones out; a failed step is redone by the next sync,
+    /// which rewrites every wanted key.
+    pub(super) fn sync(&mut self, wanted: &[std::net::IpAddr]) -> Result<(), KernelError> {
+        let wanted: std::collections::HashSet<Address> =
+            wanted.iter().map(|&ip| address_of(ip)).collect();
+        let error = |source| KernelError::Map {
+            name: ALLOCATED_VIPS_MAP,
+            source,
+        };
+        for vip in &wanted {
+            self.map.insert(vip, 1, 0).map_err(error)?;
+            self.current.insert(*vip);
+        }
+        let stale: Vec<Address> = self.current.difference(&wanted).copied().collect();
+        for vip in stale {
+            match self.map.remove(&vip) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                    self.current.remove(&vip);
+                }
+                Err(source) => return Err(error(source)),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -94,6 +94,8 @@ impl InterceptionMaps {
                     .into_iter()
                     .map(|port| (*port, UNKNOWN_RULE))
                     .collect(),
+                // Kept by the VIP map's own sync (kernel::dns).
+                vips: Vec::new(),
             },
         };
         applied

@@ -26,9 +26,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, ORIG_BY_CLIENT_MAP,
-    PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
-    VIP_REFUSE_SYMBOL,
+    ALLOCATED_VIPS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP,
+    ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP,
+    SocketAddress, VIP_REFUSE_SYMBOL,
 };
 use tracing::{info, warn};
 
@@ -150,6 +150,7 @@ pub struct Kernel {
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
+    vips: Mutex<dns::AllocatedVips>,
     /// Held as long as the programs may send connects there.
     _refusal: dns::Refusal,
 }
@@ -181,6 +182,7 @@ impl Kernel {
             take_map(&mut ebpf, REDIRECTS_RING)?,
         )?);
         let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
+        let vips = dns::AllocatedVips::new(take_map(&mut ebpf, ALLOCATED_VIPS_MAP)?);
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -218,6 +220,7 @@ impl Kernel {
             intercept_counts: Arc::default(),
             events,
             cgroup: config.cgroup.clone(),
+            vips: Mutex::new(vips),
             _refusal: refusal,
         })
     }
@@ -232,7 +235,12 @@ impl Kernel {
     /// failed one got.
     pub fn sync(&self, wanted: &InterceptSet) -> Result<(), KernelError> {
         let mut maps = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
-        let applied = maps.sync(wanted);
+        let applied = maps.sync(wanted).and(
+            self.vips
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync(&wanted.vips),
+        );
         let current = maps.current();
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());

@@ -124,6 +124,8 @@ pub struct InterceptSet {
     pub addresses: Vec<(IpNet, u16, u32)>,
     /// port → rule id, for services without addresses.
     pub ports: Vec<(u16, u32)>,
+    /// Allocated VIPs, whose undeclared ports are refused.
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +233,7 @@ impl Registry {
             }
             registry.add(service);
         }
+        registry.intercepts.vips = registry.vip_hosts.keys().copied().collect();
         registry.allocations = allocations;
         for virtual_service in &config.virtual_services {
             registry.add_virtual_service(virtual_service, &mut warnings);
