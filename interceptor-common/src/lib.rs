@@ -10,6 +10,7 @@
 #![cfg_attr(not(any(feature = "std", test)), no_std)]
 
 mod address;
+mod dns;
 mod globals;
 mod maps;
 
@@ -19,6 +20,10 @@ pub mod host;
 pub use address::{
     Address, IPV4_MAPPED_PREFIX_BITS, SocketAddress, address_of, ip_of, ipv4_in_mapped,
     ipv4_mapped, mapped_bits, mapped_prefix_len,
+};
+pub use dns::{
+    ALLOCATED_VIPS_CAPACITY, ALLOCATED_VIPS_MAP, DNS_CAPTURE_SYMBOL, DNS_PORT, DnsCapture,
+    VIP_REFUSE_SYMBOL, VipRefuse,
 };
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
@@ -40,6 +45,8 @@ mod pod {
     unsafe impl aya::Pod for super::SocketAddress {}
     unsafe impl aya::Pod for super::Globals {}
     unsafe impl aya::Pod for super::BackendSet {}
+    unsafe impl aya::Pod for super::DnsCapture {}
+    unsafe impl aya::Pod for super::VipRefuse {}
 }
 
 #[cfg(test)]

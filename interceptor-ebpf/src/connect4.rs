@@ -16,6 +16,9 @@ const REJECT: i32 = 0;
 #[cgroup_sock_addr(connect4)]
 pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
     let globals = globals();
+    if crate::dns::capture4(&ctx, &globals) {
+        return ALLOW;
+    }
     let (addr, port) = user_ipv4(ctx.sock_addr);
     match redirect(
         &ctx,
@@ -33,7 +36,13 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             return REJECT;
         }
-        None => {}
+        None => {
+            if let Some((to, port)) = crate::dns::refuse(&ctx, &globals, (ipv4_mapped(addr), port))
+                && let Some(to) = ipv4_in_mapped(to)
+            {
+                set_user_ipv4(ctx.sock_addr, (to, port));
+            }
+        }
     }
     ALLOW
 }

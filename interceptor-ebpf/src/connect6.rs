@@ -21,6 +21,9 @@ const REJECT: i32 = 0;
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let globals = globals();
+    if crate::dns::capture6(&ctx, &globals) {
+        return ALLOW;
+    }
     let dst = user_ipv6(ctx.sock_addr);
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
     match redirect(&ctx, &globals, dst, proxies, false) {
@@ -29,7 +32,11 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
             unsafe { bpf_set_retval(-ECONNREFUSED) };
             return REJECT;
         }
-        None => {}
+        None => {
+            if let Some(to) = crate::dns::refuse(&ctx, &globals, dst) {
+                set_user_ipv6(ctx.sock_addr, to);
+            }
+        }
     }
     ALLOW
 }

@@ -6,6 +6,8 @@ mod connect4;
 #[cfg(target_arch = "bpf")]
 mod connect6;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]
 mod maps;

@@ -21,13 +21,13 @@ use crate::{
     address_file::{self, AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
     copy::{CopyMode, PipeBudget},
-    kernel::{Kernel, KernelConfig, KernelError},
+    kernel::{DnsListeners, Kernel, KernelConfig, KernelError},
     limits::{self, ConnectionLimits},
     load::{self, LoadError},
     metrics::Metrics,
     proxy::workers::{ContainerAddrs, ProxyListeners, Workers},
     proxy::{self, OutboundPolicy, ProxyConfig, Shared, tracking::ConnectionTable},
-    registry::Registry,
+    registry::{Registry, StateError, StateFile},
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
     systemd,
@@ -60,6 +60,10 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub dns: DnsSettings,
+    /// Where VIP allocations are kept across restarts.
+    pub state_dir: PathBuf,
+    /// The DNS server; `None` runs none.
+    pub dns_server: Option<crate::dns::DnsConfig>,
     pub outbound_policy: OutboundPolicy,
     pub sniff_timeout: Duration,
     pub copy_mode: CopyMode,
@@ -89,6 +93,10 @@ pub enum AppError {
     },
     #[error(transparent)]
     Dns(#[from] DnsSetupError),
+    #[error(transparent)]
+    DnsServer(#[from] crate::dns::DnsStartError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("cannot start the proxy workers")]
     Workers(#[source] proxy::workers::WorkersError),
     #[error("cannot install signal handlers")]
@@ -194,8 +202,28 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         });
 
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
-    let initial = load::load_and_log(&config.config_paths)?;
+    let state = StateFile::in_dir(&config.state_dir);
+    let kept = state.read()?;
+    let initial = load::load_and_log(&config.config_paths, &kept)?;
+    if initial.allocations() != &kept {
+        state.write(initial.allocations())?;
+    }
     let dns = DnsCache::new(config.dns.clone())?;
+    let shutdown = CancellationToken::new();
+    // Before the programs attach: a captured query must find the server listening.
+    let dns_listeners = match &config.dns_server {
+        Some(dns_server) => {
+            let bound = crate::dns::start(
+                dns_server,
+                Arc::clone(&registry),
+                metrics.dns_queries.clone(),
+                &shutdown,
+            )?;
+            info!(?bound, "DNS server listening");
+            DnsListeners::from_bound(&bound)
+        }
+        None => DnsListeners::default(),
+    };
 
     let kernel = Arc::new(Kernel::attach(&KernelConfig {
         cgroup: config.cgroup.clone(),
@@ -206,6 +234,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         redirect_ring_bytes: config.redirect_ring_bytes,
         bypass_mark: config.bypass_mark,
         datapath: config.datapath,
+        dns: dns_listeners,
     })?);
     kernel.sync(&initial)?;
     // DNS entries take the kernel path once their hostnames are resolved.
@@ -215,6 +244,9 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         tokio::spawn(crate::kernel::closes::follow(closes, Arc::clone(&registry)));
     }
     let _ = admin_state.maps.set(kernel.map_occupancy());
+    metrics
+        .vips_allocated
+        .set(initial.allocations().hosts.len() as i64);
     registry.store(Arc::new(initial));
     metrics.config_applied();
 
@@ -235,7 +267,6 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         connection_slots: Arc::new(Semaphore::new(0)),
         pipes: PipeBudget::new(0),
     });
-    let shutdown = CancellationToken::new();
     let connections = TaskTracker::new();
     let listener_count = listeners.count();
     let workers = proxy::workers::start(
@@ -277,6 +308,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
             registry: Arc::clone(&registry),
             kernel: Arc::clone(&kernel),
             metrics: Arc::clone(&metrics),
+            state,
         }),
         config_watch,
         hangup,

@@ -146,6 +146,17 @@ struct RunArgs {
     /// A DNS server to use instead of /etc/resolv.conf's (repeatable).
     #[arg(long = "dns-server")]
     dns_servers: Vec<SocketAddr>,
+    /// Run the DNS server, which answers A and AAAA for ServiceEntry hosts and
+    /// relays every other query to the --dns-server servers (or /etc/resolv.conf's).
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    dns_capture: Switch,
+    /// Where the daemon keeps state across restarts: the VIPs it allocated to hosts
+    /// (vips.json), so they never move.
+    #[arg(long, default_value = "/var/lib/interceptor")]
+    state_dir: PathBuf,
+    /// Where the DNS server listens, UDP and TCP (repeatable).
+    #[arg(long = "dns-listen", default_values = ["127.0.0.1:15053", "[::1]:15053"])]
+    dns_listen: Vec<SocketAddr>,
     /// Lower clamp on DNS record TTLs, in seconds.
     #[arg(long, default_value_t = 1)]
     dns_min_ttl: u64,
@@ -189,6 +200,12 @@ struct ValidateArgs {
 enum ValidateOutput {
     Text,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -371,12 +388,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath: args.datapath,
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
+        state_dir: args.state_dir,
+        dns_server: (args.dns_capture == Switch::On).then(|| crate::dns::DnsConfig {
+            listen: args.dns_listen,
+            upstreams: args.dns_servers.clone(),
+            bypass_mark: args.bypass_mark,
+        }),
         dns: DnsSettings {
             servers: args.dns_servers,
             min_ttl: Duration::from_secs(args.dns_min_ttl),
             max_ttl: Duration::from_secs(args.dns_max_ttl),
             negative_ttl: Duration::from_secs(args.dns_negative_ttl),
             query_timeout: Duration::from_millis(args.dns_timeout_ms),
+            bypass_mark: args.bypass_mark,
         },
         outbound_policy: args.outbound_policy,
         sniff_timeout: Duration::from_millis(args.sniff_timeout_ms),

@@ -9,6 +9,7 @@ pub mod cli;
 mod config;
 mod copy;
 mod datapath;
+mod dns;
 mod kernel;
 mod limits;
 mod load;
@@ -27,6 +28,7 @@ mod systemd;
 pub mod parsers {
     pub use crate::{
         config::{LoadError, OutputFormat, load_str, render},
+        dns::{Decision as DnsDecision, NameTable, packet::decide as decide_dns_query},
         proxy::{
             http::{HttpRequest, parse_request_head},
             sni::{ClientHello, is_plausible_host, parse_client_hello},

@@ -7,7 +7,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{self, Finding},
-    registry::{BuildError, Registry},
+    registry::{Allocations, BuildError, Registry},
 };
 
 /// A configuration that can be served.
@@ -49,8 +49,13 @@ impl LoadError {
 
 /// Loads and checks the whole configuration at `paths` and builds a registry from it.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
+    load_allocating(paths, &Allocations::default())
+}
+
+/// [`load`], keeping the `previous` VIP allocations where they still hold.
+pub fn load_allocating(paths: &[PathBuf], previous: &Allocations) -> Result<Loaded, LoadError> {
     let loaded = config::load(paths)?;
-    match Registry::build(&loaded.config) {
+    match Registry::build_allocating(&loaded.config, previous) {
         Ok((registry, build_warnings)) => Ok(Loaded {
             registry,
             warnings: loaded.warnings.into_iter().chain(build_warnings).collect(),
@@ -66,7 +71,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
 
 /// [`load`], for the daemon: what is skipped or doubtful goes to the log. Nothing is
 /// applied unless all of it is valid.
-pub fn load_and_log(paths: &[PathBuf]) -> Result<Registry, LoadError> {
+pub fn load_and_log(paths: &[PathBuf], previous: &Allocations) -> Result<Registry, LoadError> {
     let log = |skipped: &[String], warnings: &[Finding]| {
         for skipped in skipped {
             info!("skipping {skipped}: not a kind interceptor handles");
@@ -75,7 +80,7 @@ pub fn load_and_log(paths: &[PathBuf]) -> Result<Registry, LoadError> {
             warn!("{warning}");
         }
     };
-    match load(paths) {
+    match load_allocating(paths, previous) {
         Ok(loaded) => {
             log(&loaded.skipped, &loaded.warnings);
             Ok(loaded.registry)

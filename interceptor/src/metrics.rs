@@ -221,6 +221,8 @@ pub struct Metrics {
     redirect_records: Family<RecordSourceLabels, Counter>,
     kernel_events: Family<KernelEventLabels, Counter>,
     pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
+    pub dns_queries: Family<crate::dns::QueryLabels, Counter>,
+    pub vips_allocated: Gauge,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -256,6 +258,8 @@ impl Metrics {
             redirect_records: Family::default(),
             kernel_events: Family::default(),
             busy_poll_spin: Counter::default(),
+            dns_queries: Family::default(),
+            vips_allocated: Gauge::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             closes: Default::default(),
@@ -286,6 +290,17 @@ impl Metrics {
             closes,
             ..metrics
         };
+        registry.register(
+            "dns_queries",
+            "DNS queries the daemon's DNS server handled, by outcome: answered locally, \
+             forwarded upstream, or failed (SERVFAIL, FORMERR or dropped)",
+            metrics.dns_queries.clone(),
+        );
+        registry.register(
+            "vips_allocated",
+            "Hosts with auto-allocated VIPs in the running configuration",
+            metrics.vips_allocated.clone(),
+        );
         registry.register(
             "connections_opened",
             "Connections the proxy accepted",

@@ -30,7 +30,7 @@ use crate::{
     kernel::{Kernel, KernelError},
     load::{self, LoadError},
     metrics::{Metrics, ReloadResult},
-    registry::Registry,
+    registry::{Registry, StateError, StateFile},
     report::Chain,
     systemd,
 };
@@ -47,6 +47,8 @@ pub enum ReloadError {
     Invalid(#[source] LoadError),
     #[error("cannot update the BPF maps; the running configuration stays")]
     Kernel(#[source] KernelError),
+    #[error("the new VIP allocations cannot be kept; the running configuration stays")]
+    State(#[source] StateError),
     #[error("the reload task stopped")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -67,6 +69,8 @@ pub struct Reloader {
     pub registry: Arc<ArcSwap<Registry>>,
     pub kernel: Arc<Kernel>,
     pub metrics: Arc<Metrics>,
+    /// Where VIP allocations are kept across restarts.
+    pub state: StateFile,
 }
 
 impl Reloader {
@@ -94,9 +98,16 @@ impl Reloader {
     }
 
     fn apply(&self) -> Result<usize, ReloadError> {
-        let new = load::load_and_log(&self.config_paths).map_err(ReloadError::Invalid)?;
+        let running = self.registry.load_full();
+        let new = load::load_and_log(&self.config_paths, running.allocations())
+            .map_err(ReloadError::Invalid)?;
+        // Kept before anything is applied: addresses handed out must survive a restart.
+        if new.allocations() != running.allocations() {
+            self.state
+                .write(new.allocations())
+                .map_err(ReloadError::State)?;
+        }
         if let Err(error) = self.kernel.sync(&new) {
-            let running = self.registry.load();
             if let Err(rollback) = self.kernel.sync(&running) {
                 // The maps now hold a mix, and routing falls back to ALLOW_ANY for
                 // what the running snapshot lacks; the next reload converges them.
@@ -105,6 +116,9 @@ impl Reloader {
             return Err(ReloadError::Kernel(error));
         }
         let services = new.services().len();
+        self.metrics
+            .vips_allocated
+            .set(new.allocations().hosts.len() as i64);
         // Connections load the snapshot once, at accept: each sees the old config or
         // the new one, never a mix, and open ones keep what they loaded.
         self.registry.store(Arc::new(new));

@@ -35,7 +35,12 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub fn start() -> Self {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind DNS socket");
+        Self::start_on("127.0.0.1:0".parse().unwrap())
+    }
+
+    /// A server on a given address, such as a test host's port 53.
+    pub fn start_on(addr: SocketAddr) -> Self {
+        let socket = UdpSocket::bind(addr).expect("bind DNS socket");
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("read timeout");

@@ -186,7 +186,12 @@ fn run(root: &Path, daemon_args: &[String]) -> Result<()> {
     result
 }
 
-const FUZZ_TARGETS: &[&str] = &["client_hello", "http_request_head", "config_load"];
+const FUZZ_TARGETS: &[&str] = &[
+    "client_hello",
+    "http_request_head",
+    "config_load",
+    "dns_query",
+];
 
 fn fuzz(root: &Path, seconds: u64, targets: &[String]) -> Result<()> {
     setup::ensure_toolchain()?;

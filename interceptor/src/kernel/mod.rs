@@ -8,6 +8,7 @@
 //! connections go direct instead of to a dead proxy port.
 
 pub mod closes;
+mod dns;
 mod maps;
 mod records;
 mod stats;
@@ -26,17 +27,18 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    BACKENDS_MAP, GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING,
-    ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP,
-    SocketAddress,
+    ALLOCATED_VIPS_MAP, BACKENDS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals,
+    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
+    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress, VIP_REFUSE_SYMBOL,
 };
 use tracing::{debug, info, warn};
 
-use self::{maps::InterceptionMaps, stats::InterceptCounts};
 pub use self::{
+    dns::DnsListeners,
     records::{OriginalDestinations, RecordSource},
     stats::{KernelEvents, MapOccupancy, MapUsage},
 };
+use self::{maps::InterceptionMaps, stats::InterceptCounts};
 use crate::{
     datapath::{self, DatapathMode, Plan, Resolved},
     registry::Registry,
@@ -79,6 +81,8 @@ pub enum KernelError {
     MissingProgram(&'static str),
     #[error("cannot duplicate a map descriptor")]
     Dup(#[source] std::io::Error),
+    #[error("cannot bind the loopback port that refuses connects to undeclared VIP ports")]
+    Refusal(#[source] std::io::Error),
     #[error(
         "a container proxy address needs this network namespace's cookie, and reading it \
          (SO_NETNS_COOKIE, Linux 5.14) failed"
@@ -104,6 +108,8 @@ pub struct KernelConfig {
     pub bypass_mark: u32,
     /// Whether eligible destinations take the kernel path.
     pub datapath: DatapathMode,
+    /// Where DNS queries are captured to; none: not captured.
+    pub dns: DnsListeners,
 }
 
 impl KernelConfig {
@@ -164,6 +170,9 @@ pub struct Kernel {
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
     datapath: DatapathMode,
+    vips: Mutex<dns::AllocatedVips>,
+    /// Held as long as the programs may send connects there.
+    _refusal: dns::Refusal,
 }
 
 impl Kernel {
@@ -175,8 +184,11 @@ impl Kernel {
             source,
         })?;
         let globals = config.globals()?;
+        let refusal = dns::Refusal::bind()?;
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBALS_SYMBOL, &globals, true)
+            .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
+            .override_global(VIP_REFUSE_SYMBOL, &refusal.settings, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
             .load(PROGRAMS)?;
 
@@ -192,6 +204,7 @@ impl Kernel {
         )?);
         let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
         let close_events = take_map(&mut ebpf, KERNEL_PATH_CLOSES_RING)?;
+        let vips = dns::AllocatedVips::new(take_map(&mut ebpf, ALLOCATED_VIPS_MAP)?);
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
         // Single (no flags) still coexists with other programs on the same cgroup.
@@ -217,6 +230,9 @@ impl Kernel {
                 .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(program_error(name))?;
         }
+        if config.dns != DnsListeners::default() {
+            dns::attach(&mut ebpf, &cgroup)?;
+        }
         info!(cgroup = %config.cgroup.display(), "programs attached");
 
         Ok(Self {
@@ -232,6 +248,8 @@ impl Kernel {
             events,
             cgroup: config.cgroup.clone(),
             datapath: config.datapath,
+            vips: Mutex::new(vips),
+            _refusal: refusal,
         })
     }
 
@@ -250,7 +268,14 @@ impl Kernel {
         let plan = datapath::plan(registry, self.datapath);
         let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
         state.plan = plan;
-        self.apply(&mut state)
+        let applied = self.apply(&mut state);
+        // The VIP map is apart from the plan: it refuses what no rule takes.
+        applied.and(
+            self.vips
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync(&registry.intercepts().vips),
+        )
     }
 
     /// Resolves the hostnames of kernel-path endpoints through `dns` (served from its

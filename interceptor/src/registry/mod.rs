@@ -11,6 +11,7 @@
 
 mod addresses;
 mod destination_rules;
+mod allocation;
 mod hosts;
 mod services;
 mod virtual_services;
@@ -25,6 +26,8 @@ use std::{
 use ipnet::IpNet;
 
 pub use self::destination_rules::UpstreamPolicy;
+pub use self::allocation::{Allocations, StateError, StateFile};
+use self::allocation::{OPT_OUT_LABEL, Ranges};
 pub(crate) use self::hosts::{HostPattern, best_match, host_subset_of, hosts_overlap};
 use self::{addresses::AddressTable, destination_rules::DestinationRules};
 pub use self::{
@@ -128,6 +131,8 @@ pub struct InterceptSet {
     pub addresses: Vec<(IpNet, u16, u32)>,
     /// port → rule id, for services without addresses.
     pub ports: Vec<(u16, u32)>,
+    /// Allocated VIPs, whose undeclared ports are refused.
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +144,9 @@ pub struct Registry {
     intercepts: InterceptSet,
     /// Why each service takes the proxy path whatever its ports (see `datapath`).
     proxy_reasons: Vec<Option<crate::datapath::ProxyReason>>,
+    allocations: Allocations,
+    /// Allocated VIP → the host it stands for, which a connection to it is routed by.
+    vip_hosts: HashMap<std::net::IpAddr, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +163,15 @@ impl Registry {
     /// cannot serve yet. Entries are considered oldest first, so where two claim the
     /// same destination the older one wins, as in Istio.
     pub fn build(config: &ConfigSet) -> Result<(Self, BuildWarnings), BuildError> {
+        Self::build_allocating(config, &Allocations::default())
+    }
+
+    /// [`Registry::build`], allocating VIPs to the hosts that get them, keeping the
+    /// `previous` allocations where they still hold.
+    pub fn build_allocating(
+        config: &ConfigSet,
+        previous: &Allocations,
+    ) -> Result<(Self, BuildWarnings), BuildError> {
         // Oldest first, in the same order validation uses to say which entry wins.
         let entries = validate::entry_order(&config.service_entries)
             .into_iter()
@@ -164,6 +181,7 @@ impl Registry {
         let mut errors = Vec::new();
         let mut warnings = Vec::new();
         let destination_rules = DestinationRules::new(config, &mut errors, &mut warnings);
+        let mut built = Vec::new();
         for entry in entries {
             let mut report = |severity, field: String, message: String| {
                 let finding = Finding {
@@ -187,9 +205,52 @@ impl Registry {
                     &entry.resource.spec.subject_alt_names,
                     &mut errors,
                 );
-                registry.add(service);
+                let allocates = wants_vips(&service, &entry.resource.metadata.labels);
+                built.push((service, allocates, entry));
             }
         }
+        // One address per host, however many entries name it: the oldest entry's
+        // order decides who gets an address first.
+        let mut wanted: Vec<String> = Vec::new();
+        for (service, allocates, _) in &built {
+            for host in service.hosts.iter().filter(|_| *allocates) {
+                let host = host.to_ascii_lowercase();
+                if !host.starts_with('*') && !wanted.contains(&host) {
+                    wanted.push(host);
+                }
+            }
+        }
+        let user: Vec<IpNet> = built
+            .iter()
+            .flat_map(|(service, _, _)| service.addresses.iter().copied())
+            .collect();
+        let (allocations, exhausted) = previous.allocate(&wanted, &user, Ranges::default());
+        for (service, allocates, entry) in built {
+            let index = registry.services.len();
+            if allocates {
+                for (field, host) in service.hosts.iter().enumerate() {
+                    if exhausted.contains(&host.to_ascii_lowercase()) {
+                        warnings.push(Finding {
+                            severity: Severity::Warning,
+                            file: entry.source.file.clone(),
+                            document: entry.source.document,
+                            object: object_name("ServiceEntry", &entry.resource.metadata),
+                            field: format!("spec.hosts[{field}]"),
+                            message: format!(
+                                "no VIP left for {host}: its range is exhausted, so it is \
+                                 intercepted by port only and DNS forwards it"
+                            ),
+                        });
+                    }
+                    for vip in allocations.vips(host) {
+                        registry.add_vip(vip, index, &service, host);
+                    }
+                }
+            }
+            registry.add(service);
+        }
+        registry.intercepts.vips = registry.vip_hosts.keys().copied().collect();
+        registry.allocations = allocations;
         for virtual_service in &config.virtual_services {
             registry.add_virtual_service(virtual_service, &mut warnings);
         }
@@ -199,6 +260,23 @@ impl Registry {
         registry.by_address.finish();
         registry.proxy_reasons = crate::datapath::config_reasons(config, &registry.services);
         Ok((registry, warnings))
+    }
+
+    /// Claims `vip` on every port of `service` (about to be added at `index`) for
+    /// `host`: a VIP intercepts exactly the ports its entries declare.
+    fn add_vip(&mut self, vip: std::net::IpAddr, index: usize, service: &Service, host: &str) {
+        let network = IpNet::from(vip);
+        for (port_index, port) in service.ports.iter().enumerate() {
+            if self
+                .by_address
+                .insert(&network, port.number, (index, port_index))
+            {
+                self.intercepts
+                    .addresses
+                    .push((network, port.number, index as u32));
+            }
+        }
+        self.vip_hosts.insert(vip, host.to_owned());
     }
 
     fn add(&mut self, service: Service) {
@@ -250,7 +328,11 @@ impl Registry {
     /// that port first, then the port-only routes of the port.
     pub fn lookup(&self, destination: SocketAddr) -> Lookup<'_> {
         if let Some((service, port)) = self.by_address.lookup(destination) {
-            return Lookup::Route(self.route_to(service, port, None));
+            let host = self
+                .vip_hosts
+                .get(&destination.ip().to_canonical())
+                .cloned();
+            return Lookup::Route(self.route_to(service, port, host));
         }
         match self.by_port.get(&destination.port()) {
             Some(routes) if routes.needs_host() => Lookup::ByHost(routes),
@@ -315,6 +397,25 @@ impl Registry {
     pub fn proxy_reason(&self, index: usize) -> Option<crate::datapath::ProxyReason> {
         self.proxy_reasons.get(index).copied().flatten()
     }
+
+    /// The VIPs allocated to a host (none when it has addresses of its own).
+    pub fn allocated(&self, host: &str) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.allocations.vips(host)
+    }
+
+    /// Every host's VIPs, to keep for the next build.
+    pub fn allocations(&self) -> &Allocations {
+        &self.allocations
+    }
+}
+
+/// Whether an entry's hosts get VIPs: only when it has no addresses of its own, its
+/// resolution is not NONE (NONE forwards to the address the client asked for), and
+/// its label does not opt it out, as Istio decides.
+fn wants_vips(service: &Service, labels: &std::collections::BTreeMap<String, String>) -> bool {
+    service.addresses.is_empty()
+        && service.resolution != crate::config::Resolution::None
+        && labels.get(OPT_OUT_LABEL).map(String::as_str) != Some("false")
 }
 
 #[cfg(test)]
@@ -417,5 +518,68 @@ mod tests {
             Some("ServiceEntry/default/first")
         );
         assert_eq!(registry.intercepts().ports, vec![(6379, 0)]);
+    }
+}
+
+#[cfg(test)]
+mod allocation_tests {
+    use super::{test_support::*, *};
+
+    fn db(name: &str, extra: &str) -> String {
+        entry(
+            name,
+            &format!(
+                "  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: DNS\n{extra}"
+            ),
+        )
+    }
+
+    #[test]
+    fn two_entries_on_one_port_each_get_a_vip_that_routes_to_them() {
+        let config = config(&[&db("db-a", ""), &db("db-b", "")]);
+        let (registry, warnings) = Registry::build(&config).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let vip = |host| registry.allocated(host).next().unwrap();
+        let (a, b) = (vip("db-a.example"), vip("db-b.example"));
+        assert_ne!(a, b);
+        for (ip, name, host) in [(a, "db-a", "db-a.example"), (b, "db-b", "db-b.example")] {
+            let route = registry.route(SocketAddr::new(ip, 5432)).unwrap();
+            assert_eq!(route.service.name, format!("ServiceEntry/default/{name}"));
+            assert_eq!(route.host.as_deref(), Some(host));
+            // Only the declared port.
+            assert!(
+                registry
+                    .intercepts()
+                    .addresses
+                    .iter()
+                    .filter(|(network, _, _)| network.addr() == ip)
+                    .all(|(_, port, _)| *port == 5432)
+            );
+        }
+        assert_eq!(registry.allocated("db-a.example").count(), 2, "v4 and v6");
+
+        // A reload that adds an entry keeps the addresses.
+        let more =
+            super::test_support::config(&[&db("db-c", ""), &db("db-a", ""), &db("db-b", "")]);
+        let (again, _) = Registry::build_allocating(&more, registry.allocations()).unwrap();
+        assert_eq!(again.allocated("db-a.example").next(), Some(a));
+        assert_eq!(again.allocated("db-b.example").next(), Some(b));
+    }
+
+    #[test]
+    fn addresses_none_and_the_opt_out_label_get_no_vip() {
+        let opted_out = db("out", "").replace(
+            "name: out}",
+            "name: out, labels: {networking.istio.io/enable-autoallocate-ip: \"false\"}}",
+        );
+        let none = entry(
+            "none",
+            "  ports: [{number: 5432, name: tcp}]\n  resolution: NONE\n",
+        );
+        let own = db("own", "  addresses: [240.240.0.1]\n");
+        let (registry, _) = Registry::build(&config(&[&opted_out, &none, &own])).unwrap();
+        for host in ["out.example", "none.example", "own.example"] {
+            assert_eq!(registry.allocated(host).count(), 0, "{host}");
+        }
     }
 }

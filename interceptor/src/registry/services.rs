@@ -143,14 +143,6 @@ impl Service {
         report: &mut impl FnMut(Severity, String, String),
     ) -> Option<Service> {
         let spec = &entry.resource.spec;
-        if spec.resolution == Resolution::DynamicDns {
-            report(
-                Severity::Error,
-                "spec.resolution".into(),
-                "DYNAMIC_DNS needs an egress waypoint, which this proxy is not".into(),
-            );
-            return None;
-        }
         let mut addresses = Vec::new();
         for (index, raw) in spec.addresses.iter().enumerate() {
             match parse_address(raw) {
@@ -209,10 +201,14 @@ impl Service {
             ));
         }
         // Without endpoints, a DNS service resolves its own hosts, as Istio makes one
-        // endpoint per host.
+        // endpoint per host. DYNAMIC_DNS (wildcard hosts only) resolves the name the
+        // connection was routed by: its SNI or Host.
         let endpoints_from_hosts = spec.endpoints().is_empty()
             && spec.workload_selector.is_none()
-            && matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin);
+            && matches!(
+                spec.resolution,
+                Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns
+            );
         if endpoints_from_hosts {
             endpoints.extend(
                 spec.hosts
@@ -304,16 +300,24 @@ mod tests {
     }
 
     #[test]
-    fn what_cannot_be_served_is_rejected_with_the_field() {
-        let dynamic = entry(
-            "dynamic",
-            "  resolution: DYNAMIC_DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n",
-        );
-        let error = Registry::build(&config(&[&dynamic])).unwrap_err();
-        assert_eq!(error.findings[0].field, "spec.resolution");
-        assert!(
-            error.to_string().contains("test.yaml: document 0"),
-            "{error}"
-        );
+    fn dynamic_dns_resolves_the_name_the_connection_was_routed_by() {
+        let dynamic = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: dynamic}\nspec:\n  hosts: [\"*.wild.example\"]\n  resolution: DYNAMIC_DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n";
+        let (registry, _) = Registry::build(&config(&[dynamic])).unwrap();
+        let service = &registry.services()[0];
+        assert!(service.endpoints_from_hosts && service.endpoints.is_empty());
+        let crate::registry::Lookup::ByHost(routes) =
+            registry.lookup("198.18.0.1:443".parse().unwrap())
+        else {
+            panic!("a port-only TLS port is routed by SNI");
+        };
+        let route = registry
+            .route_by_host(
+                routes,
+                crate::registry::HostKind::Sni,
+                Some("api.wild.example"),
+            )
+            .unwrap();
+        assert_eq!(route.host.as_deref(), Some("api.wild.example"));
+        assert_eq!(registry.allocated("*.wild.example").count(), 0);
     }
 }

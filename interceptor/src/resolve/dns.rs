@@ -11,11 +11,13 @@ use std::{
 };
 
 use hickory_resolver::{
-    TokioResolver,
+    Resolver,
     config::{ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig, ResolverOpts},
-    net::{DnsError, NetError, runtime::TokioRuntimeProvider},
+    net::{DnsError, NetError},
 };
 use tracing::{debug, warn};
+
+use super::marked::MarkedRuntime;
 
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
@@ -26,6 +28,8 @@ pub struct DnsSettings {
     pub negative_ttl: Duration,
     /// Per-query timeout; a lookup makes at most two attempts.
     pub query_timeout: Duration,
+    /// SO_MARK on the resolver's sockets, so DNS capture leaves them alone.
+    pub bypass_mark: u32,
 }
 
 impl Default for DnsSettings {
@@ -36,6 +40,7 @@ impl Default for DnsSettings {
             max_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
             query_timeout: Duration::from_secs(2),
+            bypass_mark: 0,
         }
     }
 }
@@ -67,7 +72,7 @@ struct Entry {
 }
 
 pub struct DnsCache {
-    resolver: TokioResolver,
+    resolver: Resolver<MarkedRuntime>,
     settings: DnsSettings,
     entries: Mutex<HashMap<String, Entry>>,
 }
@@ -103,10 +108,11 @@ impl DnsCache {
         options.timeout = settings.query_timeout;
         options.attempts = 2;
         options.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(options)
-            .build()
-            .map_err(DnsSetupError::Build)?;
+        let resolver =
+            Resolver::builder_with_config(config, MarkedRuntime::new(settings.bypass_mark))
+                .with_options(options)
+                .build()
+                .map_err(DnsSetupError::Build)?;
         Ok(Arc::new(Self {
             resolver,
             settings,

@@ -4,6 +4,7 @@
 //! the first address of the current answer (LOGICAL_DNS).
 
 pub mod dns;
+mod marked;
 
 use std::{
     net::{IpAddr, SocketAddr},

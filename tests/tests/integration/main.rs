@@ -5,6 +5,7 @@
 mod deploy;
 mod destination_rule;
 mod dns;
+mod dns_capture;
 mod kernel_path;
 mod ops;
 mod redirect;

@@ -1301,7 +1301,7 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
     let sandbox = Sandbox::new("nofile-limit");
     sandbox.add_host("198.18.0.10".parse().unwrap());
     let _server = TestServer::start("echo", "198.18.0.10:7000");
-    let daemon = daemon_with_open_files_limit(&sandbox, (160, 160), &ADMIN_ARGS);
+    let daemon = daemon_with_open_files_limit(&sandbox, (192, 192), &ADMIN_ARGS);
     let logs = daemon.wait_for_log("max_connections=", 1);
     let limit = logged_number(&logs, "max_connections");
     assert!(
@@ -1312,8 +1312,8 @@ fn the_default_connection_limit_keeps_within_the_open_files_limit() {
         .unwrap()
         .count();
     assert!(
-        open + 2 * limit <= 160,
-        "{open} descriptors open and {limit} connections allowed within 160"
+        open + 2 * limit <= 192,
+        "{open} descriptors open and {limit} connections allowed within 192"
     );
     assert!(
         limit >= 10,

@@ -1,0 +1,253 @@
+//! DNS capture without iptables: queries to port 53 go to the daemon's DNS server,
+//! and its replies come back with the nameserver's address as their source, so every
+//! stub resolver (which checks where a reply came from) accepts them.
+//!
+//! Unconnected UDP sockets are caught per datagram by sendmsg4/6; connected UDP
+//! sockets (glibc's) and TCP are caught at connect by [`capture4`] and
+//! [`capture6`], which the connect hooks call first. Each captured socket
+//! remembers the nameserver in its storage, where recvmsg4/6 find it for the reply.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::BPF_F_NO_PREALLOC,
+    helpers::bpf_get_netns_cookie,
+    macros::{cgroup_sock_addr, map},
+    maps::HashMap,
+    programs::SockAddrContext,
+};
+use core::{
+    mem,
+    ptr::{self, read_volatile},
+};
+use interceptor_common::{
+    ALLOCATED_VIPS_CAPACITY, Address, DNS_PORT, DnsCapture, Globals, KernelEvent, OriginalDst,
+    SocketAddress, VipRefuse, ipv4_in_mapped, ipv4_mapped,
+};
+
+use crate::{
+    maps::{ORIGINAL_DST, count, globals},
+    redirect::{Endpoint, same_endpoint, set_user_ipv4, set_user_ipv6, user_ipv4, user_ipv6},
+};
+
+/// sendmsg and recvmsg hooks must return 1: 0 fails the application's call.
+const ALLOW: i32 = 1;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+/// Set by the loader (see [`interceptor_common::DNS_CAPTURE_SYMBOL`]).
+#[unsafe(no_mangle)]
+static DNS_CAPTURE: DnsCapture = DnsCapture::OFF;
+
+/// See [`interceptor_common::ALLOCATED_VIPS_MAP`].
+#[map]
+static ALLOCATED_VIPS: HashMap<Address, u8> =
+    HashMap::with_max_entries(ALLOCATED_VIPS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Set by the loader (see [`interceptor_common::VIP_REFUSE_SYMBOL`]).
+#[unsafe(no_mangle)]
+static VIP_REFUSE: VipRefuse = VipRefuse::OFF;
+
+/// Read a word at a time and volatile, as [`globals`] is, so LLVM neither folds the
+/// zero initialiser nor splits the read into bytes. Both globals are two socket
+/// addresses.
+#[inline(always)]
+fn read_pair<T: Copy>(global: &T) -> T {
+    const WORDS: usize = mem::size_of::<DnsCapture>() / 4;
+    const {
+        assert!(mem::size_of::<DnsCapture>() == WORDS * 4 && mem::align_of::<DnsCapture>() == 4);
+        assert!(mem::size_of::<VipRefuse>() == WORDS * 4 && mem::align_of::<VipRefuse>() == 4);
+    }
+    // SAFETY: both globals are 4-aligned and WORDS words long.
+    let words = unsafe { read_volatile(ptr::from_ref(global).cast::<[u32; WORDS]>()) };
+    // SAFETY: the same size, and both hold only integers.
+    unsafe { mem::transmute_copy::<[u32; WORDS], T>(&words) }
+}
+
+#[inline(always)]
+fn listeners() -> DnsCapture {
+    read_pair(&DNS_CAPTURE)
+}
+
+/// The listener a query to `dst` goes to: IPv4 (mapped) for IPv4 nameservers, IPv6
+/// for native IPv6 ones. Port zero: none.
+#[inline(always)]
+fn listener_for(capture: &DnsCapture, dst: Endpoint) -> Endpoint {
+    let listener = if ipv4_in_mapped(dst.0).is_some() {
+        capture.v4
+    } else {
+        capture.v6
+    };
+    (listener.addr, listener.port)
+}
+
+/// Where a query from `ctx` to `dst` goes instead, if it is captured: port 53, UDP or
+/// TCP, not the daemon's own socket, in the daemon's network namespace (another
+/// namespace cannot reach its loopback listener). The nameserver is recorded in the
+/// socket's storage first; if that fails the query goes direct, since its reply
+/// would otherwise come from an address the resolver does not expect.
+#[inline(always)]
+fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
+    if dst.1 != DNS_PORT {
+        return None;
+    }
+    let sock_addr = ctx.sock_addr;
+    let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
+    if protocol != IPPROTO_UDP && protocol != IPPROTO_TCP {
+        return None;
+    }
+    let listener = listener_for(&listeners(), dst);
+    if listener.1 == [0, 0] || same_endpoint(dst, listener) {
+        return None;
+    }
+    let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let mark = unsafe { read_volatile(&(*sk).mark) };
+    if mark != 0 && mark == globals.bypass_mark {
+        return None;
+    }
+    let own_netns = globals.proxy_netns_cookie;
+    if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
+        return None;
+    }
+    let stored = unsafe { ORIGINAL_DST.get_or_insert_ptr_mut(ctx, None) };
+    if stored.is_null() {
+        count(KernelEvent::StorageUnavailable);
+        return None;
+    }
+    unsafe {
+        stored.write(OriginalDst {
+            dst: SocketAddress {
+                addr: dst.0,
+                port: dst.1,
+                _pad: [0; 2],
+            },
+            _pad: [0; 4],
+            redirected_at_ns: 0,
+        })
+    };
+    Some(listener)
+}
+
+/// The nameserver a reply from `src` stands for, when `src` is the DNS listener and
+/// the socket's query was captured.
+#[inline(always)]
+fn nameserver(ctx: &SockAddrContext, src: Endpoint) -> Option<Endpoint> {
+    let listener = listener_for(&listeners(), src);
+    if listener.1 == [0, 0] || !same_endpoint(src, listener) {
+        return None;
+    }
+    let stored = unsafe { ORIGINAL_DST.get_ptr_mut(ctx) };
+    if stored.is_null() {
+        return None;
+    }
+    let original = unsafe { (*stored).dst };
+    (original.port == DNS_PORT).then_some((original.addr, original.port))
+}
+
+/// For connect4 (TCP and connected UDP) and sendmsg4 (unconnected UDP): captures a
+/// DNS query. `true` when it did, and the connect needs nothing else.
+#[inline(always)]
+pub fn capture4(ctx: &SockAddrContext, globals: &Globals) -> bool {
+    let (addr, port) = user_ipv4(ctx.sock_addr);
+    match capture(ctx, globals, (ipv4_mapped(addr), port)) {
+        Some((listener, port)) => match ipv4_in_mapped(listener) {
+            Some(listener) => {
+                set_user_ipv4(ctx.sock_addr, (listener, port));
+                true
+            }
+            None => false,
+        },
+        None => false,
+    }
+}
+
+/// The same for AF_INET6 sockets, dual-stack ones included.
+#[inline(always)]
+pub fn capture6(ctx: &SockAddrContext, globals: &Globals) -> bool {
+    match capture(ctx, globals, user_ipv6(ctx.sock_addr)) {
+        Some(listener) => {
+            set_user_ipv6(ctx.sock_addr, listener);
+            true
+        }
+        None => false,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+    capture4(&ctx, &globals());
+    ALLOW
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+    capture6(&ctx, &globals());
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn dns_recvmsg4(ctx: SockAddrContext) -> i32 {
+    let (addr, port) = user_ipv4(ctx.sock_addr);
+    if let Some((nameserver, port)) = nameserver(&ctx, (ipv4_mapped(addr), port))
+        && let Some(nameserver) = ipv4_in_mapped(nameserver)
+    {
+        set_user_ipv4(ctx.sock_addr, (nameserver, port));
+    }
+    ALLOW
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn dns_recvmsg6(ctx: SockAddrContext) -> i32 {
+    if let Some(nameserver) = nameserver(&ctx, user_ipv6(ctx.sock_addr)) {
+        set_user_ipv6(ctx.sock_addr, nameserver);
+    }
+    ALLOW
+}
+
+/// For connect4 and connect6, once a connect was not intercepted: a TCP connect to
+/// an allocated VIP goes to the refusing port, so the application gets
+/// ECONNREFUSED at once: a VIP intercepts only the ports its entries declare.
+#[inline(always)]
+pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
+    let in_vip_range = match ipv4_in_mapped(dst.0) {
+        Some(v4) => v4[0] == 240 && v4[1] == 240,
+        None => {
+            let first = dst.0[0].to_ne_bytes();
+            let second = dst.0[1].to_ne_bytes();
+            first == [0x20, 0x01, 0x00, 0x02] && second[0] == 0 && second[1] == 0
+        }
+    };
+    // The range test first: most connects are to no VIP, and it costs no lookup.
+    if !in_vip_range || unsafe { ALLOCATED_VIPS.get(&dst.0) }.is_none() {
+        return None;
+    }
+    let refuse = read_pair(&VIP_REFUSE);
+    let to = if ipv4_in_mapped(dst.0).is_some() {
+        refuse.v4
+    } else {
+        refuse.v6
+    };
+    if to.port == [0, 0] {
+        return None;
+    }
+    let sock_addr = ctx.sock_addr;
+    let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return None;
+    }
+    let mark = unsafe { read_volatile(&(*sk).mark) };
+    if mark != 0 && mark == globals.bypass_mark {
+        return None;
+    }
+    let own_netns = globals.proxy_netns_cookie;
+    if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
+        return None;
+    }
+    Some((to.addr, to.port))
+}

@@ -1,0 +1,234 @@
+//! DNS capture: real resolvers in the cgroup (glibc's `getent`, Python's
+//! `getaddrinfo`, `dig`) send their queries to the nameserver in /etc/resolv.conf;
+//! the programs take them to the daemon's DNS server, which answers ServiceEntry
+//! hosts and relays the rest to a real DNS server on a test host's port 53.
+
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{Daemon, Sandbox, TestServer, dns::DnsServer, server::who};
+
+const UPSTREAM: &str = "198.18.0.53:53";
+
+/// Runs a resolver in the sandbox (the calling thread's network namespace, the test's
+/// cgroup) and returns its standard output.
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {program} (is it installed?): {error}"));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn getent(name: &str) -> String {
+    run("getent", &["ahostsv4", name])
+}
+
+fn getaddrinfo(name: &str) -> String {
+    run(
+        "python3",
+        &[
+            "-c",
+            "import socket, sys\n\
+             try:\n    print(sorted({a[4][0] for a in socket.getaddrinfo(sys.argv[1], 80, socket.AF_INET)}))\n\
+             except socket.gaierror as e:\n    print('error', e)",
+            name,
+        ],
+    )
+}
+
+/// `dig` through the system resolver configuration, one try.
+fn dig(args: &[&str]) -> String {
+    let mut all = vec!["+time=6", "+tries=1"];
+    all.extend_from_slice(args);
+    run("dig", &all)
+}
+
+fn entry(name: &str, host: &str, vip: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: 198.18.0.54}}]\n"
+    )
+}
+
+fn start(sandbox: &Sandbox, upstream: &str) -> Daemon {
+    sandbox.start_daemon(
+        &entry("db", "db.capture.test", "240.240.7.1"),
+        &["--dns-server", upstream],
+    )
+}
+
+#[test]
+fn resolvers_in_the_cgroup_get_local_answers_and_forwarded_ones() {
+    let sandbox = Sandbox::new("dns-capture");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set("other.capture.test", &["198.18.0.91"], 60);
+    let _daemon = start(&sandbox, UPSTREAM);
+
+    // Local answers, never asked upstream.
+    assert!(
+        getent("db.capture.test").contains("240.240.7.1"),
+        "{}",
+        getent("db.capture.test")
+    );
+    assert_eq!(getaddrinfo("DB.capture.test").trim(), "['240.240.7.1']");
+    let udp = dig(&["db.capture.test", "A"]);
+    assert!(
+        udp.contains("240.240.7.1") && udp.contains("\t30\tIN\tA"),
+        "{udp}"
+    );
+    let tcp = dig(&["+tcp", "db.capture.test", "A"]);
+    assert!(tcp.contains("240.240.7.1"), "{tcp}");
+    let aaaa = dig(&["db.capture.test", "AAAA"]);
+    assert!(
+        aaaa.contains("status: NOERROR") && aaaa.contains("ANSWER: 0"),
+        "AAAA for a v4-only host is an empty NOERROR: {aaaa}"
+    );
+    assert_eq!(upstream.queries("db.capture.test"), 0);
+
+    // Forwarded: an unknown name, and MX for a known one. The daemon's own query to
+    // the upstream's port 53 carries the bypass mark, so it is not captured back.
+    assert!(getent("other.capture.test").contains("198.18.0.91"));
+    assert_eq!(getaddrinfo("other.capture.test").trim(), "['198.18.0.91']");
+    let mx = dig(&["db.capture.test", "MX"]);
+    assert!(mx.contains("status: NXDOMAIN"), "{mx}");
+    assert_eq!(upstream.queries("db.capture.test"), 1);
+    let missing = dig(&["missing.capture.test", "A"]);
+    assert!(missing.contains("status: NXDOMAIN"), "{missing}");
+}
+
+#[test]
+fn a_dead_upstream_gets_servfail_within_five_seconds() {
+    let sandbox = Sandbox::new("dns-dead");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set_silent(true);
+    let _daemon = start(&sandbox, UPSTREAM);
+    let started = Instant::now();
+    let answer = dig(&["nowhere.capture.test", "A"]);
+    assert!(answer.contains("status: SERVFAIL"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // A local name still answers at once.
+    assert!(dig(&["db.capture.test"]).contains("240.240.7.1"));
+}
+
+fn static_entry(name: &str, endpoint: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.capture.test]\n  ports: [{{number: 5432, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n"
+    )
+}
+
+/// The IPv4 address glibc resolves `name` to.
+fn vip(name: &str) -> String {
+    let answer = getent(name);
+    let ip = answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("{name} does not resolve: {answer:?}"));
+    assert!(ip.starts_with("240.240."), "{name} → {ip}");
+    ip.to_owned()
+}
+
+#[test]
+fn two_tcp_entries_on_one_port_each_reach_their_backend_through_their_vip() {
+    let sandbox = Sandbox::new("dns-vips");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let _upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    for (name, host) in [
+        ("a", "198.18.0.61"),
+        ("b", "198.18.0.62"),
+        ("c", "198.18.0.63"),
+    ] {
+        sandbox.add_host(host.parse().unwrap());
+        std::mem::forget(TestServer::start(name, &format!("{host}:5432")));
+    }
+    let state_dir = sandbox.workdir.join("state");
+    let state = state_dir.to_str().unwrap().to_owned();
+    let args = ["--dns-server", UPSTREAM, "--state-dir", &state];
+    let two = [
+        static_entry("db-a", "198.18.0.61"),
+        static_entry("db-b", "198.18.0.62"),
+    ]
+    .join("---\n");
+    let daemon = sandbox.start_daemon(&two, &args);
+
+    let (a, b) = (vip("db-a.capture.test"), vip("db-b.capture.test"));
+    assert_ne!(a, b);
+    for (ip, backend) in [(&a, "a"), (&b, "b")] {
+        let seen = who(&format!("{ip}:5432")).unwrap();
+        assert!(seen.went_through_proxy());
+        assert_eq!(seen.server, backend);
+    }
+
+    // A VIP intercepts only its entries' ports: another is refused at once.
+    let started = Instant::now();
+    let refused = std::net::TcpStream::connect_timeout(
+        &format!("{a}:5433").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // A reload that adds a third entry moves neither, and the third gets its own.
+    let three = format!("{two}---\n{}", static_entry("db-c", "198.18.0.63"));
+    std::fs::write(sandbox.workdir.join("config.yaml"), &three).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for_log("configuration reloaded", 1);
+    assert_eq!(
+        (vip("db-a.capture.test"), vip("db-b.capture.test")),
+        (a.clone(), b.clone())
+    );
+    let c = vip("db-c.capture.test");
+    assert_eq!(who(&format!("{c}:5432")).unwrap().server, "c");
+
+    // So does a restart, from the state file.
+    drop(daemon);
+    let _daemon = sandbox.start_daemon(&three, &args);
+    assert_eq!(
+        (
+            vip("db-a.capture.test"),
+            vip("db-b.capture.test"),
+            vip("db-c.capture.test")
+        ),
+        (a, b, c)
+    );
+}
+
+#[test]
+fn the_daemons_own_lookups_are_not_captured() {
+    // A DNS entry without addresses: clients get its VIP from the daemon, and the
+    // daemon resolves the host itself at the upstream's port 53, which its programs
+    // would capture (and answer with the VIP, a loop) were its sockets not marked.
+    let sandbox = Sandbox::new("dns-own");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    sandbox.add_host("198.18.0.64".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set("db-d.capture.test", &["198.18.0.64"], 60);
+    let _server = TestServer::start("d", "198.18.0.64:5432");
+    let state_dir = sandbox.workdir.join("state");
+    let yaml = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: db-d}\nspec:\n  hosts: [db-d.capture.test]\n  ports: [{number: 5432, name: tcp, protocol: TCP}]\n  resolution: DNS\n";
+    let _daemon = sandbox.start_daemon(
+        yaml,
+        &[
+            "--dns-server",
+            UPSTREAM,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+    );
+    let vip = vip("db-d.capture.test");
+    let seen = who(&format!("{vip}:5432")).unwrap();
+    assert!(seen.went_through_proxy());
+    assert_eq!(seen.server, "d");
+}
