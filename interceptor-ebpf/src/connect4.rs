@@ -1,15 +1,12 @@
-use aya_ebpf::{
-    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use interceptor_common::{ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
     maps::globals,
-    redirect::{ECONNREFUSED, Redirect, proxies_for_ipv4, redirect, set_user_ipv4, user_ipv4},
+    redirect::{Redirect, proxies_for_ipv4, redirect, set_user_ipv4, user_ipv4},
 };
 
-/// connect4 must return 1: 0 fails the application's connect() (with EPERM, or the
-/// errno set by bpf_set_retval).
+/// connect4 must return 1: 0 fails the application's connect() with EPERM.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -33,8 +30,12 @@ pub fn egress_connect4(ctx: SockAddrContext) -> i32 {
             }
         }
         Some(Redirect::Refuse) => {
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            return REJECT;
+            match crate::dns::refusal((ipv4_mapped(addr), port))
+                .and_then(|(to, port)| Some((ipv4_in_mapped(to)?, port)))
+            {
+                Some(to) => set_user_ipv4(ctx.sock_addr, to),
+                None => return REJECT,
+            }
         }
         None => {
             if let Some((to, port)) = crate::dns::refuse(&ctx, &globals, (ipv4_mapped(addr), port))

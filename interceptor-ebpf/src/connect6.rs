@@ -1,16 +1,11 @@
-use aya_ebpf::{
-    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
-};
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 
 use crate::{
     maps::globals,
-    redirect::{
-        ECONNREFUSED, Redirect, proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6,
-    },
+    redirect::{Redirect, proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6},
 };
 
-/// connect6 must return 1: 0 fails the application's connect() (with EPERM, or the
-/// errno set by bpf_set_retval).
+/// connect6 must return 1: 0 fails the application's connect() with EPERM.
 const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 
@@ -28,10 +23,10 @@ pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
     match redirect(&ctx, &globals, dst, proxies, false) {
         Some(Redirect::Proxy(to) | Redirect::Backend(to)) => set_user_ipv6(ctx.sock_addr, to),
-        Some(Redirect::Refuse) => {
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-            return REJECT;
-        }
+        Some(Redirect::Refuse) => match crate::dns::refusal(dst) {
+            Some(to) => set_user_ipv6(ctx.sock_addr, to),
+            None => return REJECT,
+        },
         None => {
             if let Some(to) = crate::dns::refuse(&ctx, &globals, dst) {
                 set_user_ipv6(ctx.sock_addr, to);

@@ -223,15 +223,7 @@ pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option
     if !in_vip_range || unsafe { ALLOCATED_VIPS.get(&dst.0) }.is_none() {
         return None;
     }
-    let refuse = read_pair(&VIP_REFUSE);
-    let to = if ipv4_in_mapped(dst.0).is_some() {
-        refuse.v4
-    } else {
-        refuse.v6
-    };
-    if to.port == [0, 0] {
-        return None;
-    }
+    let to = refusal(dst)?;
     let sock_addr = ctx.sock_addr;
     let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
     if protocol != IPPROTO_TCP {
@@ -249,5 +241,19 @@ pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option
     if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
         return None;
     }
-    Some((to.addr, to.port))
+    Some(to)
+}
+
+/// Where a connect that must fail is sent, in `dst`'s family: the loopback port the
+/// daemon holds bound and never listens on, so the connect gets ECONNREFUSED at once.
+/// A redirect rather than bpf_set_retval, which kernels before 5.18 lack.
+#[inline(always)]
+pub fn refusal(dst: Endpoint) -> Option<Endpoint> {
+    let refuse = read_pair(&VIP_REFUSE);
+    let to = if ipv4_in_mapped(dst.0).is_some() {
+        refuse.v4
+    } else {
+        refuse.v6
+    };
+    (to.port != [0, 0]).then_some((to.addr, to.port))
 }

@@ -20,7 +20,6 @@ use crate::maps::{
 };
 
 const IPPROTO_TCP: u32 = 6;
-pub const ECONNREFUSED: i32 = 111;
 
 /// A socket address as the hooks see it: the address (IPv4-mapped for IPv4) and the
 /// port in network byte order.

@@ -10,8 +10,8 @@
 //! `hosts` (the host tables and the one host matcher).
 
 mod addresses;
-mod destination_rules;
 mod allocation;
+mod destination_rules;
 mod hosts;
 mod services;
 mod virtual_services;
@@ -25,9 +25,9 @@ use std::{
 
 use ipnet::IpNet;
 
-pub use self::destination_rules::UpstreamPolicy;
 pub use self::allocation::{Allocations, StateError, StateFile};
 use self::allocation::{OPT_OUT_LABEL, Ranges};
+pub use self::destination_rules::UpstreamPolicy;
 pub(crate) use self::hosts::{HostPattern, best_match, host_subset_of, hosts_overlap};
 use self::{addresses::AddressTable, destination_rules::DestinationRules};
 pub use self::{
