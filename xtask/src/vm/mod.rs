@@ -1,0 +1,133 @@
+//! `cargo xtask vm`: the root integration tests on Debian's own kernels, each booted
+//! in qemu (software emulation: the machines this runs on cannot run stock kernels
+//! under KVM) from one cached debootstrap image.
+//!
+//! Layout under target/vm/: `rootfs/` (the debootstrap tree with every fetched
+//! kernel's modules and initramfs), `base.img` (that tree as ext4, only ever booted
+//! as a throwaway snapshot), `kernels/<suite>/` (the downloaded packages and the
+//! apt state that fetched them), `payload/` + `payload.img` (the binaries under test,
+//! rebuilt every run).
+
+mod image;
+mod qemu;
+mod vagrant_box;
+
+use std::path::Path;
+
+use anyhow::{Result, bail};
+use clap::{Args, ValueEnum};
+
+use crate::{check, setup};
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// Which kernel to boot.
+    #[arg(long, value_enum, default_value = "6.1")]
+    kernel: KernelChoice,
+    /// An interactive root shell on the serial console instead of the tests
+    /// (Ctrl-A X quits qemu).
+    #[arg(long)]
+    shell: bool,
+    /// Write target/vm/interceptor.box, a libvirt Vagrant box of the image, and stop.
+    #[arg(long = "box")]
+    write_box: bool,
+    /// Arguments for the integration test binary, e.g. a filter such as `redirect::`.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    test_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum KernelChoice {
+    #[value(name = "5.10")]
+    K5_10,
+    #[value(name = "6.1")]
+    K6_1,
+    #[value(name = "6.12")]
+    K6_12,
+    #[value(name = "7.x")]
+    K7,
+    All,
+}
+
+/// A Debian kernel line: the release that ships it as `linux-image-cloud-amd64`.
+#[derive(Debug, Clone, Copy)]
+pub struct Kernel {
+    pub label: &'static str,
+    pub suite: &'static str,
+}
+
+pub const KERNELS: [Kernel; 4] = [
+    Kernel {
+        label: "5.10",
+        suite: "bullseye",
+    },
+    Kernel {
+        label: "6.1",
+        suite: "bookworm",
+    },
+    Kernel {
+        label: "6.12",
+        suite: "trixie",
+    },
+    Kernel {
+        label: "7.x",
+        suite: "forky",
+    },
+];
+
+impl KernelChoice {
+    fn kernels(self) -> Vec<Kernel> {
+        let label = match self {
+            KernelChoice::All => return KERNELS.to_vec(),
+            KernelChoice::K5_10 => "5.10",
+            KernelChoice::K6_1 => "6.1",
+            KernelChoice::K6_12 => "6.12",
+            KernelChoice::K7 => "7.x",
+        };
+        KERNELS
+            .iter()
+            .copied()
+            .filter(|k| k.label == label)
+            .collect()
+    }
+}
+
+pub fn run(root: &Path, args: VmArgs) -> Result<()> {
+    setup::ensure_toolchain()?;
+    image::ensure_host_packages()?;
+    let vm_dir = root.join("target/vm");
+    let kernels = args.kernel.kernels();
+    if args.shell && kernels.len() != 1 {
+        bail!("--shell boots one kernel: name it with --kernel");
+    }
+    let mut image = image::Image::open(root, &vm_dir)?;
+    let mut installed = Vec::new();
+    for kernel in &kernels {
+        installed.push(image.ensure_kernel(*kernel)?);
+    }
+    image.ensure_disk()?;
+    if args.write_box {
+        return image.write_box(&vm_dir.join("interceptor.box"));
+    }
+    let payload = image::build_payload(root, &vm_dir, &args.test_args)?;
+    let mut failed = Vec::new();
+    for boot in &installed {
+        let outcome = qemu::boot(&image, boot, &payload, args.shell)?;
+        println!(
+            "xtask vm: kernel {} ({}): {outcome}",
+            boot.label, boot.release
+        );
+        if !outcome.passed() {
+            failed.push(boot.label);
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the tests failed on kernel(s) {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// `cargo build` for one of the binaries the VM runs, with the toolchain's PATH.
+fn cargo_build(args: &[&str]) -> Result<()> {
+    check(crate::cargo().args(args))
+}
