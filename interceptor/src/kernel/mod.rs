@@ -7,6 +7,7 @@
 //! pinned: when the daemon exits, however it exits, the kernel detaches the programs and
 //! connections go direct instead of to a dead proxy port.
 
+mod features;
 mod maps;
 mod records;
 mod stats;
@@ -55,6 +56,8 @@ pub enum KernelError {
     },
     #[error("cannot load the BPF object")]
     Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Unsupported(#[from] features::Unsupported),
     #[error("BPF program {name}")]
     Program {
         name: &'static str,
@@ -157,7 +160,8 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .override_global(GLOBALS_SYMBOL, &globals, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
-            .load(PROGRAMS)?;
+            .load(PROGRAMS)
+            .map_err(features::object_error)?;
 
         let interceptions = InterceptionMaps::new(
             take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,
@@ -174,10 +178,10 @@ impl Kernel {
         // Single (no flags) still coexists with other programs on the same cgroup.
         // sockops first: a connect4 redirect is only useful once the record can be re-keyed.
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
-        sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
-        sockops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(SOCKOPS_PROGRAM))?;
+        let attached = sockops
+            .load()
+            .and_then(|()| sockops.attach(&cgroup, CgroupAttachMode::Single));
+        features::check(SOCKOPS_PROGRAM, attached.map(drop))?;
         // connect6 handles native IPv6 and dual-stack sockets connecting to IPv4-mapped
         // addresses; the getpeername hooks show applications their original
         // destination. They go on first, so no redirected socket ever reports the
@@ -189,10 +193,11 @@ impl Kernel {
             CONNECT6_PROGRAM,
         ] {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            connect.load().map_err(program_error(name))?;
-            connect
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(name))?;
+            let attached = connect
+                .load()
+                .and_then(|()| connect.attach(&cgroup, CgroupAttachMode::Single));
+            // Required programs end the start; optional ones are logged and skipped.
+            features::check(name, attached.map(drop))?;
         }
         info!(cgroup = %config.cgroup.display(), "programs attached");
 
