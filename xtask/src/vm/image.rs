@@ -161,6 +161,7 @@ impl Image {
             disk,
         };
         if complete.exists() {
+            image.write_guest_files()?;
             return Ok(image);
         }
         if image.rootfs.exists() {
@@ -183,7 +184,7 @@ impl Image {
 
     /// The shared provisioning script, then what only the test VM needs: a root
     /// console, the payload disk, and the unit that runs the tests at boot.
-    fn provision(&self) -> Result<()> {
+    fn provision(&mut self) -> Result<()> {
         let staged = self.rootfs.join("tmp/provision");
         fs::create_dir_all(&staged)?;
         fs::copy(
@@ -223,18 +224,35 @@ impl Image {
             "/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
             "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --keep-baud 115200 %I $TERM\n",
         )?;
-        write("/usr/local/sbin/xtask-vm-run", GUEST_RUNNER)?;
-        set_mode(&self.rootfs.join("usr/local/sbin/xtask-vm-run"), 0o755)?;
-        write("/etc/systemd/system/xtask-vm.service", GUEST_UNIT)?;
+        self.write_guest_files()?;
         self.in_root(&["systemctl", "enable", "xtask-vm.service"])?;
-        // Nothing in the test VM may wait for a network it does not have.
+        // Nothing in the test VM may wait for a network it does not have, and no
+        // login prompt may take the console from the runner (agetty hangs it up).
         self.in_root(&[
             "systemctl",
             "mask",
             "systemd-networkd-wait-online.service",
             "apt-daily.timer",
             "apt-daily-upgrade.timer",
+            "console-getty.service",
         ])?;
+        Ok(())
+    }
+
+    /// The runner and its unit, rewritten when they differ from this build's.
+    fn write_guest_files(&mut self) -> Result<()> {
+        for (path, text, mode) in [
+            ("usr/local/sbin/xtask-vm-run", GUEST_RUNNER, 0o755),
+            ("etc/systemd/system/xtask-vm.service", GUEST_UNIT, 0o644),
+        ] {
+            let path = self.rootfs.join(path);
+            if fs::read_to_string(&path).is_ok_and(|current| current == text) {
+                continue;
+            }
+            fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            set_mode(&path, mode)?;
+            self.changed = true;
+        }
         Ok(())
     }
 
@@ -363,6 +381,10 @@ impl Image {
         make_ext4(&self.rootfs, &self.disk, DISK_SIZE)
     }
 
+    pub fn rootfs(&self) -> &Path {
+        &self.rootfs
+    }
+
     /// A libvirt Vagrant box: the disk as qcow2, booted by the box's own kernel.
     pub fn write_box(&self, path: &Path) -> Result<()> {
         super::vagrant_box::write(self, path)
@@ -372,12 +394,24 @@ impl Image {
 /// The binaries under test and the files the tests read at their build-time paths,
 /// on a disk of their own, so the cached image is never rewritten for a build.
 pub struct Payload {
+    pub dir: PathBuf,
     pub disk: PathBuf,
 }
 
-pub fn build_payload(root: &Path, vm_dir: &Path, test_args: &[String]) -> Result<Payload> {
+/// What the payload runs at boot.
+pub enum Run<'a> {
+    /// The integration test binary with these arguments, in a VM.
+    Tests(&'a [String]),
+    /// The systemd unit checks, in a container.
+    SystemdChecks,
+}
+
+pub fn build_payload(root: &Path, vm_dir: &Path, what: Run) -> Result<Payload> {
     super::cargo_build(&["build", "--package", "interceptor"])?;
-    let test_binary = integration_test_binary()?;
+    let test_binary = match what {
+        Run::Tests(_) => Some(integration_test_binary()?),
+        Run::SystemdChecks => None,
+    };
     let dir = vm_dir.join("payload");
     if dir.exists() {
         fs::remove_dir_all(&dir)?;
@@ -393,19 +427,29 @@ pub fn build_payload(root: &Path, vm_dir: &Path, test_args: &[String]) -> Result
         root.join("target/debug/interceptor"),
         workspace.join("target/debug/interceptor"),
     )?;
-    fs::copy(&test_binary, workspace.join("target/debug/integration"))?;
-    let mut quoted_args = String::new();
-    for arg in test_args {
-        quoted_args.push_str(&format!(" '{}'", arg.replace('\'', r"'\''")));
+    if let Some(test_binary) = &test_binary {
+        fs::copy(test_binary, workspace.join("target/debug/integration"))?;
     }
     fs::write(dir.join("workspace-path"), format!("{}\n", root.display()))?;
-    fs::write(
-        dir.join("run.sh"),
-        format!(
-            "#!/bin/sh\nset -e\ncd '{root}/tests'\nexport INTERCEPTOR_BIN='{root}/target/debug/interceptor' RUST_BACKTRACE=1\nexec '{root}/target/debug/integration' --color=never{quoted_args}\n",
-            root = root.display()
-        ),
-    )?;
+    let (what, script) = match what {
+        Run::Tests(test_args) => {
+            let mut quoted_args = String::new();
+            for arg in test_args {
+                quoted_args.push_str(&format!(" '{}'", arg.replace('\'', r"'\''")));
+            }
+            let script = format!(
+                "#!/bin/sh\nset -e\ncd '{root}/tests'\nexport INTERCEPTOR_BIN='{root}/target/debug/interceptor' RUST_BACKTRACE=1\nexec '{root}/target/debug/integration' --color=never{quoted_args}\n",
+                root = root.display()
+            );
+            ("the integration tests", script)
+        }
+        Run::SystemdChecks => {
+            fs::write(dir.join("autorun"), "")?;
+            ("the systemd unit checks", SYSTEMD_CHECKS.to_string())
+        }
+    };
+    fs::write(dir.join("what"), what)?;
+    fs::write(dir.join("run.sh"), script)?;
     let disk = vm_dir.join("payload.img");
     let _ = fs::remove_file(&disk);
     make_ext4(
@@ -413,7 +457,7 @@ pub fn build_payload(root: &Path, vm_dir: &Path, test_args: &[String]) -> Result
         &disk,
         &format!("{}M", tree_size_mib(&dir)? * 3 / 2 + 64),
     )?;
-    Ok(Payload { disk })
+    Ok(Payload { dir, disk })
 }
 
 /// Builds the integration test binary and returns its path, as cargo reports it.
@@ -481,21 +525,34 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
         .with_context(|| format!("chmod {}", path.display()))
 }
 
-/// Runs at boot: links the workspace path to the payload, and with `xtask.run` on
-/// the kernel command line runs the tests, prints a status line the host reads,
-/// and powers off at once.
+/// Runs at boot: links the workspace path to the payload and, when asked (`xtask.run`
+/// on a VM's kernel command line, or /payload/autorun in a container), runs
+/// /payload/run.sh, prints a status line the host reads, and powers off.
 const GUEST_RUNNER: &str = r#"#!/bin/sh
 workspace=$(cat /payload/workspace-path 2>/dev/null) || exit 0
 mkdir -p "$(dirname "$workspace")"
 ln -sfn /payload/workspace "$workspace"
-grep -qw xtask.run /proc/cmdline || exit 0
-echo "xtask-vm: kernel $(uname -r), $(nproc) CPUs, running the integration tests"
+if [ -e /payload/autorun ]; then
+	container=yes
+elif grep -qw xtask.run /proc/cmdline; then
+	container=no
+else
+	exit 0
+fi
+echo "xtask-vm: kernel $(uname -r), $(nproc) CPUs, running $(cat /payload/what)"
 sh /payload/run.sh
 status=$?
 echo "xtask-vm: exit status $status"
 sync
-echo o > /proc/sysrq-trigger
+if [ "$container" = yes ]; then
+	# Never the sysrq trigger here: in a container it is the host's.
+	systemctl poweroff --no-block
+else
+	echo o > /proc/sysrq-trigger
+fi
 "#;
+
+const SYSTEMD_CHECKS: &str = include_str!("systemd-checks.sh");
 
 const GUEST_UNIT: &str = "[Unit]
 Description=cargo xtask vm: the integration tests
@@ -507,7 +564,7 @@ Type=oneshot
 ExecStart=/usr/local/sbin/xtask-vm-run
 StandardOutput=tty
 StandardError=tty
-TTYPath=/dev/ttyS0
+TTYPath=/dev/console
 
 [Install]
 WantedBy=multi-user.target

@@ -28,6 +28,11 @@ pub struct VmArgs {
     /// (Ctrl-A X quits qemu).
     #[arg(long)]
     shell: bool,
+    /// Instead of the tests: boot the image's systemd with systemd-nspawn (on the
+    /// host's kernel) and check deploy/systemd/interceptor.service: start, reload,
+    /// restart, stop and its hardening.
+    #[arg(long, conflicts_with_all = ["shell", "write_box"])]
+    systemd: bool,
     /// Write target/vm/interceptor.box, a libvirt Vagrant box of the image, and stop.
     #[arg(long = "box")]
     write_box: bool,
@@ -101,6 +106,16 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
         bail!("--shell boots one kernel: name it with --kernel");
     }
     let mut image = image::Image::open(root, &vm_dir)?;
+    if args.systemd {
+        // The container runs the tree itself, on the host's kernel.
+        let payload = image::build_payload(root, &vm_dir, image::Run::SystemdChecks)?;
+        let outcome = qemu::nspawn(&image, &payload)?;
+        println!("xtask vm: systemd unit checks: {outcome}");
+        if !outcome.passed() {
+            bail!("the systemd unit checks failed");
+        }
+        return Ok(());
+    }
     let mut installed = Vec::new();
     for kernel in &kernels {
         installed.push(image.ensure_kernel(*kernel)?);
@@ -109,7 +124,7 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
     if args.write_box {
         return image.write_box(&vm_dir.join("interceptor.box"));
     }
-    let payload = image::build_payload(root, &vm_dir, &args.test_args)?;
+    let payload = image::build_payload(root, &vm_dir, image::Run::Tests(&args.test_args))?;
     let mut failed = Vec::new();
     for boot in &installed {
         let outcome = qemu::boot(&image, boot, &payload, args.shell)?;

@@ -107,11 +107,41 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
         crate::check(&mut qemu)?;
         return Ok(Outcome::Interactive);
     }
-    qemu.args(["-serial", "stdio", "-monitor", "none"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    qemu.args(["-serial", "stdio", "-monitor", "none"]);
+    watch(qemu, boot.label)
+}
+
+/// Boots the image's systemd in a container of the host's kernel, with the payload
+/// bound in: the unit checks need a real systemd, not a particular kernel.
+pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
+    let nspawn = format!(
+        "systemd-nspawn --quiet --register=no --keep-unit --boot --volatile=overlay \
+         --private-network --capability=CAP_BPF --system-call-filter=bpf \
+         --bind-ro={payload}:/payload --directory={rootfs}",
+        payload = payload.dir.display(),
+        rootfs = image.rootfs().display(),
+    );
+    println!("\n======== systemd-nspawn on the host's kernel ========");
+    // script gives nspawn the terminal it wants for the container's console.
+    let mut script = Command::new("script");
+    script.args([
+        "--quiet",
+        "--flush",
+        "--return",
+        "--command",
+        &nspawn,
+        "/dev/null",
+    ]);
+    watch(script, "nspawn")
+}
+
+/// Runs a boot, streams its console under `label`, and reads the runner's status.
+fn watch(mut command: Command, label: &str) -> Result<Outcome> {
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
     let started = Instant::now();
-    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {command:?}"))?;
     let stdout = child.stdout.take().expect("piped");
     let timed_out = Arc::new(AtomicBool::new(false));
     let pid = child.id();
@@ -129,10 +159,10 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
     };
     let mut status = None;
     for line in BufReader::new(stdout).split(b'\n') {
-        let line = line.context("reading the serial console")?;
+        let line = line.context("reading the console")?;
         let line = String::from_utf8_lossy(&line);
         let line = line.trim_end_matches(['\r', '\n']);
-        println!("[{}] {line}", boot.label);
+        println!("[{label}] {line}");
         if let Some(code) = line
             .find(STATUS_PREFIX)
             .map(|at| &line[at + STATUS_PREFIX.len()..])
@@ -140,7 +170,7 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
             status = code.trim().parse::<i32>().ok();
         }
     }
-    let exit = child.wait().context("waiting for qemu")?;
+    let exit = child.wait().context("waiting for the boot to end")?;
     watchdog.thread().unpark();
     let took = started.elapsed();
     Ok(match status {
@@ -149,6 +179,6 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
         None if timed_out.load(Ordering::SeqCst) => {
             Outcome::NoStatus(format!("no result within {} min", RUN_LIMIT.as_secs() / 60))
         }
-        None => Outcome::NoStatus(format!("the VM stopped ({exit}) before the tests reported")),
+        None => Outcome::NoStatus(format!("it stopped ({exit}) before the runner reported")),
     })
 }
