@@ -226,16 +226,6 @@ impl Image {
         )?;
         self.write_guest_files()?;
         self.in_root(&["systemctl", "enable", "xtask-vm.service"])?;
-        // Nothing in the test VM may wait for a network it does not have, and no
-        // login prompt may take the console from the runner (agetty hangs it up).
-        self.in_root(&[
-            "systemctl",
-            "mask",
-            "systemd-networkd-wait-online.service",
-            "apt-daily.timer",
-            "apt-daily-upgrade.timer",
-            "console-getty.service",
-        ])?;
         Ok(())
     }
 
@@ -251,6 +241,16 @@ impl Image {
             }
             fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
             set_mode(&path, mode)?;
+            self.changed = true;
+        }
+        for unit in GUEST_MASKED {
+            let link = self.rootfs.join("etc/systemd/system").join(unit);
+            if fs::read_link(&link).is_ok_and(|target| target == Path::new("/dev/null")) {
+                continue;
+            }
+            let _ = fs::remove_file(&link);
+            std::os::unix::fs::symlink("/dev/null", &link)
+                .with_context(|| format!("masking {unit}"))?;
             self.changed = true;
         }
         Ok(())
@@ -552,10 +552,21 @@ else
 fi
 "#;
 
+/// Nothing in the test VM may wait for a network it does not have, and no login
+/// prompt may take the console from the runner: agetty hangs up the terminal it takes
+/// over. (--shell logs in through serial-getty@ttyS0, which stays.)
+const GUEST_MASKED: &[&str] = &[
+    "systemd-networkd-wait-online.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "console-getty.service",
+    "container-getty@.service",
+];
+
 const SYSTEMD_CHECKS: &str = include_str!("systemd-checks.sh");
 
 const GUEST_UNIT: &str = "[Unit]
-Description=cargo xtask vm: the integration tests
+Description=cargo xtask vm: what the payload disk runs
 After=local-fs.target payload.mount
 RequiresMountsFor=/payload
 

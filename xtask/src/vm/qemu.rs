@@ -1,8 +1,9 @@
 //! Boots one kernel of the image in qemu and streams its serial console.
 
 use std::{
-    fmt,
+    fmt, fs,
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -117,11 +118,20 @@ pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
     let nspawn = format!(
         "systemd-nspawn --quiet --register=no --keep-unit --boot --volatile=overlay \
          --private-network --capability=CAP_BPF --system-call-filter=bpf \
-         --bind-ro={payload}:/payload --directory={rootfs}",
+         --bind-ro={payload}:/payload --directory={rootfs} systemd.show_status=error",
         payload = payload.dir.display(),
         rootfs = image.rootfs().display(),
     );
     println!("\n======== systemd-nspawn on the host's kernel ========");
+    // The daemon in the container attaches to the container's cgroup root, which is
+    // nspawn's own cgroup (or a child of it): so nspawn starts in a cgroup of its
+    // own, never the host's root, and the cgroup goes when it ends.
+    let cgroup = interceptor_common::host::cgroup2_root()?.join(format!(
+        "{}{}-nspawn",
+        testbed::TEST_CGROUP_PREFIX,
+        std::process::id()
+    ));
+    fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
     // script gives nspawn the terminal it wants for the container's console.
     let mut script = Command::new("script");
     script.args([
@@ -132,7 +142,21 @@ pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
         &nspawn,
         "/dev/null",
     ]);
-    watch(script, "nspawn")
+    let procs = cgroup.join("cgroup.procs");
+    // SAFETY: between fork and exec the closure opens, writes and closes one file;
+    // xtask has no other thread yet, so the allocation that makes is safe too.
+    unsafe {
+        script.pre_exec(move || fs::write(&procs, "0"));
+    }
+    let outcome = watch(script, "nspawn");
+    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
+    for _ in 0..100 {
+        if fs::remove_dir(&cgroup).is_ok() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    outcome
 }
 
 /// Runs a boot, streams its console under `label`, and reads the runner's status.
