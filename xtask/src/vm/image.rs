@@ -384,11 +384,6 @@ impl Image {
     pub fn rootfs(&self) -> &Path {
         &self.rootfs
     }
-
-    /// A libvirt Vagrant box: the disk as qcow2, booted by the box's own kernel.
-    pub fn write_box(&self, path: &Path) -> Result<()> {
-        super::vagrant_box::write(self, path)
-    }
 }
 
 /// The binaries under test and the files the tests read at their build-time paths,

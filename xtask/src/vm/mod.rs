@@ -33,7 +33,8 @@ pub struct VmArgs {
     /// restart, stop and its hardening.
     #[arg(long, conflicts_with_all = ["shell", "write_box"])]
     systemd: bool,
-    /// Write target/vm/interceptor.box, a libvirt Vagrant box of the image, and stop.
+    /// Write target/vm/interceptor.box, a libvirt Vagrant box of the image booting
+    /// the --kernel given (one), and stop.
     #[arg(long = "box")]
     write_box: bool,
     /// Arguments for the integration test binary, e.g. a filter such as `redirect::`.
@@ -102,8 +103,8 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
     image::ensure_host_packages()?;
     let vm_dir = root.join("target/vm");
     let kernels = args.kernel.kernels();
-    if args.shell && kernels.len() != 1 {
-        bail!("--shell boots one kernel: name it with --kernel");
+    if (args.shell || args.write_box) && kernels.len() != 1 {
+        bail!("--shell and --box take one kernel: name it with --kernel");
     }
     let mut image = image::Image::open(root, &vm_dir)?;
     if args.systemd {
@@ -120,10 +121,15 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
     for kernel in &kernels {
         installed.push(image.ensure_kernel(*kernel)?);
     }
-    image.ensure_disk()?;
     if args.write_box {
-        return image.write_box(&vm_dir.join("interceptor.box"));
+        return vagrant_box::write(
+            &image,
+            &installed[0],
+            &vm_dir,
+            &vm_dir.join("interceptor.box"),
+        );
     }
+    image.ensure_disk()?;
     let payload = image::build_payload(root, &vm_dir, image::Run::Tests(&args.test_args))?;
     let mut failed = Vec::new();
     for boot in &installed {
