@@ -14,10 +14,12 @@ use tracing::{debug, warn};
 
 use super::KernelError;
 
-/// A kernel feature one program needs, and the mainline release that brought it.
+/// A kernel feature one program needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Feature {
     pub what: &'static str,
+    /// The oldest release known to offer it: the mainline release that brought it
+    /// where that is certain, else the oldest kernel `cargo xtask vm` passed (5.10).
     pub since: &'static str,
     /// What the daemon does without it; `None`: it cannot run without it.
     pub without: Option<&'static str>,
@@ -25,12 +27,12 @@ pub struct Feature {
 
 const SOCKOPS: Feature = Feature {
     what: "sock_ops programs with socket storage (bpf_sk_storage_get)",
-    since: "5.3",
+    since: "5.10",
     without: None,
 };
 const CONNECT: Feature = Feature {
-    what: "cgroup connect programs with the network namespace cookie (bpf_get_netns_cookie)",
-    since: "5.7",
+    what: "cgroup connect programs with socket storage and the network namespace cookie",
+    since: "5.10",
     without: None,
 };
 const GETPEERNAME: Feature = Feature {
@@ -223,8 +225,8 @@ mod tests {
         let line = refusal.to_string();
         assert_eq!(
             line,
-            "Linux 5.4.0-1-amd64 lacks cgroup connect programs with the network namespace \
-             cookie (bpf_get_netns_cookie) (Linux 5.7 or later): the verifier rejected \
+            "Linux 5.4.0-1-amd64 lacks cgroup connect programs with socket storage and the \
+             network namespace cookie (Linux 5.10 or later): the verifier rejected \
              egress_connect4: no helper bpf_get_netns_cookie"
         );
         assert!(!line.contains('\n'), "one line: {line}");
