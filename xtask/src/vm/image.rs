@@ -126,6 +126,27 @@ impl TempApt {
         command
     }
 
+    /// The linux-* packages `package` depends on (the first of each alternative).
+    fn kernel_dependencies(&self, package: &str) -> Result<Vec<String>> {
+        let show = self
+            .command("apt-cache")
+            .args(["show", package])
+            .output()
+            .context("running apt-cache")?;
+        let text = String::from_utf8_lossy(&show.stdout);
+        let depends = text
+            .lines()
+            .find_map(|line| line.strip_prefix("Depends:"))
+            .unwrap_or_default();
+        Ok(depends
+            .split(',')
+            .flat_map(|dep| dep.split('|'))
+            .filter_map(|dep| dep.split_whitespace().next())
+            .filter(|dep| dep.starts_with("linux-"))
+            .map(str::to_string)
+            .collect())
+    }
+
     fn update(&self) -> Result<()> {
         check(self.command("apt-get").args(["update", "-q"]))
     }
@@ -279,9 +300,13 @@ impl Image {
     pub fn ensure_kernel(&mut self, kernel: Kernel) -> Result<Boot> {
         let dir = self.root.join("target/vm/kernels").join(kernel.suite);
         let release_file = dir.join("release");
-        let release = match fs::read_to_string(&release_file) {
-            Ok(release) => release.trim().to_string(),
-            Err(_) => {
+        let installed = fs::read_to_string(&release_file)
+            .map(|release| release.trim().to_string())
+            .ok()
+            .filter(|release| self.rootfs.join(format!("boot/vmlinuz-{release}")).exists());
+        let release = match installed {
+            Some(release) => release,
+            None => {
                 let release = self.fetch_kernel(kernel, &dir)?;
                 fs::write(&release_file, &release)?;
                 release
@@ -316,38 +341,32 @@ impl Image {
             &[format!("{} {}", debian_mirror()?, kernel.suite)],
         )?;
         apt.update()?;
-        // The metapackage names the versioned image package this release ships.
-        let show = apt
-            .command("apt-cache")
-            .args(["show", "linux-image-cloud-amd64"])
-            .output()
-            .context("running apt-cache")?;
-        let text = String::from_utf8_lossy(&show.stdout);
-        let package = text
-            .lines()
-            .find_map(|line| line.strip_prefix("Depends:"))
-            .and_then(|depends| {
-                depends
-                    .split(',')
-                    .map(|dep| dep.split_whitespace().next().unwrap_or_default())
-                    .find(|dep| dep.starts_with("linux-image-"))
-            })
-            .with_context(|| format!("no linux-image-cloud-amd64 in Debian {}", kernel.suite))?
-            .to_string();
+        // The metapackage names the versioned image package this release ships;
+        // from 7.x on, that one is itself split into linux-binary-* (the kernel) and
+        // linux-modules-* (its modules).
+        let package = apt
+            .kernel_dependencies("linux-image-cloud-amd64")?
+            .into_iter()
+            .find(|dep| dep.starts_with("linux-image-"))
+            .with_context(|| format!("no linux-image-cloud-amd64 in Debian {}", kernel.suite))?;
         let release = package.trim_start_matches("linux-image-").to_string();
+        let mut packages = vec![package.clone()];
+        packages.extend(
+            apt.kernel_dependencies(&package)?
+                .into_iter()
+                .filter(|dep| dep.ends_with(&release)),
+        );
+        let debs_dir = dir.join("debs");
+        if debs_dir.exists() {
+            fs::remove_dir_all(&debs_dir)?;
+        }
+        fs::create_dir_all(&debs_dir)?;
         check(
             apt.command("apt-get")
-                .args(["download", &package])
-                .current_dir(dir),
+                .arg("download")
+                .args(&packages)
+                .current_dir(&debs_dir),
         )?;
-        let deb = fs::read_dir(dir)?
-            .flatten()
-            .map(|entry| entry.path())
-            .find(|path| {
-                path.file_name()
-                    .is_some_and(|name| name.to_string_lossy().starts_with(&package))
-            })
-            .with_context(|| format!("apt-get download left no {package} .deb"))?;
         // Unpacked, not installed: its maintainer scripts belong to another release.
         // Into a directory of its own first: older packages put modules under /lib,
         // which in the merged-/usr tree is a link that extracting over would replace.
@@ -355,7 +374,14 @@ impl Image {
         if unpacked.exists() {
             fs::remove_dir_all(&unpacked)?;
         }
-        check(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+        for deb in fs::read_dir(&debs_dir)?.flatten() {
+            check(
+                Command::new("dpkg-deb")
+                    .arg("-x")
+                    .arg(deb.path())
+                    .arg(&unpacked),
+            )?;
+        }
         for (from, to) in [
             ("boot", "boot"),
             ("lib/modules", "usr/lib/modules"),
@@ -366,6 +392,19 @@ impl Image {
             }
         }
         fs::remove_dir_all(&unpacked)?;
+        // From 7.x on the kernel and its config ship in the modules directory, and
+        // the maintainer scripts (not run here) put them in /boot.
+        let modules = self.rootfs.join("usr/lib/modules").join(&release);
+        for (shipped, boot) in [
+            ("vmlinuz", "vmlinuz"),
+            ("config", "config"),
+            ("System.map", "System.map"),
+        ] {
+            let target = self.rootfs.join(format!("boot/{boot}-{release}"));
+            if modules.join(shipped).exists() && !target.exists() {
+                fs::copy(modules.join(shipped), target)?;
+            }
+        }
         self.in_root(&["depmod", &release])?;
         self.changed = true;
         Ok(release)
