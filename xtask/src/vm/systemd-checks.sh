@@ -32,6 +32,9 @@ else
 	fail "start: systemctl start failed"
 	journalctl -u interceptor.service --no-pager | tail -30
 fi
+# The Vagrant rig's self-test, installed by the same provision.sh.
+interceptor-selftest >/dev/null && pass "start: interceptor-selftest (the Vagrant rig's check)" ||
+	fail "start: interceptor-selftest failed"
 [ "$(systemctl show -p Type --value interceptor.service)" = notify ] ||
 	fail "start: the unit is not Type=notify"
 
