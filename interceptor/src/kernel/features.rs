@@ -77,7 +77,7 @@ impl fmt::Display for Unsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "Linux {} lacks {} (Linux {} or later): {}",
+            "Linux {} cannot run {} (known on Linux {} or later) for this process: {}",
             self.release, self.missing, self.since, self.answer
         )
     }
@@ -135,9 +135,16 @@ fn judge(
         } => {
             let log = verifier_log.to_string();
             debug!(program, verifier_log = %log, "the verifier rejected {program}");
-            match missing_helper(&log) {
-                Some(helper) => format!("the verifier rejected {program}: no helper {helper}"),
-                None => format!(
+            match (missing_helper(&log), io_error.raw_os_error()) {
+                (Some(helper), _) => format!("the verifier rejected {program}: no helper {helper}"),
+                // Not a missing feature: older kernels hold some verifier checks to
+                // more privilege than CAP_BPF (CAP_PERFMON, or CAP_SYS_ADMIN).
+                (None, Some(libc::EACCES | libc::EPERM)) => format!(
+                    "the verifier refused {program} to this process's privileges ({io_error}); \
+                     on older kernels it may need CAP_PERFMON or CAP_SYS_ADMIN too \
+                     (RUST_LOG=debug shows the verifier's log)"
+                ),
+                (None, _) => format!(
                     "the verifier rejected {program} ({io_error}; RUST_LOG=debug shows its log)"
                 ),
             }
@@ -225,9 +232,9 @@ mod tests {
         let line = refusal.to_string();
         assert_eq!(
             line,
-            "Linux 5.4.0-1-amd64 lacks cgroup connect programs with socket storage and the \
-             network namespace cookie (Linux 5.10 or later): the verifier rejected \
-             egress_connect4: no helper bpf_get_netns_cookie"
+            "Linux 5.4.0-1-amd64 cannot run cgroup connect programs with socket storage and \
+             the network namespace cookie (known on Linux 5.10 or later) for this process: \
+             the verifier rejected egress_connect4: no helper bpf_get_netns_cookie"
         );
         assert!(!line.contains('\n'), "one line: {line}");
         assert!(!line.contains("processed"), "no verifier log: {line}");
@@ -244,11 +251,25 @@ mod tests {
         .unwrap_err();
         let line = refusal.to_string();
         assert!(
-            line.starts_with("Linux 5.4.0 lacks sock_ops programs"),
+            line.starts_with("Linux 5.4.0 cannot run sock_ops programs"),
             "{line}"
         );
         assert!(line.contains("RUST_LOG=debug"), "{line}");
         assert!(!line.contains("invalid mem access"), "{line}");
+    }
+
+    #[test]
+    fn a_privilege_refusal_is_not_reported_as_a_missing_feature() {
+        let refused = ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(libc::EACCES),
+            verifier_log: VerifierLog::new("R1 pointer arithmetic prohibited\n".into()),
+        };
+        let line = judge("6.1.0-50-cloud-amd64", SOCKOPS, "egress_sockops", &refused)
+            .unwrap_err()
+            .to_string();
+        assert!(line.contains("to this process's privileges"), "{line}");
+        assert!(line.contains("CAP_PERFMON"), "{line}");
+        assert!(!line.contains("pointer arithmetic"), "{line}");
     }
 
     #[test]
