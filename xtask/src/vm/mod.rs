@@ -21,16 +21,17 @@ use crate::{check, setup};
 
 #[derive(Debug, Args)]
 pub struct VmArgs {
-    /// Which kernel to boot.
-    #[arg(long, value_enum, default_value = "6.1")]
-    kernel: KernelChoice,
+    /// Which kernel to boot (default 6.1; with --systemd, none: the host's, in a
+    /// container).
+    #[arg(long, value_enum)]
+    kernel: Option<KernelChoice>,
     /// An interactive root shell on the serial console instead of the tests
     /// (Ctrl-A X quits qemu).
     #[arg(long)]
     shell: bool,
-    /// Instead of the tests: boot the image's systemd with systemd-nspawn (on the
-    /// host's kernel) and check deploy/systemd/interceptor.service: start, reload,
-    /// restart, stop and its hardening.
+    /// Instead of the tests: check deploy/systemd/interceptor.service under the
+    /// image's systemd (start, reload, restart, stop, its hardening): with systemd-nspawn
+    /// on the host's kernel, or with --kernel in the VM on that kernel.
     #[arg(long, conflicts_with_all = ["shell", "write_box"])]
     systemd: bool,
     /// Write target/vm/interceptor.box, a libvirt Vagrant box of the image booting
@@ -102,12 +103,12 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
     setup::ensure_toolchain()?;
     image::ensure_host_packages()?;
     let vm_dir = root.join("target/vm");
-    let kernels = args.kernel.kernels();
+    let kernels = args.kernel.unwrap_or(KernelChoice::K6_1).kernels();
     if (args.shell || args.write_box) && kernels.len() != 1 {
         bail!("--shell and --box take one kernel: name it with --kernel");
     }
     let mut image = image::Image::open(root, &vm_dir)?;
-    if args.systemd {
+    if args.systemd && args.kernel.is_none() {
         // The container runs the tree itself, on the host's kernel.
         let payload = image::build_payload(root, &vm_dir, image::Run::SystemdChecks)?;
         let outcome = qemu::nspawn(&image, &payload)?;
@@ -130,7 +131,12 @@ pub fn run(root: &Path, args: VmArgs) -> Result<()> {
         );
     }
     image.ensure_disk()?;
-    let payload = image::build_payload(root, &vm_dir, image::Run::Tests(&args.test_args))?;
+    let run = if args.systemd {
+        image::Run::SystemdChecks
+    } else {
+        image::Run::Tests(&args.test_args)
+    };
+    let payload = image::build_payload(root, &vm_dir, run)?;
     let mut failed = Vec::new();
     for boot in &installed {
         let outcome = qemu::boot(&image, boot, &payload, args.shell)?;

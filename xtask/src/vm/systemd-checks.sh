@@ -12,6 +12,8 @@ get() { curl -fsS --max-time 5 "http://$1/index.html"; }
 expected="hello from the selftest backend"
 
 install -m 0755 "$workspace/target/debug/interceptor" /usr/local/bin/interceptor
+# The kernel module's debug log carries the verifier's log if a program is refused.
+systemctl set-environment RUST_LOG=info,interceptor::kernel=debug
 systemctl daemon-reload
 systemctl start selftest-backend.service
 for _ in $(seq 50); do curl -fsS -o /dev/null http://127.0.0.1:18080/ 2>/dev/null && break; sleep 0.2; done
