@@ -40,6 +40,11 @@ interceptor-selftest >/dev/null && pass "start: interceptor-selftest (the Vagran
 [ "$(systemctl show -p Type --value interceptor.service)" = notify ] ||
 	fail "start: the unit is not Type=notify"
 
+if ! systemctl is-active --quiet interceptor.service; then
+	echo "systemd-check: FAIL the daemon did not start: hardening, reload, restart and stop cannot be checked"
+	exit 1
+fi
+
 # 2. Hardening: the daemon runs as a dynamic user with exactly the two capabilities
 #    the unit grants (CAP_NET_ADMIN is bit 12, CAP_BPF bit 39), and works.
 pid=$(systemctl show -p MainPID --value interceptor.service)
