@@ -6,6 +6,7 @@
 mod bench;
 mod setup;
 mod soak;
+mod vm;
 
 use std::{
     env,
@@ -63,6 +64,9 @@ enum Task {
     /// Internal: the benchmark's load generator, started by `bench` in its cgroup.
     #[command(name = "bench-client", hide = true)]
     BenchClient,
+    /// Boot Debian's kernels (5.10, 6.1, 6.12, 7.x) in qemu and run the root integration
+    /// tests inside each (needs root); image and kernels are cached under target/vm/.
+    Vm(vm::VmArgs),
 }
 
 fn main() -> Result<()> {
@@ -81,6 +85,7 @@ fn main() -> Result<()> {
         Task::Bench(args) => bench::run(&root, args),
         Task::Soak(args) => soak::run(args),
         Task::BenchClient => bench::client_main(),
+        Task::Vm(args) => vm::run(&root, args),
     }
 }
 

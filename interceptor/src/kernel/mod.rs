@@ -9,6 +9,7 @@
 
 pub mod closes;
 mod dns;
+mod features;
 mod maps;
 mod records;
 mod stats;
@@ -63,6 +64,8 @@ pub enum KernelError {
     },
     #[error("cannot load the BPF object")]
     Load(#[from] aya::EbpfError),
+    #[error(transparent)]
+    Unsupported(#[from] features::Unsupported),
     #[error("BPF program {name}")]
     Program {
         name: &'static str,
@@ -190,7 +193,8 @@ impl Kernel {
             .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
             .override_global(VIP_REFUSE_SYMBOL, &refusal.settings, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
-            .load(PROGRAMS)?;
+            .load(PROGRAMS)
+            .map_err(features::object_error)?;
 
         let interceptions = InterceptionMaps::new(
             take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,
@@ -210,10 +214,10 @@ impl Kernel {
         // Single (no flags) still coexists with other programs on the same cgroup.
         // sockops first: a connect4 redirect is only useful once the record can be re-keyed.
         let sockops: &mut SockOps = program(&mut ebpf, SOCKOPS_PROGRAM)?;
-        sockops.load().map_err(program_error(SOCKOPS_PROGRAM))?;
-        sockops
-            .attach(&cgroup, CgroupAttachMode::Single)
-            .map_err(program_error(SOCKOPS_PROGRAM))?;
+        let attached = sockops
+            .load()
+            .and_then(|()| sockops.attach(&cgroup, CgroupAttachMode::Single));
+        features::check(SOCKOPS_PROGRAM, attached.map(drop))?;
         // connect6 handles native IPv6 and dual-stack sockets connecting to IPv4-mapped
         // addresses; the getpeername hooks show applications their original
         // destination. They go on first, so no redirected socket ever reports the
@@ -225,10 +229,11 @@ impl Kernel {
             CONNECT6_PROGRAM,
         ] {
             let connect: &mut CgroupSockAddr = program(&mut ebpf, name)?;
-            connect.load().map_err(program_error(name))?;
-            connect
-                .attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(program_error(name))?;
+            let attached = connect
+                .load()
+                .and_then(|()| connect.attach(&cgroup, CgroupAttachMode::Single));
+            // Required programs end the start; optional ones are logged and skipped.
+            features::check(name, attached.map(drop))?;
         }
         if config.dns != DnsListeners::default() {
             dns::attach(&mut ebpf, &cgroup)?;
