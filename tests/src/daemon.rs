@@ -57,6 +57,14 @@ pub fn spawn(
     if !extra_args.contains(&"--datapath") {
         args.extend(["--datapath".into(), "proxy".into()]);
     }
+    // VIP allocations go to the sandbox's own directory (removed with it), never to
+    // the host's /var/lib/interceptor, so no test sees another's addresses.
+    if !extra_args.contains(&"--state-dir")
+        && let Some(name) = cgroup.file_name()
+    {
+        let state = std::env::temp_dir().join(name).join("daemon-state");
+        args.extend(["--state-dir".into(), state.into()]);
+    }
     args.extend(extra_args.iter().map(OsString::from));
     spawn_command(command(&args, env)?)
 }

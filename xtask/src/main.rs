@@ -130,6 +130,7 @@ fn build_daemon(release: bool) -> Result<()> {
 
 fn test(root: &Path, cargo_test_args: &[String]) -> Result<()> {
     setup::ensure_toolchain()?;
+    setup::ensure_debian_packages(setup::TEST_PACKAGES)?;
     // Left by a test process that was killed before its cleanup ran.
     testbed::remove_stale_cgroups(testbed::TEST_CGROUP_PREFIX)?;
     check(cargo().args(["fmt", "--all", "--", "--check"]))?;

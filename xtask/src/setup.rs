@@ -19,6 +19,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "iproute2",
 ];
+/// What the root integration tests run as real clients: `dig` (bind9-dnsutils),
+/// `curl` and Python's resolver; glibc's `getent` is always there.
+pub const TEST_PACKAGES: &[&str] = &["bind9-dnsutils", "curl", "python3"];
 /// What `cargo xtask bench` runs besides the workspace's binaries: the peers it races
 /// (HAProxy, nginx with its stream module) and `ip` for the sandbox.
 pub const BENCH_PACKAGES: &[&str] = &["haproxy", "nginx", "libnginx-mod-stream", "iproute2"];

@@ -64,6 +64,8 @@ impl Daemon {
         let mut command = testbed::Daemon::run_command(binary, config, &sandbox.cgroup);
         command
             .args(["--proxy-addr", PROXY, "--drain-timeout", "2"])
+            .arg("--state-dir")
+            .arg(sandbox.workdir.join("daemon-state"))
             .args(daemon_args())
             .args(extra_args)
             // `ready` is an info line of interceptor::app; per-connection lines are
