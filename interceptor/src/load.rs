@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, Finding},
+    config::{self, ConfigSet, Finding},
     registry::{BuildError, Registry},
 };
 
@@ -49,7 +49,12 @@ impl LoadError {
 
 /// Loads and checks the whole configuration at `paths` and builds a registry from it.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
-    let loaded = config::load(paths)?;
+    load_with(paths, ConfigSet::default())
+}
+
+/// [`load`], with resources from the Kubernetes API beside the files'.
+pub fn load_with(paths: &[PathBuf], extra: ConfigSet) -> Result<Loaded, LoadError> {
+    let loaded = config::load_with(paths, extra)?;
     match Registry::build(&loaded.config) {
         Ok((registry, build_warnings)) => Ok(Loaded {
             registry,
@@ -66,7 +71,7 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
 
 /// [`load`], for the daemon: what is skipped or doubtful goes to the log. Nothing is
 /// applied unless all of it is valid.
-pub fn load_and_log(paths: &[PathBuf]) -> Result<Registry, LoadError> {
+pub fn load_and_log(paths: &[PathBuf], extra: ConfigSet) -> Result<Registry, LoadError> {
     let log = |skipped: &[String], warnings: &[Finding]| {
         for skipped in skipped {
             info!("skipping {skipped}: not a kind interceptor handles");
@@ -75,7 +80,7 @@ pub fn load_and_log(paths: &[PathBuf]) -> Result<Registry, LoadError> {
             warn!("{warning}");
         }
     };
-    match load(paths) {
+    match load_with(paths, extra) {
         Ok(loaded) => {
             log(&loaded.skipped, &loaded.warnings);
             Ok(loaded.registry)

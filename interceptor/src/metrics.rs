@@ -212,6 +212,8 @@ pub struct Metrics {
     redirect_records: Family<RecordSourceLabels, Counter>,
     kernel_events: Family<KernelEventLabels, Counter>,
     pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// The Kubernetes config source's, registered always, filled only with it.
+    pub config_source: crate::config::kubernetes::SourceMetrics,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -247,6 +249,7 @@ impl Metrics {
             redirect_records: Family::default(),
             kernel_events: Family::default(),
             busy_poll_spin: Counter::default(),
+            config_source: Default::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             closes: Default::default(),
@@ -390,6 +393,7 @@ impl Metrics {
                 .config_reloads
                 .get_or_create_owned(&ReloadLabels { result });
         }
+        metrics.config_source.register(&mut registry);
         Self {
             registry,
             ..metrics
