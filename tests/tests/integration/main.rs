@@ -4,6 +4,7 @@
 
 mod deploy;
 mod dns;
+mod kubernetes;
 mod ops;
 mod redirect;
 mod resets;
