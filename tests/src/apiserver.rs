@@ -95,7 +95,7 @@ struct Change {
 #[derive(Debug, Default)]
 struct State {
     version: u64,
-    /// Watches from a version at or below this get 410 Gone, as after an etcd
+    /// Watches from a version below this get 410 Gone, as after an etcd
     /// compaction.
     compacted: u64,
     /// `(kind, namespace, name)` → object.
@@ -247,6 +247,8 @@ impl ApiServer {
     /// Gone and must re-list. Open watches are cut, so they resume at once.
     pub fn expire_history(&self) {
         let mut state = self.state.lock().unwrap();
+        // Writes elsewhere moved the version on, past what any client has seen.
+        state.version += 1;
         state.compacted = state.version;
         state.history.clear();
         drop(state);
@@ -567,12 +569,12 @@ fn watch(
                 .is_none_or(|namespace| *namespace == change.namespace)
     };
     let (sender, receiver) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(64);
-    if from != 0 && from <= guard.compacted {
+    if from != 0 && from < guard.compacted {
         let gone = json!({
             "type": "ERROR",
             "object": {
                 "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                "message": format!("too old resource version: {from} ({})", guard.compacted + 1),
+                "message": format!("too old resource version: {from} ({})", guard.compacted),
                 "reason": "Expired", "code": 410,
             },
         });

@@ -250,7 +250,7 @@ fn a_cut_watch_and_410_gone_drop_no_connection_and_flap_no_map() {
     let _second = TestServer::start("second", "198.18.0.11:7000");
     let api = ApiServer::start();
     api.apply(&vip_entry("shop", "db", "240.240.9.1", "198.18.0.10"));
-    let _daemon = start_daemon(&sandbox, &api, &[]);
+    let daemon = start_daemon(&sandbox, &api, &[]);
 
     // A long-lived connection through the proxy.
     let mut open = connect("240.240.9.1:7000").unwrap();
@@ -298,9 +298,15 @@ fn a_cut_watch_and_410_gone_drop_no_connection_and_flap_no_map() {
         before,
         "a re-list of unchanged objects reloaded the maps"
     );
-    scrape_until(Duration::from_secs(5), |scrape| {
-        scrape.value("interceptor_config_source_up", &[("source", "kubernetes")]) == Some(1.0)
-    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while scrape().value("interceptor_config_source_up", &[("source", "kubernetes")]) != Some(1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "the source never came back up: {}",
+            daemon.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // And changes after the re-list still arrive within a second.
     let since = Instant::now();

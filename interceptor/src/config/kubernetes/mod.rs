@@ -24,7 +24,7 @@ use std::{
 use futures_util::StreamExt as _;
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject},
+    api::{ApiResource, DynamicObject, ListParams},
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{WatchStreamExt as _, watcher},
 };
@@ -35,6 +35,9 @@ pub use metrics::SourceMetrics;
 use store::{Kind, Outcome, Store};
 
 use crate::{config::ConfigSet, report::Chain};
+
+/// How often a watch that failed checks whether its API server answers again.
+const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `run --kubernetes` was given.
 #[derive(Debug, Clone, Default)]
@@ -179,23 +182,42 @@ impl Watcher {
     async fn run(self, api: Api<DynamicObject>) {
         // The watcher re-lists after 410 Gone and re-watches after a cut; the
         // backoff spaces out the retries while the API server is away.
-        let mut stream = watcher(api, watcher::Config::default())
+        let mut stream = watcher(api.clone(), watcher::Config::default())
             .default_backoff()
             .boxed();
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(event) => {
+        // A watch resumed after a cut yields nothing until something changes, so
+        // once one failed, a small list tells when the API server answers again.
+        let mut down = false;
+        loop {
+            let probe = async {
+                if !down {
+                    return std::future::pending().await;
+                }
+                tokio::time::sleep(PROBE_INTERVAL).await;
+                api.list(&ListParams::default().limit(1)).await.is_ok()
+            };
+            tokio::select! {
+                event = stream.next() => match event {
+                    None => break,
+                    Some(Ok(event)) => {
+                        down = false;
+                        self.set_up(true);
+                        self.handle(event);
+                    }
+                    Some(Err(error)) => {
+                        down = true;
+                        self.set_up(false);
+                        warn!(
+                            kind = self.kind.name(),
+                            "Kubernetes watch failed, retrying; the last applied config keeps serving: {}",
+                            Chain(&error)
+                        );
+                    }
+                },
+                reachable = probe => if reachable {
+                    down = false;
                     self.set_up(true);
-                    self.handle(event);
-                }
-                Err(error) => {
-                    self.set_up(false);
-                    warn!(
-                        kind = self.kind.name(),
-                        "Kubernetes watch failed, retrying; the last applied config keeps serving: {}",
-                        Chain(&error)
-                    );
-                }
+                },
             }
         }
     }
