@@ -347,3 +347,106 @@ fn a_missing_rbac_rule_keeps_the_daemon_unready_and_says_which() {
         0.0
     );
 }
+
+/// A port-only TLS ServiceEntry `name` for `host`, with one STATIC endpoint.
+fn tls_entry(name: &str, host: &str, endpoint: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: {name}
+  namespace: shop
+spec:
+  hosts: [{host}]
+  ports:
+  - number: 443
+    name: tls
+    protocol: TLS
+  resolution: STATIC
+  endpoints:
+  - address: {endpoint}
+"#
+    )
+}
+
+const TLS_ROUTE: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: via-firewall
+  namespace: shop
+spec:
+  hosts: [shop.test]
+  tls:
+  - match:
+    - sniHosts: [shop.test]
+    route:
+    - destination:
+        host: firewall.shop.test
+"#;
+
+const DESTINATION_RULE: &str = r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: shop
+  namespace: shop
+spec:
+  host: shop.test
+  trafficPolicy:
+    tls:
+      mode: DISABLE
+"#;
+
+#[test]
+fn virtual_services_and_destination_rules_follow_the_api_within_a_second() {
+    use integration_tests::tls::{HelloDelivery, TestCa, start_tls_server, tls_who};
+
+    let sandbox = Sandbox::new("kube-routes");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_host("198.18.0.11".parse().unwrap());
+    let ca = TestCa::new();
+    start_tls_server(
+        "origin",
+        "198.18.0.10:443",
+        ca.server_config(&["shop.test"]),
+    );
+    start_tls_server(
+        "firewall",
+        "198.18.0.11:443",
+        ca.server_config(&["shop.test"]),
+    );
+    let client = ca.client_config();
+    let api = ApiServer::start();
+    api.apply(&tls_entry("shop", "shop.test", "198.18.0.10"));
+    api.apply(&tls_entry("firewall", "firewall.shop.test", "198.18.0.11"));
+    let _daemon = start_daemon(&sandbox, &api, &[]);
+    // No host listens there: only a redirect reaches anything.
+    let served = || tls_who("198.18.9.1:443", "shop.test", &client, HelloDelivery::Whole).ok();
+    assert_eq!(served().as_deref(), Some("origin shop.test"));
+
+    let until = |expected: &str| {
+        let since = Instant::now();
+        while served().as_deref() != Some(expected) {
+            assert!(
+                since.elapsed() < CHANGE_DEADLINE,
+                "not {expected:?} within {CHANGE_DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    api.apply(TLS_ROUTE);
+    until("firewall shop.test");
+    api.apply(DESTINATION_RULE);
+    api.delete("VirtualService", "shop", "via-firewall");
+    until("origin shop.test");
+    api.delete("DestinationRule", "shop", "shop");
+    let scrape = scrape();
+    for kind in ["VirtualService", "DestinationRule"] {
+        assert_eq!(
+            scrape.must(
+                "interceptor_config_objects_rejected_total",
+                &[("kind", kind)]
+            ),
+            0.0
+        );
+    }
+}
