@@ -73,8 +73,9 @@ struct RunArgs {
     /// A namespace to read with --kubernetes (repeatable); default: all.
     #[arg(long = "namespace", requires = "kubernetes")]
     namespaces: Vec<String>,
-    /// This node's name, as the source of the Events posted on rejected objects.
-    #[arg(long, env = "NODE_NAME", requires = "kubernetes")]
+    /// This node's name, as the source of the Events posted on rejected objects
+    /// (--kubernetes). Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// The cgroup (v2) whose connections are intercepted. Defaults to the cgroup2
     /// root, which intercepts the whole host.

@@ -450,3 +450,25 @@ fn virtual_services_and_destination_rules_follow_the_api_within_a_second() {
         );
     }
 }
+
+#[test]
+fn only_the_namespaces_given_are_read() {
+    let sandbox = Sandbox::new("kube-namespaces");
+    sandbox.add_host("198.18.0.10".parse().unwrap());
+    let _first = TestServer::start("first", "198.18.0.10:7000");
+    let api = ApiServer::start();
+    api.apply(&vip_entry("shop", "db", "240.240.9.1", "198.18.0.10"));
+    api.apply(&vip_entry("other", "db", "240.240.9.2", "198.18.0.10"));
+    let _daemon = start_daemon(&sandbox, &api, &["--namespace", "shop"]);
+    assert_eq!(who("240.240.9.1:7000").unwrap().server, "first");
+    // Not intercepted: the VIP leads nowhere.
+    assert!(connect("240.240.9.2:7000").is_err());
+    let requests = api.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|request| !request.contains("/serviceentries?")
+                || request.contains("/namespaces/shop/")),
+        "a watch outside the namespace: {requests:#?}"
+    );
+}
