@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use crate::{
     address_file::{self, AddressFile, AddressFileError, Addresses},
     admin::{self, AdminError, AdminState, Phase, Readiness},
+    config::kubernetes,
     copy::{CopyMode, PipeBudget},
     kernel::{DnsListeners, Kernel, KernelConfig, KernelError},
     limits::{self, ConnectionLimits},
@@ -77,6 +78,8 @@ pub struct RunConfig {
     pub admin_allow_non_loopback: bool,
     /// Where to keep the addresses this daemon really listens on.
     pub address_file: Option<PathBuf>,
+    /// Read config objects from the Kubernetes API too.
+    pub kubernetes: Option<kubernetes::Options>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,10 @@ pub enum AppError {
     Admin(#[from] AdminError),
     #[error(transparent)]
     AddressFile(#[from] AddressFileError),
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubeError),
+    #[error("stopped by {0} while waiting for the initial list from the Kubernetes API")]
+    StoppedStarting(&'static str),
 }
 
 /// A daemon that serves: its programs attached, its listeners bound, its config
@@ -137,8 +144,8 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     // Before anything slow: SIGHUP's default action would kill a daemon that is
     // still starting, and a SIGTERM then must wait for a clean shutdown.
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(AppError::Signals);
-    let terminate = signal(SignalKind::terminate())?;
-    let interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let hangup = signal(SignalKind::hangup())?;
     if let Some(path) = &config.address_file {
         AddressFile::clear_stale(path)?;
@@ -201,10 +208,31 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
             ))
         });
 
-    let config_watch = reload::ConfigWatch::start(&config.config_paths);
+    let mut config_watch = reload::ConfigWatch::start(&config.config_paths);
+    let mut kube_source = None;
+    if let Some(options) = &config.kubernetes {
+        metrics.config_source.enable();
+        let (changed, changes) = tokio::sync::mpsc::channel(1);
+        let source =
+            kubernetes::KubeSource::start(options.clone(), Arc::clone(&metrics), changed).await?;
+        info!("waiting for the initial list of every kind from the Kubernetes API");
+        // Ready only once every kind is applied: a partial config would let traffic
+        // to the missing services go direct.
+        tokio::select! {
+            () = source.wait_listed() => {}
+            _ = terminate.recv() => return Err(AppError::StoppedStarting("SIGTERM")),
+            _ = interrupt.recv() => return Err(AppError::StoppedStarting("SIGINT")),
+        }
+        config_watch = config_watch.with_kubernetes(changes);
+        kube_source = Some(Arc::new(source));
+    }
+    let objects = kube_source
+        .as_ref()
+        .map(|source| source.config_set())
+        .unwrap_or_default();
     let state = StateFile::in_dir(&config.state_dir);
     let kept = state.read()?;
-    let initial = load::load_and_log(&config.config_paths, &kept)?;
+    let initial = load::load_and_log(&config.config_paths, objects, &kept)?;
     if initial.allocations() != &kept {
         state.write(initial.allocations())?;
     }
@@ -309,6 +337,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
             kernel: Arc::clone(&kernel),
             metrics: Arc::clone(&metrics),
             state,
+            kubernetes: kube_source,
         }),
         config_watch,
         hangup,

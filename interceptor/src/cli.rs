@@ -60,8 +60,23 @@ struct ReadyArgs {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// ServiceEntry YAML files or directories of them.
-    #[arg(long = "config", required = true, num_args = 1..)]
+    #[arg(long = "config", required_unless_present = "kubernetes", num_args = 1..)]
     config: Vec<PathBuf>,
+    /// Also read ServiceEntries, WorkloadEntries, VirtualServices, DestinationRules
+    /// and pods from the Kubernetes API, through in-cluster config, or KUBECONFIG or
+    /// --kubeconfig outside a cluster. Ready once every kind has been listed.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The kubeconfig file for --kubernetes.
+    #[arg(long, requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// A namespace to read with --kubernetes (repeatable); default: all.
+    #[arg(long = "namespace", requires = "kubernetes")]
+    namespaces: Vec<String>,
+    /// This node's name, as the source of the Events posted on rejected objects
+    /// (--kubernetes). Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// The cgroup (v2) whose connections are intercepted. Defaults to the cgroup2
     /// root, which intercepts the whole host.
     #[arg(long)]
@@ -411,6 +426,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin_addr: args.admin_addr,
         admin_allow_non_loopback: args.admin_allow_non_loopback,
         address_file: args.address_file,
+        kubernetes: args.kubernetes.then(|| config::kubernetes::Options {
+            kubeconfig: args.kubeconfig,
+            namespaces: args.namespaces,
+            instance: args.node_name.unwrap_or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|name| name.trim().to_owned())
+                    .unwrap_or_default()
+            }),
+        }),
     }))?;
     Ok(())
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tracing::{info, warn};
 
 use crate::{
-    config::{self, Finding},
+    config::{self, ConfigSet, Finding},
     registry::{Allocations, BuildError, Registry},
 };
 
@@ -49,12 +49,17 @@ impl LoadError {
 
 /// Loads and checks the whole configuration at `paths` and builds a registry from it.
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
-    load_allocating(paths, &Allocations::default())
+    load_with(paths, ConfigSet::default(), &Allocations::default())
 }
 
-/// [`load`], keeping the `previous` VIP allocations where they still hold.
-pub fn load_allocating(paths: &[PathBuf], previous: &Allocations) -> Result<Loaded, LoadError> {
-    let loaded = config::load(paths)?;
+/// [`load`], with resources from the Kubernetes API beside the files', keeping the
+/// `previous` VIP allocations where they still hold.
+pub fn load_with(
+    paths: &[PathBuf],
+    extra: ConfigSet,
+    previous: &Allocations,
+) -> Result<Loaded, LoadError> {
+    let loaded = config::load_with(paths, extra)?;
     match Registry::build_allocating(&loaded.config, previous) {
         Ok((registry, build_warnings)) => Ok(Loaded {
             registry,
@@ -71,7 +76,11 @@ pub fn load_allocating(paths: &[PathBuf], previous: &Allocations) -> Result<Load
 
 /// [`load`], for the daemon: what is skipped or doubtful goes to the log. Nothing is
 /// applied unless all of it is valid.
-pub fn load_and_log(paths: &[PathBuf], previous: &Allocations) -> Result<Registry, LoadError> {
+pub fn load_and_log(
+    paths: &[PathBuf],
+    extra: ConfigSet,
+    previous: &Allocations,
+) -> Result<Registry, LoadError> {
     let log = |skipped: &[String], warnings: &[Finding]| {
         for skipped in skipped {
             info!("skipping {skipped}: not a kind interceptor handles");
@@ -80,7 +89,7 @@ pub fn load_and_log(paths: &[PathBuf], previous: &Allocations) -> Result<Registr
             warn!("{warning}");
         }
     };
-    match load_allocating(paths, previous) {
+    match load_with(paths, extra, previous) {
         Ok(loaded) => {
             log(&loaded.skipped, &loaded.warnings);
             Ok(loaded.registry)

@@ -223,6 +223,8 @@ pub struct Metrics {
     pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
     pub dns_queries: Family<crate::dns::QueryLabels, Counter>,
     pub vips_allocated: Gauge,
+    /// The Kubernetes config source's, registered always, filled only with it.
+    pub config_source: crate::config::kubernetes::SourceMetrics,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
@@ -260,6 +262,7 @@ impl Metrics {
             busy_poll_spin: Counter::default(),
             dns_queries: Family::default(),
             vips_allocated: Gauge::default(),
+            config_source: Default::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             closes: Default::default(),
@@ -414,6 +417,7 @@ impl Metrics {
                 .config_reloads
                 .get_or_create_owned(&ReloadLabels { result });
         }
+        metrics.config_source.register(&mut registry);
         Self {
             registry,
             ..metrics

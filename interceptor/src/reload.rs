@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::{
+    config::kubernetes::KubeSource,
     kernel::{Kernel, KernelError},
     load::{self, LoadError},
     metrics::{Metrics, ReloadResult},
@@ -71,6 +72,8 @@ pub struct Reloader {
     pub metrics: Arc<Metrics>,
     /// Where VIP allocations are kept across restarts.
     pub state: StateFile,
+    /// The Kubernetes objects served beside the files', with `--kubernetes`.
+    pub kubernetes: Option<Arc<KubeSource>>,
 }
 
 impl Reloader {
@@ -99,7 +102,12 @@ impl Reloader {
 
     fn apply(&self) -> Result<usize, ReloadError> {
         let running = self.registry.load_full();
-        let new = load::load_and_log(&self.config_paths, running.allocations())
+        let objects = self
+            .kubernetes
+            .as_ref()
+            .map(|source| source.config_set())
+            .unwrap_or_default();
+        let new = load::load_and_log(&self.config_paths, objects, running.allocations())
             .map_err(ReloadError::Invalid)?;
         // Kept before anything is applied: addresses handed out must survive a restart.
         if new.allocations() != running.allocations() {
@@ -131,6 +139,8 @@ impl Reloader {
 pub struct ConfigWatch {
     _watcher: Option<notify::RecommendedWatcher>,
     changed: mpsc::Receiver<()>,
+    /// Changes the Kubernetes source applied to its store.
+    kubernetes: Option<mpsc::Receiver<()>>,
 }
 
 impl ConfigWatch {
@@ -147,6 +157,16 @@ impl ConfigWatch {
         Self {
             _watcher: watcher,
             changed,
+            kubernetes: None,
+        }
+    }
+
+    /// Also reloads on each change the Kubernetes source sends; the reloader reads
+    /// its store then, so changes sent while one runs are applied together.
+    pub fn with_kubernetes(self, changed: mpsc::Receiver<()>) -> Self {
+        Self {
+            kubernetes: Some(changed),
+            ..self
         }
     }
 }
@@ -161,11 +181,18 @@ pub async fn run(
     let ConfigWatch {
         _watcher,
         mut changed,
+        mut kubernetes,
     } = watch;
     loop {
         let trigger = tokio::select! {
             () = shutdown.cancelled() => break,
             _ = hangup.recv() => "SIGHUP",
+            Some(()) = async {
+                match kubernetes.as_mut() {
+                    Some(changes) => changes.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "kubernetes",
             Some(()) = changed.recv() => {
                 debounce(&mut changed).await;
                 "file change"

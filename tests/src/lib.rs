@@ -6,6 +6,7 @@
 //! test panics.
 
 pub mod admin;
+pub mod apiserver;
 pub mod bpf;
 pub mod daemon;
 pub mod dns;

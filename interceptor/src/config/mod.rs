@@ -4,6 +4,7 @@
 //! caller never applies part of a configuration.
 
 mod finding;
+pub mod kubernetes;
 pub mod model;
 pub mod report;
 mod shape;
@@ -78,9 +79,17 @@ fn render_lines(findings: &[Finding]) -> String {
         .join("\n")
 }
 
-/// Loads every YAML document under `paths` (files, or directories of `.yaml`, `.yml`
-/// and `.json` files, read in name order) and validates the result as a whole.
+/// [`load_with`] and nothing else: the files alone.
+#[cfg(test)]
 pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
+    load_with(paths, ConfigSet::default())
+}
+
+/// Loads every YAML document under `paths` (files, or directories of `.yaml`, `.yml`
+/// and `.json` files, read in name order), adds the resources from another source
+/// (the Kubernetes API), and validates the result as a whole, so cross-object checks
+/// see both.
+pub fn load_with(paths: &[PathBuf], extra: ConfigSet) -> Result<Loaded, LoadError> {
     let mut loaded = Loaded::default();
     let mut findings = Vec::new();
     for file in config_files(paths)? {
@@ -90,11 +99,30 @@ pub fn load(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
         })?;
         load_documents(&file, &text, &mut loaded, &mut findings);
     }
+    loaded.config.extend(extra);
     finish(loaded, findings)
 }
 
+/// Loads one object that is already decoded as JSON (a Kubernetes API object), with
+/// the same rules as a document in a file; `source` only locates findings.
+pub fn load_value(source: Source, value: serde_json::Value) -> Result<Loaded, LoadError> {
+    let mut loaded = Loaded::default();
+    let mut findings = Vec::new();
+    load_object(&source, value, &mut loaded, &mut findings);
+    finish(loaded, findings)
+}
+
+impl ConfigSet {
+    pub fn extend(&mut self, other: ConfigSet) {
+        self.service_entries.extend(other.service_entries);
+        self.workload_entries.extend(other.workload_entries);
+        self.virtual_services.extend(other.virtual_services);
+        self.destination_rules.extend(other.destination_rules);
+    }
+}
+
 /// Loads YAML text that is already in memory, as if it had been read from `file`
-/// (which is only used to locate findings). Same rules as [`load`].
+/// (which is only used to locate findings). Same rules as [`load_with`].
 pub fn load_str(file: &Path, text: &str) -> Result<Loaded, LoadError> {
     let mut loaded = Loaded::default();
     let mut findings = Vec::new();

@@ -7,6 +7,7 @@ mod destination_rule;
 mod dns;
 mod dns_capture;
 mod kernel_path;
+mod kubernetes;
 mod ops;
 mod redirect;
 mod resets;
