@@ -402,10 +402,15 @@ impl Node {
                 shared_mounts.push((mount_path, configmap.dir.clone()));
             } else if volume.get("emptyDir").is_some() {
                 empty_dirs.push((volume["name"].as_str().unwrap().to_owned(), mount_path));
+            } else if volume["hostPath"]["path"] == "/var/lib/interceptor" {
+                // The node's state directory outlives pods: every pod shares one.
+                let dir = sandbox.workdir.join("node-state");
+                std::fs::create_dir_all(&dir).unwrap();
+                shared_mounts.push((mount_path, dir));
             } else {
                 assert_eq!(
                     volume["hostPath"]["path"], "/sys/fs/cgroup",
-                    "the only host path is the node's cgroup2 mount"
+                    "the other host path is the node's cgroup2 mount"
                 );
                 // The sandbox's cgroup stands in for the node's cgroup2 root.
                 shared_mounts.push((mount_path, sandbox.cgroup.clone()));
@@ -432,6 +437,10 @@ impl Node {
             mounts.push((mount_path.clone(), dir));
         }
         let mut args = command_line(&self.manifest, CONTAINER_GATEWAY_V4, &mounts);
+        // The manifest leaves the datapath at auto, which sends this plain-TCP entry
+        // straight to its backend; the rolls and updates here are the proxy's to
+        // survive, so its path is the one under test.
+        args.extend(["--datapath".into(), "proxy".into()]);
         if let Some(config) = &self.config_override {
             let at = args.iter().position(|arg| arg == "--config").unwrap() + 1;
             args[at] = config.clone().into_os_string();
