@@ -52,31 +52,21 @@ pub fn spawn(
         "--cgroup".into(),
         cgroup.into(),
     ];
-    // The suite tests the proxy path unless a test picks a datapath: with the default
-    // (auto) eligible entries would go straight to their backends.
-    if !extra_args.contains(&"--datapath") {
-        args.extend(["--datapath".into(), "proxy".into()]);
-    }
-    // VIP allocations go to the sandbox's own directory (removed with it), never to
-    // the host's /var/lib/interceptor, so no test sees another's addresses.
-    if !extra_args.contains(&"--state-dir")
-        && let Some(name) = cgroup.file_name()
-    {
-        let state = std::env::temp_dir().join(name).join("daemon-state");
-        args.extend(["--state-dir".into(), state.into()]);
-    }
     args.extend(extra_args.iter().map(OsString::from));
     spawn_command(command(&args, env)?)
 }
 
-/// The command that starts the daemon with exactly these arguments, for a test to
-/// adjust (limits, capabilities) before [`spawn_command`].
+/// The command that starts the daemon with these arguments, for a test to adjust
+/// (limits, capabilities) before [`spawn_command`]. A `run` also gets the suite's
+/// defaults where the test sets none: the proxy path, and a state directory in the
+/// sandbox.
 pub fn command(args: &[OsString], env: &[(&str, &str)]) -> Result<Command> {
     let mut command = Command::new(binary()?);
-    command
-        .args(args)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied());
+    command.args(args);
+    if args.first().is_some_and(|arg| arg == "run") {
+        command.args(run_defaults(args));
+    }
+    command.env("RUST_LOG", "info").envs(env.iter().copied());
     Ok(command)
 }
 
@@ -120,4 +110,28 @@ pub fn stop_while_connecting(
         std::thread::sleep(Duration::from_millis(2));
     }
     stopper.join().unwrap()
+}
+
+/// What a `run` with `args` needs besides them. The suite tests the proxy path unless
+/// a test picks a datapath: with the default (auto) eligible entries would go straight
+/// to their backends. VIP allocations go to the sandbox's own directory (removed with
+/// it), never to the host's /var/lib/interceptor, so no test sees another's addresses.
+fn run_defaults(args: &[OsString]) -> Vec<OsString> {
+    let has = |flag: &str| args.iter().any(|arg| arg == flag);
+    let mut defaults = Vec::new();
+    if !has("--datapath") {
+        defaults.extend(["--datapath".into(), "proxy".into()]);
+    }
+    let cgroup = args
+        .iter()
+        .position(|arg| arg == "--cgroup")
+        .and_then(|at| args.get(at + 1))
+        .map(Path::new);
+    if !has("--state-dir")
+        && let Some(name) = cgroup.and_then(Path::file_name)
+    {
+        let state = std::env::temp_dir().join(name).join("daemon-state");
+        defaults.extend(["--state-dir".into(), state.into()]);
+    }
+    defaults
 }

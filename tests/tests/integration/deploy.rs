@@ -437,10 +437,6 @@ impl Node {
             mounts.push((mount_path.clone(), dir));
         }
         let mut args = command_line(&self.manifest, CONTAINER_GATEWAY_V4, &mounts);
-        // The manifest leaves the datapath at auto, which sends this plain-TCP entry
-        // straight to its backend; the rolls and updates here are the proxy's to
-        // survive, so its path is the one under test.
-        args.extend(["--datapath".into(), "proxy".into()]);
         if let Some(config) = &self.config_override {
             let at = args.iter().position(|arg| arg == "--config").unwrap() + 1;
             args[at] = config.clone().into_os_string();
