@@ -204,10 +204,14 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     let config_watch = reload::ConfigWatch::start(&config.config_paths);
     let state = StateFile::in_dir(&config.state_dir);
     let kept = state.read()?;
-    let initial = load::load_and_log(&config.config_paths, &kept)?;
+    let initial = Arc::new(load::load_and_log(&config.config_paths, &kept)?);
     if initial.allocations() != &kept {
         state.write(initial.allocations())?;
     }
+    // Before the DNS server starts: next to a running daemon (SO_REUSEPORT) it gets
+    // captured queries at once, and from an empty registry it would answer NXDOMAIN
+    // for every ServiceEntry host until the programs attached.
+    registry.store(Arc::clone(&initial));
     let dns = DnsCache::new(config.dns.clone())?;
     let shutdown = CancellationToken::new();
     // Before the programs attach: a captured query must find the server listening.
@@ -247,7 +251,6 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     metrics
         .vips_allocated
         .set(initial.allocations().hosts.len() as i64);
-    registry.store(Arc::new(initial));
     metrics.config_applied();
 
     let original_destinations = kernel.original_destinations();
