@@ -147,8 +147,9 @@ impl Fault {
             | Self::DnsChange
             | Self::BackendStall
             | Self::Handover => false,
-            // The proxy accepted, then could not resolve: it resets the client.
-            Self::DnsDown => class == Class::Dns && matches!(kind, Reset | EarlyEof),
+            // The proxy accepted, then could not resolve: it resets the client. On the
+            // kernel path a DNS entry without addresses refuses instead.
+            Self::DnsDown => class == Class::Dns && matches!(kind, Reset | EarlyEof | Refused),
             // Upstream refused or reset after the proxy accepted: the proxy passes on a
             // reset (or closes, when the backend's reset came after its last bytes).
             Self::BackendRefuse | Self::BackendReset => {
