@@ -5,7 +5,8 @@ use std::{fmt::Write as _, fs, net::Ipv4Addr, path::Path};
 use anyhow::{Context as _, Result};
 
 use super::backends::{
-    DNS_NAME, ECHO_PORT, FLAKY_PORT, HOST_A, HOST_B, HTTP_PORT, NONE_PORT, SINK_PORT, TLS_PORT,
+    DNS_NAME, ECHO_PORT, FLAKY_PORT, HOST_A, HOST_B, HTTP_PORT, NONE_PORT, ORIGIN_CA_FILE,
+    ORIGIN_NAME, ORIGIN_PORT, SINK_PORT, TLS_PORT,
 };
 
 /// The STATIC VIP (bulk, request/response, churn, idle, flaky) and the DNS one.
@@ -14,6 +15,8 @@ pub const DNS_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 3);
 /// The kernel path's VIP: a plain TCP STATIC entry, which `--datapath auto` sends
 /// straight to its endpoint with no proxy hop.
 pub const KERNEL_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 4);
+/// The TLS origination entry's VIP: plaintext in, TLS to the origin.
+pub const ORIGIN_VIP: Ipv4Addr = Ipv4Addr::new(240, 240, 0, 5);
 /// A host without addresses: the daemon allocates its VIP and answers for it on the
 /// captured port 53.
 pub const CAPTURE_HOST: &str = "capture.soak.internal";
@@ -35,8 +38,9 @@ pub const FILE: &str = "soak.yaml";
 
 /// The config of reload number `generation`: the same routes each time, plus
 /// `generation % 5` extra entries that no client uses, so that each reload changes
-/// the registry. `invalid` adds a document that validation rejects.
-pub fn yaml(generation: u64, invalid: bool) -> String {
+/// the registry. `invalid` adds a document that validation rejects. `origin_ca` is
+/// the file with the TLS origin's CA.
+pub fn yaml(generation: u64, invalid: bool, origin_ca: &Path) -> String {
     let mut yaml = String::new();
     entry(
         &mut yaml,
@@ -91,6 +95,20 @@ pub fn yaml(generation: u64, invalid: bool) -> String {
         &[(ECHO_PORT, "TCP")],
         Some(HOST_A),
     );
+    entry(
+        &mut yaml,
+        ("soak-origin", ""),
+        &format!("hosts: [{ORIGIN_NAME}]\n  addresses: [{ORIGIN_VIP}]\n  resolution: STATIC"),
+        &[(ORIGIN_PORT, "TCP")],
+        Some(HOST_A),
+    );
+    // SIMPLE: the proxy verifies the origin's certificate against this CA, for the
+    // ServiceEntry host, which is also the SNI it sends.
+    let _ = write!(
+        yaml,
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: soak-origin\n  namespace: soak\nspec:\n  host: {ORIGIN_NAME}\n  trafficPolicy:\n    tls:\n      mode: SIMPLE\n      caCertificates: {}\n",
+        origin_ca.display()
+    );
     for extra in 0..generation % 5 {
         entry(
             &mut yaml,
@@ -143,7 +161,8 @@ fn entry(
 pub fn write(directory: &Path, generation: u64, invalid: bool) -> Result<()> {
     let staged = directory.join(".soak.yaml.tmp");
     let path = directory.join(FILE);
-    fs::write(&staged, yaml(generation, invalid))
+    let origin_ca = directory.parent().unwrap_or(directory).join(ORIGIN_CA_FILE);
+    fs::write(&staged, yaml(generation, invalid, &origin_ca))
         .with_context(|| format!("writing {}", staged.display()))?;
     fs::rename(&staged, &path).with_context(|| format!("replacing {}", path.display()))
 }

@@ -33,10 +33,13 @@ pub enum Class {
     /// A query for a host without addresses through the captured port 53, then a
     /// connection to the VIP the daemon allocated (which must never move).
     DnsCapture,
+    /// Plaintext to a VIP whose DestinationRule says SIMPLE: the proxy originates
+    /// TLS to an origin that speaks nothing else.
+    TlsOrigination,
 }
 
 impl Class {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Bulk,
         Self::RequestResponse,
         Self::Churn,
@@ -48,6 +51,7 @@ impl Class {
         Self::Flaky,
         Self::Kernel,
         Self::DnsCapture,
+        Self::TlsOrigination,
     ];
 
     pub fn name(self) -> &'static str {
@@ -63,6 +67,7 @@ impl Class {
             Self::Flaky => "flaky backend",
             Self::Kernel => "kernel path (STATIC)",
             Self::DnsCapture => "DNS capture",
+            Self::TlsOrigination => "TLS origination",
         }
     }
 

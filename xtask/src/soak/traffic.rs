@@ -16,10 +16,12 @@ use std::{
 };
 
 use super::{
-    backends::{ECHO_PORT, FLAKY_PORT, HOST_B, HTTP_PORT, NONE_PORT, SINK_PORT, TLS_PORT},
+    backends::{
+        ECHO_PORT, FLAKY_PORT, HOST_B, HTTP_PORT, NONE_PORT, ORIGIN_PORT, SINK_PORT, TLS_PORT,
+    },
     config::{
-        CAPTURE_HOST, CAPTURE_RESOLVER, DNS_VIP, HTTP_HOST, KERNEL_VIP, PORT_ONLY_DESTINATION,
-        STATIC_VIP, TLS_HOST,
+        CAPTURE_HOST, CAPTURE_RESOLVER, DNS_VIP, HTTP_HOST, KERNEL_VIP, ORIGIN_VIP,
+        PORT_ONLY_DESTINATION, STATIC_VIP, TLS_HOST,
     },
     model::{Class, FailKind, Failure, Fnv, payload},
 };
@@ -272,6 +274,12 @@ fn one_shot(class: Class, seed: u64, sizes: &Sizes) -> Result<u64, Failed> {
         Class::None => {
             let mut stream = connect(SocketAddr::new(HOST_B.into(), NONE_PORT))?;
             echo(&mut stream, &[], seed, 1024)
+        }
+        // The origin answers only over TLS with the right SNI: an echo that comes
+        // back shows the proxy originated it.
+        Class::TlsOrigination => {
+            let mut stream = connect(SocketAddr::new(ORIGIN_VIP.into(), ORIGIN_PORT))?;
+            echo(&mut stream, &[], seed, 4096)
         }
         Class::RequestResponse | Class::Flaky | Class::Idle | Class::Kernel | Class::DnsCapture => {
             unreachable!("{class:?} keeps its connections or state")
