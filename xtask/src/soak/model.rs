@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-/// One kind of traffic. A new data path or feature (the kernel path, DNS capture, TLS
-/// origination) is one more entry here and in [`Class::ALL`], in `traffic::one_shot`
-/// (how its client talks) and in `config::yaml` (its ServiceEntry).
+/// One kind of traffic. A new data path or feature is one more entry here and in
+/// [`Class::ALL`], in `traffic::one_shot` (how its client talks), in `config::yaml`
+/// (its ServiceEntry) and, where a fault treats it differently, in
+/// [`Fault::expected`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
     /// Long streams of checksummed bytes to a sink, STATIC VIP.
