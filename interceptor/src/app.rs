@@ -232,10 +232,14 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         .unwrap_or_default();
     let state = StateFile::in_dir(&config.state_dir);
     let kept = state.read()?;
-    let initial = load::load_and_log(&config.config_paths, objects, &kept)?;
+    let initial = Arc::new(load::load_and_log(&config.config_paths, objects, &kept)?);
     if initial.allocations() != &kept {
         state.write(initial.allocations())?;
     }
+    // Before the DNS server starts: next to a running daemon (SO_REUSEPORT) it gets
+    // captured queries at once, and from an empty registry it would answer NXDOMAIN
+    // for every ServiceEntry host until the programs attached.
+    registry.store(Arc::clone(&initial));
     let dns = DnsCache::new(config.dns.clone())?;
     let shutdown = CancellationToken::new();
     // Before the programs attach: a captured query must find the server listening.
@@ -275,7 +279,6 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     metrics
         .vips_allocated
         .set(initial.allocations().hosts.len() as i64);
-    registry.store(Arc::new(initial));
     metrics.config_applied();
 
     let original_destinations = kernel.original_destinations();

@@ -42,6 +42,14 @@ pub const FLAKY_PORT: u16 = 5004;
 pub const NONE_PORT: u16 = 5006;
 pub const HTTP_PORT: u16 = 5080;
 pub const TLS_PORT: u16 = 5443;
+/// The TLS origin: it speaks only TLS, which the proxy originates for plaintext
+/// clients as the DestinationRule says.
+pub const ORIGIN_PORT: u16 = 5445;
+/// The name in the origin's certificate, and the SNI it requires.
+pub const ORIGIN_NAME: &str = "origin.soak.internal";
+/// The CA that signed it, PEM, next to the config directory (not in it: the daemon
+/// reads every file there as config).
+pub const ORIGIN_CA_FILE: &str = "origin-ca.pem";
 
 /// What the flaky backend does now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +78,8 @@ struct DnsState {
 }
 
 impl Backends {
-    pub fn start() -> Result<Self> {
+    /// Starts every backend; the TLS origin's CA goes to `workdir`/[`ORIGIN_CA_FILE`].
+    pub fn start(workdir: &std::path::Path) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("soak-backend")
@@ -86,6 +95,14 @@ impl Backends {
         let sink_listener = bind(&runtime, SINK_PORT)?;
         runtime.spawn(accept_loop(sink_listener, |stream| async move {
             let _ = sink(stream).await;
+        }));
+        let origin_listener = bind(&runtime, ORIGIN_PORT)?;
+        let acceptor = tls_origin(&workdir.join(ORIGIN_CA_FILE))?;
+        runtime.spawn(accept_loop(origin_listener, move |stream| {
+            let acceptor = acceptor.clone();
+            async move {
+                let _ = tls_echo(&acceptor, stream).await;
+            }
         }));
         let flaky = Arc::new(AtomicU8::new(Flaky::Serve as u8));
         runtime.spawn(flaky_server(Arc::clone(&flaky)));
@@ -176,6 +193,50 @@ async fn echo(mut stream: TcpStream, flaky: Option<&AtomicU8>) -> std::io::Resul
             }
         }
         stream.write_all(&buffer[..read]).await?;
+    }
+}
+
+/// A CA made for this run, written to `ca_file`, and an acceptor presenting a leaf
+/// certificate for [`ORIGIN_NAME`] that it signed.
+fn tls_origin(ca_file: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "interceptor soak CA");
+    let ca_key = KeyPair::generate()?;
+    let ca_certificate = ca.self_signed(&ca_key)?;
+    std::fs::write(ca_file, ca_certificate.pem())
+        .with_context(|| format!("writing {}", ca_file.display()))?;
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let leaf = CertificateParams::new(vec![ORIGIN_NAME.to_owned()])?.signed_by(&key, &issuer)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Echoes over TLS to EOF, for a handshake that named [`ORIGIN_NAME`]: anything
+/// else is closed unanswered, so the client sees that the proxy got it wrong.
+async fn tls_echo(acceptor: &tokio_rustls::TlsAcceptor, stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut tls = acceptor.accept(stream).await?;
+    if tls.get_ref().1.server_name() != Some(ORIGIN_NAME) {
+        return tls.shutdown().await;
+    }
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = tls.read(&mut buffer).await?;
+        if read == 0 {
+            return tls.shutdown().await;
+        }
+        tls.write_all(&buffer[..read]).await?;
     }
 }
 

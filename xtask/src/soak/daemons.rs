@@ -59,6 +59,10 @@ impl Launcher {
             .args(["--dns-negative-ttl", "1", "--dns-timeout-ms", "300"])
             .arg("--address-file")
             .arg(&address_file)
+            // Shared by every generation: the VIPs it allocates must survive restarts,
+            // and the host's own state is none of the soak's business.
+            .arg("--state-dir")
+            .arg(self.workdir.join("state"))
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines and would flood the kept log.
             .env("RUST_LOG", "interceptor::app=info,warn")

@@ -189,8 +189,9 @@ pub fn run(args: SoakArgs) -> Result<()> {
 fn soak(sandbox: &testbed::Sandbox, binary: &Path, plan: &Plan, report: &mut Report) -> Result<()> {
     let config_dir = sandbox.workdir.join("config");
     fs::create_dir_all(&config_dir)?;
+    // First: the config names the CA file the TLS origin writes.
+    let backends = Backends::start(&sandbox.workdir)?;
     config::write(&config_dir, 0, false)?;
-    let backends = Backends::start()?;
     let launcher = Launcher {
         binary: binary.to_path_buf(),
         config: config_dir.clone(),

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-/// One kind of traffic. A new data path or feature (the kernel path, DNS capture, TLS
-/// origination) is one more entry here and in [`Class::ALL`], in `traffic::one_shot`
-/// (how its client talks) and in `config::yaml` (its ServiceEntry).
+/// One kind of traffic. A new data path or feature is one more entry here and in
+/// [`Class::ALL`], in `traffic::one_shot` (how its client talks), in `config::yaml`
+/// (its ServiceEntry) and, where a fault treats it differently, in
+/// [`Fault::expected`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Class {
     /// Long streams of checksummed bytes to a sink, STATIC VIP.
@@ -27,10 +28,19 @@ pub enum Class {
     None,
     /// A STATIC backend that the faults make refuse, reset and stall.
     Flaky,
+    /// A plain TCP STATIC entry on the kernel path: connect4 rewrites the connect
+    /// straight to the endpoint, so its connections outlive the daemon.
+    Kernel,
+    /// A query for a host without addresses through the captured port 53, then a
+    /// connection to the VIP the daemon allocated (which must never move).
+    DnsCapture,
+    /// Plaintext to a VIP whose DestinationRule says SIMPLE: the proxy originates
+    /// TLS to an origin that speaks nothing else.
+    TlsOrigination,
 }
 
 impl Class {
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 12] = [
         Self::Bulk,
         Self::RequestResponse,
         Self::Churn,
@@ -40,6 +50,9 @@ impl Class {
         Self::Dns,
         Self::None,
         Self::Flaky,
+        Self::Kernel,
+        Self::DnsCapture,
+        Self::TlsOrigination,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,7 +66,16 @@ impl Class {
             Self::Dns => "DNS",
             Self::None => "NONE",
             Self::Flaky => "flaky backend",
+            Self::Kernel => "kernel path (STATIC)",
+            Self::DnsCapture => "DNS capture",
+            Self::TlsOrigination => "TLS origination",
         }
+    }
+
+    /// Whether its connections bypass the proxy: the kernel path, which the DNS
+    /// capture entry (plain TCP STATIC) takes too. No proxy fault reaches them.
+    pub fn kernel_path(self) -> bool {
+        matches!(self, Self::Kernel | Self::DnsCapture)
     }
 }
 
@@ -68,6 +90,8 @@ pub enum FailKind {
     Unreachable,
     /// A clean close before the whole answer came.
     EarlyEof,
+    /// A DNS answer without the host's VIP (NXDOMAIN): the query was not captured.
+    NoAnswer,
     /// No progress until the deadline: never explained.
     Hung,
     /// Bytes that differ from what was sent: never explained.
@@ -129,17 +153,23 @@ impl Fault {
             | Self::DnsChange
             | Self::BackendStall
             | Self::Handover => false,
-            // The proxy accepted, then could not resolve: it resets the client.
-            Self::DnsDown => class == Class::Dns && matches!(kind, Reset | EarlyEof),
+            // The proxy accepted, then could not resolve: it resets the client. On the
+            // kernel path a DNS entry without addresses refuses instead.
+            Self::DnsDown => class == Class::Dns && matches!(kind, Reset | EarlyEof | Refused),
             // Upstream refused or reset after the proxy accepted: the proxy passes on a
             // reset (or closes, when the backend's reset came after its last bytes).
             Self::BackendRefuse | Self::BackendReset => {
                 class == Class::Flaky && matches!(kind, Reset | EarlyEof)
             }
-            // Without descriptors the proxy can neither accept nor dial upstream.
-            Self::LowFdLimit => matches!(kind, Reset | EarlyEof),
+            // Without descriptors the proxy can neither accept nor dial upstream; the
+            // kernel path and a DNS answer from an open socket need none.
+            Self::LowFdLimit => !class.kernel_path() && matches!(kind, Reset | EarlyEof),
             // Every proxied connection dies with the daemon; while none runs, a VIP is
             // unreachable and a port-only or NONE destination is dialled directly.
+            // A kernel-path connection has no proxy hop and survives: only a connect
+            // made while no daemon runs fails, and a port-53 query reaches the real
+            // upstream, which knows no allocated VIP.
+            Self::Kill if class.kernel_path() => matches!(kind, Unreachable | Refused | NoAnswer),
             Self::Kill => matches!(kind, Reset | EarlyEof | Unreachable | Refused),
         }
     }
@@ -311,6 +341,37 @@ mod tests {
         assert_eq!(explain(&direct, &windows), Some(Fault::Kill));
         let dns_down = failure(Class::Dns, FailKind::Reset, 31.0, 31.0);
         assert_eq!(explain(&dns_down, &windows), Some(Fault::Kill));
+    }
+
+    #[test]
+    fn a_kill_cuts_no_kernel_path_connection() {
+        let windows = [
+            Window {
+                fault: Fault::Kill,
+                start: 30.0,
+                end: 33.0,
+            },
+            Window {
+                fault: Fault::LowFdLimit,
+                start: 40.0,
+                end: 43.0,
+            },
+        ];
+        // A connect while no daemon runs is not redirected.
+        let direct = failure(Class::Kernel, FailKind::Unreachable, 31.0, 31.0);
+        assert_eq!(explain(&direct, &windows), Some(Fault::Kill));
+        let uncaptured = failure(Class::DnsCapture, FailKind::NoAnswer, 31.0, 31.0);
+        assert_eq!(explain(&uncaptured, &windows), Some(Fault::Kill));
+        // An established kernel-path connection has no proxy to die with.
+        let cut = failure(Class::Kernel, FailKind::Reset, 28.0, 31.0);
+        assert_eq!(explain(&cut, &windows), None);
+        let closed = failure(Class::DnsCapture, FailKind::EarlyEof, 31.0, 31.5);
+        assert_eq!(explain(&closed, &windows), None);
+        // The proxy's descriptors are not the kernel path's.
+        let starved = failure(Class::Kernel, FailKind::Reset, 41.0, 41.0);
+        assert_eq!(explain(&starved, &windows), None);
+        let proxied = failure(Class::Churn, FailKind::Reset, 41.0, 41.0);
+        assert_eq!(explain(&proxied, &windows), Some(Fault::LowFdLimit));
     }
 
     #[test]

@@ -254,8 +254,35 @@ impl Report {
             .collect()
     }
 
+    /// Kernel-path connections opened before a SIGKILL that completed, verified, after
+    /// it; and how many kills there were.
+    fn survived_kills(&self) -> (usize, usize) {
+        let kills: Vec<f64> = self
+            .windows
+            .iter()
+            .filter(|window| window.fault == Fault::Kill)
+            .map(|window| window.start)
+            .collect();
+        let survived = self.tallies.get(&Class::Kernel).map_or(0, |tally| {
+            tally
+                .spans
+                .iter()
+                .filter(|(opened, closed)| kills.iter().any(|&k| *opened < k && k < *closed))
+                .count()
+        });
+        (survived, kills.len())
+    }
+
     pub fn violations(&self) -> Vec<String> {
         let mut violations = self.other.clone();
+        let (survived, kills) = self.survived_kills();
+        if kills > 0 && survived == 0 {
+            // Without one, nothing shows that the kernel path has no proxy hop.
+            violations.push(format!(
+                "{}: no connection was open across any of {kills} SIGKILL(s)",
+                Class::Kernel.name()
+            ));
+        }
         let corrupt: u64 = self
             .tallies
             .values()
@@ -457,6 +484,10 @@ impl Report {
             ("failures explained by a fault", explained.to_string()),
             ("failures no fault explains", unexplained.len().to_string()),
             ("connections hung past their deadline", hung.to_string()),
+            ("kernel-path connections that outlived a SIGKILL / kills", {
+                let (survived, kills) = self.survived_kills();
+                format!("{survived} / {kills}")
+            }),
             ("panics", panics.len().to_string()),
             (
                 "WARN/ERROR lines: caused by the soak / not",

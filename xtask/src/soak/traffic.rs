@@ -5,7 +5,8 @@
 use std::{
     collections::{BTreeMap, VecDeque},
     io::{self, Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    str::FromStr as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -15,8 +16,13 @@ use std::{
 };
 
 use super::{
-    backends::{ECHO_PORT, FLAKY_PORT, HOST_B, HTTP_PORT, NONE_PORT, SINK_PORT, TLS_PORT},
-    config::{DNS_VIP, HTTP_HOST, PORT_ONLY_DESTINATION, STATIC_VIP, TLS_HOST},
+    backends::{
+        ECHO_PORT, FLAKY_PORT, HOST_B, HTTP_PORT, NONE_PORT, ORIGIN_PORT, SINK_PORT, TLS_PORT,
+    },
+    config::{
+        CAPTURE_HOST, CAPTURE_RESOLVER, DNS_VIP, HTTP_HOST, KERNEL_VIP, ORIGIN_VIP,
+        PORT_ONLY_DESTINATION, STATIC_VIP, TLS_HOST,
+    },
     model::{Class, FailKind, Failure, Fnv, payload},
 };
 
@@ -46,6 +52,9 @@ pub struct ClassTally {
     pub completed: u64,
     pub bytes_verified: u64,
     pub failures: Vec<Failure>,
+    /// The kernel path's completed connections, (opened, closed) in seconds since the
+    /// soak began: those open across a SIGKILL show that it has no proxy hop.
+    pub spans: Vec<(f64, f64)>,
 }
 
 pub struct Traffic {
@@ -104,6 +113,9 @@ fn record_in(
             Ok(bytes) => {
                 entry.completed += 1;
                 entry.bytes_verified += bytes;
+                if class == Class::Kernel {
+                    entry.spans.push((start, worker.seconds(Instant::now())));
+                }
             }
             Err(failed) => entry.failures.push(Failure {
                 class,
@@ -192,7 +204,8 @@ impl Traffic {
 fn run(worker: &mut Worker, sizes: &Sizes, idle_open: &AtomicU64) {
     match worker.class {
         Class::Idle => idle(worker, sizes, idle_open),
-        Class::RequestResponse | Class::Flaky => persistent(worker),
+        Class::RequestResponse | Class::Flaky | Class::Kernel => persistent(worker),
+        Class::DnsCapture => dns_capture(worker),
         _ => {
             while !worker.stopping() {
                 let opened = Instant::now();
@@ -262,8 +275,14 @@ fn one_shot(class: Class, seed: u64, sizes: &Sizes) -> Result<u64, Failed> {
             let mut stream = connect(SocketAddr::new(HOST_B.into(), NONE_PORT))?;
             echo(&mut stream, &[], seed, 1024)
         }
-        Class::RequestResponse | Class::Flaky | Class::Idle => {
-            unreachable!("{class:?} keeps its connections")
+        // The origin answers only over TLS with the right SNI: an echo that comes
+        // back shows the proxy originated it.
+        Class::TlsOrigination => {
+            let mut stream = connect(SocketAddr::new(ORIGIN_VIP.into(), ORIGIN_PORT))?;
+            echo(&mut stream, &[], seed, 4096)
+        }
+        Class::RequestResponse | Class::Flaky | Class::Idle | Class::Kernel | Class::DnsCapture => {
+            unreachable!("{class:?} keeps its connections or state")
         }
     }
 }
@@ -309,23 +328,124 @@ fn bulk(seed: u64, bytes: u64) -> Result<u64, Failed> {
 /// Round trips on one connection for a few seconds, then a new connection. A
 /// connection never outlives the daemon's drain.
 fn persistent(worker: &mut Worker) {
-    let (port, size) = match worker.class {
-        Class::Flaky => (FLAKY_PORT, 4096),
-        _ => (ECHO_PORT, 1024),
+    // The kernel path's connections live longer and pause between round trips, so
+    // that some are open across each SIGKILL without spinning a CPU.
+    let (vip, port, size, lifetime, pause) = match worker.class {
+        Class::Flaky => (STATIC_VIP, FLAKY_PORT, 4096, 3, None),
+        Class::Kernel => (
+            KERNEL_VIP,
+            ECHO_PORT,
+            1024,
+            6,
+            Some(Duration::from_millis(20)),
+        ),
+        _ => (STATIC_VIP, ECHO_PORT, 1024, 3, None),
     };
+    let addr = SocketAddr::new(vip.into(), port);
     while !worker.stopping() {
         let opened = Instant::now();
         let result = (|| {
-            let mut stream = connect(SocketAddr::new(STATIC_VIP.into(), port))?;
+            let mut stream = connect(addr)?;
+            if worker.class == Class::Kernel {
+                // getpeername answers the VIP the application dialled, not the
+                // endpoint connect4 rewrote it to.
+                let peer = stream.peer_addr()?;
+                if peer != addr {
+                    return Err(Failed {
+                        kind: FailKind::Other,
+                        detail: format!("getpeername answered {peer}, not {addr}"),
+                    });
+                }
+            }
             let mut bytes = 0;
-            while opened.elapsed() < Duration::from_secs(3) && !worker.stopping() {
+            while opened.elapsed() < Duration::from_secs(lifetime) && !worker.stopping() {
                 let seed = worker.next_seed();
                 bytes += echo(&mut stream, &[], seed, size)?;
+                if let Some(pause) = pause {
+                    thread::sleep(pause);
+                }
             }
             Ok(bytes)
         })();
         worker.record(opened, result);
     }
+}
+
+/// As a stub resolver does: an A query for [`CAPTURE_HOST`] to a port-53 server
+/// (which the programs take to the daemon), then one exchange with the VIP it
+/// answers. The VIP is allocated once and kept in the state file, so every answer,
+/// across every restart, must name the first one.
+fn dns_capture(worker: &mut Worker) {
+    let mut first: Option<Ipv4Addr> = None;
+    while !worker.stopping() {
+        let opened = Instant::now();
+        let seed = worker.next_seed();
+        let result = resolve(CAPTURE_HOST).and_then(|vip| {
+            let first = *first.get_or_insert(vip);
+            if vip != first {
+                return Err(corrupt(format!(
+                    "{CAPTURE_HOST} moved from {first} to {vip}"
+                )));
+            }
+            let mut stream = connect(SocketAddr::new(vip.into(), ECHO_PORT))?;
+            echo(&mut stream, &[], seed, 1024)
+        });
+        worker.record(opened, result);
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// One UDP A query, tried twice with a second's timeout each, as glibc's resolver
+/// does by default; returns the first A record.
+fn resolve(host: &str) -> Result<Ipv4Addr, Failed> {
+    use hickory_proto::{
+        op::{Message, Query, ResponseCode},
+        rr::{Name, RData, RecordType},
+    };
+    let name = Name::from_str(&format!("{host}.")).map_err(|error| Failed {
+        kind: FailKind::Other,
+        detail: format!("{host}: {error}"),
+    })?;
+    let mut query = Message::query();
+    query.metadata.recursion_desired = true;
+    query.add_query(Query::query(name, RecordType::A));
+    let id = query.metadata.id;
+    let wire = query.to_vec().map_err(|error| Failed {
+        kind: FailKind::Other,
+        detail: format!("encoding a query: {error}"),
+    })?;
+    let socket = UdpSocket::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))?;
+    socket.connect(CAPTURE_RESOLVER)?;
+    socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut buffer = [0u8; 1500];
+    for _ in 0..2 {
+        socket.send(&wire)?;
+        let length = match socket.recv(&mut buffer) {
+            Ok(length) => length,
+            Err(error) if FailKind::of(&error) == FailKind::Hung => continue,
+            Err(error) => return Err(error.into()),
+        };
+        let answer = Message::from_vec(&buffer[..length])
+            .map_err(|error| corrupt(format!("an answer that does not parse: {error}")))?;
+        if answer.metadata.id != id {
+            continue;
+        }
+        let vip = answer.answers.iter().find_map(|record| match &record.data {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        });
+        return match (answer.metadata.response_code, vip) {
+            (ResponseCode::NoError, Some(vip)) => Ok(vip),
+            (code, _) => Err(Failed {
+                kind: FailKind::NoAnswer,
+                detail: format!("{host} answered {code} without an A record"),
+            }),
+        };
+    }
+    Err(Failed {
+        kind: FailKind::Hung,
+        detail: format!("no answer for {host} from {CAPTURE_RESOLVER} in two tries"),
+    })
 }
 
 /// Holds up to `idle_connections` connections, each pinged when it opens and again
