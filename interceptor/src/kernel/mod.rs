@@ -352,7 +352,11 @@ impl Kernel {
         if !set.contains(&endpoint) {
             return Ok(());
         }
-        if state.outliers.connected((id, endpoint), ok, &set, now) {
+        let ejected = state.outliers.connected((id, endpoint), ok, &set, now);
+        let applied = self.apply_ejections(&mut state, now);
+        // Logged once the backend set no longer holds it, so whoever reads the line
+        // can count on the next connects going elsewhere.
+        if ejected && applied.is_ok() {
             warn!(
                 service,
                 port,
@@ -361,7 +365,7 @@ impl Kernel {
                 "endpoint ejected after consecutive failed connects"
             );
         }
-        self.apply_ejections(&mut state, now)
+        applied
     }
 
     /// Writes the backend sets again when the endpoints ejected at `now` differ from
