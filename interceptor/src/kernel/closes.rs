@@ -64,9 +64,10 @@ fn closed(close: &KernelPathClose, registry: &Registry, metrics: &Metrics, kerne
         Lookup::Route(route) => Some(route),
         _ => None,
     };
+    // The config may have changed since the connect: the proxy's name for that.
     let service = route
         .as_ref()
-        .map_or_else(|| "none".to_owned(), |route| route.service.name.clone());
+        .map_or_else(|| UNMATCHED.to_owned(), |route| route.service.name.clone());
     let established = record.established_at_ns != 0;
     if let Some(route) = &route {
         let port = route.service.ports[route.port].number;
@@ -96,9 +97,7 @@ fn closed(close: &KernelPathClose, registry: &Registry, metrics: &Metrics, kerne
         .saturating_sub(u64::from(fin_received(close)));
     metrics.connection_closed(Datapath::kernel, how_closed(close));
     let labels = TrafficLabels {
-        service_entry: route
-            .as_ref()
-            .map_or_else(|| UNMATCHED.to_owned(), |route| route.service.name.clone()),
+        service_entry: service.clone(),
         host: route
             .as_ref()
             .and_then(|route| route.service.hosts.first().cloned())
@@ -166,4 +165,43 @@ fn fin_received(close: &KernelPathClose) -> bool {
         close.old_state,
         TCP_CLOSE_WAIT | TCP_LAST_ACK | TCP_CLOSING | TCP_FIN_WAIT2
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use interceptor_common::{KernelPathDst, SocketAddress};
+
+    use super::*;
+
+    fn closed_from(old_state: u32) -> Close {
+        let close = KernelPathClose {
+            record: KernelPathDst {
+                original: SocketAddress::NONE,
+                backend: SocketAddress::NONE,
+                connected_at_ns: 1,
+                established_at_ns: 2,
+            },
+            bytes_acked: 1,
+            bytes_received: 0,
+            closed_at_ns: 3,
+            old_state,
+            all_acked: 1,
+        };
+        how_closed(&close)
+    }
+
+    #[test]
+    fn the_state_a_socket_closed_from_tells_who_ended_it_and_how() {
+        const TCP_ESTABLISHED: u32 = 1;
+        for (state, side, how) in [
+            (TCP_FIN_WAIT2, Side::Client, How::Fin),
+            (TCP_CLOSING, Side::Client, How::Fin),
+            (TCP_LAST_ACK, Side::Upstream, How::Fin),
+            (TCP_CLOSE_WAIT, Side::Upstream, How::Fin),
+            (TCP_ESTABLISHED, Side::Upstream, How::Reset),
+        ] {
+            let close = closed_from(state);
+            assert_eq!((close.side, close.how), (side, how), "state {state}");
+        }
+    }
 }
