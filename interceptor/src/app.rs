@@ -273,7 +273,12 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     kernel.refresh_dns(&dns).await?;
     tokio::spawn(Arc::clone(&kernel).follow_dns(Arc::clone(&dns)));
     if let Some(closes) = kernel.take_close_events() {
-        tokio::spawn(crate::kernel::closes::follow(closes, Arc::clone(&registry)));
+        tokio::spawn(crate::kernel::closes::follow(
+            closes,
+            Arc::clone(&registry),
+            Arc::clone(&metrics),
+            Arc::clone(&kernel),
+        ));
     }
     let _ = admin_state.maps.set(kernel.map_occupancy());
     metrics

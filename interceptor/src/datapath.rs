@@ -21,6 +21,7 @@ use ipnet::IpNet;
 
 use crate::{
     config::{ConfigSet, Resolution, object_name},
+    outlier::KernelEndpoint,
     registry::{EndpointAddress, Port, Registry, Service, hosts_overlap},
 };
 
@@ -205,8 +206,13 @@ pub fn port_path(
 }
 
 /// The kernel's form of `backends`, with hostnames replaced by the addresses in
-/// `resolved`. A host not looked up yet leaves the port on the proxy path for now.
-pub fn backend_set(backends: &Backends, resolved: &Resolved) -> Result<BackendSet, ProxyReason> {
+/// `resolved`, less the endpoints `ejected` lists (unless that would leave none). A
+/// host not looked up yet leaves the port on the proxy path for now.
+pub fn backend_set(
+    backends: &Backends,
+    resolved: &Resolved,
+    ejected: impl Fn(SocketAddr) -> bool,
+) -> Result<BackendSet, ProxyReason> {
     let mut set = BackendSet {
         count: 0,
         total_weight: 0,
@@ -214,35 +220,15 @@ pub fn backend_set(backends: &Backends, resolved: &Resolved) -> Result<BackendSe
         _pad: [0; 6],
         endpoints: [BackendEndpoint::NONE; MAX_BACKEND_ENDPOINTS],
     };
-    let (endpoints, first_only) = match backends {
-        Backends::KeepAddress { port } => {
-            set.keep_address_port = port.to_be_bytes();
-            return Ok(set);
-        }
-        Backends::Endpoints {
-            endpoints,
-            first_only,
-        } => (endpoints, *first_only),
-    };
-    let mut picks: Vec<(SocketAddr, u32)> = Vec::new();
-    for (target, port, weight) in endpoints {
-        let addresses = match target {
-            Target::Ip(ip) => Arc::from([*ip]),
-            Target::Host(host) => resolved
-                .get(host)
-                .cloned()
-                .ok_or(ProxyReason::HostnameEndpoint)?,
-        };
-        let take = if first_only { 1 } else { addresses.len() };
-        picks.extend(
-            addresses
-                .iter()
-                .take(take)
-                .map(|ip| (SocketAddr::new(*ip, *port), *weight)),
-        );
+    if let Backends::KeepAddress { port } = backends {
+        set.keep_address_port = port.to_be_bytes();
+        return Ok(set);
     }
-    if picks.len() > MAX_BACKEND_ENDPOINTS {
-        return Err(ProxyReason::TooManyEndpoints);
+    let mut picks = picks(backends, resolved)?;
+    // The ejection logic keeps one endpoint in; a DNS answer that changed since may
+    // not have, and every endpoint is then a better guess than none.
+    if picks.iter().any(|(addr, _)| !ejected(*addr)) {
+        picks.retain(|(addr, _)| !ejected(*addr));
     }
     let total = picks
         .iter()
@@ -266,6 +252,39 @@ pub fn backend_set(backends: &Backends, resolved: &Resolved) -> Result<BackendSe
         set.count += 1;
     }
     Ok(set)
+}
+
+/// Every endpoint address of `backends` with its weight, hostnames resolved by
+/// `resolved`; none for [`Backends::KeepAddress`].
+fn picks(backends: &Backends, resolved: &Resolved) -> Result<Vec<(SocketAddr, u32)>, ProxyReason> {
+    let Backends::Endpoints {
+        endpoints,
+        first_only,
+    } = backends
+    else {
+        return Ok(Vec::new());
+    };
+    let mut picks: Vec<(SocketAddr, u32)> = Vec::new();
+    for (target, port, weight) in endpoints {
+        let addresses = match target {
+            Target::Ip(ip) => Arc::from([*ip]),
+            Target::Host(host) => resolved
+                .get(host)
+                .cloned()
+                .ok_or(ProxyReason::HostnameEndpoint)?,
+        };
+        let take = if *first_only { 1 } else { addresses.len() };
+        picks.extend(
+            addresses
+                .iter()
+                .take(take)
+                .map(|ip| (SocketAddr::new(*ip, *port), *weight)),
+        );
+    }
+    if picks.len() > MAX_BACKEND_ENDPOINTS {
+        return Err(ProxyReason::TooManyEndpoints);
+    }
+    Ok(picks)
 }
 
 /// Which path each rule of a registry snapshot takes, before hostnames are resolved:
@@ -299,15 +318,27 @@ impl Plan {
             .collect()
     }
 
-    /// What the kernel maps must hold, with hostnames resolved by `resolved`.
-    pub fn rules(&self, resolved: &Resolved) -> KernelRules {
+    /// The endpoint addresses of backend set `id`, ejected or not.
+    pub fn endpoints(&self, id: u32, resolved: &Resolved) -> Vec<SocketAddr> {
+        self.backends
+            .get(&id)
+            .and_then(|backends| picks(backends, resolved).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(addr, _)| addr)
+            .collect()
+    }
+
+    /// What the kernel maps must hold, with hostnames resolved by `resolved` and
+    /// the endpoints in `ejected` left out.
+    pub fn rules(&self, resolved: &Resolved, ejected: &BTreeSet<KernelEndpoint>) -> KernelRules {
         let mut rules = KernelRules {
             proxied: self.proxied.clone(),
             ..KernelRules::default()
         };
         let mut unresolved: HashMap<u32, ProxyReason> = HashMap::new();
         for (id, backends) in &self.backends {
-            match backend_set(backends, resolved) {
+            match backend_set(backends, resolved, |addr| ejected.contains(&(*id, addr))) {
                 Ok(set) => {
                     rules.backends.insert(*id, set);
                 }
@@ -429,7 +460,7 @@ pub fn plan(registry: &Registry, mode: DatapathMode) -> Plan {
 /// A backend set's id: a hash of the service's name and port, so it stays the same
 /// across reloads and a rule never points at another service's set while the maps
 /// change.
-fn backend_id(service: &str, port: u16) -> u32 {
+pub fn backend_id(service: &str, port: u16) -> u32 {
     let mut hasher = DefaultHasher::new();
     (service, port).hash(&mut hasher);
     let id = hasher.finish() as u32;
@@ -467,7 +498,7 @@ mod tests {
                 first_only: false,
             })
         );
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
         let (_, _, rule) = rules.addresses[0];
         let set = backends_of(&rules, rule).expect("kernel path");
         assert_eq!((set.count, set.total_weight), (2, 4));
@@ -481,13 +512,41 @@ mod tests {
     }
 
     #[test]
+    fn ejected_endpoints_are_left_out_of_their_set_only() {
+        let config = config(&[&entry(
+            "db",
+            "  addresses: [240.240.0.5]\n  resolution: STATIC\n  ports: [{number: 5432, name: pg}]\n  endpoints:\n  - {address: 198.18.0.1, weight: 3}\n  - {address: 198.18.0.2, weight: 1}\n",
+        )]);
+        let registry = built(&config);
+        let planned = plan(&registry, DatapathMode::Auto);
+        let id = backend_id("ServiceEntry/default/db", 5432);
+        let (dead, live): (SocketAddr, SocketAddr) = (
+            "198.18.0.1:5432".parse().unwrap(),
+            "198.18.0.2:5432".parse().unwrap(),
+        );
+        assert_eq!(planned.endpoints(id, &Resolved::new()), [dead, live]);
+        let rules = planned.rules(&Resolved::new(), &BTreeSet::from([(id, dead)]));
+        let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
+        assert_eq!((set.count, set.total_weight), (1, 1));
+        assert_eq!(set.endpoints[0].addr, address_of(live.ip()));
+        // Another set's ejection of the same address changes nothing here.
+        let rules = planned.rules(&Resolved::new(), &BTreeSet::from([(id ^ 1, dead)]));
+        let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
+        assert_eq!((set.count, set.total_weight), (2, 4));
+        // Every endpoint ejected: all of them rather than none.
+        let rules = planned.rules(&Resolved::new(), &BTreeSet::from([(id, dead), (id, live)]));
+        let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
+        assert_eq!(set.count, 2);
+    }
+
+    #[test]
     fn none_keeps_the_address_and_takes_the_target_port() {
         let config = config(&[&entry(
             "any",
             "  addresses: [198.18.0.0/24]\n  resolution: NONE\n  ports: [{number: 80, name: tcp, protocol: TCP, targetPort: 8080}]\n",
         )]);
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
         let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
         assert_eq!(set.keep_address_port, 8080u16.to_be_bytes());
     }
@@ -513,7 +572,7 @@ mod tests {
         assert_eq!(planned.hosts(), BTreeSet::from(["api.upstream".to_owned()]));
 
         // Until the host is resolved, both take the proxy path.
-        let unresolved = planned.rules(&Resolved::new());
+        let unresolved = planned.rules(&Resolved::new(), &BTreeSet::new());
         assert!(unresolved.backends.is_empty());
         assert_eq!(unresolved.proxied.len(), 2);
 
@@ -521,7 +580,7 @@ mod tests {
             "api.upstream".to_owned(),
             Arc::from(["198.18.0.1".parse().unwrap(), "198.18.0.2".parse().unwrap()]),
         )]);
-        let rules = planned.rules(&resolved);
+        let rules = planned.rules(&resolved, &BTreeSet::new());
         let dns_set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
         // Each resolved address has its endpoint's weight, the literal its own.
         assert_eq!((dns_set.count, dns_set.total_weight), (3, 5));
@@ -534,7 +593,7 @@ mod tests {
 
         // A failed lookup leaves the other endpoints; nothing at all refuses.
         let failed = Resolved::from([("api.upstream".to_owned(), Arc::from([]))]);
-        let rules = planned.rules(&failed);
+        let rules = planned.rules(&failed, &BTreeSet::new());
         let dns_set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
         assert_eq!(dns_set.count, 1);
         let rr_set = backends_of(&rules, rules.addresses[1].2).expect("kernel path");
@@ -590,7 +649,7 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
         let reason = |name: &str| {
             rules
                 .proxied
@@ -608,7 +667,8 @@ mod tests {
         assert_eq!(reason("eligible"), None);
         assert_eq!(rules.backends.len(), 1);
 
-        let everything = plan(&registry, DatapathMode::Proxy).rules(&Resolved::new());
+        let everything =
+            plan(&registry, DatapathMode::Proxy).rules(&Resolved::new(), &BTreeSet::new());
         assert!(everything.backends.is_empty());
         assert!(
             everything
@@ -632,7 +692,7 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
+        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
         assert_eq!(rules.proxied[0].2, ProxyReason::DestinationRule);
     }
 
@@ -643,14 +703,14 @@ mod tests {
             "  addresses: [240.240.0.5]\n  resolution: STATIC\n  ports: [{number: 5432, name: tcp}]\n",
         )]);
         let registry = built(&config);
-        let first = plan(&registry, DatapathMode::Auto).rules(&Resolved::new());
+        let first = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
         let set = backends_of(&first, first.addresses[0].2).expect("kernel path");
         assert_eq!(
             (set.count, set.total_weight, set.keep_address_port),
             (0, 0, [0; 2])
         );
         assert_eq!(
-            plan(&registry, DatapathMode::Auto).rules(&Resolved::new()),
+            plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new()),
             first
         );
         assert_ne!(first.addresses[0].2.backends, PROXY_PATH);

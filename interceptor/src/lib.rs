@@ -14,6 +14,7 @@ mod kernel;
 mod limits;
 mod load;
 mod metrics;
+mod outlier;
 mod probe;
 mod proxy;
 mod registry;

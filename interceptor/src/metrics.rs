@@ -113,9 +113,28 @@ impl FailureReason {
     }
 }
 
+/// Which path a connection took: connect() rewritten straight to a backend, or
+/// relayed by the proxy (see `crate::datapath`).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Datapath {
+    kernel,
+    proxy,
+}
+
+impl Datapath {
+    pub const ALL: [Self; 2] = [Self::kernel, Self::proxy];
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatapathLabels {
+    pub datapath: Datapath,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailureLabels {
     pub reason: FailureReason,
+    pub datapath: Datapath,
 }
 
 /// Bounded by the configuration: the ServiceEntry's name, and one of its own hosts
@@ -124,6 +143,7 @@ pub struct FailureLabels {
 pub struct TrafficLabels {
     pub service_entry: String,
     pub host: String,
+    pub datapath: Datapath,
 }
 
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -143,6 +163,7 @@ pub struct ReloadLabels {
 pub struct CloseLabels {
     pub side: &'static str,
     pub how: &'static str,
+    pub datapath: Datapath,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -205,7 +226,7 @@ impl DnsMetrics {
 
 pub struct Metrics {
     registry: Registry,
-    pub connections_opened: Counter,
+    connections_opened: Family<DatapathLabels, Counter>,
     connections_closed: Family<CloseLabels, Counter>,
     pub connections_failed: Family<FailureLabels, Counter>,
     pub connections_open: Gauge,
@@ -228,8 +249,9 @@ pub struct Metrics {
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
     records_from_ring: Counter,
     records_from_map: Counter,
-    /// Handles on every series of `connections_closed`, by [`Side`] and [`How`].
-    closes: [[Counter; How::ALL.len()]; Side::ALL.len()],
+    /// Handles on every series of `connections_closed`, by [`Datapath`], [`Side`]
+    /// and [`How`].
+    closes: [[[Counter; How::ALL.len()]; Side::ALL.len()]; Datapath::ALL.len()],
 }
 
 impl Default for Metrics {
@@ -242,7 +264,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("interceptor");
         let metrics = Self {
-            connections_opened: Counter::default(),
+            connections_opened: Family::default(),
             connections_closed: Family::default(),
             connections_failed: Family::default(),
             connections_open: Gauge::default(),
@@ -276,15 +298,18 @@ impl Metrics {
         };
         // Every series exists from the start, so a rate() over them works before the
         // first reset.
-        let closes = Side::ALL.map(|side| {
-            How::ALL.map(|how| {
-                metrics
-                    .connections_closed
-                    .get_or_create(&CloseLabels {
-                        side: side.label(),
-                        how: how.label(),
-                    })
-                    .clone()
+        let closes = Datapath::ALL.map(|datapath| {
+            Side::ALL.map(|side| {
+                How::ALL.map(|how| {
+                    metrics
+                        .connections_closed
+                        .get_or_create(&CloseLabels {
+                            side: side.label(),
+                            how: how.label(),
+                            datapath,
+                        })
+                        .clone()
+                })
             })
         });
         let metrics = Self {
@@ -306,20 +331,22 @@ impl Metrics {
         );
         registry.register(
             "connections_opened",
-            "Connections the proxy accepted",
+            "Connections intercepted, by datapath: accepted by the proxy, or on the kernel \
+             path connects counted when their socket closes (sockops reports no open)",
             metrics.connections_opened.clone(),
         );
         registry.register(
             "connections_closed",
-            "Connections that were forwarded and have ended, by the side that ended them \
-             and how: a reset or failure wherever it came (how=reset, or error for a \
-             failure other than a reset; the other side was reset), else the first FIN \
-             (how=fin)",
+            "Connections that were forwarded and have ended, by datapath, the side that \
+             ended them and how: a reset or failure wherever it came (how=reset, or error \
+             for a failure other than a reset; the other side was reset), else the first \
+             FIN (how=fin)",
             metrics.connections_closed.clone(),
         );
         registry.register(
             "connections_failed",
-            "Connections reset without being forwarded, by reason",
+            "Connections reset without being forwarded, by reason and datapath; on the \
+             kernel path, connects that never established (upstream_connect)",
             metrics.connections_failed.clone(),
         );
         registry.register(
@@ -339,13 +366,15 @@ impl Metrics {
         );
         registry.register_with_unit(
             "sent",
-            "Bytes forwarded from clients to upstreams, counted when a connection ends",
+            "Bytes forwarded from clients to upstreams, counted when a connection ends; \
+             on the kernel path, what the backend acknowledged",
             prometheus_client::registry::Unit::Bytes,
             metrics.sent_bytes.clone(),
         );
         registry.register_with_unit(
             "received",
-            "Bytes forwarded from upstreams to clients, counted when a connection ends",
+            "Bytes forwarded from upstreams to clients, counted when a connection ends; \
+             on the kernel path, what the socket received",
             prometheus_client::registry::Unit::Bytes,
             metrics.received_bytes.clone(),
         );
@@ -407,10 +436,15 @@ impl Metrics {
         );
         // Every reason and result exists from the start, so a rate() over them works
         // before the first failure.
-        for reason in FailureReason::ALL {
+        for datapath in Datapath::ALL {
             metrics
-                .connections_failed
-                .get_or_create_owned(&FailureLabels { reason });
+                .connections_opened
+                .get_or_create_owned(&DatapathLabels { datapath });
+            for reason in FailureReason::ALL {
+                metrics
+                    .connections_failed
+                    .get_or_create_owned(&FailureLabels { reason, datapath });
+            }
         }
         for result in [ReloadResult::ok, ReloadResult::failed] {
             metrics
@@ -431,15 +465,27 @@ impl Metrics {
         };
     }
 
-    pub fn connection_closed(&self, close: Close) {
-        // `ALL` lists the variants in order, so a variant's number is its index there.
-        self.closes[close.side as usize][close.how as usize].inc();
+    pub fn connection_opened(&self, datapath: Datapath) {
+        self.connections_opened
+            .get_or_create(&DatapathLabels { datapath })
+            .inc();
     }
 
-    pub fn connection_failed(&self, reason: FailureReason) {
+    pub fn connection_closed(&self, datapath: Datapath, close: Close) {
+        // `ALL` lists the variants in order, so a variant's number is its index there.
+        self.closes[datapath as usize][close.side as usize][close.how as usize].inc();
+    }
+
+    pub fn connection_failed(&self, datapath: Datapath, reason: FailureReason) {
         self.connections_failed
-            .get_or_create(&FailureLabels { reason })
+            .get_or_create(&FailureLabels { reason, datapath })
             .inc();
+    }
+
+    /// Adds a finished connection's bytes each way to its entry's counters.
+    pub fn transferred(&self, labels: &TrafficLabels, sent: u64, received: u64) {
+        self.sent_bytes.get_or_create(labels).inc_by(sent);
+        self.received_bytes.get_or_create(labels).inc_by(received);
     }
 
     pub fn reloaded(&self, result: ReloadResult) {
@@ -520,21 +566,25 @@ mod tests {
     #[test]
     fn names_follow_prometheus_conventions() {
         let metrics = Metrics::new();
-        metrics.connections_opened.inc();
-        metrics
-            .sent_bytes
-            .get_or_create(&TrafficLabels {
+        metrics.connection_opened(Datapath::proxy);
+        metrics.transferred(
+            &TrafficLabels {
                 service_entry: "ServiceEntry/ns/api".into(),
                 host: "api.example.com".into(),
-            })
-            .inc_by(42);
+                datapath: Datapath::kernel,
+            },
+            42,
+            0,
+        );
         metrics.connect_duration.observe(0.001);
         metrics.reloaded(ReloadResult::failed);
         let text = metrics.encode();
         for expected in [
-            "interceptor_connections_opened_total 1",
-            "interceptor_connections_failed_total{reason=\"dns\"} 0",
-            "interceptor_sent_bytes_total{service_entry=\"ServiceEntry/ns/api\",host=\"api.example.com\"} 42",
+            "interceptor_connections_opened_total{datapath=\"proxy\"} 1",
+            "interceptor_connections_opened_total{datapath=\"kernel\"} 0",
+            "interceptor_connections_failed_total{reason=\"dns\",datapath=\"proxy\"} 0",
+            "interceptor_connections_failed_total{reason=\"dns\",datapath=\"kernel\"} 0",
+            "interceptor_sent_bytes_total{service_entry=\"ServiceEntry/ns/api\",host=\"api.example.com\",datapath=\"kernel\"} 42",
             "interceptor_upstream_connect_duration_seconds_count 1",
             "interceptor_config_reloads_total{result=\"failed\"} 1",
             "interceptor_config_reloads_total{result=\"ok\"} 0",
@@ -562,16 +612,26 @@ mod tests {
                 .enumerate()
                 .all(|(index, how)| *how as usize == index)
         );
+        assert!(
+            Datapath::ALL
+                .iter()
+                .enumerate()
+                .all(|(index, datapath)| *datapath as usize == index)
+        );
         let metrics = Metrics::new();
-        metrics.connection_closed(Close {
-            side: Side::Upstream,
-            how: How::Reset,
-        });
+        metrics.connection_closed(
+            Datapath::proxy,
+            Close {
+                side: Side::Upstream,
+                how: How::Reset,
+            },
+        );
         let text = metrics.encode();
         for expected in [
-            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"} 1",
-            "interceptor_connections_closed_total{side=\"client\",how=\"fin\"} 0",
-            "interceptor_connections_closed_total{side=\"client\",how=\"error\"} 0",
+            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\",datapath=\"proxy\"} 1",
+            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\",datapath=\"kernel\"} 0",
+            "interceptor_connections_closed_total{side=\"client\",how=\"fin\",datapath=\"kernel\"} 0",
+            "interceptor_connections_closed_total{side=\"client\",how=\"error\",datapath=\"proxy\"} 0",
         ] {
             assert!(
                 text.contains(expected),

@@ -16,10 +16,12 @@ mod stats;
 mod sys;
 
 use std::{
+    collections::BTreeSet,
     fs::File,
-    net::{SocketAddrV4, SocketAddrV6},
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use aya::{
@@ -42,6 +44,7 @@ pub use self::{
 use self::{maps::InterceptionMaps, stats::InterceptCounts};
 use crate::{
     datapath::{self, DatapathMode, Plan, Resolved},
+    outlier::{KernelEndpoint, KernelOutliers},
     registry::Registry,
     resolve::DnsCache,
 };
@@ -157,6 +160,9 @@ struct Interceptions {
     maps: InterceptionMaps,
     plan: Plan,
     resolved: Resolved,
+    outliers: KernelOutliers,
+    /// The endpoints the backend sets were last written without.
+    ejected: BTreeSet<KernelEndpoint>,
 }
 
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
@@ -247,6 +253,8 @@ impl Kernel {
                 maps: interceptions,
                 plan: Plan::default(),
                 resolved: Resolved::new(),
+                outliers: KernelOutliers::default(),
+                ejected: BTreeSet::new(),
             }),
             original_destinations,
             intercept_counts: Arc::default(),
@@ -318,11 +326,64 @@ impl Kernel {
             if let Err(error) = self.refresh_dns(&dns).await {
                 warn!(error = %crate::report::Chain(&error), "cannot update the kernel path's DNS backends");
             }
+            // The same tick ends ejections whose time is up.
+            let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(error) = self.apply_ejections(&mut state, Instant::now()) {
+                warn!(error = %crate::report::Chain(&error), "cannot put ejected endpoints back");
+            }
         }
     }
 
+    /// Counts a kernel-path connect of `service`'s port `port` to `endpoint` that
+    /// established (`ok`) or not, and rewrites the backend set when that ejects the
+    /// endpoint. A connect to an endpoint the set no longer has (a reload or DNS
+    /// change since) counts for nothing.
+    pub fn connect_outcome(
+        &self,
+        service: &str,
+        port: u16,
+        endpoint: SocketAddr,
+        ok: bool,
+    ) -> Result<(), KernelError> {
+        let id = datapath::backend_id(service, port);
+        let now = Instant::now();
+        let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
+        let set = state.plan.endpoints(id, &state.resolved);
+        if !set.contains(&endpoint) {
+            return Ok(());
+        }
+        let ejected = state.outliers.connected((id, endpoint), ok, &set, now);
+        let applied = self.apply_ejections(&mut state, now);
+        // Logged once the backend set no longer holds it, so whoever reads the line
+        // can count on the next connects going elsewhere.
+        if ejected && applied.is_ok() {
+            warn!(
+                service,
+                port,
+                %endpoint,
+                datapath = "kernel",
+                "endpoint ejected after consecutive failed connects"
+            );
+        }
+        applied
+    }
+
+    /// Writes the backend sets again when the endpoints ejected at `now` differ from
+    /// those they were written without.
+    fn apply_ejections(&self, state: &mut Interceptions, now: Instant) -> Result<(), KernelError> {
+        let ejected = state.outliers.ejected(now);
+        if ejected == state.ejected {
+            return Ok(());
+        }
+        for (_, endpoint) in state.ejected.difference(&ejected) {
+            info!(%endpoint, datapath = "kernel", "ejection ended");
+        }
+        state.ejected = ejected;
+        self.apply(state)
+    }
+
     fn apply(&self, state: &mut Interceptions) -> Result<(), KernelError> {
-        let wanted = state.plan.rules(&state.resolved);
+        let wanted = state.plan.rules(&state.resolved, &state.ejected);
         for (service, port, reason) in &wanted.proxied {
             debug!(service, port, reason = reason.label(), "datapath=proxy");
         }

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 
 use crate::{
     config::{Opaque, Resolution, SimpleLoadBalancer},
+    outlier::Ejection,
     registry::Route,
     resolve::{self, Target},
 };
@@ -65,9 +66,7 @@ pub struct Balancer {
 #[derive(Debug, Default)]
 struct Health {
     open: u32,
-    consecutive_errors: u32,
-    ejections: u32,
-    ejected_until: Option<Instant>,
+    outlier: Ejection,
 }
 
 /// A connection counted against its endpoint for LEAST_REQUEST until it drops.
@@ -145,8 +144,7 @@ impl Balancer {
             let ejected = |target: &Target| {
                 state
                     .get(target)
-                    .and_then(|health| health.ejected_until)
-                    .is_some_and(|until| until > now)
+                    .is_some_and(|health| health.outlier.is_ejected(now))
             };
             if targets.iter().any(|target| !ejected(target)) {
                 targets.retain(|target| !ejected(target));
@@ -173,7 +171,7 @@ impl Balancer {
         let mut state = self.lock();
         let health = state.entry(target.clone()).or_default();
         health.open += 1;
-        health.consecutive_errors = 0;
+        health.outlier.succeeded();
         Active {
             balancer: self,
             target: target.clone(),
@@ -189,26 +187,20 @@ impl Balancer {
         let mut state = self.lock();
         let currently_ejected = state
             .values()
-            .filter(|health| health.ejected_until.is_some_and(|until| until > now))
+            .filter(|health| health.outlier.is_ejected(now))
             .count();
         let health = state.entry(target.clone()).or_default();
-        health.consecutive_errors += 1;
-        if health.consecutive_errors < outlier.consecutive_errors
-            || health.ejected_until.is_some_and(|until| until > now)
-        {
+        if !health.outlier.failed(outlier.consecutive_errors, now) {
             return false;
         }
         let allowed = endpoints * outlier.max_ejection_percent as usize / 100;
         if currently_ejected >= allowed.max(usize::from(outlier.max_ejection_percent > 0)) {
             return false;
         }
-        health.ejections += 1;
-        health.consecutive_errors = 0;
-        let ejection = outlier.base_ejection_time * health.ejections;
-        let interval = outlier.interval.max(Duration::from_millis(1));
         // Lifted on the interval's tick, as Envoy's sweep does.
-        let ticks = ejection.as_nanos().div_ceil(interval.as_nanos());
-        health.ejected_until = Some(now + interval * u32::try_from(ticks).unwrap_or(u32::MAX));
+        health
+            .outlier
+            .eject(now, outlier.base_ejection_time, outlier.interval);
         true
     }
 
@@ -216,7 +208,7 @@ impl Balancer {
     pub fn ejected(&self, now: Instant) -> Vec<Target> {
         self.lock()
             .iter()
-            .filter(|(_, health)| health.ejected_until.is_some_and(|until| until > now))
+            .filter(|(_, health)| health.outlier.is_ejected(now))
             .map(|(target, _)| target.clone())
             .collect()
     }

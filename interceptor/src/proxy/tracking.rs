@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::{
     copy::{Close, Copied},
     kernel::RecordSource,
-    metrics::{FailureReason, Metrics, TrafficLabels, UNMATCHED},
+    metrics::{Datapath, FailureReason, Metrics, TrafficLabels, UNMATCHED},
     registry::Service,
     resolve::ResolveError,
 };
@@ -110,7 +110,7 @@ impl ConnectionTable {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, Arc::clone(&record));
-        self.metrics.connections_opened.inc();
+        self.metrics.connection_opened(Datapath::proxy);
         self.metrics.connections_open.inc();
         ConnectionGuard {
             table: Arc::clone(self),
@@ -231,13 +231,13 @@ impl Drop for ConnectionGuard {
         metrics.connections_open.dec();
         let state = self.record.state();
         if let Some(reason) = state.failure {
-            metrics.connection_failed(reason);
+            metrics.connection_failed(Datapath::proxy, reason);
             return;
         }
         // Without a close, the task was dropped mid-copy: the daemon is exiting after
         // its drain timeout, and nobody scrapes it any more.
         if let Some(close) = state.close {
-            metrics.connection_closed(close);
+            metrics.connection_closed(Datapath::proxy, close);
         }
         if let Some((sent, received)) = state.bytes {
             let labels = TrafficLabels {
@@ -246,12 +246,9 @@ impl Drop for ConnectionGuard {
                     .clone()
                     .unwrap_or_else(|| UNMATCHED.to_owned()),
                 host: state.host.clone().unwrap_or_else(|| UNMATCHED.to_owned()),
+                datapath: Datapath::proxy,
             };
-            metrics.sent_bytes.get_or_create(&labels).inc_by(sent);
-            metrics
-                .received_bytes
-                .get_or_create(&labels)
-                .inc_by(received);
+            metrics.transferred(&labels, sent, received);
         }
     }
 }
@@ -318,14 +315,14 @@ mod tests {
         assert_eq!(
             counter_line(
                 &metrics,
-                "interceptor_connections_closed_total{side=\"client\",how=\"fin\"}"
+                "interceptor_connections_closed_total{side=\"client\",how=\"fin\",datapath=\"proxy\"}"
             ),
-            "interceptor_connections_closed_total{side=\"client\",how=\"fin\"} 1"
+            "interceptor_connections_closed_total{side=\"client\",how=\"fin\",datapath=\"proxy\"} 1"
         );
         assert_eq!(closed_total(&metrics), 1);
         assert_eq!(
             counter_line(&metrics, "interceptor_sent_bytes_total"),
-            "interceptor_sent_bytes_total{service_entry=\"unmatched\",host=\"unmatched\"} 10"
+            "interceptor_sent_bytes_total{service_entry=\"unmatched\",host=\"unmatched\",datapath=\"proxy\"} 10"
         );
         assert_eq!(
             counter_line(&metrics, "interceptor_connections_open "),
@@ -342,7 +339,9 @@ mod tests {
         drop(guard);
         let text = metrics.encode();
         assert!(
-            text.contains("interceptor_connections_failed_total{reason=\"no_upstream\"} 1"),
+            text.contains(
+                "interceptor_connections_failed_total{reason=\"no_upstream\",datapath=\"proxy\"} 1"
+            ),
             "{text}"
         );
         assert_eq!(closed_total(&metrics), 0, "{text}");
@@ -360,14 +359,14 @@ mod tests {
         assert_eq!(
             counter_line(
                 &metrics,
-                "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"}"
+                "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\",datapath=\"proxy\"}"
             ),
-            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\"} 1"
+            "interceptor_connections_closed_total{side=\"upstream\",how=\"reset\",datapath=\"proxy\"} 1"
         );
         assert_eq!(closed_total(&metrics), 1);
         assert_eq!(
             counter_line(&metrics, "interceptor_received_bytes_total"),
-            "interceptor_received_bytes_total{service_entry=\"unmatched\",host=\"unmatched\"} 100"
+            "interceptor_received_bytes_total{service_entry=\"unmatched\",host=\"unmatched\",datapath=\"proxy\"} 100"
         );
     }
 }

@@ -10,6 +10,7 @@ use std::{
 
 use integration_tests::{
     Sandbox, TestServer,
+    admin::{ADMIN, scrape_until},
     bpf::{
         BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
     },
@@ -18,6 +19,7 @@ use integration_tests::{
 };
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];
+const AUTO_WITH_ADMIN: [&str; 4] = ["--datapath", "auto", "--admin-addr", ADMIN];
 
 fn static_entry(name: &str, vip: &str, port: &str, endpoints: &str) -> String {
     format!(
@@ -333,7 +335,7 @@ spec:
 }
 
 #[test]
-fn the_close_log_counts_a_known_transfer() {
+fn the_close_log_and_metrics_count_a_known_transfer() {
     let sandbox = Sandbox::new("kernel-close-log");
     sandbox.add_host("198.18.20.1".parse().unwrap());
     let _server = TestServer::start("server", "198.18.20.1:7000");
@@ -344,7 +346,7 @@ fn the_close_log_counts_a_known_transfer() {
             "{number: 7000, name: tcp, protocol: TCP}",
             "  - address: 198.18.20.1",
         ),
-        &AUTO,
+        &AUTO_WITH_ADMIN,
     );
     let upload = 300_000;
     let download = 200_000;
@@ -378,6 +380,51 @@ fn the_close_log_counts_a_known_transfer() {
         line.contains(&format!("bytes_received={} ", answer.len())),
         "{line}"
     );
+
+    // The same families as proxied connections, told apart by the datapath label.
+    let kernel = [
+        ("service_entry", "ServiceEntry/kernel/bulk"),
+        ("host", "bulk.kernel.test"),
+        ("datapath", "kernel"),
+    ];
+    let scrape = scrape_until(Duration::from_secs(5), |scrape| {
+        scrape
+            .value("interceptor_sent_bytes_total", &kernel)
+            .is_some()
+    });
+    assert_eq!(
+        scrape.must("interceptor_sent_bytes_total", &kernel),
+        (command.len() + upload) as f64
+    );
+    assert_eq!(
+        scrape.must("interceptor_received_bytes_total", &kernel),
+        answer.len() as f64
+    );
+    let datapath = |path| [("datapath", path)];
+    assert_eq!(
+        scrape.must("interceptor_connections_opened_total", &datapath("kernel")),
+        1.0
+    );
+    assert_eq!(
+        scrape.must("interceptor_connections_opened_total", &datapath("proxy")),
+        0.0
+    );
+    // The client shut its side first.
+    assert_eq!(
+        scrape.must(
+            "interceptor_connections_closed_total",
+            &[("datapath", "kernel"), ("side", "client"), ("how", "fin")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        scrape.must("interceptor_connections_closed_total", &datapath("kernel")),
+        1.0
+    );
+    assert_eq!(
+        scrape.must("interceptor_connections_failed_total", &datapath("kernel")),
+        0.0
+    );
 }
 
 #[test]
@@ -397,4 +444,117 @@ fn a_refused_connect_is_logged_against_its_endpoint() {
     assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
     let logs = daemon.wait_for_log("upstream connect failed", 1);
     assert!(logs.contains("endpoint=198.18.20.1:7000"), "{logs}");
+}
+
+#[test]
+fn a_dead_endpoint_among_two_is_ejected_and_later_connects_succeed() {
+    let sandbox = Sandbox::new("kernel-eject");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_host("198.18.20.2".parse().unwrap());
+    // 198.18.20.2 answers, but nothing listens there: every connect is refused.
+    let live = TestServer::start("live", "198.18.20.1:7000");
+    let daemon = sandbox.start_daemon(
+        &static_entry(
+            "ejecting",
+            "240.240.20.13",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1\n  - address: 198.18.20.2",
+        ),
+        &AUTO_WITH_ADMIN,
+    );
+    let mut refused = 0;
+    let mut tries = 0;
+    while refused < 5 {
+        tries += 1;
+        assert!(
+            tries < 500,
+            "the dead endpoint was drawn {refused} times in {tries}"
+        );
+        match who("240.240.20.13:7000") {
+            Ok(seen) => {
+                assert_eq!(seen.server, "live");
+                assert!(!seen.went_through_proxy(), "{seen:?}");
+            }
+            Err(error) => {
+                assert_eq!(error.kind(), ErrorKind::ConnectionRefused, "{error}");
+                refused += 1;
+            }
+        }
+    }
+    let logs = daemon.wait_for_log("endpoint ejected", 1);
+    let line = logs
+        .lines()
+        .find(|line| line.contains("endpoint ejected"))
+        .unwrap();
+    assert!(line.contains("endpoint=198.18.20.2:7000"), "{line}");
+    let accepted = live.accepted();
+    for _ in 0..50 {
+        let seen = who("240.240.20.13:7000").expect("only the live endpoint is left");
+        assert_eq!(seen.server, "live");
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+    }
+    assert_eq!(live.accepted(), accepted + 50);
+    // Every connect counts as opened when its socket closes: the five refused
+    // ones as failed, the others as closed.
+    let failed = [("reason", "upstream_connect"), ("datapath", "kernel")];
+    let kernel = [("datapath", "kernel")];
+    scrape_until(Duration::from_secs(5), |scrape| {
+        let value = |name, labels: &[(&str, &str)]| scrape.value(name, labels).unwrap_or(0.0);
+        value("interceptor_connections_failed_total", &failed) == 5.0
+            && value("interceptor_connections_opened_total", &kernel)
+                == value("interceptor_connections_closed_total", &kernel) + 5.0
+            && value("interceptor_connections_closed_total", &kernel)
+                == (tries - refused + 50) as f64
+    });
+}
+
+#[test]
+fn a_native_ipv6_vip_takes_the_kernel_path_to_an_ipv6_backend() {
+    let sandbox = Sandbox::new("kernel-ipv6");
+    sandbox.add_host_v6("fd00:20::1".parse().unwrap());
+    let _server = TestServer::start("v6-backend", "[fd00:20::1]:7000");
+    let _daemon = sandbox.start_daemon(
+        &static_entry(
+            "six",
+            "\"2001:2::20\"",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: fd00:20::1",
+        ),
+        &AUTO,
+    );
+    let seen = who("[2001:2::20]:7000").expect("connect on the kernel path");
+    assert_eq!(seen.server, "v6-backend");
+    assert_eq!(seen.server_peer, seen.client_local, "{seen:?}");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), "[2001:2::20]:7000");
+}
+
+#[test]
+fn a_dual_stack_socket_takes_the_kernel_path_to_an_ipv4_vip() {
+    let sandbox = Sandbox::new("kernel-dual");
+    sandbox.add_host("198.18.20.1".parse().unwrap());
+    let _server = TestServer::start("backend", "198.18.20.1:7000");
+    let _daemon = sandbox.start_daemon(
+        &static_entry(
+            "dual",
+            "240.240.20.14",
+            "{number: 7000, name: tcp, protocol: TCP}",
+            "  - address: 198.18.20.1",
+        ),
+        &AUTO,
+    );
+    // An AF_INET6 socket reaches an IPv4 address as ::ffff:a.b.c.d, through connect6.
+    let seen = who("[::ffff:240.240.20.14]:7000").expect("connect on the kernel path");
+    assert_eq!(seen.server, "backend");
+    assert_eq!(
+        seen.server_peer.port(),
+        seen.client_local.port(),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.server_peer.ip().to_canonical(),
+        seen.client_local.ip().to_canonical(),
+        "{seen:?}"
+    );
+    assert_eq!(seen.client_peer.to_string(), "[::ffff:240.240.20.14]:7000");
 }

@@ -1203,6 +1203,10 @@ fn daemon_with_open_files_limit(
         config.into(),
         "--cgroup".into(),
         sandbox.cgroup.clone().into(),
+        // The connection limit is the proxy's: on the kernel path no connection
+        // reaches it. daemon::start adds this; daemon::command does not.
+        "--datapath".into(),
+        "proxy".into(),
     ];
     args.extend(extra_args.iter().map(OsString::from));
     let mut command = daemon::command(&args, &[]).unwrap();
