@@ -45,13 +45,14 @@ if ! systemctl is-active --quiet interceptor.service; then
 	exit 1
 fi
 
-# 2. Hardening: the daemon runs as a dynamic user with exactly the two capabilities
-#    the unit grants (CAP_NET_ADMIN is bit 12, CAP_BPF bit 39), and works.
+# 2. Hardening: the daemon runs as a dynamic user with exactly the three capabilities
+#    the unit grants (CAP_NET_ADMIN is bit 12, CAP_PERFMON bit 38, CAP_BPF bit 39),
+#    and works.
 pid=$(systemctl show -p MainPID --value interceptor.service)
 uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
 capeff=$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")
-if [ "$uid" != 0 ] && [ "$capeff" = 0000008000001000 ]; then
-	pass "hardening: uid $uid, effective capabilities $capeff (CAP_BPF CAP_NET_ADMIN only)"
+if [ "$uid" != 0 ] && [ "$capeff" = 000000c000001000 ]; then
+	pass "hardening: uid $uid, effective capabilities $capeff (CAP_BPF CAP_NET_ADMIN CAP_PERFMON only)"
 else
 	fail "hardening: uid $uid, effective capabilities $capeff"
 fi
