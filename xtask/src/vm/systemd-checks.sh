@@ -12,6 +12,9 @@ get() { curl -fsS --max-time 5 "http://$1/index.html"; }
 expected="hello from the selftest backend"
 
 install -m 0755 "$workspace/target/debug/interceptor" /usr/local/bin/interceptor
+# The tree's unit, not the one the cached image was provisioned with: the check is of
+# this tree's capabilities and hardening.
+install -m 0644 "$workspace/deploy/systemd/interceptor.service" /etc/systemd/system/interceptor.service
 # The kernel module's debug log carries the verifier's log if a program is refused.
 systemctl set-environment RUST_LOG=info,interceptor::kernel=debug
 systemctl daemon-reload
