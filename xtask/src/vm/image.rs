@@ -15,7 +15,7 @@ use crate::{check, setup};
 
 /// The image's release: the same as the host's, so binaries built here run there.
 const IMAGE_SUITE: &str = "bookworm";
-const IMAGE_PACKAGES: &str = "systemd-sysv,udev,kmod,initramfs-tools,iproute2,procps,util-linux,ca-certificates,curl,python3";
+const IMAGE_PACKAGES: &str = "systemd-sysv,udev,kmod,initramfs-tools,iproute2,procps,util-linux,ca-certificates,curl,python3,bind9-dnsutils";
 /// The cloud kernel builds its virtio drivers as modules; the initramfs loads them
 /// in dependency order before it looks for the root disk.
 const INITRAMFS_MODULES: &[&str] = &[
