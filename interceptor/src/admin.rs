@@ -296,6 +296,7 @@ async fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         destination: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
         name: None,
         cgroup: None,
+        ipv6_proxy: state.proxy_addrs.iter().any(std::net::SocketAddr::is_ipv6),
     };
     let mut destination = None;
     let mut as_json = false;

@@ -399,16 +399,12 @@ fn explain(args: &ExplainArgs) -> ExitCode {
 }
 
 fn ready(args: &ReadyArgs) -> ExitCode {
-    let (admin, instance) = match (&args.address_file, args.admin_addr) {
-        (Some(path), _) => match AddressFile::read(path) {
-            Ok(addresses) => (addresses.admin, Some(addresses.instance)),
-            Err(error) => {
-                eprintln!("interceptor: {}", Chain(&error));
-                return ExitCode::FAILURE;
-            }
-        },
-        (None, Some(admin)) => (admin, None),
-        (None, None) => unreachable!("clap requires one of them"),
+    let (admin, instance) = match admin_of(args) {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("interceptor: {}", report(&error));
+            return ExitCode::FAILURE;
+        }
     };
     match probe::ready(admin, instance, probe::PROBE_TIMEOUT) {
         Ok(body) => {

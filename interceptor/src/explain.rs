@@ -36,6 +36,8 @@ pub struct Query {
     pub name: Option<(HostKind, String)>,
     /// The client's cgroup, and the one the programs are attached to.
     pub cgroup: Option<(PathBuf, PathBuf)>,
+    /// Whether the proxy listens for native IPv6 connects (`--proxy-addr-v6`).
+    pub ipv6_proxy: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,9 +154,17 @@ pub fn explain(
         );
         return explanation;
     };
+    let datapath = path(registry, mode, &rule_service, destination, resolved);
+    if datapath.path == "proxy" && destination.ip().to_canonical().is_ipv6() && !query.ipv6_proxy {
+        explanation.reason = format!(
+            "{rule}, but the proxy has no IPv6 listener (--proxy-addr-v6 off, or no IPv6 on \
+             the host): connect6 leaves native IPv6 connects on the proxy path alone"
+        );
+        return explanation;
+    }
     explanation.intercepted = true;
     explanation.reason = rule.clone();
-    explanation.datapath = Some(path(registry, mode, &rule_service, destination, resolved));
+    explanation.datapath = Some(datapath);
 
     let choices: Vec<(Choice, String)> = match outbound::decide(registry, destination, policy) {
         Step::Decided(Decision::Forward(forward)) => {

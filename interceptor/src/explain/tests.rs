@@ -29,6 +29,7 @@ fn query(destination: &str, name: Option<(HostKind, &str)>) -> Query {
         destination: destination.parse().unwrap(),
         name: name.map(|(kind, name)| (kind, name.to_owned())),
         cgroup: None,
+        ipv6_proxy: true,
     }
 }
 
@@ -364,4 +365,40 @@ fn query_values_survive_encoding() {
             ("sni".to_owned(), raw.to_owned())
         ]
     );
+}
+
+#[test]
+fn native_ipv6_on_the_proxy_path_needs_an_ipv6_listener() {
+    let registry = registry(&[
+        &entry(
+            "proxied",
+            "  addresses: [\"2001:2::1\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: NONE\n",
+        ),
+        &entry(
+            "kernel",
+            "  addresses: [\"2001:2::2\"]\n  ports: [{number: 5432, name: tcp}]\n  resolution: NONE\n",
+        ),
+    ]);
+    let mut asked = query("[2001:2::1]:443", None);
+    asked.ipv6_proxy = false;
+    let left = explain(
+        &registry,
+        DatapathMode::Auto,
+        OutboundPolicy::AllowAny,
+        &asked,
+        &Resolved::new(),
+    );
+    assert!(!left.intercepted);
+    assert!(left.reason.contains("no IPv6 listener"), "{}", left.reason);
+    // The kernel path needs no listener.
+    asked.destination = "[2001:2::2]:5432".parse().unwrap();
+    let kernel = explain(
+        &registry,
+        DatapathMode::Auto,
+        OutboundPolicy::AllowAny,
+        &asked,
+        &Resolved::new(),
+    );
+    assert!(kernel.intercepted);
+    assert_eq!(kernel.datapath.unwrap().path, "kernel");
 }
