@@ -101,6 +101,17 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once the programs are loaded.
     pub maps: OnceLock<MapOccupancy>,
+    /// What `/explain` needs besides the snapshot; set once the DNS cache exists.
+    pub explain: OnceLock<ExplainContext>,
+}
+
+/// The daemon settings an explanation depends on.
+pub struct ExplainContext {
+    pub datapath: crate::datapath::DatapathMode,
+    pub outbound_policy: crate::proxy::OutboundPolicy,
+    /// The cgroup the programs are attached to.
+    pub cgroup: PathBuf,
+    pub dns: Arc<crate::resolve::DnsCache>,
 }
 
 /// Binds the admin listener, refusing a non-loopback address unless allowed.
@@ -197,11 +208,12 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
             })
         }
         "/connections" => json(&connections(state).await),
+        "/explain" => explain(state, request.uri().query().unwrap_or_default()).await,
         "/metrics" => metrics(state).await,
         "/" => respond(
             StatusCode::OK,
             TEXT,
-            "/healthz/ready\n/config_dump\n/connections\n/metrics\n".into(),
+            "/healthz/ready\n/config_dump\n/connections\n/explain?dest=ADDR:PORT[&sni=NAME|&host=NAME][&cgroup=PATH][&output=json]\n/metrics\n".into(),
         ),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     }
@@ -270,6 +282,82 @@ async fn metrics(state: &AdminState) -> Response<Full<Bytes>> {
         }
     }
     respond(StatusCode::OK, OPENMETRICS, state.metrics.encode().into())
+}
+
+/// `/explain?dest=ADDR:PORT[&sni=NAME|&host=NAME][&cgroup=PATH][&output=json]`: see
+/// [`crate::explain`].
+async fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let bad =
+        |message: String| respond(StatusCode::BAD_REQUEST, TEXT, format!("{message}\n").into());
+    let Some(context) = state.explain.get() else {
+        return respond(StatusCode::SERVICE_UNAVAILABLE, TEXT, "starting\n".into());
+    };
+    let mut asked = crate::explain::Query {
+        destination: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        name: None,
+        cgroup: None,
+        ipv6_proxy: state.proxy_addrs.iter().any(std::net::SocketAddr::is_ipv6),
+    };
+    let mut destination = None;
+    let mut as_json = false;
+    for (key, value) in crate::explain::query_pairs(query) {
+        match key.as_str() {
+            "dest" => match value.parse() {
+                Ok(parsed) => destination = Some(parsed),
+                Err(_) => return bad(format!("dest={value} is not ADDR:PORT")),
+            },
+            "sni" => asked.name = Some((crate::registry::HostKind::Sni, value)),
+            "host" => asked.name = Some((crate::registry::HostKind::Http, value)),
+            "cgroup" => match cgroup_path(&value)
+                .and_then(|client| Ok((client, std::fs::canonicalize(&context.cgroup)?)))
+            {
+                Ok(cgroups) => asked.cgroup = Some(cgroups),
+                Err(error) => return bad(format!("cgroup {value}: {error}")),
+            },
+            "output" => as_json = value == "json",
+            other => return bad(format!("unknown parameter {other}")),
+        }
+    }
+    let Some(destination) = destination else {
+        return bad("dest=ADDR:PORT is required".into());
+    };
+    asked.destination = destination;
+    let registry = state.registry.load_full();
+    let first = crate::explain::explain(
+        &registry,
+        context.datapath,
+        context.outbound_policy,
+        &asked,
+        &crate::datapath::Resolved::new(),
+    );
+    let resolved = crate::explain::lookups(first.hosts(), &context.dns).await;
+    let explanation = crate::explain::explain(
+        &registry,
+        context.datapath,
+        context.outbound_policy,
+        &asked,
+        &resolved,
+    );
+    if as_json {
+        json(&explanation)
+    } else {
+        respond(
+            StatusCode::OK,
+            TEXT,
+            crate::explain::render(&explanation).into(),
+        )
+    }
+}
+
+/// A cgroup as a path under the cgroup2 mount, or absolute.
+fn cgroup_path(raw: &str) -> std::io::Result<PathBuf> {
+    let path = PathBuf::from(raw);
+    let path = if path.is_absolute() && path.exists() {
+        path
+    } else {
+        interceptor_common::host::cgroup2_root()?.join(raw.trim_start_matches('/'))
+    };
+    std::fs::canonicalize(path)
 }
 
 fn json(value: &impl Serialize) -> Response<Full<Bytes>> {

@@ -173,6 +173,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         connections: ConnectionTable::new(Arc::clone(&metrics)),
         metrics: Arc::clone(&metrics),
         maps: OnceLock::new(),
+        explain: OnceLock::new(),
     });
     // First, so a readiness probe during start-up gets a 503, not a refused connection.
     let admin_listener = admin::bind(config.admin_addr, config.admin_allow_non_loopback).await?;
@@ -241,6 +242,12 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     // for every ServiceEntry host until the programs attached.
     registry.store(Arc::clone(&initial));
     let dns = DnsCache::new(config.dns.clone())?;
+    let _ = admin_state.explain.set(admin::ExplainContext {
+        datapath: config.datapath,
+        outbound_policy: config.outbound_policy,
+        cgroup: config.cgroup.clone(),
+        dns: Arc::clone(&dns),
+    });
     let shutdown = CancellationToken::new();
     // Before the programs attach: a captured query must find the server listening.
     let dns_listeners = match &config.dns_server {

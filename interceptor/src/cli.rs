@@ -1,4 +1,4 @@
-//! The command line: `run`, `validate` and `ready`.
+//! The command line: `run`, `validate`, `ready` and `explain`.
 
 use std::{
     io::IsTerminal as _,
@@ -43,6 +43,29 @@ enum Command {
     /// Ask a running daemon whether it is serving; exit 0 if it is, 1 if not. For
     /// exec readiness probes and scripts.
     Ready(ReadyArgs),
+    /// Ask a running daemon what it does with a connect to ADDR:PORT: whether it is
+    /// intercepted and why, which ServiceEntry takes it, by which path, to which
+    /// endpoints, under which DestinationRule, and what DNS says.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ExplainArgs {
+    /// The destination the application connects to.
+    destination: SocketAddr,
+    /// The TLS SNI the client sends, for ports that route by it.
+    #[arg(long, conflicts_with = "host")]
+    sni: Option<String>,
+    /// The HTTP Host header the client sends, for ports that route by it.
+    #[arg(long)]
+    host: Option<String>,
+    /// The client's cgroup (v2), as a path under the cgroup2 mount or absolute.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = ValidateOutput::Text)]
+    output: ValidateOutput,
+    #[command(flatten)]
+    daemon: ReadyArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -327,20 +350,76 @@ pub fn main() -> ExitCode {
         },
         Command::Validate(args) => validate(&args),
         Command::Ready(args) => ready(&args),
+        Command::Explain(args) => explain(&args),
+    }
+}
+
+/// The admin address of the daemon `args` names.
+fn admin_of(args: &ReadyArgs) -> anyhow::Result<(SocketAddr, Option<u64>)> {
+    match (&args.address_file, args.admin_addr) {
+        (Some(path), _) => {
+            let addresses = AddressFile::read(path)?;
+            Ok((addresses.admin, Some(addresses.instance)))
+        }
+        (None, Some(admin)) => Ok((admin, None)),
+        (None, None) => unreachable!("clap requires one of them"),
+    }
+}
+
+fn explain(args: &ExplainArgs) -> ExitCode {
+    let asked = || -> anyhow::Result<String> {
+        let (admin, _) = admin_of(&args.daemon)?;
+        let mut path = format!(
+            "/explain?dest={}",
+            crate::explain::percent_encode(&args.destination.to_string())
+        );
+        for (key, value) in [
+            ("sni", args.sni.clone()),
+            ("host", args.host.clone()),
+            (
+                "cgroup",
+                args.cgroup.as_ref().map(|path| path.display().to_string()),
+            ),
+        ] {
+            if let Some(value) = value {
+                path.push_str(&format!(
+                    "&{key}={}",
+                    crate::explain::percent_encode(&value)
+                ));
+            }
+        }
+        if matches!(args.output, ValidateOutput::Json) {
+            path.push_str("&output=json");
+        }
+        let answer = probe::get(admin, &path, probe::PROBE_TIMEOUT * 5)?;
+        if answer.status != 200 {
+            anyhow::bail!(
+                "the admin server at {admin} answered {}: {}",
+                answer.status,
+                answer.body.trim()
+            );
+        }
+        Ok(answer.body)
+    };
+    match asked() {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("interceptor: {}", report(&error));
+            ExitCode::FAILURE
+        }
     }
 }
 
 fn ready(args: &ReadyArgs) -> ExitCode {
-    let (admin, instance) = match (&args.address_file, args.admin_addr) {
-        (Some(path), _) => match AddressFile::read(path) {
-            Ok(addresses) => (addresses.admin, Some(addresses.instance)),
-            Err(error) => {
-                eprintln!("interceptor: {}", Chain(&error));
-                return ExitCode::FAILURE;
-            }
-        },
-        (None, Some(admin)) => (admin, None),
-        (None, None) => unreachable!("clap requires one of them"),
+    let (admin, instance) = match admin_of(args) {
+        Ok(found) => found,
+        Err(error) => {
+            eprintln!("interceptor: {}", report(&error));
+            return ExitCode::FAILURE;
+        }
     };
     match probe::ready(admin, instance, probe::PROBE_TIMEOUT) {
         Ok(body) => {

@@ -375,6 +375,24 @@ impl Plan {
         rules
     }
 
+    /// The path this plan gives a service port (by service name and port number):
+    /// its kernel-path backends, or why it takes the proxy; `None` if no rule has it.
+    pub fn path_of(&self, service: &str, port: u16) -> Option<Result<&Backends, ProxyReason>> {
+        let owned = |(name, number): &(String, u16)| name == service && *number == port;
+        if let Some(id) = self
+            .owners
+            .iter()
+            .find(|(_, owner)| owned(owner))
+            .map(|(id, _)| id)
+        {
+            return self.backends.get(id).map(Ok);
+        }
+        self.proxied
+            .iter()
+            .find(|(name, number, _)| owned(&(name.clone(), *number)))
+            .map(|(_, _, reason)| Err(*reason))
+    }
+
     fn owner(&self, id: u32) -> Option<(String, u16)> {
         self.owners.get(&id).cloned()
     }

@@ -10,6 +10,7 @@ mod config;
 mod copy;
 mod datapath;
 mod dns;
+mod explain;
 mod kernel;
 mod limits;
 mod load;

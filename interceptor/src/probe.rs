@@ -48,6 +48,40 @@ pub fn ready(
     instance: Option<u64>,
     timeout: Duration,
 ) -> Result<String, ProbeError> {
+    let answer = get(addr, "/healthz/ready", timeout)?;
+    if let Some(expected) = instance {
+        let answered = answer.head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case(INSTANCE_HEADER)
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        });
+        if answered != Some(expected) {
+            return Err(ProbeError::SomeoneElse { addr });
+        }
+    }
+    let body = answer.body.trim().to_owned();
+    if answer.status == 200 {
+        Ok(body)
+    } else {
+        Err(ProbeError::NotReady {
+            addr,
+            status: answer.status,
+            body,
+        })
+    }
+}
+
+/// An admin server's answer.
+pub struct Answer {
+    pub status: u16,
+    /// The header lines after the status line.
+    pub head: String,
+    pub body: String,
+}
+
+/// GET `path` (with its query) from the admin server at `addr`, within `timeout` in all.
+pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, ProbeError> {
     let deadline = Instant::now() + timeout;
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|source| ProbeError::Connect { addr, source })?;
@@ -65,8 +99,7 @@ pub fn ready(
         .map_err(exchange)?;
     stream
         .write_all(
-            format!("GET /healthz/ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .map_err(exchange)?;
     let mut response = Vec::new();
@@ -82,8 +115,7 @@ pub fn ready(
     }
     let response = String::from_utf8_lossy(&response);
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let mut lines = head.lines();
-    let status_line = lines.next().unwrap_or_default();
+    let (status_line, head) = head.split_once("\r\n").unwrap_or((head, ""));
     let status = status_line
         .strip_prefix("HTTP/1.1 ")
         .and_then(|rest| rest.get(..3)?.parse::<u16>().ok())
@@ -91,21 +123,9 @@ pub fn ready(
             addr,
             head: status_line.to_owned(),
         })?;
-    if let Some(expected) = instance {
-        let answered = lines.find_map(|line| {
-            let (name, value) = line.split_once(':')?;
-            name.eq_ignore_ascii_case(INSTANCE_HEADER)
-                .then(|| value.trim().parse::<u64>().ok())
-                .flatten()
-        });
-        if answered != Some(expected) {
-            return Err(ProbeError::SomeoneElse { addr });
-        }
-    }
-    let body = body.trim().to_owned();
-    if status == 200 {
-        Ok(body)
-    } else {
-        Err(ProbeError::NotReady { addr, status, body })
-    }
+    Ok(Answer {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    })
 }

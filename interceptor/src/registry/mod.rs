@@ -67,6 +67,16 @@ pub struct Backend {
     /// own SNI or Host (a wildcard entry).
     host: Option<String>,
     weight: u64,
+    /// `VirtualService/namespace/name` when a VirtualService route put it here.
+    virtual_service: Option<Arc<str>>,
+}
+
+/// One weighted choice a host-routed connection may take, for `interceptor explain`.
+#[derive(Debug, Clone)]
+pub struct Choice {
+    pub route: Route,
+    pub weight: u64,
+    pub virtual_service: Option<Arc<str>>,
 }
 
 /// How connections to one port-only port are routed.
@@ -303,6 +313,7 @@ impl Registry {
                         port: port_index,
                         host: (!host.starts_with('*')).then(|| host.clone()),
                         weight: 1,
+                        virtual_service: None,
                     };
                     table.insert_if_absent(host, Arc::from([backend]));
                 }
@@ -353,17 +364,46 @@ impl Registry {
         table: HostKind,
         host: Option<&str>,
     ) -> Option<Route> {
-        let table = match table {
-            HostKind::Sni => &routes.tls,
-            HostKind::Http => &routes.http,
-        };
-        if let Some(backends) = host.and_then(|host| table.lookup(host)) {
+        if let Some(backends) = host_backends(routes, table, host) {
             let chosen = &backends[weighted_index(backends.iter().map(|backend| backend.weight))];
-            let routed_host = chosen.host.clone().or_else(|| host.map(str::to_owned));
-            return Some(self.route_to(chosen.service, chosen.port, routed_host));
+            return Some(self.backend_route(chosen, host));
         }
         let (service, port) = routes.opaque?;
         Some(self.route_to(service, port, None))
+    }
+
+    /// Every choice [`Registry::route_by_host`] picks among by weight, or the port's
+    /// opaque service alone (weight 1); empty when nothing matches.
+    pub fn host_choices(
+        &self,
+        routes: &PortRoutes,
+        table: HostKind,
+        host: Option<&str>,
+    ) -> Vec<Choice> {
+        if let Some(backends) = host_backends(routes, table, host) {
+            return backends
+                .iter()
+                .map(|backend| Choice {
+                    route: self.backend_route(backend, host),
+                    weight: backend.weight,
+                    virtual_service: backend.virtual_service.clone(),
+                })
+                .collect();
+        }
+        routes
+            .opaque
+            .map(|(service, port)| Choice {
+                route: self.route_to(service, port, None),
+                weight: 1,
+                virtual_service: None,
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn backend_route(&self, backend: &Backend, host: Option<&str>) -> Route {
+        let routed_host = backend.host.clone().or_else(|| host.map(str::to_owned));
+        self.route_to(backend.service, backend.port, routed_host)
     }
 
     fn route_to(&self, service: usize, port: usize, host: Option<String>) -> Route {
@@ -407,6 +447,20 @@ impl Registry {
     pub fn allocations(&self) -> &Allocations {
         &self.allocations
     }
+}
+
+/// The backends the host table of `kind` routes `host` to, if a pattern matches.
+fn host_backends<'a>(
+    routes: &'a PortRoutes,
+    kind: HostKind,
+    host: Option<&str>,
+) -> Option<&'a [Backend]> {
+    let table = match kind {
+        HostKind::Sni => &routes.tls,
+        HostKind::Http => &routes.http,
+    };
+    host.and_then(|host| table.lookup(host))
+        .map(|backends| &backends[..])
 }
 
 /// Whether an entry's hosts get VIPs: only when it has no addresses of its own, its

@@ -71,6 +71,7 @@ impl Registry {
                                 host: (!target.host.starts_with('*')).then(|| target.host.clone()),
                                 // A lone destination takes all traffic whatever its weight.
                                 weight: if route.route.len() == 1 { 1 } else { destination.weight.max(0) as u64 },
+                                virtual_service: Some(Arc::from(name.as_str())),
                             }),
                             None => warnings.push(Finding {
                                 severity: Severity::Warning,

@@ -118,7 +118,7 @@ pub async fn targets(
 
 /// A DNS service made of its own hosts resolves only the host the connection was
 /// routed by (its SNI or Host); one with explicit endpoints uses all of them.
-fn routed_endpoints(route: &Route) -> std::borrow::Cow<'_, [Endpoint]> {
+pub(crate) fn routed_endpoints(route: &Route) -> std::borrow::Cow<'_, [Endpoint]> {
     let service = &route.service;
     let Some(host) = route
         .host
@@ -193,13 +193,16 @@ fn literal_target(endpoint: &Endpoint, route: &Route) -> Option<Target> {
 /// The endpoint's port for the route's service port: mapped by name, then
 /// targetPort, then the number.
 fn tcp_target(endpoint: &Endpoint, route: &Route, address: IpAddr) -> Target {
+    Target::Tcp(SocketAddr::new(address, endpoint_port(endpoint, route)))
+}
+
+pub(crate) fn endpoint_port(endpoint: &Endpoint, route: &Route) -> u16 {
     let port = route.port();
-    let number = endpoint
+    endpoint
         .ports
         .get(&port.name)
         .copied()
-        .unwrap_or(port.default_endpoint_port);
-    Target::Tcp(SocketAddr::new(address, number))
+        .unwrap_or(port.default_endpoint_port)
 }
 
 /// The targets of a route whose addresses need no DNS lookup, for tests: the cache

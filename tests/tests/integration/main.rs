@@ -6,6 +6,7 @@ mod deploy;
 mod destination_rule;
 mod dns;
 mod dns_capture;
+mod explain;
 mod kernel_path;
 mod kubernetes;
 mod ops;
