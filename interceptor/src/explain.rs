@@ -278,7 +278,8 @@ fn path(
         reason,
     };
     match plan.path_of(service, destination.port()) {
-        Some(Ok(backends)) => match datapath::backend_set(backends, resolved) {
+        // Whether the kernel can hold the set at all; ejections are shown per endpoint.
+        Some(Ok(backends)) => match datapath::backend_set(backends, resolved, |_| false) {
             Ok(_) => Datapath {
                 path: "kernel",
                 reason: "plain TCP with endpoints the kernel can pick: connect goes straight \
