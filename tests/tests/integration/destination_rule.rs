@@ -483,8 +483,7 @@ spec:
     held.read_exact(&mut name).unwrap();
     assert_eq!(&name, b"pooled\n");
 
-    let mut extra = connect("240.240.23.1:7000").unwrap();
-    integration_tests::server::assert_closed_unanswered(&mut extra, b"WHO\n");
+    integration_tests::server::assert_refused_by_proxy("240.240.23.1:7000", b"WHO\n");
     daemon.wait_for_log("maxConnections is reached", 1);
     scrape_until(Duration::from_secs(5), |scrape| {
         scrape.value(
