@@ -30,6 +30,20 @@ pub fn binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `interceptor validate` on `path`: its exit code and what it printed on
+/// standard output.
+pub fn validate(path: &Path) -> (Option<i32>, String) {
+    let output = Command::new(binary().expect("the binary under test"))
+        .arg("validate")
+        .arg(path)
+        .output()
+        .expect("run interceptor validate");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 /// Starts the daemon on `config`, attached to `cgroup`, and waits until it is ready.
 pub fn start(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Result<Daemon> {
     let mut daemon = spawn(config, cgroup, extra_args, &[])?;

@@ -15,8 +15,9 @@ pub mod server;
 pub mod tls;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Deref,
+    path::Path,
 };
 
 pub use daemon::Daemon;
@@ -69,6 +70,15 @@ impl Sandbox {
     pub fn add_host_v6(&self, addr: Ipv6Addr) {
         self.add_address(addr.into())
             .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
+    }
+
+    /// Test hosts, IPv4 or IPv6, written as addresses.
+    pub fn add_hosts(&self, hosts: &[&str]) {
+        for host in hosts {
+            let addr: IpAddr = host.parse().expect("a test host address");
+            self.add_address(addr)
+                .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
+        }
     }
 
     /// Writes `yaml` as the config and starts the daemon in this sandbox's cgroup,
@@ -187,6 +197,19 @@ pub const PROXY: &str = "127.0.0.1:15001";
 /// A ServiceEntry `namespace/name` for host `name.namespace.test`: the VIP `vip` with
 /// one STATIC endpoint, both on port 7000.
 pub fn vip_entry(namespace: &str, name: &str, vip: &str, endpoint: &str) -> String {
+    static_entry(
+        namespace,
+        name,
+        vip,
+        "{number: 7000, name: tcp, protocol: TCP}",
+        &format!("  - address: {endpoint}"),
+    )
+}
+
+/// A STATIC ServiceEntry `namespace/name` for host `name.namespace.test` at `vip`,
+/// with one `port` (a YAML flow mapping) and `endpoints` (YAML list items, indented
+/// by two spaces).
+pub fn static_entry(namespace: &str, name: &str, vip: &str, port: &str, endpoints: &str) -> String {
     format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -197,12 +220,23 @@ spec:
   hosts: [{name}.{namespace}.test]
   addresses: [{vip}]
   ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
+  - {port}
   resolution: STATIC
   endpoints:
-  - address: {endpoint}
+{endpoints}
 "#
     )
+}
+
+/// Writes `text` to `path` the way config management and certificate rotation do: a
+/// temporary file in the same directory, renamed over the old one, so a reader never
+/// sees half a file.
+pub fn replace_file(path: &Path, text: &str) {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = std::path::PathBuf::from(temporary);
+    std::fs::write(&temporary, text)
+        .unwrap_or_else(|error| panic!("writing {}: {error}", temporary.display()));
+    std::fs::rename(&temporary, path)
+        .unwrap_or_else(|error| panic!("renaming over {}: {error}", path.display()));
 }
