@@ -59,6 +59,12 @@ pub fn spawn(
     extra_args: &[&str],
     env: &[(&str, &str)],
 ) -> Result<Daemon> {
+    spawn_command(command(&run_args(config, cgroup, extra_args), env)?)
+}
+
+/// `run` on `config`, attached to `cgroup`, with `extra_args`: the arguments for
+/// [`command`].
+pub fn run_args(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "run".into(),
         "--config".into(),
@@ -67,7 +73,7 @@ pub fn spawn(
         cgroup.into(),
     ];
     args.extend(extra_args.iter().map(OsString::from));
-    spawn_command(command(&args, env)?)
+    args
 }
 
 /// The command that starts the daemon with these arguments, for a test to adjust

@@ -3,7 +3,6 @@
 //! systemd notify protocol.
 
 use std::{
-    ffi::OsString,
     fs,
     io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
     net::{Shutdown, TcpStream},
@@ -1186,18 +1185,9 @@ fn daemon_with_open_files_limit(
         vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
     )
     .unwrap();
-    let mut args: Vec<OsString> = vec![
-        "run".into(),
-        "--config".into(),
-        config.into(),
-        "--cgroup".into(),
-        sandbox.cgroup.clone().into(),
-        // The connection limit is the proxy's: on the kernel path no connection
-        // reaches it. daemon::start adds this; daemon::command does not.
-        "--datapath".into(),
-        "proxy".into(),
-    ];
-    args.extend(extra_args.iter().map(OsString::from));
+    // The connection limit is the proxy's: daemon::command keeps these tests on the
+    // proxy path, where the connections reach it.
+    let args = daemon::run_args(&config, &sandbox.cgroup, extra_args);
     let mut command = daemon::command(&args, &[]).unwrap();
     // SAFETY: setrlimit is async-signal-safe and touches only the child.
     unsafe {
