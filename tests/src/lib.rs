@@ -81,6 +81,20 @@ impl Sandbox {
         }
     }
 
+    /// Asserts, asking the kernel, that `count` programs are attached to this
+    /// sandbox's cgroup for each of connect4, connect6 and sock_ops.
+    pub fn assert_programs_attached(&self, count: u32) {
+        for (attach_type, name) in [
+            (bpf::BPF_CGROUP_INET4_CONNECT, "connect4"),
+            (bpf::BPF_CGROUP_INET6_CONNECT, "connect6"),
+            (bpf::BPF_CGROUP_SOCK_OPS, "sock_ops"),
+        ] {
+            let attached = bpf::attached_programs(&self.cgroup, attach_type)
+                .unwrap_or_else(|error| panic!("querying {name} programs: {error}"));
+            assert_eq!(attached, count, "{name} programs attached");
+        }
+    }
+
     /// Writes `yaml` as the config and starts the daemon in this sandbox's cgroup,
     /// which is also the cgroup the programs attach to: the daemon's own connections
     /// are exposed to its programs, as they are when it runs at a host's cgroup root.

@@ -11,9 +11,6 @@ use std::{
 use integration_tests::{
     Sandbox, TestServer,
     admin::{ADMIN, scrape_until},
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
     dns::DnsServer,
     server::{Who, connect, http_get, pattern_checksum, who, write_pattern},
     static_entry, vip_entry,
@@ -233,13 +230,7 @@ fn after_sigkill_nothing_stays_attached() {
     who_direct("240.240.20.9:7000");
     daemon.signal(libc::SIGKILL);
     assert_eq!(daemon.wait(), None, "killed by a signal");
-    for attach_type in [
-        BPF_CGROUP_INET4_CONNECT,
-        BPF_CGROUP_INET6_CONNECT,
-        BPF_CGROUP_SOCK_OPS,
-    ] {
-        assert_eq!(attached_programs(&sandbox.cgroup, attach_type).unwrap(), 0);
-    }
+    sandbox.assert_programs_attached(0);
     let error = connect("240.240.20.9:7000").expect_err("nothing rewrites the VIP now");
     assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
 }

@@ -9,9 +9,7 @@ use std::{
 
 use integration_tests::{
     Container, PROXY, Sandbox, TestServer,
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
+    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
     enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
@@ -355,18 +353,7 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
         ),
         &[],
     );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        1
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
-        1
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        1
-    );
+    sandbox.assert_programs_attached(1);
     assert!(
         who("240.240.2.2:7000")
             .expect("redirect works")
@@ -376,18 +363,7 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
     daemon.signal(libc::SIGKILL);
     assert_eq!(daemon.wait(), None, "killed by a signal");
 
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        0
-    );
+    sandbox.assert_programs_attached(0);
     // A redirect to the dead proxy port would be "connection refused"; the VIP has no
     // route in the namespace, so an untouched connect is "network unreachable".
     let error = connect("240.240.2.2:7000").expect_err("nothing serves the VIP now");
@@ -400,20 +376,10 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
 fn sigterm_detaches_and_exits_zero() {
     let sandbox = Sandbox::new("sigterm");
     let mut daemon = sandbox.start_daemon(NONE_RANGE, &[]);
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        1
-    );
+    sandbox.assert_programs_attached(1);
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait(), Some(0));
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        0
-    );
+    sandbox.assert_programs_attached(0);
 }
 
 /// Java and anything else that opens AF_INET6 sockets reach IPv4 services as
