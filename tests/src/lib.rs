@@ -17,7 +17,7 @@ pub mod tls;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Deref,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 pub use daemon::Daemon;
@@ -99,10 +99,17 @@ impl Sandbox {
     /// which is also the cgroup the programs attach to: the daemon's own connections
     /// are exposed to its programs, as they are when it runs at a host's cgroup root.
     pub fn start_daemon(&self, yaml: &str, extra_args: &[&str]) -> Daemon {
-        let config = self.workdir.join("config.yaml");
-        std::fs::write(&config, yaml).expect("write config");
+        let config = self.write_config(yaml);
         daemon::start(&config, &self.cgroup, extra_args)
             .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
+    }
+
+    /// Writes `yaml` as this sandbox's config file, the one [`Sandbox::start_daemon`]
+    /// starts on, the way [`replace_file`] does; returns its path.
+    pub fn write_config(&self, yaml: &str) -> PathBuf {
+        let config = self.workdir.join("config.yaml");
+        replace_file(&config, yaml);
+        config
     }
 }
 
@@ -248,7 +255,7 @@ spec:
 pub fn replace_file(path: &Path, text: &str) {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(".tmp");
-    let temporary = std::path::PathBuf::from(temporary);
+    let temporary = PathBuf::from(temporary);
     std::fs::write(&temporary, text)
         .unwrap_or_else(|error| panic!("writing {}: {error}", temporary.display()));
     std::fs::rename(&temporary, path)

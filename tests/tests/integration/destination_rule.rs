@@ -449,7 +449,7 @@ fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("spec.trafficPolicy.tls.mode"), "{stdout}");
 
-    replace_file(&sandbox.workdir.join("config.yaml"), &missing);
+    sandbox.write_config(&missing);
     scrape_until(Duration::from_secs(10), |scrape| {
         scrape.value("interceptor_config_reloads_total", &[("result", "failed")]) >= Some(1.0)
     });

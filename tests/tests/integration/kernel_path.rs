@@ -200,7 +200,7 @@ fn a_reload_adding_a_route_moves_the_host_to_the_proxy_and_keeps_open_connection
     let routed = format!(
         "{entry}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: moving, namespace: kernel}}\nspec:\n  hosts: [moving.kernel.test]\n  tcp:\n  - route: [{{destination: {{host: moving.kernel.test}}}}]\n"
     );
-    std::fs::write(sandbox.workdir.join("config.yaml"), routed).unwrap();
+    sandbox.write_config(&routed);
     daemon.signal(libc::SIGHUP);
     daemon.wait_for_log("proxy_path=1", 1);
     assert!(who("240.240.20.8:7000").unwrap().went_through_proxy());

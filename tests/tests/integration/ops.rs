@@ -18,7 +18,6 @@ use integration_tests::{
     admin::{ADMIN, get, get_from, get_ok, scrape, scrape_until},
     bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
     daemon::{self, stop_while_connecting},
-    replace_file,
     server::{assert_refused_by_proxy, connect, who},
     vip_entry,
 };
@@ -101,16 +100,11 @@ fn a_reload_keeps_open_connections_and_new_connections_follow_the_new_config() {
         &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
-    let config = sandbox.workdir.join("config.yaml");
-
     let mut open = Echo::open("240.240.10.1:7000");
     assert_eq!(open.server, "old");
     open.round_trip("before the reload");
 
-    replace_file(
-        &config,
-        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"),
-    );
+    sandbox.write_config(&vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"));
     wait_for_reloads("ok", 1.0);
     assert!(
         get_ok("/config_dump").contains("198.18.10.2"),
@@ -137,7 +131,6 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
         &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
         &ADMIN_ARGS,
     );
-    let config = sandbox.workdir.join("config.yaml");
     let dump_before = get_ok("/config_dump");
 
     // Valid YAML, invalid config: a second entry with a port out of range.
@@ -147,7 +140,7 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
         vip_entry("ops", "broken", "240.240.10.9", "198.18.10.1")
             .replace("number: 7000", "number: 70000")
     );
-    replace_file(&config, &invalid);
+    sandbox.write_config(&invalid);
     wait_for_reloads("failed", 1.0);
 
     assert_eq!(reloads("ok"), 0.0);
@@ -234,13 +227,10 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     );
 
     // vm-a is retired and vm-c relabelled: only the WorkloadEntries change.
-    replace_file(
-        &sandbox.workdir.join("config.yaml"),
-        &selected_workloads(&[
-            ("vm-b", "198.18.11.2", "{app: db, version: v2}"),
-            ("vm-c", "198.18.11.3", "{app: db}"),
-        ]),
-    );
+    sandbox.write_config(&selected_workloads(&[
+        ("vm-b", "198.18.11.2", "{app: db, version: v2}"),
+        ("vm-c", "198.18.11.3", "{app: db}"),
+    ]));
     wait_for_reloads("ok", 1.0);
     assert_eq!(
         servers_behind("240.240.11.1:5432"),
@@ -248,10 +238,11 @@ fn a_workload_selector_follows_the_workload_entries_across_a_reload() {
     );
 
     // With nothing selected, connections are refused rather than sent anywhere.
-    replace_file(
-        &sandbox.workdir.join("config.yaml"),
-        &selected_workloads(&[("vm-c", "198.18.11.3", "{app: web}")]),
-    );
+    sandbox.write_config(&selected_workloads(&[(
+        "vm-c",
+        "198.18.11.3",
+        "{app: web}",
+    )]));
     wait_for_reloads("ok", 2.0);
     assert_refused_by_proxy("240.240.11.1:5432", b"WHO\n");
     daemon.wait_for_log("selects no usable WorkloadEntry in namespace data", 1);
@@ -754,8 +745,7 @@ fn readiness_is_503_while_starting_200_when_serving_and_503_when_draining() {
             "198.18.10.1",
         ));
     }
-    let path = sandbox.workdir.join("config.yaml");
-    std::fs::write(&path, &config).unwrap();
+    let path = sandbox.write_config(&config);
     let mut daemon = daemon::spawn(
         &path,
         &sandbox.cgroup,
@@ -1081,12 +1071,7 @@ fn systemd_is_notified_of_ready_reload_and_stopping() {
     notify
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let path = sandbox.workdir.join("config.yaml");
-    std::fs::write(
-        &path,
-        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
-    )
-    .unwrap();
+    let path = sandbox.write_config(&vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"));
     let notify_socket = format!("@{name}");
     let mut daemon = daemon::spawn(
         &path,
@@ -1122,12 +1107,7 @@ fn systemd_is_notified_of_ready_reload_and_stopping() {
 fn the_admin_server_refuses_a_non_loopback_address_unless_allowed() {
     let sandbox = Sandbox::new("ops-admin-addr");
     sandbox.add_hosts(&["198.18.10.5"]);
-    let path = sandbox.workdir.join("config.yaml");
-    std::fs::write(
-        &path,
-        vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
-    )
-    .unwrap();
+    let path = sandbox.write_config(&vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"));
     let exposed = ["--admin-addr", "198.18.10.5:15000"];
 
     let error = daemon::start(&path, &sandbox.cgroup, &exposed)
@@ -1179,12 +1159,7 @@ fn daemon_with_open_files_limit(
     (soft, hard): (u64, u64),
     extra_args: &[&str],
 ) -> Daemon {
-    let config = sandbox.workdir.join("config.yaml");
-    fs::write(
-        &config,
-        vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"),
-    )
-    .unwrap();
+    let config = sandbox.write_config(&vip_entry("egress", "vip", "240.240.0.1", "198.18.0.10"));
     // The connection limit is the proxy's: daemon::command keeps these tests on the
     // proxy path, where the connections reach it.
     let args = daemon::run_args(&config, &sandbox.cgroup, extra_args);
