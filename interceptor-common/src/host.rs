@@ -35,6 +35,25 @@ pub fn set_open_files_limit(soft: u64, hard: u64) -> io::Result<()> {
     setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(io::Error::from)
 }
 
+/// Raises the open-files limit (children inherit it) to `wanted`, or as near as this
+/// process may, and returns the soft limit now in force. The kernel's `fs.nr_open`
+/// caps it; above the hard limit needs CAP_SYS_RESOURCE, which a container's root
+/// may lack, and then the hard limit is the ceiling.
+pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|raw| raw.trim().parse::<u64>().ok())
+        .unwrap_or(1_048_576);
+    let wanted = wanted.min(ceiling);
+    let (_, hard) = open_files_limit()?;
+    if set_open_files_limit(wanted, wanted.max(hard)).is_ok() {
+        return Ok(wanted);
+    }
+    let soft = wanted.min(hard);
+    set_open_files_limit(soft, hard)?;
+    Ok(soft)
+}
+
 /// The descriptors this process holds now.
 pub fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
@@ -50,5 +69,10 @@ mod tests {
         set_open_files_limit(soft, hard).unwrap();
         assert_eq!(open_files_limit().unwrap(), (soft, hard));
         assert!(open_descriptors() >= 3);
+        // Up to the hard limit needs no privilege.
+        let raised = raise_open_files_limit(hard).unwrap();
+        assert!(raised > 0 && raised <= hard, "{raised} of {hard}");
+        assert_eq!(open_files_limit().unwrap().0, raised);
+        set_open_files_limit(soft, hard).unwrap();
     }
 }

@@ -30,6 +30,20 @@ pub fn binary() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `interceptor validate` on `path`: its exit code and what it printed on
+/// standard output.
+pub fn validate(path: &Path) -> (Option<i32>, String) {
+    let output = Command::new(binary().expect("the binary under test"))
+        .arg("validate")
+        .arg(path)
+        .output()
+        .expect("run interceptor validate");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
 /// Starts the daemon on `config`, attached to `cgroup`, and waits until it is ready.
 pub fn start(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Result<Daemon> {
     let mut daemon = spawn(config, cgroup, extra_args, &[])?;
@@ -45,6 +59,12 @@ pub fn spawn(
     extra_args: &[&str],
     env: &[(&str, &str)],
 ) -> Result<Daemon> {
+    spawn_command(command(&run_args(config, cgroup, extra_args), env)?)
+}
+
+/// `run` on `config`, attached to `cgroup`, with `extra_args`: the arguments for
+/// [`command`].
+pub fn run_args(config: &Path, cgroup: &Path, extra_args: &[&str]) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "run".into(),
         "--config".into(),
@@ -53,7 +73,7 @@ pub fn spawn(
         cgroup.into(),
     ];
     args.extend(extra_args.iter().map(OsString::from));
-    spawn_command(command(&args, env)?)
+    args
 }
 
 /// The command that starts the daemon with these arguments, for a test to adjust

@@ -15,8 +15,9 @@ pub mod server;
 pub mod tls;
 
 use std::{
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     ops::Deref,
+    path::{Path, PathBuf},
 };
 
 pub use daemon::Daemon;
@@ -71,14 +72,44 @@ impl Sandbox {
             .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
     }
 
+    /// Test hosts, IPv4 or IPv6, written as addresses.
+    pub fn add_hosts(&self, hosts: &[&str]) {
+        for host in hosts {
+            let addr: IpAddr = host.parse().expect("a test host address");
+            self.add_address(addr)
+                .unwrap_or_else(|error| panic!("adding {addr}: {error:#}"));
+        }
+    }
+
+    /// Asserts, asking the kernel, that `count` programs are attached to this
+    /// sandbox's cgroup for each of connect4, connect6 and sock_ops.
+    pub fn assert_programs_attached(&self, count: u32) {
+        for (attach_type, name) in [
+            (bpf::BPF_CGROUP_INET4_CONNECT, "connect4"),
+            (bpf::BPF_CGROUP_INET6_CONNECT, "connect6"),
+            (bpf::BPF_CGROUP_SOCK_OPS, "sock_ops"),
+        ] {
+            let attached = bpf::attached_programs(&self.cgroup, attach_type)
+                .unwrap_or_else(|error| panic!("querying {name} programs: {error}"));
+            assert_eq!(attached, count, "{name} programs attached");
+        }
+    }
+
     /// Writes `yaml` as the config and starts the daemon in this sandbox's cgroup,
     /// which is also the cgroup the programs attach to: the daemon's own connections
     /// are exposed to its programs, as they are when it runs at a host's cgroup root.
     pub fn start_daemon(&self, yaml: &str, extra_args: &[&str]) -> Daemon {
-        let config = self.workdir.join("config.yaml");
-        std::fs::write(&config, yaml).expect("write config");
+        let config = self.write_config(yaml);
         daemon::start(&config, &self.cgroup, extra_args)
             .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
+    }
+
+    /// Writes `yaml` as this sandbox's config file, the one [`Sandbox::start_daemon`]
+    /// starts on, the way [`replace_file`] does; returns its path.
+    pub fn write_config(&self, yaml: &str) -> PathBuf {
+        let config = self.workdir.join("config.yaml");
+        replace_file(&config, yaml);
+        config
     }
 }
 
@@ -187,6 +218,19 @@ pub const PROXY: &str = "127.0.0.1:15001";
 /// A ServiceEntry `namespace/name` for host `name.namespace.test`: the VIP `vip` with
 /// one STATIC endpoint, both on port 7000.
 pub fn vip_entry(namespace: &str, name: &str, vip: &str, endpoint: &str) -> String {
+    static_entry(
+        namespace,
+        name,
+        vip,
+        "{number: 7000, name: tcp, protocol: TCP}",
+        &format!("  - address: {endpoint}"),
+    )
+}
+
+/// A STATIC ServiceEntry `namespace/name` for host `name.namespace.test` at `vip`,
+/// with one `port` (a YAML flow mapping) and `endpoints` (YAML list items, indented
+/// by two spaces).
+pub fn static_entry(namespace: &str, name: &str, vip: &str, port: &str, endpoints: &str) -> String {
     format!(
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -197,12 +241,23 @@ spec:
   hosts: [{name}.{namespace}.test]
   addresses: [{vip}]
   ports:
-  - number: 7000
-    name: tcp
-    protocol: TCP
+  - {port}
   resolution: STATIC
   endpoints:
-  - address: {endpoint}
+{endpoints}
 "#
     )
+}
+
+/// Writes `text` to `path` the way config management and certificate rotation do: a
+/// temporary file in the same directory, renamed over the old one, so a reader never
+/// sees half a file.
+pub fn replace_file(path: &Path, text: &str) {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(".tmp");
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, text)
+        .unwrap_or_else(|error| panic!("writing {}: {error}", temporary.display()));
+    std::fs::rename(&temporary, path)
+        .unwrap_or_else(|error| panic!("renaming over {}: {error}", path.display()));
 }

@@ -3,12 +3,12 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Shutdown, TcpListener},
     sync::Arc,
-    time::Duration,
 };
 
-use rustls::{ServerConfig, ServerConnection, StreamOwned, pki_types::CertificateDer};
+use rustls::{ServerConfig, pki_types::CertificateDer};
+
+use crate::tls::serve_tls;
 
 /// Serves TLS on `addr`. A request starting `GET ` gets an HTTP/1.1 answer whose
 /// body is `<name> sni=<sni> client=<label>`; any other first line gets that text
@@ -20,60 +20,39 @@ pub fn start_origin_server(
     config: Arc<ServerConfig>,
     clients: Vec<(CertificateDer<'static>, String)>,
 ) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     let name = name.to_owned();
-    let clients = Arc::new(clients);
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let (name, config, clients) = (name.clone(), Arc::clone(&config), Arc::clone(&clients));
-            std::thread::spawn(move || {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let Ok(connection) = ServerConnection::new(config) else {
-                    return;
-                };
-                let mut tls = StreamOwned::new(connection, stream);
-                while tls.conn.is_handshaking() {
-                    if tls.conn.complete_io(&mut tls.sock).is_err() {
-                        return;
-                    }
+    serve_tls(addr, config, move |tls| {
+        let sni = tls.conn.server_name().unwrap_or("-").to_owned();
+        let client = match tls.conn.peer_certificates().and_then(|chain| chain.first()) {
+            None => "-".to_owned(),
+            Some(presented) => clients
+                .iter()
+                .find(|(der, _)| der == presented)
+                .map_or_else(|| "?".to_owned(), |(_, label)| label.clone()),
+        };
+        let who = format!("{name} sni={sni} client={client}");
+        let mut reader = BufReader::new(&mut *tls);
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        if line.starts_with("GET ") {
+            // The rest of the head, to its blank line.
+            loop {
+                let mut header = String::new();
+                match reader.read_line(&mut header) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) if header == "\r\n" => break,
+                    Ok(_) => {}
                 }
-                let sni = tls.conn.server_name().unwrap_or("-").to_owned();
-                let client = match tls.conn.peer_certificates().and_then(|chain| chain.first()) {
-                    None => "-".to_owned(),
-                    Some(presented) => clients
-                        .iter()
-                        .find(|(der, _)| der == presented)
-                        .map_or_else(|| "?".to_owned(), |(_, label)| label.clone()),
-                };
-                let who = format!("{name} sni={sni} client={client}");
-                let mut reader = BufReader::new(&mut tls);
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
-                    return;
-                }
-                if line.starts_with("GET ") {
-                    // The rest of the head, to its blank line.
-                    loop {
-                        let mut header = String::new();
-                        match reader.read_line(&mut header) {
-                            Ok(0) | Err(_) => return,
-                            Ok(_) if header == "\r\n" => break,
-                            Ok(_) => {}
-                        }
-                    }
-                    let _ = write!(
-                        tls,
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{who}",
-                        who.len()
-                    );
-                } else {
-                    let _ = writeln!(tls, "{who} got={}", line.trim());
-                }
-                tls.conn.send_close_notify();
-                let _ = tls.flush();
-                let _ = tls.sock.shutdown(Shutdown::Write);
-            });
+            }
+            let _ = write!(
+                tls,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{who}",
+                who.len()
+            );
+        } else {
+            let _ = writeln!(tls, "{who} got={}", line.trim());
         }
     });
 }

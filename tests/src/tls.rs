@@ -11,9 +11,8 @@ use std::{
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::{
     ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
-    pki_types::{
-        CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, pem::PemObject as _,
-    },
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    server::danger::ClientCertVerifier,
 };
 
 pub struct TestCa {
@@ -49,13 +48,7 @@ impl TestCa {
 
     /// A leaf certificate for `names` (DNS SANs) signed by this CA: (DER, PEM, key PEM).
     pub fn issue(&self, names: &[&str]) -> (CertificateDer<'static>, String, String) {
-        let key = KeyPair::generate().expect("leaf key");
-        let params =
-            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
-                .expect("leaf params");
-        let certificate = params
-            .signed_by(&key, &self.issuer)
-            .expect("leaf certificate");
+        let (certificate, key) = self.leaf(names, None);
         (
             certificate.der().clone(),
             certificate.pem(),
@@ -63,25 +56,22 @@ impl TestCa {
         )
     }
 
-    /// A server for `names` whose certificate has serial number `serial`.
-    pub fn server_config_with_serial(&self, names: &[&str], serial: u64) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().expect("server key");
+    /// A leaf for `names`, with serial number `serial` when given, and its key.
+    fn leaf(&self, names: &[&str], serial: Option<u64>) -> (rcgen::Certificate, KeyPair) {
+        let key = KeyPair::generate().expect("leaf key");
         let mut params =
             CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
-                .expect("server params");
-        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+                .expect("leaf params");
+        params.serial_number = serial.map(rcgen::SerialNumber::from);
         let certificate = params
             .signed_by(&key, &self.issuer)
-            .expect("server certificate");
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        Arc::new(
-            ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_no_client_auth()
-                .with_single_cert(vec![certificate.der().clone()], key)
-                .expect("server config"),
-        )
+            .expect("leaf certificate");
+        (certificate, key)
+    }
+
+    /// A server for `names` whose certificate has serial number `serial`.
+    pub fn server_config_with_serial(&self, names: &[&str], serial: u64) -> Arc<ServerConfig> {
+        self.server(names, Some(serial), None)
     }
 
     /// A CRL, PEM, from this CA revoking the certificates with these serial numbers.
@@ -111,59 +101,58 @@ impl TestCa {
 
     /// A server for `names` that requires a client certificate from this CA.
     pub fn server_config_requiring_clients(&self, names: &[&str]) -> Arc<ServerConfig> {
-        let (certificate, _, key) = self.issue(names);
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("leaf key PEM");
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(self.certificate.clone())
-            .expect("trust the test CA");
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            provider(),
-        )
-        .build()
-        .expect("client verifier");
-        Arc::new(
-            ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_client_cert_verifier(verifier)
-                .with_single_cert(vec![certificate], key)
-                .expect("server config"),
-        )
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots(), provider())
+                .build()
+                .expect("client verifier");
+        self.server(names, None, Some(verifier))
     }
 
     pub fn server_config(&self, names: &[&str]) -> Arc<ServerConfig> {
-        let key = KeyPair::generate().expect("server key");
-        let params =
-            CertificateParams::new(names.iter().map(ToString::to_string).collect::<Vec<_>>())
-                .expect("server params");
-        let certificate = params
-            .signed_by(&key, &self.issuer)
-            .expect("server certificate");
+        self.server(names, None, None)
+    }
+
+    /// A server with a fresh leaf for `names`, verifying clients with `clients` when
+    /// given.
+    fn server(
+        &self,
+        names: &[&str],
+        serial: Option<u64>,
+        clients: Option<Arc<dyn ClientCertVerifier>>,
+    ) -> Arc<ServerConfig> {
+        let (certificate, key) = self.leaf(names, serial);
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions");
+        let builder = match clients {
+            Some(verifier) => builder.with_client_cert_verifier(verifier),
+            None => builder.with_no_client_auth(),
+        };
         Arc::new(
-            ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .expect("protocol versions")
-                .with_no_client_auth()
+            builder
                 .with_single_cert(vec![certificate.der().clone()], key)
                 .expect("server config"),
         )
     }
 
     pub fn client_config(&self) -> Arc<ClientConfig> {
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(self.certificate.clone())
-            .expect("trust the test CA");
         Arc::new(
             ClientConfig::builder_with_provider(provider())
                 .with_safe_default_protocol_versions()
                 .expect("protocol versions")
-                .with_root_certificates(roots)
+                .with_root_certificates(self.roots())
                 .with_no_client_auth(),
         )
+    }
+
+    /// Roots that trust this CA alone.
+    fn roots(&self) -> Arc<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(self.certificate.clone())
+            .expect("trust the test CA");
+        Arc::new(roots)
     }
 }
 
@@ -175,12 +164,27 @@ impl Default for TestCa {
 
 /// A TLS server that completes the handshake and answers `<name> <sni>`.
 pub fn start_tls_server(name: &str, addr: &str, config: Arc<ServerConfig>) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     let name = name.to_owned();
+    serve_tls(addr, config, move |tls| {
+        let sni = tls.conn.server_name().unwrap_or("-").to_owned();
+        let _ = writeln!(tls, "{name} {sni}");
+    });
+}
+
+/// Accepts connections on `addr`, each on a thread of its own, completes their
+/// handshake with `config` and hands the stream to `serve`; then closes it cleanly
+/// (close_notify and a FIN). A failed handshake closes the connection unserved.
+pub fn serve_tls(
+    addr: &str,
+    config: Arc<ServerConfig>,
+    serve: impl Fn(&mut StreamOwned<ServerConnection, TcpStream>) + Send + Sync + 'static,
+) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let serve = Arc::new(serve);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let (name, config) = (name.clone(), Arc::clone(&config));
+            let (config, serve) = (Arc::clone(&config), Arc::clone(&serve));
             std::thread::spawn(move || {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
                 let Ok(connection) = ServerConnection::new(config) else {
@@ -192,8 +196,7 @@ pub fn start_tls_server(name: &str, addr: &str, config: Arc<ServerConfig>) {
                         return;
                     }
                 }
-                let sni = tls.conn.server_name().unwrap_or("-").to_owned();
-                let _ = writeln!(tls, "{name} {sni}");
+                serve(&mut tls);
                 tls.conn.send_close_notify();
                 let _ = tls.flush();
                 let _ = tls.sock.shutdown(Shutdown::Write);

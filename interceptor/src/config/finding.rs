@@ -2,6 +2,8 @@ use std::{fmt, path::PathBuf};
 
 use serde::Serialize;
 
+use super::Source;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -22,6 +24,26 @@ pub struct Finding {
     /// Field path such as `spec.ports[1].targetPort`, or empty for the whole document.
     pub field: String,
     pub message: String,
+}
+
+impl Finding {
+    /// A finding about `object` (`Kind/namespace/name`) in the document at `source`.
+    pub(crate) fn at(
+        severity: Severity,
+        source: &Source,
+        object: String,
+        field: String,
+        message: String,
+    ) -> Self {
+        Self {
+            severity,
+            file: source.file.clone(),
+            document: source.document,
+            object,
+            field,
+            message,
+        }
+    }
 }
 
 impl fmt::Display for Finding {

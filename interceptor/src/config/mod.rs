@@ -340,14 +340,13 @@ fn decode<T: serde::de::DeserializeOwned>(value: Document) -> Result<T, (String,
 }
 
 fn error_finding(source: &Source, kind: &str, field: &str, message: String) -> Finding {
-    Finding {
-        severity: Severity::Error,
-        file: source.file.clone(),
-        document: source.document,
-        object: kind.to_owned(),
-        field: field.to_owned(),
+    Finding::at(
+        Severity::Error,
+        source,
+        kind.to_owned(),
+        field.to_owned(),
         message,
-    }
+    )
 }
 
 /// `Kind/namespace/name`, the way findings name an object.

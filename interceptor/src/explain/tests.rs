@@ -4,25 +4,12 @@ use std::{net::IpAddr, path::PathBuf, sync::Arc};
 
 use super::*;
 use crate::{
-    config::{ConfigSet, Source, Sourced},
-    registry::test_support::{config, entry, weighted_tls_split},
+    config::{Source, Sourced},
+    registry::test_support::{
+        build, by_host, config, entry, registry, sni_wildcards, tls_with_opaque_fallback,
+        weighted_tls_split,
+    },
 };
-
-const TLS: &str = "{number: 443, name: tls, protocol: TLS}";
-
-fn build(config: &ConfigSet) -> Registry {
-    Registry::build(config).unwrap().0
-}
-
-fn registry(documents: &[&str]) -> Registry {
-    build(&config(documents))
-}
-
-fn by_host(name: &str, hosts: &str, port: &str, rest: &str) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: {hosts}\n  ports: [{port}]\n{rest}"
-    )
-}
 
 fn query(destination: &str, name: Option<(HostKind, &str)>) -> Query {
     Query {
@@ -173,16 +160,7 @@ fn the_longest_prefix_names_its_entry_and_takes_the_kernel_path() {
 
 #[test]
 fn sni_routes_say_exact_or_wildcard_and_tls_ports_take_the_proxy() {
-    let registry = registry(&[
-        &by_host("wide", "[\"*.com\"]", TLS, "  resolution: NONE\n"),
-        &by_host(
-            "wildcard",
-            "[\"*.example.com\"]",
-            TLS,
-            "  resolution: NONE\n",
-        ),
-        &by_host("exact", "[api.example.com]", TLS, "  resolution: NONE\n"),
-    ]);
+    let registry = sni_wildcards();
     let exact = ask(&registry, "198.18.0.1:443", sni("api.example.com"));
     assert_eq!(services(&exact), ["ServiceEntry/default/exact"]);
     assert!(exact.routes[0].why.contains("exact host api.example.com"));
@@ -262,15 +240,7 @@ fn a_virtual_service_split_shows_every_destination_with_its_weight() {
 
 #[test]
 fn a_port_without_a_host_match_falls_back_to_its_opaque_service() {
-    let registry = registry(&[
-        &by_host("tls", "[api.example.com]", TLS, "  resolution: NONE\n"),
-        &by_host(
-            "opaque",
-            "[db.example.com]",
-            "{number: 443, name: tcp, protocol: TCP}",
-            "  resolution: NONE\n",
-        ),
-    ]);
+    let registry = tls_with_opaque_fallback();
     let fallback = ask(&registry, "198.18.0.1:443", sni("other.example.com"));
     assert_eq!(services(&fallback), ["ServiceEntry/default/opaque"]);
     assert!(fallback.routes[0].why.contains("opaque"));

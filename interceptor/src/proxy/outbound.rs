@@ -122,30 +122,16 @@ mod tests {
 
     use super::*;
     use crate::{
-        config::{ConfigSet, Resolution},
-        registry::test_support::{config, entry, weighted_tls_split},
+        config::Resolution,
+        registry::test_support::{
+            TLS, build, by_host, entry, registry, sni_wildcards, tls_with_opaque_fallback,
+            weighted_tls_split,
+        },
         resolve::{self, Target},
     };
 
     const ALLOW_ANY: OutboundPolicy = OutboundPolicy::AllowAny;
     const REGISTRY_ONLY: OutboundPolicy = OutboundPolicy::RegistryOnly;
-
-    fn registry(documents: &[&str]) -> Registry {
-        build(&config(documents))
-    }
-
-    fn build(config: &ConfigSet) -> Registry {
-        let (registry, warnings) = Registry::build(config).unwrap();
-        assert!(warnings.is_empty(), "{warnings:?}");
-        registry
-    }
-
-    /// A ServiceEntry with `hosts` and no addresses, routed by host on `port`.
-    fn by_host(name: &str, hosts: &str, port: &str, rest: &str) -> String {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: {hosts}\n  ports: [{port}]\n{rest}"
-        )
-    }
 
     fn addr(text: &str) -> SocketAddr {
         text.parse().unwrap()
@@ -205,20 +191,9 @@ mod tests {
         Target::Tcp(addr(text))
     }
 
-    const TLS: &str = "{number: 443, name: tls, protocol: TLS}";
-
     #[test]
     fn an_exact_sni_beats_a_wildcard_and_a_longer_wildcard_a_shorter() {
-        let registry = registry(&[
-            &by_host("wide", "[\"*.com\"]", TLS, "  resolution: NONE\n"),
-            &by_host(
-                "wildcard",
-                "[\"*.example.com\"]",
-                TLS,
-                "  resolution: NONE\n",
-            ),
-            &by_host("exact", "[api.example.com]", TLS, "  resolution: NONE\n"),
-        ]);
+        let registry = sni_wildcards();
         let route = |name| routed(decision(&registry, "198.18.0.1:443", sni(name), ALLOW_ANY));
         assert_eq!(
             route("api.example.com"),
@@ -415,15 +390,7 @@ mod tests {
             ));
         }
 
-        let with_opaque = registry(&[
-            &by_host("tls", "[api.example.com]", TLS, "  resolution: NONE\n"),
-            &by_host(
-                "opaque",
-                "[db.example.com]",
-                "{number: 443, name: tcp, protocol: TCP}",
-                "  resolution: NONE\n",
-            ),
-        ]);
+        let with_opaque = tls_with_opaque_fallback();
         for host in [Some("other.example.com"), None] {
             assert_eq!(
                 routed(decision(

@@ -21,7 +21,7 @@ use rustls::{
         CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime,
         pem::PemObject as _,
     },
-    sign::CertifiedKey,
+    sign::{CertifiedKey, SingleCertAndKey},
 };
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -196,8 +196,8 @@ impl Spec {
 
     fn build(&self) -> Result<ClientConfig, MaterialError> {
         let provider = provider();
-        let verifier: Arc<dyn ServerCertVerifier> = if self.insecure_skip_verify {
-            Arc::new(NoVerification(Arc::clone(&provider)))
+        let chain = if self.insecure_skip_verify {
+            None
         } else {
             let roots = self.roots()?;
             let crls = match self.file("caCrl") {
@@ -212,19 +212,17 @@ impl Spec {
                         field: "caCertificates",
                         message: format!("cannot build a verifier: {error}"),
                     })?;
-            if self.subject_alt_names.is_empty() {
-                webpki
-            } else {
-                Arc::new(SanVerifier {
-                    inner: webpki,
-                    names: self
-                        .subject_alt_names
-                        .iter()
-                        .filter_map(|name| ServerName::try_from(name.clone()).ok())
-                        .collect(),
-                })
-            }
+            Some(webpki)
         };
+        let verifier = Arc::new(RuleVerifier {
+            provider: Arc::clone(&provider),
+            chain,
+            names: self
+                .subject_alt_names
+                .iter()
+                .filter_map(|name| ServerName::try_from(name.clone()).ok())
+                .collect(),
+        });
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()
             .map_err(|error| MaterialError {
@@ -235,36 +233,8 @@ impl Spec {
             .with_custom_certificate_verifier(verifier);
         let config = match (self.file("clientCertificate"), self.file("privateKey")) {
             (Some(cert_path), Some(key_path)) => {
-                let chain =
-                    read_pem_all::<CertificateDer>(cert_path, "clientCertificate", "certificate")?;
-                let key =
-                    PrivateKeyDer::from_pem_file(key_path).map_err(|error| MaterialError {
-                        field: "privateKey",
-                        message: format!("{}: no usable private key: {error}", key_path.display()),
-                    })?;
-                let certified = CertifiedKey::from_der(chain.clone(), key.clone_key(), &provider)
-                    .map_err(|error| MaterialError {
-                    field: "privateKey",
-                    message: format!(
-                        "{} does not match {}: {error}",
-                        key_path.display(),
-                        cert_path.display()
-                    ),
-                })?;
-                certified.keys_match().map_err(|error| MaterialError {
-                    field: "privateKey",
-                    message: format!(
-                        "{} does not match {}: {error}",
-                        key_path.display(),
-                        cert_path.display()
-                    ),
-                })?;
-                builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|error| MaterialError {
-                        field: "clientCertificate",
-                        message: format!("{}: {error}", cert_path.display()),
-                    })?
+                let certified = client_certificate(cert_path, key_path, &provider)?;
+                builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(certified)))
             }
             _ => builder.with_no_client_auth(),
         };
@@ -317,6 +287,39 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The MUTUAL client certificate chain and its key, loaded once and checked to
+/// belong together, so a wrong key is refused when the rule loads, not at the first
+/// handshake.
+fn client_certificate(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, MaterialError> {
+    let chain = read_pem_all::<CertificateDer>(cert_path, "clientCertificate", "certificate")?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| MaterialError {
+        field: "privateKey",
+        message: format!("{}: no usable private key: {error}", key_path.display()),
+    })?;
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| MaterialError {
+            field: "privateKey",
+            message: format!("{}: unsupported private key: {error}", key_path.display()),
+        })?;
+    let certified = CertifiedKey::new(chain, key);
+    // Unlike rustls's own loading, a key whose match cannot be checked is refused too.
+    certified.keys_match().map_err(|error| MaterialError {
+        field: "privateKey",
+        message: format!(
+            "{} does not match {}: {error}",
+            key_path.display(),
+            cert_path.display()
+        ),
+    })?;
+    Ok(certified)
+}
+
 fn read_pem_all<T: rustls::pki_types::pem::PemObject>(
     path: &Path,
     field: &'static str,
@@ -341,29 +344,42 @@ fn read_pem_all<T: rustls::pki_types::pem::PemObject>(
     Ok(items)
 }
 
-/// Verifies the chain as usual, but the certificate must carry one of the configured
-/// subject alternative names instead of the SNI, as Envoy's `match_subject_alt_names`.
+/// The server certificate check a rule asks for. The handshake signatures are
+/// always checked against the presented certificate, as webpki's own verifier does.
 #[derive(Debug)]
-struct SanVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+struct RuleVerifier {
+    provider: Arc<CryptoProvider>,
+    /// The roots and CRLs; `None` for `insecureSkipVerify`: any certificate passes.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// When set, the certificate must carry one of these instead of the SNI, as
+    /// Envoy's `match_subject_alt_names`.
     names: Vec<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for SanVerifier {
+impl ServerCertVerifier for RuleVerifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        if self.names.is_empty() {
+            return chain.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
         let mut last = rustls::Error::General("no subject alternative name to verify".into());
         for name in &self.names {
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, name, ocsp_response, now)
-            {
+            match chain.verify_server_cert(end_entity, intermediates, name, ocsp_response, now) {
                 Ok(verified) => return Ok(verified),
                 Err(error) => last = error,
             }
@@ -377,51 +393,11 @@ impl ServerCertVerifier for SanVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// `insecureSkipVerify`: any certificate is accepted, but the handshake signatures
-/// are still checked against it.
-#[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -435,12 +411,14 @@ impl ServerCertVerifier for NoVerification {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -216,14 +216,8 @@ fn servable(tls: &ClientTlsSettings, field: &str) -> Result<(), (String, String)
 }
 
 fn finding(rule: &Sourced<DestinationRule>, field: String, message: String) -> Finding {
-    Finding {
-        severity: Severity::Error,
-        file: rule.source.file.clone(),
-        document: rule.source.document,
-        object: object_name("DestinationRule", &rule.resource.metadata),
-        field,
-        message,
-    }
+    let object = object_name("DestinationRule", &rule.resource.metadata);
+    Finding::at(Severity::Error, &rule.source, object, field, message)
 }
 
 #[cfg(test)]

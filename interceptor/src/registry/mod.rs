@@ -529,6 +529,56 @@ pub(crate) mod test_support {
             "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n{extra}"
         )
     }
+
+    /// A ServiceEntry with `hosts` and no addresses, routed by host on `port`.
+    pub fn by_host(name: &str, hosts: &str, port: &str, rest: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: {hosts}\n  ports: [{port}]\n{rest}"
+        )
+    }
+
+    pub const TLS: &str = "{number: 443, name: tls, protocol: TLS}";
+
+    /// The registry of `config`, which must build without warnings.
+    pub fn build(config: &ConfigSet) -> Registry {
+        let (registry, warnings) = Registry::build(config).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        registry
+    }
+
+    /// The registry of these ServiceEntry documents.
+    pub fn registry(documents: &[&str]) -> Registry {
+        build(&config(documents))
+    }
+
+    /// NONE services on TLS port 443 for `*.com`, `*.example.com` and
+    /// `api.example.com`: an exact host, a longer and a shorter wildcard.
+    pub fn sni_wildcards() -> Registry {
+        registry(&[
+            &by_host("wide", "[\"*.com\"]", TLS, "  resolution: NONE\n"),
+            &by_host(
+                "wildcard",
+                "[\"*.example.com\"]",
+                TLS,
+                "  resolution: NONE\n",
+            ),
+            &by_host("exact", "[api.example.com]", TLS, "  resolution: NONE\n"),
+        ])
+    }
+
+    /// Port 443 shared by a TLS service for `api.example.com` and an opaque TCP
+    /// service, `opaque`, that takes what no host matches.
+    pub fn tls_with_opaque_fallback() -> Registry {
+        registry(&[
+            &by_host("tls", "[api.example.com]", TLS, "  resolution: NONE\n"),
+            &by_host(
+                "opaque",
+                "[db.example.com]",
+                "{number: 443, name: tcp, protocol: TCP}",
+                "  resolution: NONE\n",
+            ),
+        ])
+    }
 }
 
 #[cfg(test)]

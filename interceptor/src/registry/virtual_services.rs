@@ -73,14 +73,13 @@ impl Registry {
                                 weight: if route.route.len() == 1 { 1 } else { destination.weight.max(0) as u64 },
                                 virtual_service: Some(Arc::from(name.as_str())),
                             }),
-                            None => warnings.push(Finding {
-                                severity: Severity::Warning,
-                                file: source.source.file.clone(),
-                                document: source.source.document,
-                                object: name.clone(),
-                                field: format!("spec.tls[{route_index}].route[{destination_index}].destination.port"),
-                                message: format!("{} has no port {port_number}; this destination is ignored", target.host),
-                            }),
+                            None => warnings.push(Finding::at(
+                                Severity::Warning,
+                                &source.source,
+                                name.clone(),
+                                format!("spec.tls[{route_index}].route[{destination_index}].destination.port"),
+                                format!("{} has no port {port_number}; this destination is ignored", target.host),
+                            )),
                         }
                     }
                     if backends.iter().all(|backend| backend.weight == 0) {

@@ -12,6 +12,7 @@ use integration_tests::{
     Sandbox,
     admin::{ADMIN, get_ok, scrape, scrape_until},
     origin::start_origin_server,
+    replace_file,
     server::connect,
     tls::TestCa,
 };
@@ -41,16 +42,15 @@ fn assert_reset(addr: &str) {
     }
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, text).expect("write a certificate file");
-    std::fs::rename(&temporary, &path).expect("rename over it");
-    path
-}
-
-fn replace_config(sandbox: &Sandbox, yaml: &str) {
-    write(&sandbox.workdir, "config.yaml", yaml);
+/// A sandbox with the test hosts `hosts`, and a fresh CA whose certificate is
+/// `ca.pem` in the returned directory, the sandbox's.
+fn tls_sandbox(name: &str, hosts: &[&str]) -> (Sandbox, TestCa, PathBuf) {
+    let sandbox = Sandbox::new(name);
+    sandbox.add_hosts(hosts);
+    let ca = TestCa::new();
+    let dir = sandbox.workdir.clone();
+    replace_file(&dir.join("ca.pem"), ca.certificate_pem());
+    (sandbox, ca, dir)
 }
 
 fn upstream_tls_failures() -> f64 {
@@ -102,23 +102,39 @@ spec:
     )
 }
 
-#[test]
-fn mongodb_mutual_tls_presents_the_configured_client_certificate_and_a_rotated_one() {
-    let sandbox = Sandbox::new("dr-mongo");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    let ca = TestCa::new();
-    let dir = sandbox.workdir.clone();
-    let (first, first_pem, first_key) = ca.issue(&["client-1.example"]);
-    let (second, second_pem, second_key) = ca.issue(&["client-2.example"]);
-    write(&dir, "myclientcert.pem", &first_pem);
-    write(&dir, "client_private_key.pem", &first_key);
-    write(&dir, "rootcacerts.pem", ca.certificate_pem());
+/// The origin of the MongoDB example on 198.18.20.1:27018, requiring a client
+/// certificate from `ca`. It knows one issued for each of `clients`, by that label
+/// (`client-1` is issued for `client-1.example`). The first is installed, with the CA,
+/// where [`mongo_config`] names them; returns each one's (certificate, key) PEM.
+fn start_mongo_origin(ca: &TestCa, dir: &Path, clients: &[&str]) -> Vec<(String, String)> {
+    let mut known = Vec::new();
+    let mut issued = Vec::new();
+    for label in clients {
+        let (der, pem, key) = ca.issue(&[&format!("{label}.example")]);
+        known.push((der, (*label).to_owned()));
+        issued.push((pem, key));
+    }
+    install_client_certificate(dir, &issued[0]);
+    replace_file(&dir.join("rootcacerts.pem"), ca.certificate_pem());
     start_origin_server(
         "mongo",
         "198.18.20.1:27018",
         ca.server_config_requiring_clients(&["mymongodb.somedomain"]),
-        vec![(first, "client-1".into()), (second, "client-2".into())],
+        known,
     );
+    issued
+}
+
+/// Replaces the client certificate and key that [`mongo_config`] names, in place.
+fn install_client_certificate(dir: &Path, (pem, key): &(String, String)) {
+    replace_file(&dir.join("myclientcert.pem"), pem);
+    replace_file(&dir.join("client_private_key.pem"), key);
+}
+
+#[test]
+fn mongodb_mutual_tls_presents_the_configured_client_certificate_and_a_rotated_one() {
+    let (sandbox, ca, dir) = tls_sandbox("dr-mongo", &["198.18.20.1"]);
+    let clients = start_mongo_origin(&ca, &dir, &["client-1", "client-2"]);
     let daemon = sandbox.start_daemon(&mongo_config(&dir), &ADMIN_ARGS);
 
     assert_eq!(
@@ -127,8 +143,7 @@ fn mongodb_mutual_tls_presents_the_configured_client_certificate_and_a_rotated_o
     );
 
     // Rotated in place, certificate and key: new connections present the new one.
-    write(&dir, "myclientcert.pem", &second_pem);
-    write(&dir, "client_private_key.pem", &second_key);
+    install_client_certificate(&dir, &clients[1]);
     assert_eq!(
         ask("240.240.20.7:27018", "again").unwrap(),
         "mongo sni=mymongodb.somedomain client=client-2 got=again"
@@ -142,31 +157,50 @@ fn mongodb_mutual_tls_presents_the_configured_client_certificate_and_a_rotated_o
     assert!(dump.contains("MUTUAL"), "{dump}");
 }
 
+/// A STATIC ServiceEntry `name` for host `name.example` at `vip`, with one TCP
+/// `port`, `endpoints` and `extra` spec lines; a document separator ends it.
+fn entry(name: &str, vip: &str, port: u16, endpoints: &[&str], extra: &str) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|address| format!("{{address: {address}}}"))
+        .collect();
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: {name}}}
+spec:
+  hosts: [{name}.example]
+  addresses: [{vip}]
+  ports: [{{number: {port}, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{}]
+{extra}---
+"#,
+        endpoints.join(", ")
+    )
+}
+
+/// A DestinationRule `name` for host `name.example`; `policy` is the lines under
+/// `trafficPolicy`.
+fn rule(name: &str, policy: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: {name}}}
+spec:
+  host: {name}.example
+  trafficPolicy:
+{policy}"#
+    )
+}
+
 /// One origin with a certificate for `db.internal` only, and a service per case.
 fn verification_config(dir: &Path) -> String {
     let case = |name: &str, vip: &str, se_extra: &str, tls: &str| {
         format!(
-            r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-spec:
-  hosts: [{name}.example]
-  addresses: [{vip}]
-  ports: [{{number: 443, name: tcp, protocol: TCP}}]
-  resolution: STATIC
-  endpoints: [{{address: 198.18.21.1}}]
-{se_extra}---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: {name}
-spec:
-  host: {name}.example
-  trafficPolicy:
-    tls: {{mode: SIMPLE, {tls}}}
----"#
+            "{}{}---\n",
+            entry(name, vip, 443, &["198.18.21.1"], se_extra),
+            rule(name, &format!("    tls: {{mode: SIMPLE, {tls}}}\n"))
         )
     };
     let ca = format!("caCertificates: {}/ca.pem", dir.display());
@@ -211,13 +245,9 @@ spec:
 
 #[test]
 fn subject_alt_names_roots_and_sni_decide_the_handshake() {
-    let sandbox = Sandbox::new("dr-verify");
-    sandbox.add_host("198.18.21.1".parse().unwrap());
-    let ca = TestCa::new();
+    let (sandbox, ca, dir) = tls_sandbox("dr-verify", &["198.18.21.1"]);
     let other = TestCa::new();
-    let dir = sandbox.workdir.clone();
-    write(&dir, "ca.pem", ca.certificate_pem());
-    write(&dir, "other-ca.pem", other.certificate_pem());
+    replace_file(&dir.join("other-ca.pem"), other.certificate_pem());
     start_origin_server(
         "db",
         "198.18.21.1:443",
@@ -332,11 +362,7 @@ fn curl(url: &str, resolve: &str) -> std::process::Output {
 
 #[test]
 fn the_egress_tls_origination_task_works_with_curl_and_port_settings_take_precedence() {
-    let sandbox = Sandbox::new("dr-egress");
-    sandbox.add_host("198.18.22.1".parse().unwrap());
-    let ca = TestCa::new();
-    let dir = sandbox.workdir.clone();
-    write(&dir, "ca.pem", ca.certificate_pem());
+    let (sandbox, ca, dir) = tls_sandbox("dr-egress", &["198.18.22.1"]);
     start_origin_server(
         "cnn",
         "198.18.22.1:443",
@@ -375,20 +401,8 @@ fn the_egress_tls_origination_task_works_with_curl_and_port_settings_take_preced
 
 #[test]
 fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_serves() {
-    let sandbox = Sandbox::new("dr-invalid");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    let ca = TestCa::new();
-    let dir = sandbox.workdir.clone();
-    let (client, client_pem, client_key) = ca.issue(&["client-1.example"]);
-    write(&dir, "myclientcert.pem", &client_pem);
-    write(&dir, "client_private_key.pem", &client_key);
-    write(&dir, "rootcacerts.pem", ca.certificate_pem());
-    start_origin_server(
-        "mongo",
-        "198.18.20.1:27018",
-        ca.server_config_requiring_clients(&["mymongodb.somedomain"]),
-        vec![(client, "client-1".into())],
-    );
+    let (sandbox, ca, dir) = tls_sandbox("dr-invalid", &["198.18.20.1"]);
+    start_mongo_origin(&ca, &dir, &["client-1"]);
     let good = mongo_config(&dir);
     let _daemon = sandbox.start_daemon(&good, &ADMIN_ARGS);
     assert!(
@@ -398,20 +412,13 @@ fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_
     );
 
     let validate = |yaml: &str| {
-        let path = write(&dir, "candidate.yaml", yaml);
-        let output = std::process::Command::new(integration_tests::daemon::binary().unwrap())
-            .arg("validate")
-            .arg(&path)
-            .output()
-            .unwrap();
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-        )
+        let path = dir.join("candidate.yaml");
+        replace_file(&path, yaml);
+        integration_tests::daemon::validate(&path)
     };
     // No key at all, a key file that is not there, and a key of another certificate.
     let (_, _, stranger_key) = ca.issue(&["stranger.example"]);
-    write(&dir, "stranger.pem", &stranger_key);
+    replace_file(&dir.join("stranger.pem"), &stranger_key);
     let keyless = good.replace(
         &format!(
             "      privateKey: {}/client_private_key.pem\n",
@@ -442,7 +449,7 @@ fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_
     assert_eq!(code, Some(1), "{stdout}");
     assert!(stdout.contains("spec.trafficPolicy.tls.mode"), "{stdout}");
 
-    replace_config(&sandbox, &missing);
+    sandbox.write_config(&missing);
     scrape_until(Duration::from_secs(10), |scrape| {
         scrape.value("interceptor_config_reloads_total", &[("result", "failed")]) >= Some(1.0)
     });
@@ -456,7 +463,7 @@ fn mutual_without_a_key_is_refused_by_validate_and_by_reload_and_the_old_config_
 #[test]
 fn max_connections_refuses_the_extra_connection_and_counts_it() {
     let sandbox = Sandbox::new("dr-pool");
-    sandbox.add_host("198.18.23.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.23.1"]);
     let _server = integration_tests::TestServer::start("pooled", "198.18.23.1:7000");
     let config = format!(
         "{}---\n{}",
@@ -498,46 +505,20 @@ spec:
     assert_eq!(seen.server, "pooled");
 }
 
-/// A STATIC service with two endpoints on port 7000, and a rule for it.
-fn two_endpoints(name: &str, vip: &str, endpoints: [&str; 2], policy: &str) -> String {
-    format!(
-        r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-spec:
-  hosts: [{name}.example]
-  addresses: [{vip}]
-  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
-  resolution: STATIC
-  endpoints: [{{address: {}}}, {{address: {}}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata:
-  name: {name}
-spec:
-  host: {name}.example
-  trafficPolicy:
-{policy}"#,
-        endpoints[0], endpoints[1]
-    )
-}
-
 #[test]
 fn outlier_detection_ejects_an_endpoint_that_refuses() {
     let sandbox = Sandbox::new("dr-outlier");
-    sandbox.add_host("198.18.24.1".parse().unwrap());
-    sandbox.add_host("198.18.24.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.24.1", "198.18.24.2"]);
     // Nothing listens on 198.18.24.1:7000.
     let _server = integration_tests::TestServer::start("healthy", "198.18.24.2:7000");
     let daemon = sandbox.start_daemon(
-        &two_endpoints(
-            "flaky",
-            "240.240.24.1",
-            ["198.18.24.1", "198.18.24.2"],
-            "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+        &format!(
+            "{}{}",
+            entry("flaky", "240.240.24.1", 7000, &["198.18.24.1", "198.18.24.2"], ""),
+            rule(
+                "flaky",
+                "    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+            ),
         ),
         &ADMIN_ARGS,
     );
@@ -565,16 +546,20 @@ fn outlier_detection_ejects_an_endpoint_that_refuses() {
 #[test]
 fn least_request_picks_the_idle_endpoint() {
     let sandbox = Sandbox::new("dr-least-request");
-    sandbox.add_host("198.18.25.1".parse().unwrap());
-    sandbox.add_host("198.18.25.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.25.1", "198.18.25.2"]);
     let _one = integration_tests::TestServer::start("one", "198.18.25.1:7000");
     let _two = integration_tests::TestServer::start("two", "198.18.25.2:7000");
     let _daemon = sandbox.start_daemon(
-        &two_endpoints(
-            "busy",
-            "240.240.25.1",
-            ["198.18.25.1", "198.18.25.2"],
-            "    loadBalancer: {simple: LEAST_REQUEST}\n",
+        &format!(
+            "{}{}",
+            entry(
+                "busy",
+                "240.240.25.1",
+                7000,
+                &["198.18.25.1", "198.18.25.2"],
+                ""
+            ),
+            rule("busy", "    loadBalancer: {simple: LEAST_REQUEST}\n"),
         ),
         &ADMIN_ARGS,
     );
@@ -596,13 +581,8 @@ fn least_request_picks_the_idle_endpoint() {
 
 #[test]
 fn a_revoked_server_certificate_fails_under_ca_crl() {
-    let sandbox = Sandbox::new("dr-crl");
-    sandbox.add_host("198.18.26.1".parse().unwrap());
-    sandbox.add_host("198.18.26.2".parse().unwrap());
-    let ca = TestCa::new();
-    let dir = sandbox.workdir.clone();
-    write(&dir, "ca.pem", ca.certificate_pem());
-    write(&dir, "crl.pem", &ca.revocation_list_pem(&[666]));
+    let (sandbox, ca, dir) = tls_sandbox("dr-crl", &["198.18.26.1", "198.18.26.2"]);
+    replace_file(&dir.join("crl.pem"), &ca.revocation_list_pem(&[666]));
     start_origin_server(
         "revoked",
         "198.18.26.1:443",
@@ -615,15 +595,10 @@ fn a_revoked_server_certificate_fails_under_ca_crl() {
         ca.server_config_with_serial(&["db.internal"], 7),
         Vec::new(),
     );
-    let entry = |name: &str, vip: &str, endpoint: &str| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}.example]\n  addresses: [{vip}]\n  ports: [{{number: 443, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n---\n"
-        )
-    };
     let config = format!(
         "{}{}apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: crl}}\nspec:\n  host: \"*.example\"\n  trafficPolicy:\n    tls: {{mode: SIMPLE, sni: db.internal, caCertificates: {dir}/ca.pem, caCrl: {dir}/crl.pem}}\n",
-        entry("revoked", "240.240.26.1", "198.18.26.1"),
-        entry("good", "240.240.26.2", "198.18.26.2"),
+        entry("revoked", "240.240.26.1", 443, &["198.18.26.1"], ""),
+        entry("good", "240.240.26.2", 443, &["198.18.26.2"], ""),
         dir = dir.display()
     );
     let daemon = sandbox.start_daemon(&config, &ADMIN_ARGS);

@@ -75,8 +75,7 @@ fn dns_spreads_over_every_address_and_drops_a_removed_one_after_its_ttl() {
 fn dns_round_robin_uses_the_first_address_and_leaves_open_connections_alone() {
     let sandbox = Sandbox::new("dns-rr");
     let dns = DnsServer::start();
-    sandbox.add_host("198.18.0.70".parse().unwrap());
-    sandbox.add_host("198.18.0.71".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.70", "198.18.0.71"]);
     let _first = TestServer::start("first", "198.18.0.70:7200");
     let _second = TestServer::start("second", "198.18.0.71:7200");
     dns.set("rr.dns.test", &["198.18.0.70", "198.18.0.71"], 1);
@@ -184,7 +183,7 @@ fn closed_quickly(destination: &str) -> Duration {
 fn nxdomain_and_a_silent_server_close_the_client_promptly_and_log_why() {
     let sandbox = Sandbox::new("dns-failure");
     let dns = DnsServer::start();
-    sandbox.add_host("198.18.0.85".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.85"]);
     let _good = TestServer::start("good", "198.18.0.85:7300");
     dns.set("good.dns.test", &["198.18.0.85"], 30);
     let entries = ["missing", "slow", "good"]
@@ -236,8 +235,7 @@ fn nxdomain_and_a_silent_server_close_the_client_promptly_and_log_why() {
 fn a_refusing_address_fails_over_to_the_next_one() {
     let sandbox = Sandbox::new("dns-failover");
     let dns = DnsServer::start();
-    sandbox.add_host("198.18.0.90".parse().unwrap());
-    sandbox.add_host("198.18.0.91".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.90", "198.18.0.91"]);
     // Nothing listens on 198.18.0.90:7400: connecting there is refused.
     let _alive = TestServer::start("alive", "198.18.0.91:7400");
     dns.set("fo.dns.test", &["198.18.0.90", "198.18.0.91"], 30);
@@ -320,9 +318,7 @@ spec:
 fn ipv6_answers_are_used_and_the_clients_ipv4_family_is_preferred() {
     let sandbox = Sandbox::new("dns-ipv6");
     let dns = DnsServer::start();
-    sandbox.add_host("198.18.0.95".parse().unwrap());
-    sandbox.add_host_v6("fd00:198:18::10".parse().unwrap());
-    sandbox.add_host_v6("fd00:198:18::11".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.95", "fd00:198:18::10", "fd00:198:18::11"]);
     let _v6_only = TestServer::start("v6-only", "[fd00:198:18::10]:7600");
     let _v4 = TestServer::start("v4", "198.18.0.95:7600");
     let _v6 = TestServer::start("v6", "[fd00:198:18::11]:7600");
@@ -358,7 +354,7 @@ fn ipv6_answers_are_used_and_the_clients_ipv4_family_is_preferred() {
 fn answers_are_refreshed_in_the_background_while_in_use() {
     let sandbox = Sandbox::new("dns-refresh");
     let dns = DnsServer::start();
-    sandbox.add_host("198.18.0.96".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.96"]);
     let _server = TestServer::start("fresh", "198.18.0.96:7700");
     dns.set("busy.dns.test", &["198.18.0.96"], 2);
     let _daemon = start(

@@ -60,9 +60,7 @@ fn route(explanation: &Value) -> (&str, &str) {
 #[test]
 fn explain_agrees_with_real_connects_for_each_rule_kind() {
     let sandbox = Sandbox::new("explain-agrees");
-    for host in ["198.18.25.1", "198.18.25.2", "198.18.25.3", "198.18.26.1"] {
-        sandbox.add_host(host.parse().unwrap());
-    }
+    sandbox.add_hosts(&["198.18.25.1", "198.18.25.2", "198.18.25.3", "198.18.26.1"]);
     let _kept = TestServer::start("kept", "198.18.25.1:7000");
     let _narrow = TestServer::start("narrow", "198.18.25.2:7000");
     let _web = TestServer::start("web", "198.18.25.3:7080");

@@ -11,68 +11,48 @@ use std::{
 use integration_tests::{
     Sandbox, TestServer,
     admin::{ADMIN, scrape_until},
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
     dns::DnsServer,
-    server::{connect, http_get, pattern_checksum, who, write_pattern},
+    server::{Who, connect, http_get, pattern_checksum, who, write_pattern},
+    static_entry, vip_entry,
 };
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];
 const AUTO_WITH_ADMIN: [&str; 4] = ["--datapath", "auto", "--admin-addr", ADMIN];
 
-fn static_entry(name: &str, vip: &str, port: &str, endpoints: &str) -> String {
-    format!(
-        r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
-  name: {name}
-  namespace: kernel
-spec:
-  hosts: [{name}.kernel.test]
-  addresses: [{vip}]
-  ports:
-  - {port}
-  resolution: STATIC
-  endpoints:
-{endpoints}
-"#
-    )
+/// Connects to `vip` on the kernel path: straight to a backend, not through the
+/// proxy, with getpeername showing the VIP.
+fn who_direct(vip: &str) -> Who {
+    let seen = who(vip).expect("connect on the kernel path");
+    assert!(!seen.went_through_proxy(), "{seen:?}");
+    assert_eq!(seen.client_peer.to_string(), vip, "{seen:?}");
+    seen
 }
 
 #[test]
 fn a_kernel_path_connection_is_the_only_tcp_connection_and_shows_the_vip() {
     let sandbox = Sandbox::new("kernel-one-conn");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let server = TestServer::start("backend", "198.18.20.1:7000");
     let _daemon = sandbox.start_daemon(
-        &static_entry(
-            "one",
-            "240.240.20.1",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: 198.18.20.1",
-        ),
+        &vip_entry("kernel", "one", "240.240.20.1", "198.18.20.1"),
         &AUTO,
     );
-    let seen = who("240.240.20.1:7000").expect("connect on the kernel path");
+    let seen = who_direct("240.240.20.1:7000");
     assert_eq!(seen.server, "backend");
     // The backend's peer is the client's own socket: no proxy in between.
     assert_eq!(seen.server_peer, seen.client_local, "{seen:?}");
-    assert!(!seen.went_through_proxy());
-    // getpeername shows the VIP, not the backend.
-    assert_eq!(seen.client_peer.to_string(), "240.240.20.1:7000");
     assert_eq!(server.accepted(), 1);
 }
 
 #[test]
 fn static_weights_hold_over_hundreds_of_connects() {
     let sandbox = Sandbox::new("kernel-weights");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    sandbox.add_host("198.18.20.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1", "198.18.20.2"]);
     let _heavy = TestServer::start("heavy", "198.18.20.1:7000");
     let _light = TestServer::start("light", "198.18.20.2:7000");
     let _daemon = sandbox.start_daemon(
         &static_entry(
+            "kernel",
             "weighted",
             "240.240.20.2",
             "{number: 7000, name: tcp, protocol: TCP}",
@@ -82,8 +62,7 @@ fn static_weights_hold_over_hundreds_of_connects() {
     );
     let mut counts: HashMap<String, usize> = HashMap::new();
     for _ in 0..400 {
-        let seen = who("240.240.20.2:7000").expect("connect on the kernel path");
-        assert!(!seen.went_through_proxy(), "{seen:?}");
+        let seen = who_direct("240.240.20.2:7000");
         *counts.entry(seen.server).or_default() += 1;
     }
     let heavy = counts.get("heavy").copied().unwrap_or(0);
@@ -95,19 +74,20 @@ fn static_weights_hold_over_hundreds_of_connects() {
 #[test]
 fn endpoint_ports_map_by_name_then_target_port() {
     let sandbox = Sandbox::new("kernel-ports");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    sandbox.add_host("198.18.20.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1", "198.18.20.2"]);
     let _named = TestServer::start("named", "198.18.20.1:7001");
     let _target = TestServer::start("target", "198.18.20.2:7002");
     let _daemon = sandbox.start_daemon(
         &[
             static_entry(
+                "kernel",
                 "named",
                 "240.240.20.3",
                 "{number: 7100, name: tcp, protocol: TCP, targetPort: 7002}",
                 "  - {address: 198.18.20.1, ports: {tcp: 7001}}",
             ),
             static_entry(
+                "kernel",
                 "target",
                 "240.240.20.4",
                 "{number: 7100, name: tcp, protocol: TCP, targetPort: 7002}",
@@ -121,18 +101,16 @@ fn endpoint_ports_map_by_name_then_target_port() {
         ("240.240.20.3:7100", "named", 7001),
         ("240.240.20.4:7100", "target", 7002),
     ] {
-        let seen = who(vip).expect("connect on the kernel path");
+        let seen = who_direct(vip);
         assert_eq!(seen.server, server);
         assert_eq!(seen.server_addr.port(), port);
-        assert!(!seen.went_through_proxy(), "{seen:?}");
-        assert_eq!(seen.client_peer.to_string(), vip);
     }
 }
 
 #[test]
 fn none_resolution_keeps_the_address_and_takes_the_target_port() {
     let sandbox = Sandbox::new("kernel-none");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let _server = TestServer::start("server", "198.18.20.1:7002");
     let _daemon = sandbox.start_daemon(
         r#"apiVersion: networking.istio.io/v1
@@ -146,10 +124,8 @@ spec:
 "#,
         &AUTO,
     );
-    let seen = who("198.18.20.1:7100").expect("connect on the kernel path");
+    let seen = who_direct("198.18.20.1:7100");
     assert_eq!(seen.server_addr.to_string(), "198.18.20.1:7002");
-    assert!(!seen.went_through_proxy(), "{seen:?}");
-    assert_eq!(seen.client_peer.to_string(), "198.18.20.1:7100");
 }
 
 #[test]
@@ -176,28 +152,16 @@ spec:
 #[test]
 fn host_routed_and_annotated_entries_still_go_through_the_proxy() {
     let sandbox = Sandbox::new("kernel-mixed");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    sandbox.add_host("198.18.20.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1", "198.18.20.2"]);
     let _kernel = TestServer::start("kernel", "198.18.20.1:7000");
     let _web = TestServer::start("web", "198.18.20.2:8080");
-    let annotated = static_entry(
-        "annotated",
-        "240.240.20.7",
-        "{number: 7000, name: tcp, protocol: TCP}",
-        "  - address: 198.18.20.1",
-    )
-    .replace(
+    let annotated = vip_entry("kernel", "annotated", "240.240.20.7", "198.18.20.1").replace(
         "namespace: kernel\n",
         "namespace: kernel\n  annotations: {interceptor.dev/datapath: proxy}\n",
     );
     let _daemon = sandbox.start_daemon(
         &[
-            static_entry(
-                "direct",
-                "240.240.20.6",
-                "{number: 7000, name: tcp, protocol: TCP}",
-                "  - address: 198.18.20.1",
-            ),
+            vip_entry("kernel", "direct", "240.240.20.6", "198.18.20.1"),
             annotated,
             r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -213,7 +177,7 @@ spec:
         .join("---\n"),
         &AUTO,
     );
-    assert!(!who("240.240.20.6:7000").unwrap().went_through_proxy());
+    who_direct("240.240.20.6:7000");
     assert!(who("240.240.20.7:7000").unwrap().went_through_proxy());
     let (body, through_proxy) = http_get("198.18.20.9:8080", "web.kernel.test").unwrap();
     assert!(body.contains("web"), "{body}");
@@ -223,25 +187,20 @@ spec:
 #[test]
 fn a_reload_adding_a_route_moves_the_host_to_the_proxy_and_keeps_open_connections() {
     let sandbox = Sandbox::new("kernel-reload");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let _server = TestServer::start("server", "198.18.20.1:7000");
-    let entry = static_entry(
-        "moving",
-        "240.240.20.8",
-        "{number: 7000, name: tcp, protocol: TCP}",
-        "  - address: 198.18.20.1",
-    );
+    let entry = vip_entry("kernel", "moving", "240.240.20.8", "198.18.20.1");
     let daemon = sandbox.start_daemon(&entry, &AUTO);
     // Open on the kernel path; the server answers WHO only once, so keep it idle.
     let mut open = connect("240.240.20.8:7000").unwrap();
     let open_local = open.local_addr().unwrap();
     assert_eq!(open.peer_addr().unwrap().to_string(), "240.240.20.8:7000");
-    assert!(!who("240.240.20.8:7000").unwrap().went_through_proxy());
+    who_direct("240.240.20.8:7000");
 
     let routed = format!(
         "{entry}---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: moving, namespace: kernel}}\nspec:\n  hosts: [moving.kernel.test]\n  tcp:\n  - route: [{{destination: {{host: moving.kernel.test}}}}]\n"
     );
-    std::fs::write(sandbox.workdir.join("config.yaml"), routed).unwrap();
+    sandbox.write_config(&routed);
     daemon.signal(libc::SIGHUP);
     daemon.wait_for_log("proxy_path=1", 1);
     assert!(who("240.240.20.8:7000").unwrap().went_through_proxy());
@@ -262,27 +221,16 @@ fn a_reload_adding_a_route_moves_the_host_to_the_proxy_and_keeps_open_connection
 #[test]
 fn after_sigkill_nothing_stays_attached() {
     let sandbox = Sandbox::new("kernel-sigkill");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let _server = TestServer::start("server", "198.18.20.1:7000");
     let mut daemon = sandbox.start_daemon(
-        &static_entry(
-            "killed",
-            "240.240.20.9",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: 198.18.20.1",
-        ),
+        &vip_entry("kernel", "killed", "240.240.20.9", "198.18.20.1"),
         &AUTO,
     );
-    assert!(!who("240.240.20.9:7000").unwrap().went_through_proxy());
+    who_direct("240.240.20.9:7000");
     daemon.signal(libc::SIGKILL);
     assert_eq!(daemon.wait(), None, "killed by a signal");
-    for attach_type in [
-        BPF_CGROUP_INET4_CONNECT,
-        BPF_CGROUP_INET6_CONNECT,
-        BPF_CGROUP_SOCK_OPS,
-    ] {
-        assert_eq!(attached_programs(&sandbox.cgroup, attach_type).unwrap(), 0);
-    }
+    sandbox.assert_programs_attached(0);
     let error = connect("240.240.20.9:7000").expect_err("nothing rewrites the VIP now");
     assert_eq!(error.kind(), ErrorKind::NetworkUnreachable, "{error}");
 }
@@ -290,8 +238,7 @@ fn after_sigkill_nothing_stays_attached() {
 #[test]
 fn a_dns_entry_follows_a_record_change_after_its_ttl() {
     let sandbox = Sandbox::new("kernel-dns");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    sandbox.add_host("198.18.20.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1", "198.18.20.2"]);
     let _old = TestServer::start("old", "198.18.20.1:7000");
     let _new = TestServer::start("new", "198.18.20.2:7000");
     let dns = DnsServer::start();
@@ -316,17 +263,12 @@ spec:
             "1",
         ],
     );
-    let seen = who("240.240.20.10:7000").unwrap();
-    assert_eq!(seen.server, "old");
-    assert!(!seen.went_through_proxy(), "{seen:?}");
-    assert_eq!(seen.client_peer.to_string(), "240.240.20.10:7000");
+    assert_eq!(who_direct("240.240.20.10:7000").server, "old");
 
     dns.set("api.kernel.test", &["198.18.20.2"], 1);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let seen = who("240.240.20.10:7000").unwrap();
-        assert!(!seen.went_through_proxy(), "{seen:?}");
-        if seen.server == "new" {
+        if who_direct("240.240.20.10:7000").server == "new" {
             break;
         }
         assert!(Instant::now() < deadline, "the old address is still used");
@@ -337,15 +279,10 @@ spec:
 #[test]
 fn the_close_log_and_metrics_count_a_known_transfer() {
     let sandbox = Sandbox::new("kernel-close-log");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let _server = TestServer::start("server", "198.18.20.1:7000");
     let daemon = sandbox.start_daemon(
-        &static_entry(
-            "bulk",
-            "240.240.20.11",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: 198.18.20.1",
-        ),
+        &vip_entry("kernel", "bulk", "240.240.20.11", "198.18.20.1"),
         &AUTO_WITH_ADMIN,
     );
     let upload = 300_000;
@@ -430,14 +367,9 @@ fn the_close_log_and_metrics_count_a_known_transfer() {
 #[test]
 fn a_refused_connect_is_logged_against_its_endpoint() {
     let sandbox = Sandbox::new("kernel-refused");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let daemon = sandbox.start_daemon(
-        &static_entry(
-            "dead",
-            "240.240.20.12",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: 198.18.20.1",
-        ),
+        &vip_entry("kernel", "dead", "240.240.20.12", "198.18.20.1"),
         &AUTO,
     );
     let error = connect("240.240.20.12:7000").expect_err("nothing listens");
@@ -449,12 +381,12 @@ fn a_refused_connect_is_logged_against_its_endpoint() {
 #[test]
 fn a_dead_endpoint_among_two_is_ejected_and_later_connects_succeed() {
     let sandbox = Sandbox::new("kernel-eject");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
-    sandbox.add_host("198.18.20.2".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1", "198.18.20.2"]);
     // 198.18.20.2 answers, but nothing listens there: every connect is refused.
     let live = TestServer::start("live", "198.18.20.1:7000");
     let daemon = sandbox.start_daemon(
         &static_entry(
+            "kernel",
             "ejecting",
             "240.240.20.13",
             "{number: 7000, name: tcp, protocol: TCP}",
@@ -489,9 +421,7 @@ fn a_dead_endpoint_among_two_is_ejected_and_later_connects_succeed() {
     assert!(line.contains("endpoint=198.18.20.2:7000"), "{line}");
     let accepted = live.accepted();
     for _ in 0..50 {
-        let seen = who("240.240.20.13:7000").expect("only the live endpoint is left");
-        assert_eq!(seen.server, "live");
-        assert!(!seen.went_through_proxy(), "{seen:?}");
+        assert_eq!(who_direct("240.240.20.13:7000").server, "live");
     }
     assert_eq!(live.accepted(), accepted + 50);
     // Every connect counts as opened when its socket closes: the five refused
@@ -511,36 +441,24 @@ fn a_dead_endpoint_among_two_is_ejected_and_later_connects_succeed() {
 #[test]
 fn a_native_ipv6_vip_takes_the_kernel_path_to_an_ipv6_backend() {
     let sandbox = Sandbox::new("kernel-ipv6");
-    sandbox.add_host_v6("fd00:20::1".parse().unwrap());
+    sandbox.add_hosts(&["fd00:20::1"]);
     let _server = TestServer::start("v6-backend", "[fd00:20::1]:7000");
     let _daemon = sandbox.start_daemon(
-        &static_entry(
-            "six",
-            "\"2001:2::20\"",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: fd00:20::1",
-        ),
+        &vip_entry("kernel", "six", "\"2001:2::20\"", "fd00:20::1"),
         &AUTO,
     );
-    let seen = who("[2001:2::20]:7000").expect("connect on the kernel path");
+    let seen = who_direct("[2001:2::20]:7000");
     assert_eq!(seen.server, "v6-backend");
     assert_eq!(seen.server_peer, seen.client_local, "{seen:?}");
-    assert!(!seen.went_through_proxy(), "{seen:?}");
-    assert_eq!(seen.client_peer.to_string(), "[2001:2::20]:7000");
 }
 
 #[test]
 fn a_dual_stack_socket_takes_the_kernel_path_to_an_ipv4_vip() {
     let sandbox = Sandbox::new("kernel-dual");
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let _server = TestServer::start("backend", "198.18.20.1:7000");
     let _daemon = sandbox.start_daemon(
-        &static_entry(
-            "dual",
-            "240.240.20.14",
-            "{number: 7000, name: tcp, protocol: TCP}",
-            "  - address: 198.18.20.1",
-        ),
+        &vip_entry("kernel", "dual", "240.240.20.14", "198.18.20.1"),
         &AUTO,
     );
     // An AF_INET6 socket reaches an IPv4 address as ::ffff:a.b.c.d, through connect6.

@@ -9,9 +9,7 @@ use std::{
 
 use integration_tests::{
     Container, PROXY, Sandbox, TestServer,
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
+    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
     enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
@@ -36,8 +34,7 @@ spec:
 #[test]
 fn none_resolution_forwards_an_address_range_to_the_original_destination() {
     let sandbox = Sandbox::new("none-range");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
-    sandbox.add_host("198.18.0.11".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10", "198.18.0.11"]);
     let first = TestServer::start("first", "198.18.0.10:7000");
     let second = TestServer::start("second", "198.18.0.11:7000");
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
@@ -68,7 +65,7 @@ fn none_resolution_forwards_an_address_range_to_the_original_destination() {
 #[test]
 fn connects_from_another_network_namespace_go_direct() {
     let sandbox = Sandbox::new("other-netns");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _here = TestServer::start("here", "198.18.0.10:7000");
     let _daemon = sandbox.start_daemon(
         &format!(
@@ -104,7 +101,7 @@ fn connects_from_another_network_namespace_go_direct() {
 #[test]
 fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
     let sandbox = Sandbox::new("container-proxy");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _endpoint = TestServer::start("endpoint", "198.18.0.10:7000");
     // The container is joined to the sandbox by a veth pair; the sandbox's end is
     // 198.18.5.1 and fd00:5::1, the container's 198.18.5.2 and fd00:5::2.
@@ -155,7 +152,7 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
 #[test]
 fn the_daemons_own_upstream_connects_are_not_redirected() {
     let sandbox = Sandbox::new("no-loop");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let server = TestServer::start("upstream", "198.18.0.10:7000");
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
     // The daemon runs inside the cgroup its programs are attached to, as it does at a
@@ -182,9 +179,7 @@ fn the_daemons_own_upstream_connects_are_not_redirected() {
 #[test]
 fn static_resolution_spreads_by_weight_and_maps_ports_by_name() {
     let sandbox = Sandbox::new("static");
-    for host in ["198.18.0.20", "198.18.0.21"] {
-        sandbox.add_host(host.parse().unwrap());
-    }
+    sandbox.add_hosts(&["198.18.0.20", "198.18.0.21"]);
     // heavy maps the "http" port to 9001; light has no mapping, so targetPort 8000
     // applies. Servers on the other ports would reveal a wrong mapping.
     let _heavy = TestServer::start("heavy", "198.18.0.20:9001");
@@ -262,7 +257,7 @@ spec:
 #[test]
 fn an_entry_without_addresses_intercepts_its_port_for_every_destination() {
     let sandbox = Sandbox::new("port-only");
-    sandbox.add_host("198.18.0.31".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.31"]);
     let _database = TestServer::start("database", "198.18.0.31:5432");
     let _daemon = sandbox.start_daemon(
         r#"
@@ -299,9 +294,7 @@ spec:
 #[test]
 fn non_matching_destinations_are_left_untouched() {
     let sandbox = Sandbox::new("untouched");
-    for host in ["198.18.0.40", "198.18.0.41"] {
-        sandbox.add_host(host.parse().unwrap());
-    }
+    sandbox.add_hosts(&["198.18.0.40", "198.18.0.41"]);
     let _other_host = TestServer::start("other-host", "198.18.0.41:7000");
     let _other_port = TestServer::start("other-port", "198.18.0.40:7001");
     let daemon = sandbox.start_daemon(
@@ -351,7 +344,7 @@ fn a_direct_connection_to_the_proxy_port_is_refused() {
 #[test]
 fn sigkill_leaves_no_program_attached_and_no_redirect() {
     let sandbox = Sandbox::new("sigkill");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _server = TestServer::start("upstream", "198.18.0.10:7000");
     let mut daemon = sandbox.start_daemon(
         &format!(
@@ -360,18 +353,7 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
         ),
         &[],
     );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        1
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
-        1
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        1
-    );
+    sandbox.assert_programs_attached(1);
     assert!(
         who("240.240.2.2:7000")
             .expect("redirect works")
@@ -381,18 +363,7 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
     daemon.signal(libc::SIGKILL);
     assert_eq!(daemon.wait(), None, "killed by a signal");
 
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET6_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        0
-    );
+    sandbox.assert_programs_attached(0);
     // A redirect to the dead proxy port would be "connection refused"; the VIP has no
     // route in the namespace, so an untouched connect is "network unreachable".
     let error = connect("240.240.2.2:7000").expect_err("nothing serves the VIP now");
@@ -405,20 +376,10 @@ fn sigkill_leaves_no_program_attached_and_no_redirect() {
 fn sigterm_detaches_and_exits_zero() {
     let sandbox = Sandbox::new("sigterm");
     let mut daemon = sandbox.start_daemon(NONE_RANGE, &[]);
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        1
-    );
+    sandbox.assert_programs_attached(1);
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait(), Some(0));
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-        0
-    );
-    assert_eq!(
-        attached_programs(&sandbox.cgroup, BPF_CGROUP_SOCK_OPS).unwrap(),
-        0
-    );
+    sandbox.assert_programs_attached(0);
 }
 
 /// Java and anything else that opens AF_INET6 sockets reach IPv4 services as
@@ -427,7 +388,7 @@ fn sigterm_detaches_and_exits_zero() {
 #[test]
 fn dual_stack_sockets_reaching_ipv4_mapped_addresses_are_intercepted() {
     let sandbox = Sandbox::new("v4-mapped");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _vip_backend = TestServer::start("vip-backend", "198.18.0.10:7000");
     let _port_backend = TestServer::start("port-backend", "198.18.0.10:7001");
     let _native = TestServer::start("native-v6", "[::1]:7001");
@@ -518,8 +479,7 @@ spec:
 #[test]
 fn native_ipv6_vips_and_cidrs_are_intercepted_through_the_ipv6_listener() {
     let sandbox = Sandbox::new("ipv6");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
-    sandbox.add_host_v6("fd00:18::10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10", "fd00:18::10"]);
     let _v6_backend = TestServer::start("v6-backend", "[fd00:18::10]:7000");
     let _v4_backend = TestServer::start("v4-backend", "198.18.0.10:7000");
     let _range_backend = TestServer::start("range-backend", "[fd00:18::10]:7002");
@@ -562,7 +522,7 @@ fn native_ipv6_vips_and_cidrs_are_intercepted_through_the_ipv6_listener() {
 #[test]
 fn with_the_ipv6_listener_off_ipv6_destinations_go_direct() {
     let sandbox = Sandbox::new("ipv6-off");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _v4_backend = TestServer::start("v4-backend", "198.18.0.10:7000");
     let _daemon = sandbox.start_daemon(IPV6_ENTRIES, &["--proxy-addr-v6", "off"]);
 
@@ -586,7 +546,7 @@ fn ten_mib_each_way_arrive_intact_through_splice() {
 fn ten_mib_each_way(copy_mode: &str) {
     const TEN_MIB: usize = 10 * 1024 * 1024;
     let sandbox = Sandbox::new(&format!("bulk-{copy_mode}"));
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     let _server = TestServer::start("bulk", "198.18.0.10:7000");
     let _daemon = sandbox.start_daemon(NONE_RANGE, &["--copy-mode", copy_mode]);
 
@@ -657,13 +617,8 @@ fn an_invalid_config_is_refused_whole_and_nothing_is_attached() {
         0
     );
 
-    let validate = std::process::Command::new(integration_tests::daemon::binary().unwrap())
-        .arg("validate")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert_eq!(validate.status.code(), Some(1));
-    let stdout = String::from_utf8_lossy(&validate.stdout);
+    let (code, stdout) = integration_tests::daemon::validate(&config);
+    assert_eq!(code, Some(1));
     assert_eq!(
         stdout
             .lines()
@@ -677,7 +632,7 @@ fn an_invalid_config_is_refused_whole_and_nothing_is_attached() {
 #[test]
 fn an_upstream_that_refuses_resets_the_client_promptly() {
     let sandbox = Sandbox::new("upstream-refuses");
-    sandbox.add_host("198.18.0.10".parse().unwrap());
+    sandbox.add_hosts(&["198.18.0.10"]);
     // Nothing listens on 198.18.0.10:7000.
     let daemon = sandbox.start_daemon(NONE_RANGE, &[]);
     let started = std::time::Instant::now();

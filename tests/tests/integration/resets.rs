@@ -139,7 +139,7 @@ struct Setup {
 
 fn setup(scenario: &str, copy_mode: &str) -> Setup {
     let sandbox = Sandbox::new(&format!("{scenario}-{copy_mode}"));
-    sandbox.add_host("198.18.20.1".parse().unwrap());
+    sandbox.add_hosts(&["198.18.20.1"]);
     let seen = start_backend();
     let daemon = sandbox.start_daemon(
         &vip_entry("resets", "backend", "240.240.20.1", "198.18.20.1"),

@@ -272,9 +272,7 @@ fn garbage_and_silent_clients_are_closed_cleanly_and_logged() {
 #[test]
 fn http_ports_are_routed_by_the_host_header() {
     let sandbox = Sandbox::new("http-host");
-    for host in ["198.18.2.1", "198.18.2.2", "198.18.2.3"] {
-        sandbox.add_host(host.parse().unwrap());
-    }
+    sandbox.add_hosts(&["198.18.2.1", "198.18.2.2", "198.18.2.3"]);
     let _a = TestServer::start("a", "198.18.2.1:8080");
     let _b = TestServer::start("b", "198.18.2.2:8080");
     let _origin = TestServer::start("origin", "198.18.2.3:80");

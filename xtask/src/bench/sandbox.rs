@@ -7,7 +7,7 @@
 use std::{fs, net::IpAddr, ops::Deref};
 
 use anyhow::{Context as _, Result};
-use interceptor_common::host::{open_files_limit, set_open_files_limit};
+use interceptor_common::host::raise_open_files_limit;
 
 use super::proto::{BACKEND_IPV4, BACKEND_IPV6, EPHEMERAL_PORTS};
 
@@ -34,7 +34,7 @@ impl Deref for Sandbox {
 impl Sandbox {
     /// Must run on the main thread before any other thread exists.
     pub fn create() -> Result<Self> {
-        let open_files = raise_open_files_limit()?;
+        let open_files = raise_open_files_limit(OPEN_FILES).context("raising RLIMIT_NOFILE")?;
         testbed::remove_stale_cgroups(CGROUP_PREFIX)?;
         let sandbox = testbed::Sandbox::create(
             &format!("{CGROUP_PREFIX}{}", std::process::id()),
@@ -54,22 +54,4 @@ impl Sandbox {
             open_files,
         })
     }
-}
-
-/// Raises RLIMIT_NOFILE (inherited by every child) as far as allowed and returns the
-/// soft limit now in force. Above the hard limit needs CAP_SYS_RESOURCE, which a
-/// container's root may lack; then the hard limit is the ceiling.
-fn raise_open_files_limit() -> Result<u64> {
-    let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|raw| raw.trim().parse::<u64>().ok())
-        .unwrap_or(1_048_576);
-    let wanted = OPEN_FILES.min(ceiling);
-    let (_, hard) = open_files_limit().context("reading RLIMIT_NOFILE")?;
-    if set_open_files_limit(wanted, wanted.max(hard)).is_ok() {
-        return Ok(wanted);
-    }
-    let soft = wanted.min(hard);
-    set_open_files_limit(soft, hard).context("raising RLIMIT_NOFILE")?;
-    Ok(soft)
 }

@@ -24,7 +24,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use interceptor_common::host::{open_files_limit, set_open_files_limit};
+use interceptor_common::host::raise_open_files_limit;
 use testbed::process;
 
 use self::{
@@ -124,7 +124,7 @@ pub fn run(args: SoakArgs) -> Result<()> {
     crate::setup::ensure_toolchain()?;
     crate::build_daemon(false)?;
     let binary = crate::workspace_root().join("target/debug/interceptor");
-    let open_files = raise_open_files_limit()?;
+    let open_files = raise_open_files_limit(262_144).context("raising RLIMIT_NOFILE")?;
     let plan = Plan::new(&args, open_files);
     let pinned_before = pinned_objects();
     testbed::remove_stale_cgroups(CGROUP_PREFIX)?;
@@ -515,23 +515,6 @@ fn set_process_open_files(pid: u32, soft: u64) -> Result<u64> {
         bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
     }
     Ok(old.rlim_cur)
-}
-
-/// Raises RLIMIT_NOFILE (inherited by the daemons) as far as allowed and returns the
-/// soft limit in force.
-fn raise_open_files_limit() -> Result<u64> {
-    let ceiling = fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|raw| raw.trim().parse::<u64>().ok())
-        .unwrap_or(1_048_576);
-    let wanted = 262_144u64.min(ceiling);
-    let (_, hard) = open_files_limit().context("reading RLIMIT_NOFILE")?;
-    if set_open_files_limit(wanted, wanted.max(hard)).is_ok() {
-        return Ok(wanted);
-    }
-    let soft = wanted.min(hard);
-    set_open_files_limit(soft, hard).context("raising RLIMIT_NOFILE")?;
-    Ok(soft)
 }
 
 /// Every cgroup attach type, so that programs added later (DNS capture's UDP hooks)

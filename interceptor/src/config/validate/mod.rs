@@ -105,13 +105,8 @@ impl Problems {
         let object = object_name(kind, metadata);
         self.list
             .into_iter()
-            .map(|(severity, field, message)| Finding {
-                severity,
-                file: source.file.clone(),
-                document: source.document,
-                object: object.clone(),
-                field,
-                message,
+            .map(|(severity, field, message)| {
+                Finding::at(severity, source, object.clone(), field, message)
             })
             .collect()
     }

@@ -11,14 +11,19 @@ const MAX_LABEL_PREFIX_LENGTH: usize = 253;
 
 /// `[a-zA-Z0-9](?:[-a-zA-Z0-9]*[a-zA-Z0-9])?` without a length bound.
 fn is_dns1123_label_syntax(label: &str) -> bool {
-    let bytes = label.as_bytes();
+    alphanumeric_at_both_ends(label, |byte| byte == b'-')
+}
+
+/// Not empty, ASCII alphanumeric at both ends, and alphanumeric or `inner` between.
+fn alphanumeric_at_both_ends(text: &str, inner: impl Fn(u8) -> bool) -> bool {
+    let bytes = text.as_bytes();
     match (bytes.first(), bytes.last()) {
         (Some(first), Some(last)) => {
             first.is_ascii_alphanumeric()
                 && last.is_ascii_alphanumeric()
                 && bytes
                     .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+                    .all(|&byte| byte.is_ascii_alphanumeric() || inner(byte))
         }
         _ => false,
     }
@@ -194,17 +199,7 @@ pub fn validate_port_name(name: &str) -> Result<(), String> {
 
 /// `(?:[A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]`: a Kubernetes label name or value body.
 fn is_qualified_name_body(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    match (bytes.first(), bytes.last()) {
-        (Some(first), Some(last)) => {
-            first.is_ascii_alphanumeric()
-                && last.is_ascii_alphanumeric()
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        }
-        _ => false,
-    }
+    alphanumeric_at_both_ends(text, |byte| matches!(byte, b'-' | b'_' | b'.'))
 }
 
 /// One label key: an optional DNS-subdomain prefix ending in `/`, then a name.

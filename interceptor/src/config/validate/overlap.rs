@@ -204,14 +204,8 @@ fn describe(entry: &Sourced<ServiceEntry>) -> String {
 }
 
 fn warning(entry: &Sourced<ServiceEntry>, field: String, message: String) -> Finding {
-    Finding {
-        severity: Severity::Warning,
-        file: entry.source.file.clone(),
-        document: entry.source.document,
-        object: object_name("ServiceEntry", &entry.resource.metadata),
-        field,
-        message,
-    }
+    let object = object_name("ServiceEntry", &entry.resource.metadata);
+    Finding::at(Severity::Warning, &entry.source, object, field, message)
 }
 
 const PRECEDENCE: &str = "the oldest entry wins (by creationTimestamp, then name, then namespace; entries without a timestamp last, in load order)";
