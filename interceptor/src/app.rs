@@ -258,8 +258,8 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
                 metrics.dns_queries.clone(),
                 &shutdown,
             )?;
-            info!(?bound, "DNS server listening");
-            DnsListeners::from_bound(&bound)
+            info!(?bound.listeners, "DNS server listening");
+            DnsListeners::from_bound(&bound.listeners, &bound.containers)
         }
         None => DnsListeners::default(),
     };

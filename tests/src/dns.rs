@@ -240,11 +240,19 @@ pub fn ask_udp(nameserver: SocketAddr, name: &str, kind: RecordType) -> std::io:
     Err(last_error.expect("at least one attempt"))
 }
 
-/// Asks `nameserver` over TCP, as a resolver does after a truncated UDP answer.
+/// Asks `nameserver` over TCP, as a resolver does after a truncated UDP answer,
+/// checking that the socket shows `nameserver` as its peer.
 pub fn ask_tcp(nameserver: SocketAddr, name: &str, kind: RecordType) -> std::io::Result<Message> {
     let query = query(name, kind);
     let mut stream = TcpStream::connect_timeout(&nameserver, ASK_TIMEOUT)?;
     stream.set_read_timeout(Some(ASK_TIMEOUT))?;
+    // A resolver may check whom it is connected to, as it checks a reply's source.
+    let peer = stream.peer_addr()?;
+    if peer != nameserver {
+        return Err(std::io::Error::other(format!(
+            "connected to {peer}, not {nameserver}"
+        )));
+    }
     write_framed(&mut stream, &query.to_vec().map_err(std::io::Error::other)?)?;
     reply_to(&query, &read_framed(&mut stream)?)
 }

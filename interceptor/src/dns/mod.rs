@@ -9,7 +9,11 @@ mod forward;
 mod names;
 pub mod packet;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use prometheus_client::{
@@ -171,9 +175,37 @@ impl DnsServer {
 pub struct DnsConfig {
     /// Where the server listens; an IPv6 address on a host without IPv6 is skipped.
     pub listen: Vec<SocketAddr>,
+    /// The container proxy addresses: the server listens there too, at the port of
+    /// its listener of the same family, so that processes in other network
+    /// namespaces, which cannot reach its loopback, get their queries answered.
+    pub container_ips: Vec<IpAddr>,
     /// The upstream servers; empty means /etc/resolv.conf's.
     pub upstreams: Vec<SocketAddr>,
     pub bypass_mark: u32,
+}
+
+/// The addresses the server listens on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub listeners: Vec<SocketAddr>,
+    /// Those on the container proxy addresses.
+    pub containers: Vec<SocketAddr>,
+}
+
+/// Where the server listens for containers: each container address at the port of
+/// the first bound listener of its family, or of any family if it has none.
+fn container_listeners(bound: &[SocketAddr], container_ips: &[IpAddr]) -> Vec<SocketAddr> {
+    container_ips
+        .iter()
+        .filter_map(|&ip| {
+            let port = bound
+                .iter()
+                .find(|addr| addr.is_ipv4() == ip.is_ipv4())
+                .or_else(|| bound.first())?
+                .port();
+            Some(SocketAddr::new(ip, port))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,7 +226,7 @@ pub fn start(
     registry: Arc<ArcSwap<Registry>>,
     queries: Family<QueryLabels, Counter>,
     shutdown: &CancellationToken,
-) -> Result<Vec<SocketAddr>, DnsStartError> {
+) -> Result<Bound, DnsStartError> {
     let system = hickory_resolver::system_conf::read_system_conf();
     let search_domains: Vec<String> = match &system {
         Ok((resolver, _)) => resolver
@@ -219,7 +251,9 @@ pub fn start(
         }
     }
     // Relaying to itself would loop until the deadline.
-    upstreams.retain(|upstream| !config.listen.contains(upstream));
+    upstreams.retain(|upstream| {
+        !config.listen.contains(upstream) && !config.container_ips.contains(&upstream.ip())
+    });
     let server = Arc::new(DnsServer::new(
         registry,
         search_domains,
@@ -229,11 +263,11 @@ pub fn start(
         },
         queries,
     ));
-    let mut bound = Vec::new();
+    let mut bound = Bound::default();
     for &addr in &config.listen {
         match bind(addr) {
             Ok((udp, tcp)) => {
-                bound.push(udp.local_addr().unwrap_or(addr));
+                bound.listeners.push(udp.local_addr().unwrap_or(addr));
                 server.serve(udp, tcp, shutdown.clone());
             }
             Err(error) if addr.is_ipv6() && error.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
@@ -241,6 +275,14 @@ pub fn start(
             }
             Err(source) => return Err(DnsStartError::Listen { addr, source }),
         }
+    }
+    // A container address is one the operator named: failing to listen there is an
+    // error, whatever its family.
+    for addr in container_listeners(&bound.listeners, &config.container_ips) {
+        let (udp, tcp) = bind(addr).map_err(|source| DnsStartError::Listen { addr, source })?;
+        bound.listeners.push(addr);
+        bound.containers.push(addr);
+        server.serve(udp, tcp, shutdown.clone());
     }
     Ok(bound)
 }
@@ -400,6 +442,24 @@ mod tests {
         let reply = ask_udp(addr, &query("else.example.", RecordType::A)).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn containers_are_served_at_the_port_of_their_family() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|addr| addr.parse().unwrap()).collect()
+        };
+        let ips = ["198.18.5.1".parse().unwrap(), "fd00:5::1".parse().unwrap()];
+        assert_eq!(
+            container_listeners(&addrs(&["127.0.0.1:15053", "[::1]:15054"]), &ips),
+            addrs(&["198.18.5.1:15053", "[fd00:5::1]:15054"])
+        );
+        // Without an IPv6 listener (no IPv6 on the host), the IPv4 one's port.
+        assert_eq!(
+            container_listeners(&addrs(&["127.0.0.1:15053"]), &ips),
+            addrs(&["198.18.5.1:15053", "[fd00:5::1]:15053"])
+        );
+        assert!(container_listeners(&[], &ips).is_empty());
     }
 
     #[tokio::test]

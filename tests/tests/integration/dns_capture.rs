@@ -11,7 +11,7 @@ use std::{
 
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 use integration_tests::{
-    Daemon, Sandbox, TestServer,
+    Container, Daemon, Sandbox, TestServer,
     daemon::{self, stop_while_connecting},
     dns::{DnsServer, ask_tcp, ask_udp, ipv4_answers},
     server::who,
@@ -383,4 +383,50 @@ fn a_daemon_started_next_to_a_running_one_answers_its_hosts_from_the_first_query
     );
     assert_eq!(status, Some(0), "the old daemon exits cleanly");
     assert!(asked > 10, "only {asked} queries during the start");
+}
+
+/// A container or pod in a network namespace of its own cannot reach the daemon's
+/// loopback: its queries go to the DNS server on the container proxy address, over
+/// UDP and TCP, to IPv4 and IPv6 nameservers, and its resolvers see the nameserver
+/// they asked answer.
+#[test]
+fn a_container_in_its_own_network_namespace_gets_answers() {
+    let sandbox = Sandbox::new("dns-container");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    upstream.set("other.capture.test", &["198.18.0.91"], 60);
+    let nameserver_v6: SocketAddr = "[fd00:53::53]:53".parse().unwrap();
+    let container = Container::start(move || {
+        let a = |reply: std::io::Result<hickory_proto::op::Message>| {
+            reply.map(|reply| ipv4_answers(&reply))
+        };
+        (
+            a(ask_udp(nameserver(), "db.capture.test", RecordType::A)),
+            a(ask_tcp(nameserver(), "db.capture.test", RecordType::A)),
+            a(ask_udp(nameserver_v6, "db.capture.test", RecordType::A)),
+            a(ask_udp(nameserver(), "other.capture.test", RecordType::A)),
+            getent("db.capture.test"),
+        )
+    });
+    let _daemon = sandbox.start_daemon(
+        &entry("db", "db.capture.test", "240.240.7.1"),
+        &[
+            "--dns-server",
+            UPSTREAM,
+            "--container-proxy-addr",
+            "198.18.5.1:15001",
+            "--container-proxy-addr-v6",
+            "[fd00:5::1]:15001",
+        ],
+    );
+    let (udp, tcp, udp_v6, relayed, glibc) = container.run();
+    let vip = vec![Ipv4Addr::new(240, 240, 7, 1)];
+    assert_eq!(udp.expect("UDP from the container"), vip);
+    assert_eq!(tcp.expect("TCP from the container"), vip);
+    assert_eq!(udp_v6.expect("UDP to an IPv6 nameserver"), vip);
+    assert_eq!(
+        relayed.expect("a relayed name from the container"),
+        [Ipv4Addr::new(198, 18, 0, 91)]
+    );
+    assert!(glibc.contains("240.240.7.1"), "{glibc}");
 }
