@@ -20,7 +20,10 @@ use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -29,10 +32,13 @@ pub use self::{
     names::NameTable,
     packet::{Decision, Outcome},
 };
-use crate::registry::Registry;
+use crate::{registry::Registry, reload::AllocationRequest};
 
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long a lookup under a DYNAMIC_DNS wildcard waits for its VIPs (a reload)
+/// before it is relayed instead, well within a stub resolver's 5 s.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
@@ -48,6 +54,8 @@ pub struct DnsServer {
     search_domains: Vec<String>,
     forwarder: Forwarder,
     queries: Family<QueryLabels, Counter>,
+    /// Where names under a DYNAMIC_DNS wildcard host go for VIPs of their own.
+    allocations: Option<mpsc::Sender<AllocationRequest>>,
 }
 
 impl DnsServer {
@@ -56,6 +64,7 @@ impl DnsServer {
         search_domains: Vec<String>,
         forwarder: Forwarder,
         queries: Family<QueryLabels, Counter>,
+        allocations: Option<mpsc::Sender<AllocationRequest>>,
     ) -> Self {
         let snapshot = registry.load_full();
         let table = NameTable::build(&snapshot, &search_domains);
@@ -65,6 +74,7 @@ impl DnsServer {
             search_domains,
             forwarder,
             queries,
+            allocations,
         }
     }
 
@@ -82,15 +92,23 @@ impl DnsServer {
 
     /// The reply to one query, or `None` when it gets none.
     pub async fn answer(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
-        let decision = packet::decide(&self.names().1, query, udp);
+        let mut decision = packet::decide(&self.names().1, query, udp);
+        if let Decision::Allocate(name) = &decision {
+            self.allocate(name).await;
+            decision = packet::decide(&self.names().1, query, udp);
+        }
         let (reply, outcome) = match decision {
             Decision::Reply { bytes, outcome } => (Some(bytes), outcome),
             Decision::Drop => (None, Outcome::Failed),
-            Decision::Forward => match self.forwarder.forward(query, !udp).await {
-                Some(reply) if udp => (packet::fit_udp_reply(query, reply), Outcome::Forwarded),
-                Some(reply) => (Some(reply), Outcome::Forwarded),
-                None => (packet::servfail(query), Outcome::Failed),
-            },
+            // Still without VIPs (no address left, or the reload failed): upstream
+            // may know the name.
+            Decision::Forward | Decision::Allocate(_) => {
+                match self.forwarder.forward(query, !udp).await {
+                    Some(reply) if udp => (packet::fit_udp_reply(query, reply), Outcome::Forwarded),
+                    Some(reply) => (Some(reply), Outcome::Forwarded),
+                    None => (packet::servfail(query), Outcome::Failed),
+                }
+            }
         };
         self.queries
             .get_or_create(&QueryLabels {
@@ -98,6 +116,22 @@ impl DnsServer {
             })
             .inc();
         reply
+    }
+
+    /// Asks for VIPs for `name` and waits until they are in the registry, or the
+    /// attempt failed, or [`ALLOCATE_TIMEOUT`].
+    async fn allocate(&self, name: &str) {
+        let Some(allocations) = &self.allocations else {
+            return;
+        };
+        let (done, tried) = oneshot::channel();
+        let request = allocations.send((name.to_owned(), done));
+        let _ = tokio::time::timeout(ALLOCATE_TIMEOUT, async {
+            if request.await.is_ok() {
+                let _ = tried.await;
+            }
+        })
+        .await;
     }
 
     /// Serves UDP and TCP on `addr` until `shutdown`. Binding is done by the caller,
@@ -225,6 +259,7 @@ pub fn start(
     config: &DnsConfig,
     registry: Arc<ArcSwap<Registry>>,
     queries: Family<QueryLabels, Counter>,
+    allocations: mpsc::Sender<AllocationRequest>,
     shutdown: &CancellationToken,
 ) -> Result<Bound, DnsStartError> {
     let system = hickory_resolver::system_conf::read_system_conf();
@@ -262,6 +297,7 @@ pub fn start(
             bypass_mark: config.bypass_mark,
         },
         queries,
+        Some(allocations),
     ));
     let mut bound = Bound::default();
     for &addr in &config.listen {
@@ -380,6 +416,7 @@ mod tests {
                 bypass_mark: 0,
             },
             Family::default(),
+            None,
         ));
         let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = udp.local_addr().unwrap();

@@ -15,6 +15,7 @@ use integration_tests::{
     daemon::{self, stop_while_connecting},
     dns::{DnsServer, ask_tcp, ask_udp, ipv4_answers},
     server::who,
+    tls::{HelloDelivery, TestCa, start_tls_server, tls_who},
 };
 
 const UPSTREAM: &str = "198.18.0.53:53";
@@ -429,4 +430,108 @@ fn a_container_in_its_own_network_namespace_gets_answers() {
         [Ipv4Addr::new(198, 18, 0, 91)]
     );
     assert!(glibc.contains("240.240.7.1"), "{glibc}");
+}
+
+/// A wildcard DYNAMIC_DNS entry: each name under it that a client looks up gets a
+/// VIP of its own, kept in the state file like a host's, intercepting only the
+/// entry's ports, and a connection to it goes to what that name resolves to
+/// upstream, for any protocol, without SNI or Host.
+#[test]
+fn a_name_under_a_dynamic_dns_wildcard_gets_its_own_vip_on_first_lookup() {
+    let sandbox = Sandbox::new("dns-wild");
+    sandbox.add_host("198.18.0.53".parse().unwrap());
+    let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
+    for (name, host) in [("x", "198.18.0.65"), ("y", "198.18.0.66")] {
+        sandbox.add_host(host.parse().unwrap());
+        upstream.set(&format!("{name}.wild.capture.test"), &[host], 60);
+        std::mem::forget(TestServer::start(name, &format!("{host}:443")));
+    }
+    // Never looked up: reached by its SNI alone, as in Istio.
+    sandbox.add_host("198.18.0.67".parse().unwrap());
+    upstream.set("z.wild.capture.test", &["198.18.0.67"], 60);
+    let ca = TestCa::new();
+    start_tls_server(
+        "z",
+        "198.18.0.67:443",
+        ca.server_config(&["z.wild.capture.test"]),
+    );
+    let wild = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: wild}\nspec:\n  hosts: [\"*.wild.capture.test\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: DYNAMIC_DNS\n";
+    let state_dir = sandbox.workdir.join("state");
+    let args = [
+        "--dns-server",
+        UPSTREAM,
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ];
+    let daemon = sandbox.start_daemon(wild, &args);
+
+    let x = vip("x.wild.capture.test");
+    let y = dig(&["+short", "y.wild.capture.test", "A"]);
+    let y = y.trim();
+    assert!(y.starts_with("240.240."), "{y:?}");
+    assert_ne!(x, y);
+    assert_eq!(
+        upstream.queries("x.wild.capture.test"),
+        0,
+        "answered locally"
+    );
+    for (ip, backend) in [(x.as_str(), "x"), (y, "y")] {
+        let seen = who(&format!("{ip}:443")).unwrap();
+        assert!(seen.went_through_proxy(), "{seen:?}");
+        assert_eq!(seen.server, backend);
+    }
+    assert!(
+        upstream.queries("x.wild.capture.test") > 0,
+        "resolved by the daemon"
+    );
+    let refused = std::net::TcpStream::connect_timeout(
+        &format!("{x}:444").parse().unwrap(),
+        Duration::from_secs(5),
+    )
+    .unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let by_sni = tls_who(
+        "198.18.0.99:443",
+        "z.wild.capture.test",
+        &ca.client_config(),
+        HelloDelivery::Whole,
+    )
+    .unwrap();
+    assert_eq!(by_sni, "z z.wild.capture.test");
+
+    let state = std::fs::read_to_string(state_dir.join("vips.json")).unwrap();
+    assert!(state.contains("\"x.wild.capture.test\""), "{state}");
+    drop(daemon);
+    let _daemon = sandbox.start_daemon(wild, &args);
+    assert_eq!(vip("x.wild.capture.test"), x, "kept across a restart");
+}
+
+/// The state file keeps VIPs stable: one that cannot be read or written stops the
+/// start, naming it, rather than handing out addresses that would move.
+#[test]
+fn a_state_file_that_cannot_be_used_stops_the_start_and_is_named() {
+    let sandbox = Sandbox::new("dns-state");
+    let config = sandbox.workdir.join("config.yaml");
+    std::fs::write(&config, static_entry("db-a", "198.18.0.61")).unwrap();
+    let corrupt = sandbox.workdir.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::write(corrupt.join("vips.json"), "{not json").unwrap();
+    // A state directory that is a file: nothing can be read or written under it.
+    let not_a_directory = sandbox.workdir.join("not-a-directory");
+    std::fs::write(&not_a_directory, "").unwrap();
+    for (dir, expected) in [(&corrupt, "is corrupt"), (&not_a_directory, "cannot read")] {
+        let error = daemon::start(
+            &config,
+            &sandbox.cgroup,
+            &["--state-dir", dir.to_str().unwrap()],
+        )
+        .err()
+        .expect("the daemon refuses to start");
+        let message = format!("{error:#}");
+        let file = dir.join("vips.json").display().to_string();
+        assert!(
+            message.contains(&file) && message.contains(expected),
+            "{message}"
+        );
+    }
 }
