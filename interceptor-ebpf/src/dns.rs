@@ -48,43 +48,44 @@ static ALLOCATED_VIPS: HashMap<Address, u8> =
 static VIP_REFUSE: VipRefuse = VipRefuse::OFF;
 
 /// Read a word at a time and volatile, as [`globals`] is, so LLVM neither folds the
-/// zero initialiser nor splits the read into bytes. Both globals are two socket
-/// addresses.
+/// zero initialiser nor splits the read into bytes. Both globals are socket addresses
+/// only.
 #[inline(always)]
-fn read_pair<T: Copy>(global: &T) -> T {
-    const WORDS: usize = mem::size_of::<DnsCapture>() / 4;
+fn read_words<T: Copy, const WORDS: usize>(global: &T) -> T {
     const {
-        assert!(mem::size_of::<DnsCapture>() == WORDS * 4 && mem::align_of::<DnsCapture>() == 4);
-        assert!(mem::size_of::<VipRefuse>() == WORDS * 4 && mem::align_of::<VipRefuse>() == 4);
+        assert!(mem::size_of::<T>() == WORDS * 4 && mem::align_of::<T>() == 4);
     }
-    // SAFETY: both globals are 4-aligned and WORDS words long.
+    // SAFETY: `global` is 4-aligned and WORDS words long.
     let words = unsafe { read_volatile(ptr::from_ref(global).cast::<[u32; WORDS]>()) };
-    // SAFETY: the same size, and both hold only integers.
+    // SAFETY: the same size, and it holds only integers.
     unsafe { mem::transmute_copy::<[u32; WORDS], T>(&words) }
 }
 
 #[inline(always)]
 fn listeners() -> DnsCapture {
-    read_pair(&DNS_CAPTURE)
+    read_words::<_, { mem::size_of::<DnsCapture>() / 4 }>(&DNS_CAPTURE)
 }
 
 /// The listener a query to `dst` goes to: IPv4 (mapped) for IPv4 nameservers, IPv6
-/// for native IPv6 ones. Port zero: none.
+/// for native IPv6 ones; the container listeners for a socket outside the daemon's
+/// network namespace, which cannot reach its loopback. Port zero: none.
 #[inline(always)]
-fn listener_for(capture: &DnsCapture, dst: Endpoint) -> Endpoint {
-    let listener = if ipv4_in_mapped(dst.0).is_some() {
-        capture.v4
-    } else {
-        capture.v6
+fn listener_for(capture: &DnsCapture, dst: Endpoint, own_netns: bool) -> Endpoint {
+    let v4 = ipv4_in_mapped(dst.0).is_some();
+    let listener = match (own_netns, v4) {
+        (true, true) => capture.v4,
+        (true, false) => capture.v6,
+        (false, true) => capture.container_v4,
+        (false, false) => capture.container_v6,
     };
     (listener.addr, listener.port)
 }
 
 /// Where a query from `ctx` to `dst` goes instead, if it is captured: port 53, UDP or
-/// TCP, not the daemon's own socket, in the daemon's network namespace (another
-/// namespace cannot reach its loopback listener). The nameserver is recorded in the
-/// socket's storage first; if that fails the query goes direct, since its reply
-/// would otherwise come from an address the resolver does not expect.
+/// TCP, not the daemon's own socket, to the listener the socket's network namespace
+/// reaches. The nameserver is recorded in the socket's storage first; if that fails
+/// the query goes direct, since its reply would otherwise come from an address the
+/// resolver does not expect.
 #[inline(always)]
 fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
     if dst.1 != DNS_PORT {
@@ -95,10 +96,6 @@ fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<En
     if protocol != IPPROTO_UDP && protocol != IPPROTO_TCP {
         return None;
     }
-    let listener = listener_for(&listeners(), dst);
-    if listener.1 == [0, 0] || same_endpoint(dst, listener) {
-        return None;
-    }
     let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
         return None;
@@ -107,8 +104,11 @@ fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<En
     if mark != 0 && mark == globals.bypass_mark {
         return None;
     }
-    let own_netns = globals.proxy_netns_cookie;
-    if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
+    let daemon_netns = globals.proxy_netns_cookie;
+    let own_netns =
+        daemon_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == daemon_netns;
+    let listener = listener_for(&listeners(), dst, own_netns);
+    if listener.1 == [0, 0] || same_endpoint(dst, listener) {
         return None;
     }
     let stored = unsafe { ORIGINAL_DST.get_or_insert_ptr_mut(ctx, None) };
@@ -130,12 +130,15 @@ fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<En
     Some(listener)
 }
 
-/// The nameserver a reply from `src` stands for, when `src` is the DNS listener and
-/// the socket's query was captured.
+/// The nameserver a reply from `src` (or a TCP socket connected to `src`) stands
+/// for, when `src` is a DNS listener and the socket's query was captured. Either
+/// listener of the family will do: only a captured socket has a port-53 record, and
+/// the record says where it asked.
 #[inline(always)]
-fn nameserver(ctx: &SockAddrContext, src: Endpoint) -> Option<Endpoint> {
-    let listener = listener_for(&listeners(), src);
-    if listener.1 == [0, 0] || !same_endpoint(src, listener) {
+pub fn nameserver(ctx: &SockAddrContext, src: Endpoint) -> Option<Endpoint> {
+    let capture = listeners();
+    let is = |listener: Endpoint| listener.1 != [0, 0] && same_endpoint(src, listener);
+    if !is(listener_for(&capture, src, true)) && !is(listener_for(&capture, src, false)) {
         return None;
     }
     let stored = unsafe { ORIGINAL_DST.get_ptr_mut(ctx) };
@@ -249,7 +252,7 @@ pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option
 /// A redirect rather than bpf_set_retval, which kernels before 5.18 lack.
 #[inline(always)]
 pub fn refusal(dst: Endpoint) -> Option<Endpoint> {
-    let refuse = read_pair(&VIP_REFUSE);
+    let refuse = read_words::<_, { mem::size_of::<VipRefuse>() / 4 }>(&VIP_REFUSE);
     let to = if ipv4_in_mapped(dst.0).is_some() {
         refuse.v4
     } else {

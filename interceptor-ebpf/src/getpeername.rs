@@ -2,6 +2,7 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use interceptor_common::{SocketAddress, ipv4_in_mapped, ipv4_mapped};
 
 use crate::{
+    dns,
     maps::{KERNEL_PATH_DST, ORIGINAL_DST, globals},
     redirect::{
         Endpoint, proxies_for_ipv4, proxies_for_ipv6_socket, same_endpoint, set_user_ipv4,
@@ -16,13 +17,16 @@ const ALLOW: i32 = 1;
 /// shows the application the destination it connected to instead, as a NAT-based
 /// redirect (Istio's iptables sidecar) would. A kernel-path socket's storage holds the
 /// backend too, and only a socket still connected to it shows the original destination
-/// (a socket may connect again after a failed connect).
+/// (a socket may connect again after a failed connect). A TCP DNS query captured at
+/// connect shows the nameserver it asked, as its replies do.
 #[cgroup_sock_addr(getpeername4)]
 pub fn egress_getpeername4(ctx: SockAddrContext) -> i32 {
     let (addr, port) = user_ipv4(ctx.sock_addr);
     let peer = (ipv4_mapped(addr), port);
     let original = if proxies_for_ipv4(&globals()).contain(peer) {
         original_destination(&ctx)
+    } else if let Some(nameserver) = dns::nameserver(&ctx, peer) {
+        Some(socket_address(nameserver))
     } else {
         kernel_path_destination(&ctx, peer)
     };
@@ -40,6 +44,8 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
     let peer = user_ipv6(ctx.sock_addr);
     let original = if proxies_for_ipv6_socket(&globals(), peer.0).contain(peer) {
         original_destination(&ctx)
+    } else if let Some(nameserver) = dns::nameserver(&ctx, peer) {
+        Some(socket_address(nameserver))
     } else {
         kernel_path_destination(&ctx, peer)
     };
@@ -47,6 +53,15 @@ pub fn egress_getpeername6(ctx: SockAddrContext) -> i32 {
         set_user_ipv6(ctx.sock_addr, (original.addr, original.port));
     }
     ALLOW
+}
+
+#[inline(always)]
+fn socket_address((addr, port): Endpoint) -> SocketAddress {
+    SocketAddress {
+        addr,
+        port,
+        _pad: [0; 2],
+    }
 }
 
 #[inline(always)]

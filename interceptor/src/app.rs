@@ -249,6 +249,8 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         dns: Arc::clone(&dns),
     });
     let shutdown = CancellationToken::new();
+    // Served once the reloader exists; lookups wait for it meanwhile, within bounds.
+    let (allocation_requests, allocation_queue) = tokio::sync::mpsc::channel(64);
     // Before the programs attach: a captured query must find the server listening.
     let dns_listeners = match &config.dns_server {
         Some(dns_server) => {
@@ -256,10 +258,11 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
                 dns_server,
                 Arc::clone(&registry),
                 metrics.dns_queries.clone(),
+                allocation_requests,
                 &shutdown,
             )?;
-            info!(?bound, "DNS server listening");
-            DnsListeners::from_bound(&bound)
+            info!(?bound.listeners, "DNS server listening");
+            DnsListeners::from_bound(&bound.listeners, &bound.containers)
         }
         None => DnsListeners::default(),
     };
@@ -345,15 +348,18 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         }
     });
     let stop_reloading = CancellationToken::new();
+    let reloads = Arc::new(Reloader {
+        config_paths: config.config_paths.clone(),
+        registry: Arc::clone(&registry),
+        kernel: Arc::clone(&kernel),
+        metrics: Arc::clone(&metrics),
+        state,
+        kubernetes: kube_source,
+        applying: Default::default(),
+    });
+    tokio::spawn(reload::allocate(Arc::clone(&reloads), allocation_queue));
     let reloader = tokio::spawn(reload::run(
-        Arc::new(Reloader {
-            config_paths: config.config_paths.clone(),
-            registry: Arc::clone(&registry),
-            kernel: Arc::clone(&kernel),
-            metrics: Arc::clone(&metrics),
-            state,
-            kubernetes: kube_source,
-        }),
+        reloads,
         config_watch,
         hangup,
         stop_reloading.clone(),

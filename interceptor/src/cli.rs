@@ -2,7 +2,7 @@
 
 use std::{
     io::IsTerminal as _,
-    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -116,7 +116,9 @@ struct RunArgs {
     /// the cgroup are redirected: an IPv4 address of this host they can reach, such as
     /// the container bridge's or the node's, never loopback. The proxy listens there
     /// too and answers only connections its programs redirected, so it relays nothing
-    /// for anyone else. Without it, their connects go direct.
+    /// for anyone else. Without it, their connects go direct. The DNS server listens
+    /// there too, at its --dns-listen port, and their captured queries go to it; it
+    /// answers whoever reaches that port, so keep the address off outside networks.
     #[arg(long, value_parser = parse_container_proxy_addr::<SocketAddrV4>)]
     container_proxy_addr: Option<SocketAddrV4>,
     /// The same for native IPv6 connects from other network namespaces: an IPv6
@@ -485,6 +487,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         dns_server: (args.dns_capture == Switch::On).then(|| crate::dns::DnsConfig {
             listen: args.dns_listen,
+            container_ips: [
+                args.container_proxy_addr.map(|addr| IpAddr::V4(*addr.ip())),
+                args.container_proxy_addr_v6
+                    .map(|addr| IpAddr::V6(*addr.ip())),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             upstreams: args.dns_servers.clone(),
             bypass_mark: args.bypass_mark,
         }),

@@ -74,14 +74,30 @@ pub struct Reloader {
     pub state: StateFile,
     /// The Kubernetes objects served beside the files', with `--kubernetes`.
     pub kubernetes: Option<Arc<KubeSource>>,
+    /// One apply at a time: a reload and a DNS lookup's allocation each build on
+    /// the running allocations, and the later store would drop the other's.
+    pub applying: std::sync::Mutex<()>,
 }
 
 impl Reloader {
     /// Loads, checks and applies the configuration, and counts the result. Blocking
     /// (file reads, YAML, map syscalls): run it off the runtime threads.
     pub fn reload(&self, trigger: &str) -> Result<(), ReloadError> {
+        self.reload_asking(trigger, None)
+    }
+
+    /// [`Reloader::reload`], also asking for VIPs for `name`, looked up under a
+    /// DYNAMIC_DNS wildcard host (it gets them if a wildcard still covers it).
+    pub fn allocate(&self, name: &str) -> Result<(), ReloadError> {
+        self.reload_asking("DNS lookup under a DYNAMIC_DNS wildcard", Some(name))
+    }
+
+    fn reload_asking(&self, trigger: &str, name: Option<&str>) -> Result<(), ReloadError> {
         let started = Instant::now();
-        let result = self.apply();
+        let result = {
+            let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
+            self.apply(name)
+        };
         match &result {
             Ok(services) => {
                 self.metrics.reloaded(ReloadResult::ok);
@@ -100,14 +116,18 @@ impl Reloader {
         result.map(|_| ())
     }
 
-    fn apply(&self) -> Result<usize, ReloadError> {
+    fn apply(&self, name: Option<&str>) -> Result<usize, ReloadError> {
         let running = self.registry.load_full();
         let objects = self
             .kubernetes
             .as_ref()
             .map(|source| source.config_set())
             .unwrap_or_default();
-        let new = load::load_and_log(&self.config_paths, objects, running.allocations())
+        let mut previous = running.allocations().clone();
+        if let Some(name) = name {
+            previous.request(name);
+        }
+        let new = load::load_and_log(&self.config_paths, objects, &previous)
             .map_err(ReloadError::Invalid)?;
         // Kept before anything is applied: addresses handed out must survive a restart.
         if new.allocations() != running.allocations() {
@@ -206,6 +226,25 @@ pub async fn run(
             error!("{}", Chain(&ReloadError::Task(join)));
         }
         systemd::ready();
+    }
+}
+
+/// A name the DNS server wants VIPs for, and where to say it was tried.
+pub type AllocationRequest = (String, tokio::sync::oneshot::Sender<()>);
+
+/// Serves the DNS server's requests for VIPs, one at a time, each as a reload that
+/// asks for the name, until the DNS server goes.
+pub async fn allocate(reloader: Arc<Reloader>, mut requests: mpsc::Receiver<AllocationRequest>) {
+    while let Some((name, done)) = requests.recv().await {
+        // Asked again while the first request was being served.
+        if reloader.registry.load().allocated(&name).next().is_none() {
+            let task = Arc::clone(&reloader);
+            if let Err(join) = tokio::task::spawn_blocking(move || task.allocate(&name)).await {
+                reloader.metrics.reloaded(ReloadResult::failed);
+                error!("{}", Chain(&ReloadError::Task(join)));
+            }
+        }
+        let _ = done.send(());
     }
 }
 

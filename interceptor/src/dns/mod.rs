@@ -9,14 +9,21 @@ mod forward;
 mod names;
 pub mod packet;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::{
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::{mpsc, oneshot},
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -25,10 +32,13 @@ pub use self::{
     names::NameTable,
     packet::{Decision, Outcome},
 };
-use crate::registry::Registry;
+use crate::{registry::Registry, reload::AllocationRequest};
 
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long a lookup under a DYNAMIC_DNS wildcard waits for its VIPs (a reload)
+/// before it is relayed instead, well within a stub resolver's 5 s.
+const ALLOCATE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
@@ -44,6 +54,8 @@ pub struct DnsServer {
     search_domains: Vec<String>,
     forwarder: Forwarder,
     queries: Family<QueryLabels, Counter>,
+    /// Where names under a DYNAMIC_DNS wildcard host go for VIPs of their own.
+    allocations: Option<mpsc::Sender<AllocationRequest>>,
 }
 
 impl DnsServer {
@@ -52,6 +64,7 @@ impl DnsServer {
         search_domains: Vec<String>,
         forwarder: Forwarder,
         queries: Family<QueryLabels, Counter>,
+        allocations: Option<mpsc::Sender<AllocationRequest>>,
     ) -> Self {
         let snapshot = registry.load_full();
         let table = NameTable::build(&snapshot, &search_domains);
@@ -61,6 +74,7 @@ impl DnsServer {
             search_domains,
             forwarder,
             queries,
+            allocations,
         }
     }
 
@@ -78,15 +92,23 @@ impl DnsServer {
 
     /// The reply to one query, or `None` when it gets none.
     pub async fn answer(&self, query: &[u8], udp: bool) -> Option<Vec<u8>> {
-        let decision = packet::decide(&self.names().1, query, udp);
+        let mut decision = packet::decide(&self.names().1, query, udp);
+        if let Decision::Allocate(name) = &decision {
+            self.allocate(name).await;
+            decision = packet::decide(&self.names().1, query, udp);
+        }
         let (reply, outcome) = match decision {
             Decision::Reply { bytes, outcome } => (Some(bytes), outcome),
             Decision::Drop => (None, Outcome::Failed),
-            Decision::Forward => match self.forwarder.forward(query, !udp).await {
-                Some(reply) if udp => (packet::fit_udp_reply(query, reply), Outcome::Forwarded),
-                Some(reply) => (Some(reply), Outcome::Forwarded),
-                None => (packet::servfail(query), Outcome::Failed),
-            },
+            // Still without VIPs (no address left, or the reload failed): upstream
+            // may know the name.
+            Decision::Forward | Decision::Allocate(_) => {
+                match self.forwarder.forward(query, !udp).await {
+                    Some(reply) if udp => (packet::fit_udp_reply(query, reply), Outcome::Forwarded),
+                    Some(reply) => (Some(reply), Outcome::Forwarded),
+                    None => (packet::servfail(query), Outcome::Failed),
+                }
+            }
         };
         self.queries
             .get_or_create(&QueryLabels {
@@ -94,6 +116,22 @@ impl DnsServer {
             })
             .inc();
         reply
+    }
+
+    /// Asks for VIPs for `name` and waits until they are in the registry, or the
+    /// attempt failed, or [`ALLOCATE_TIMEOUT`].
+    async fn allocate(&self, name: &str) {
+        let Some(allocations) = &self.allocations else {
+            return;
+        };
+        let (done, tried) = oneshot::channel();
+        let request = allocations.send((name.to_owned(), done));
+        let _ = tokio::time::timeout(ALLOCATE_TIMEOUT, async {
+            if request.await.is_ok() {
+                let _ = tried.await;
+            }
+        })
+        .await;
     }
 
     /// Serves UDP and TCP on `addr` until `shutdown`. Binding is done by the caller,
@@ -171,9 +209,37 @@ impl DnsServer {
 pub struct DnsConfig {
     /// Where the server listens; an IPv6 address on a host without IPv6 is skipped.
     pub listen: Vec<SocketAddr>,
+    /// The container proxy addresses: the server listens there too, at the port of
+    /// its listener of the same family, so that processes in other network
+    /// namespaces, which cannot reach its loopback, get their queries answered.
+    pub container_ips: Vec<IpAddr>,
     /// The upstream servers; empty means /etc/resolv.conf's.
     pub upstreams: Vec<SocketAddr>,
     pub bypass_mark: u32,
+}
+
+/// The addresses the server listens on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub listeners: Vec<SocketAddr>,
+    /// Those on the container proxy addresses.
+    pub containers: Vec<SocketAddr>,
+}
+
+/// Where the server listens for containers: each container address at the port of
+/// the first bound listener of its family, or of any family if it has none.
+fn container_listeners(bound: &[SocketAddr], container_ips: &[IpAddr]) -> Vec<SocketAddr> {
+    container_ips
+        .iter()
+        .filter_map(|&ip| {
+            let port = bound
+                .iter()
+                .find(|addr| addr.is_ipv4() == ip.is_ipv4())
+                .or_else(|| bound.first())?
+                .port();
+            Some(SocketAddr::new(ip, port))
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -193,8 +259,9 @@ pub fn start(
     config: &DnsConfig,
     registry: Arc<ArcSwap<Registry>>,
     queries: Family<QueryLabels, Counter>,
+    allocations: mpsc::Sender<AllocationRequest>,
     shutdown: &CancellationToken,
-) -> Result<Vec<SocketAddr>, DnsStartError> {
+) -> Result<Bound, DnsStartError> {
     let system = hickory_resolver::system_conf::read_system_conf();
     let search_domains: Vec<String> = match &system {
         Ok((resolver, _)) => resolver
@@ -219,7 +286,9 @@ pub fn start(
         }
     }
     // Relaying to itself would loop until the deadline.
-    upstreams.retain(|upstream| !config.listen.contains(upstream));
+    upstreams.retain(|upstream| {
+        !config.listen.contains(upstream) && !config.container_ips.contains(&upstream.ip())
+    });
     let server = Arc::new(DnsServer::new(
         registry,
         search_domains,
@@ -228,12 +297,13 @@ pub fn start(
             bypass_mark: config.bypass_mark,
         },
         queries,
+        Some(allocations),
     ));
-    let mut bound = Vec::new();
+    let mut bound = Bound::default();
     for &addr in &config.listen {
         match bind(addr) {
             Ok((udp, tcp)) => {
-                bound.push(udp.local_addr().unwrap_or(addr));
+                bound.listeners.push(udp.local_addr().unwrap_or(addr));
                 server.serve(udp, tcp, shutdown.clone());
             }
             Err(error) if addr.is_ipv6() && error.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
@@ -241,6 +311,14 @@ pub fn start(
             }
             Err(source) => return Err(DnsStartError::Listen { addr, source }),
         }
+    }
+    // A container address is one the operator named: failing to listen there is an
+    // error, whatever its family.
+    for addr in container_listeners(&bound.listeners, &config.container_ips) {
+        let (udp, tcp) = bind(addr).map_err(|source| DnsStartError::Listen { addr, source })?;
+        bound.listeners.push(addr);
+        bound.containers.push(addr);
+        server.serve(udp, tcp, shutdown.clone());
     }
     Ok(bound)
 }
@@ -338,6 +416,7 @@ mod tests {
                 bypass_mark: 0,
             },
             Family::default(),
+            None,
         ));
         let (udp, tcp) = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = udp.local_addr().unwrap();
@@ -400,6 +479,24 @@ mod tests {
         let reply = ask_udp(addr, &query("else.example.", RecordType::A)).await;
         assert_eq!(reply.metadata.response_code, ResponseCode::ServFail);
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn containers_are_served_at_the_port_of_their_family() {
+        let addrs = |list: &[&str]| -> Vec<SocketAddr> {
+            list.iter().map(|addr| addr.parse().unwrap()).collect()
+        };
+        let ips = ["198.18.5.1".parse().unwrap(), "fd00:5::1".parse().unwrap()];
+        assert_eq!(
+            container_listeners(&addrs(&["127.0.0.1:15053", "[::1]:15054"]), &ips),
+            addrs(&["198.18.5.1:15053", "[fd00:5::1]:15054"])
+        );
+        // Without an IPv6 listener (no IPv6 on the host), the IPv4 one's port.
+        assert_eq!(
+            container_listeners(&addrs(&["127.0.0.1:15053"]), &ips),
+            addrs(&["198.18.5.1:15053", "[fd00:5::1]:15053"])
+        );
+        assert!(container_listeners(&[], &ips).is_empty());
     }
 
     #[tokio::test]

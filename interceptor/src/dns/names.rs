@@ -16,6 +16,9 @@ use crate::{
 pub struct Records {
     pub v4: Vec<Ipv4Addr>,
     pub v6: Vec<Ipv6Addr>,
+    /// A DYNAMIC_DNS wildcard host, without addresses of its own: each name under it
+    /// gets VIPs when first looked up.
+    pub dynamic: bool,
 }
 
 impl Records {
@@ -93,9 +96,27 @@ impl NameTable {
                 }
             }
         }
+        for child in registry.dynamic_children() {
+            let mut records = Records::default();
+            for vip in registry.allocated(child) {
+                records.add(vip);
+            }
+            merged.push((child.clone(), records));
+        }
         let mut hosts = HostTable::default();
         for (host, records) in merged {
             hosts.insert(&host, Arc::new(records));
+        }
+        // After the hosts with addresses: a wildcard with addresses of its own answers
+        // with them.
+        for wildcard in registry.dynamic_wildcards() {
+            hosts.insert_if_absent(
+                wildcard,
+                Arc::new(Records {
+                    dynamic: true,
+                    ..Records::default()
+                }),
+            );
         }
         NameTable {
             hosts,

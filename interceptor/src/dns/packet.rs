@@ -24,6 +24,9 @@ pub enum Decision {
     Reply { bytes: Vec<u8>, outcome: Outcome },
     /// Not ours: relay the query as it is to the upstream servers.
     Forward,
+    /// A name (lowercase, no trailing dot) under a DYNAMIC_DNS wildcard host that has
+    /// no VIPs yet: allocate them, then decide again.
+    Allocate(String),
     /// Not even a header: nothing to answer.
     Drop,
 }
@@ -73,6 +76,13 @@ pub fn decide(names: &NameTable, query: &[u8], udp: bool) -> Decision {
     let Some(found) = names.lookup(&asked) else {
         return Decision::Forward;
     };
+    if found.records.dynamic {
+        // Under a search domain the name could be either: upstream knows which.
+        return match found.canonical {
+            None => Decision::Allocate(asked.trim_end_matches('.').to_ascii_lowercase()),
+            Some(_) => Decision::Forward,
+        };
+    }
     let mut response = reply_to(&message, ResponseCode::NoError);
     response.metadata.authoritative = true;
     let owner = question.name().clone();
@@ -263,6 +273,51 @@ mod tests {
         ));
         assert_eq!(answer.metadata.response_code, ResponseCode::NoError);
         assert!(answer.answers.is_empty());
+    }
+
+    #[test]
+    fn a_name_under_a_dynamic_dns_wildcard_is_allocated_first_then_answered() {
+        let wild = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: wild}\nspec:\n  hosts: [\"*.wild.example\"]\n  resolution: DYNAMIC_DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n";
+        let config = config(&[wild]);
+        let search = ["corp.internal".to_owned()];
+        let (registry, _) = Registry::build(&config).unwrap();
+        let names = NameTable::build(&registry, &search);
+        assert_eq!(
+            decide(&names, &query("X.Wild.example.", RecordType::A), true),
+            Decision::Allocate("x.wild.example".to_owned())
+        );
+        assert_eq!(
+            decide(
+                &names,
+                &query("x.wild.example.corp.internal.", RecordType::A),
+                true
+            ),
+            Decision::Forward,
+            "under a search domain it may be another name"
+        );
+        assert_eq!(
+            decide(&names, &query("x.wild.example.", RecordType::MX), true),
+            Decision::Forward
+        );
+
+        let mut asked = registry.allocations().clone();
+        asked.request("x.wild.example");
+        let (registry, _) = Registry::build_allocating(&config, &asked).unwrap();
+        let names = NameTable::build(&registry, &search);
+        let answer = reply(decide(
+            &names,
+            &query("x.wild.example.", RecordType::A),
+            true,
+        ));
+        let vip = registry.allocated("x.wild.example").next().unwrap();
+        assert_eq!(answer.answers.len(), 1);
+        assert_eq!(answer.answers[0].data.ip_addr(), Some(vip));
+        assert_eq!(answer.answers[0].name.to_ascii(), "x.wild.example.");
+        // Its sibling still waits for its own.
+        assert_eq!(
+            decide(&names, &query("y.wild.example.", RecordType::AAAA), true),
+            Decision::Allocate("y.wild.example".to_owned())
+        );
     }
 
     #[test]

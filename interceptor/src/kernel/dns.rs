@@ -25,17 +25,21 @@ const PROGRAMS: [&str; 4] = [
     "dns_sendmsg6",
 ];
 
-/// Where captured queries go: the daemon's DNS listeners.
+/// Where captured queries go: the daemon's DNS listeners, on loopback for its own
+/// network namespace and on the container proxy addresses for the others.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DnsListeners {
     pub v4: Option<SocketAddrV4>,
     pub v6: Option<SocketAddrV6>,
+    pub container_v4: Option<SocketAddrV4>,
+    pub container_v6: Option<SocketAddrV6>,
 }
 
 impl DnsListeners {
-    /// The first loopback listener of each family among `bound`: the programs send
-    /// only sockets in the daemon's own network namespace there.
-    pub fn from_bound(bound: &[SocketAddr]) -> Self {
+    /// The first loopback listener of each family among `bound`, for sockets in the
+    /// daemon's own network namespace, and the first of each family among
+    /// `containers`, for the others.
+    pub fn from_bound(bound: &[SocketAddr], containers: &[SocketAddr]) -> Self {
         let mut listeners = DnsListeners::default();
         for addr in bound.iter().filter(|addr| addr.ip().is_loopback()) {
             match addr {
@@ -43,17 +47,22 @@ impl DnsListeners {
                 SocketAddr::V6(v6) => _ = listeners.v6.get_or_insert(*v6),
             }
         }
+        for addr in containers {
+            match addr {
+                SocketAddr::V4(v4) => _ = listeners.container_v4.get_or_insert(*v4),
+                SocketAddr::V6(v6) => _ = listeners.container_v6.get_or_insert(*v6),
+            }
+        }
         listeners
     }
 
     pub(super) fn capture(self) -> DnsCapture {
+        let of = |addr: Option<SocketAddr>| addr.map_or(SocketAddress::NONE, SocketAddress::of);
         DnsCapture {
-            v4: self
-                .v4
-                .map_or(SocketAddress::NONE, |v4| SocketAddress::of(v4.into())),
-            v6: self
-                .v6
-                .map_or(SocketAddress::NONE, |v6| SocketAddress::of(v6.into())),
+            v4: of(self.v4.map(Into::into)),
+            v6: of(self.v6.map(Into::into)),
+            container_v4: of(self.container_v4.map(Into::into)),
+            container_v6: of(self.container_v6.map(Into::into)),
         }
     }
 }
@@ -154,14 +163,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_loopback_listeners_are_capture_targets() {
-        let bound: Vec<SocketAddr> = ["10.0.0.1:53", "127.0.0.1:15053", "[::1]:15053"]
-            .iter()
-            .map(|addr| addr.parse().unwrap())
-            .collect();
-        let listeners = DnsListeners::from_bound(&bound);
+    fn loopback_listeners_serve_the_own_namespace_and_container_ones_the_rest() {
+        let parse = |addrs: &[&str]| -> Vec<SocketAddr> {
+            addrs.iter().map(|addr| addr.parse().unwrap()).collect()
+        };
+        let bound = parse(&[
+            "10.0.0.1:53",
+            "127.0.0.1:15053",
+            "[::1]:15053",
+            "198.18.5.1:15053",
+        ]);
+        let listeners = DnsListeners::from_bound(&bound, &parse(&["198.18.5.1:15053"]));
         assert_eq!(listeners.v4, Some("127.0.0.1:15053".parse().unwrap()));
         assert_eq!(listeners.v6, Some("[::1]:15053".parse().unwrap()));
+        assert_eq!(
+            listeners.container_v4,
+            Some("198.18.5.1:15053".parse().unwrap())
+        );
+        assert_eq!(listeners.container_v6, None);
+        let capture = listeners.capture();
+        assert_eq!(
+            capture.container_v4,
+            SocketAddress::of("198.18.5.1:15053".parse().unwrap())
+        );
+        assert_eq!(capture.container_v6, SocketAddress::NONE);
         assert_eq!(DnsListeners::default().capture(), DnsCapture::OFF);
     }
 }

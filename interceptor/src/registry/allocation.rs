@@ -77,6 +77,12 @@ impl Allocations {
             })
     }
 
+    /// Asks for VIPs for `host` at the next [`Allocations::allocate`] that wants it:
+    /// how a name looked up under a DYNAMIC_DNS wildcard host gets its own.
+    pub fn request(&mut self, host: &str) {
+        self.hosts.entry(host.to_ascii_lowercase()).or_default();
+    }
+
     /// Allocates for `wanted` (lowercase hosts, oldest entry first, no duplicates),
     /// around the addresses users wrote. Returns the new allocations and the hosts
     /// left without an address of some family because its range is full.

@@ -34,7 +34,9 @@ pub use self::{
     hosts::HostTable,
     services::{Endpoint, EndpointAddress, Port, Service},
 };
-use crate::config::{ConfigSet, Finding, Severity, object_name, validate};
+use crate::config::{
+    ConfigSet, Finding, Resolution, ServiceEntry, Severity, Sourced, object_name, validate,
+};
 
 /// A registry lookup: the service and which of its ports the connection targets.
 #[derive(Debug, Clone)]
@@ -157,6 +159,11 @@ pub struct Registry {
     allocations: Allocations,
     /// Allocated VIP → the host it stands for, which a connection to it is routed by.
     vip_hosts: HashMap<std::net::IpAddr, String>,
+    /// The wildcard hosts of DYNAMIC_DNS entries that get VIPs: each name under one
+    /// that a client looks up gets VIPs of its own.
+    dynamic_wildcards: Vec<String>,
+    /// The names under [`Registry::dynamic_wildcards`] that have VIPs.
+    dynamic_children: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,6 +237,8 @@ impl Registry {
                 }
             }
         }
+        let children = dynamic_children(&built, previous);
+        wanted.extend(children.iter().map(|(child, _)| child.clone()));
         let user: Vec<IpNet> = built
             .iter()
             .flat_map(|(service, _, _)| service.addresses.iter().copied())
@@ -237,6 +246,24 @@ impl Registry {
         let (allocations, exhausted) = previous.allocate(&wanted, &user, Ranges::default());
         for (service, allocates, entry) in built {
             let index = registry.services.len();
+            if allocates && service.resolution == Resolution::DynamicDns {
+                registry.dynamic_wildcards.extend(
+                    service
+                        .hosts
+                        .iter()
+                        .filter(|host| host.starts_with('*'))
+                        .map(|host| host.to_ascii_lowercase()),
+                );
+            }
+            // A child is routed like its wildcard's entry, by its own name.
+            for (child, _) in children.iter().filter(|(_, owner)| *owner == index) {
+                for vip in allocations.vips(child) {
+                    registry.add_vip(vip, index, &service, child);
+                }
+                if allocations.vips(child).next().is_some() {
+                    registry.dynamic_children.push(child.clone());
+                }
+            }
             if allocates {
                 for (field, host) in service.hosts.iter().enumerate() {
                     if exhausted.contains(&host.to_ascii_lowercase()) {
@@ -447,6 +474,48 @@ impl Registry {
     pub fn allocations(&self) -> &Allocations {
         &self.allocations
     }
+
+    /// The wildcard hosts (lowercase) under which each name looked up gets VIPs of its
+    /// own: those of DYNAMIC_DNS entries that get VIPs.
+    pub fn dynamic_wildcards(&self) -> &[String] {
+        &self.dynamic_wildcards
+    }
+
+    /// The names under a [`Registry::dynamic_wildcards`] host that have VIPs.
+    pub fn dynamic_children(&self) -> &[String] {
+        &self.dynamic_children
+    }
+}
+
+/// The names that get VIPs as children of a DYNAMIC_DNS wildcard host, each with the
+/// index of the entry whose wildcard covers it most specifically: the names a client
+/// asked the DNS server about before (kept in `previous`, which the DNS server adds
+/// them to), unless a ServiceEntry names them itself.
+fn dynamic_children(
+    built: &[(Service, bool, &Sourced<ServiceEntry>)],
+    previous: &Allocations,
+) -> Vec<(String, usize)> {
+    let hosts: HashSet<String> = built
+        .iter()
+        .flat_map(|(service, _, _)| service.hosts.iter().map(|host| host.to_ascii_lowercase()))
+        .collect();
+    let mut wildcards = HostTable::default();
+    for (index, (service, allocates, _)) in built.iter().enumerate() {
+        if *allocates && service.resolution == Resolution::DynamicDns {
+            for host in service.hosts.iter().filter(|host| host.starts_with('*')) {
+                wildcards.insert_if_absent(host, index);
+            }
+        }
+    }
+    if wildcards.is_empty() {
+        return Vec::new();
+    }
+    previous
+        .hosts
+        .keys()
+        .filter(|name| !name.starts_with('*') && !hosts.contains(name.as_str()))
+        .filter_map(|name| Some((name.clone(), *wildcards.lookup(name)?)))
+        .collect()
 }
 
 /// The backends the host table of `kind` routes `host` to, if a pattern matches.
@@ -468,7 +537,7 @@ fn host_backends<'a>(
 /// its label does not opt it out, as Istio decides.
 fn wants_vips(service: &Service, labels: &std::collections::BTreeMap<String, String>) -> bool {
     service.addresses.is_empty()
-        && service.resolution != crate::config::Resolution::None
+        && service.resolution != Resolution::None
         && labels.get(OPT_OUT_LABEL).map(String::as_str) != Some("false")
 }
 
@@ -685,5 +754,95 @@ mod allocation_tests {
         for host in ["out.example", "none.example", "own.example"] {
             assert_eq!(registry.allocated(host).count(), 0, "{host}");
         }
+    }
+
+    fn dynamic(name: &str, hosts: &str, port: u16, labels: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}{labels}}}\nspec:\n  hosts: [{hosts}]\n  resolution: DYNAMIC_DNS\n  ports: [{{number: {port}, name: tls, protocol: TLS}}]\n"
+        )
+    }
+
+    /// The names a client asked about, as the DNS server adds them.
+    fn asked(names: &[&str]) -> Allocations {
+        let mut allocations = Allocations::default();
+        for name in names {
+            allocations.request(name);
+        }
+        allocations
+    }
+
+    #[test]
+    fn a_name_asked_under_a_dynamic_dns_wildcard_gets_vips_on_the_entrys_ports() {
+        let own = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: own}\nspec:\n  hosts: [own.wild.example]\n  addresses: [240.240.9.9]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.1}]\n";
+        let config = config(&[
+            &dynamic("wild", "\"*.wild.example\"", 443, ""),
+            &dynamic("deep", "\"*.deep.wild.example\"", 8443, ""),
+            &db("db-a", ""),
+            own,
+        ]);
+        let (registry, _) = Registry::build(&config).unwrap();
+        let mut wildcards = registry.dynamic_wildcards().to_vec();
+        wildcards.sort();
+        assert_eq!(wildcards, ["*.deep.wild.example", "*.wild.example"]);
+        assert!(registry.dynamic_children().is_empty(), "none asked yet");
+        assert_eq!(registry.allocated("*.wild.example").count(), 0);
+
+        let (registry, _) = Registry::build_allocating(
+            &config,
+            &asked(&[
+                "X.wild.example",
+                "a.deep.wild.example",
+                "own.wild.example",
+                "else.example",
+            ]),
+        )
+        .unwrap();
+        let x = registry.allocated("x.wild.example").next().unwrap();
+        assert_eq!(registry.allocated("x.wild.example").count(), 2, "v4 and v6");
+        let route = registry.route(SocketAddr::new(x, 443)).unwrap();
+        assert_eq!(route.service.name, "ServiceEntry/default/wild");
+        assert_eq!(route.host.as_deref(), Some("x.wild.example"));
+        assert!(registry.route(SocketAddr::new(x, 8443)).is_none());
+        assert!(
+            registry.intercepts().vips.contains(&x),
+            "other ports are refused"
+        );
+        // The most specific wildcard owns a name.
+        let a = registry.allocated("a.deep.wild.example").next().unwrap();
+        let route = registry.route(SocketAddr::new(a, 8443)).unwrap();
+        assert_eq!(route.service.name, "ServiceEntry/default/deep");
+        // A host of its own is no child; a name under no wildcard gets nothing.
+        let mut children = registry.dynamic_children().to_vec();
+        children.sort();
+        assert_eq!(children, ["a.deep.wild.example", "x.wild.example"]);
+        assert_eq!(registry.allocated("else.example").count(), 0);
+        assert_eq!(registry.allocated("own.wild.example").count(), 0);
+
+        // Kept by a rebuild; dropped with its wildcard's entry.
+        let (again, _) = Registry::build_allocating(&config, registry.allocations()).unwrap();
+        assert_eq!(again.allocated("x.wild.example").next(), Some(x));
+        let without = super::test_support::config(&[&db("db-a", "")]);
+        let (gone, _) = Registry::build_allocating(&without, registry.allocations()).unwrap();
+        assert_eq!(gone.allocated("x.wild.example").count(), 0);
+        assert!(gone.dynamic_children().is_empty());
+    }
+
+    #[test]
+    fn only_dynamic_dns_wildcards_that_allocate_have_children() {
+        let opted_out = dynamic(
+            "out",
+            "\"*.out.example\"",
+            443,
+            ", labels: {networking.istio.io/enable-autoallocate-ip: \"false\"}",
+        );
+        let static_wildcard = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: static}\nspec:\n  hosts: [\"*.static.example\"]\n  ports: [{number: 443, name: tls, protocol: TLS}]\n  resolution: STATIC\n  endpoints: [{address: 198.18.0.1}]\n";
+        let (registry, _) = Registry::build_allocating(
+            &config(&[&opted_out, static_wildcard]),
+            &asked(&["x.out.example", "x.static.example"]),
+        )
+        .unwrap();
+        assert!(registry.dynamic_wildcards().is_empty());
+        assert!(registry.dynamic_children().is_empty());
+        assert_eq!(registry.allocations().hosts.len(), 0);
     }
 }
