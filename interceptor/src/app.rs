@@ -357,7 +357,15 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         kubernetes: kube_source,
         applying: Default::default(),
     });
-    tokio::spawn(reload::allocate(Arc::clone(&reloads), allocation_queue));
+    let wildcard_names = config
+        .dns_server
+        .as_ref()
+        .map_or(0, |dns| dns.wildcard_names);
+    tokio::spawn(reload::allocate(
+        Arc::clone(&reloads),
+        allocation_queue,
+        wildcard_names,
+    ));
     let reloader = tokio::spawn(reload::run(
         reloads,
         config_watch,

@@ -197,6 +197,10 @@ struct RunArgs {
     /// Where the DNS server listens, UDP and TCP (repeatable).
     #[arg(long = "dns-listen", default_values = ["127.0.0.1:15053", "[::1]:15053"])]
     dns_listen: Vec<SocketAddr>,
+    /// At most this many names looked up under DYNAMIC_DNS wildcard hosts get VIPs of
+    /// their own; lookups of further names are relayed upstream, as for any name.
+    #[arg(long, default_value_t = 1024)]
+    dns_wildcard_names: usize,
     /// Lower clamp on DNS record TTLs, in seconds.
     #[arg(long, default_value_t = 1)]
     dns_min_ttl: u64,
@@ -497,6 +501,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .collect(),
             upstreams: args.dns_servers.clone(),
             bypass_mark: args.bypass_mark,
+            wildcard_names: args.dns_wildcard_names,
         }),
         dns: DnsSettings {
             servers: args.dns_servers,

@@ -31,6 +31,7 @@ use crate::{
     kernel::{Kernel, KernelError},
     load::{self, LoadError},
     metrics::{Metrics, ReloadResult},
+    proxy::LogLimit,
     registry::{Registry, StateError, StateFile},
     report::Chain,
     systemd,
@@ -83,20 +84,20 @@ impl Reloader {
     /// Loads, checks and applies the configuration, and counts the result. Blocking
     /// (file reads, YAML, map syscalls): run it off the runtime threads.
     pub fn reload(&self, trigger: &str) -> Result<(), ReloadError> {
-        self.reload_asking(trigger, None)
+        self.reload_asking(trigger, &[])
     }
 
     /// [`Reloader::reload`], also asking for VIPs for `name`, looked up under a
     /// DYNAMIC_DNS wildcard host (it gets them if a wildcard still covers it).
-    pub fn allocate(&self, name: &str) -> Result<(), ReloadError> {
-        self.reload_asking("DNS lookup under a DYNAMIC_DNS wildcard", Some(name))
+    pub fn allocate(&self, names: &[String]) -> Result<(), ReloadError> {
+        self.reload_asking("DNS lookup under a DYNAMIC_DNS wildcard", names)
     }
 
-    fn reload_asking(&self, trigger: &str, name: Option<&str>) -> Result<(), ReloadError> {
+    fn reload_asking(&self, trigger: &str, names: &[String]) -> Result<(), ReloadError> {
         let started = Instant::now();
         let result = {
             let _applying = self.applying.lock().unwrap_or_else(|e| e.into_inner());
-            self.apply(name)
+            self.apply(names)
         };
         match &result {
             Ok(services) => {
@@ -116,7 +117,7 @@ impl Reloader {
         result.map(|_| ())
     }
 
-    fn apply(&self, name: Option<&str>) -> Result<usize, ReloadError> {
+    fn apply(&self, names: &[String]) -> Result<usize, ReloadError> {
         let running = self.registry.load_full();
         let objects = self
             .kubernetes
@@ -124,7 +125,7 @@ impl Reloader {
             .map(|source| source.config_set())
             .unwrap_or_default();
         let mut previous = running.allocations().clone();
-        if let Some(name) = name {
+        for name in names {
             previous.request(name);
         }
         let new = load::load_and_log(&self.config_paths, objects, &previous)
@@ -232,20 +233,85 @@ pub async fn run(
 /// A name the DNS server wants VIPs for, and where to say it was tried.
 pub type AllocationRequest = (String, tokio::sync::oneshot::Sender<()>);
 
-/// Serves the DNS server's requests for VIPs, one at a time, each as a reload that
-/// asks for the name, until the DNS server goes.
-pub async fn allocate(reloader: Arc<Reloader>, mut requests: mpsc::Receiver<AllocationRequest>) {
-    while let Some((name, done)) = requests.recv().await {
-        // Asked again while the first request was being served.
-        if reloader.registry.load().allocated(&name).next().is_none() {
+/// Serves the DNS server's requests for VIPs until the DNS server goes. The requests
+/// queued meanwhile share one reload, so a burst of new names costs one reload, not
+/// one each; at most `limit` names ever hold VIPs.
+pub async fn allocate(
+    reloader: Arc<Reloader>,
+    mut requests: mpsc::Receiver<AllocationRequest>,
+    limit: usize,
+) {
+    static OVER_LIMIT_LOG: LogLimit = LogLimit::new();
+    while let Some(first) = requests.recv().await {
+        let mut batch = vec![first];
+        while let Ok(more) = requests.try_recv() {
+            batch.push(more);
+        }
+        let registry = reloader.registry.load_full();
+        let admitted = admit_names(
+            batch.iter().map(|(name, _)| name.as_str()),
+            |name| registry.allocated(name).next().is_some(),
+            registry.dynamic_children().len(),
+            limit,
+        );
+        if let (Some(name), Some(suppressed)) =
+            (admitted.over_limit.first(), OVER_LIMIT_LOG.admit())
+        {
+            warn!(
+                name = name.as_str(),
+                limit,
+                suppressed,
+                "no VIP for a name under a DYNAMIC_DNS wildcard: --dns-wildcard-names is reached; relaying its lookup upstream"
+            );
+        }
+        if !admitted.allocate.is_empty() {
             let task = Arc::clone(&reloader);
-            if let Err(join) = tokio::task::spawn_blocking(move || task.allocate(&name)).await {
+            let names = admitted.allocate;
+            if let Err(join) = tokio::task::spawn_blocking(move || task.allocate(&names)).await {
                 reloader.metrics.reloaded(ReloadResult::failed);
                 error!("{}", Chain(&ReloadError::Task(join)));
             }
         }
-        let _ = done.send(());
+        for (_, done) in batch {
+            let _ = done.send(());
+        }
     }
+}
+
+/// Which of the names asked for get VIPs now.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Admitted {
+    /// New names, each once, in the order asked, while room is left.
+    allocate: Vec<String>,
+    /// New names past `limit`.
+    over_limit: Vec<String>,
+}
+
+/// Splits `asked` into names to allocate and names over the limit; names that hold
+/// VIPs already (asked again while an earlier request was served) are neither.
+fn admit_names<'a>(
+    asked: impl Iterator<Item = &'a str>,
+    has_vips: impl Fn(&str) -> bool,
+    children: usize,
+    limit: usize,
+) -> Admitted {
+    let mut admitted = Admitted::default();
+    let mut room = limit.saturating_sub(children);
+    for name in asked {
+        if has_vips(name)
+            || admitted.allocate.iter().any(|n| n == name)
+            || admitted.over_limit.iter().any(|n| n == name)
+        {
+            continue;
+        }
+        if room > 0 {
+            room -= 1;
+            admitted.allocate.push(name.to_owned());
+        } else {
+            admitted.over_limit.push(name.to_owned());
+        }
+    }
+    admitted
 }
 
 /// Starts watching the config paths; each relevant event sends on `changed`.
@@ -441,6 +507,35 @@ mod tests {
     };
 
     use super::*;
+
+    #[test]
+    fn a_burst_of_names_shares_one_allocation_within_the_limit() {
+        let held = ["known.wild.example"];
+        let admitted = admit_names(
+            [
+                "a.wild.example",
+                "known.wild.example",
+                "b.wild.example",
+                "a.wild.example",
+                "c.wild.example",
+                "d.wild.example",
+            ]
+            .into_iter(),
+            |name| held.contains(&name),
+            1,
+            3,
+        );
+        assert_eq!(
+            admitted,
+            Admitted {
+                allocate: vec!["a.wild.example".into(), "b.wild.example".into()],
+                over_limit: vec!["c.wild.example".into(), "d.wild.example".into()],
+            }
+        );
+        let full = admit_names(["e.wild.example"].into_iter(), |_| false, 5, 3);
+        assert!(full.allocate.is_empty(), "{full:?}");
+        assert_eq!(full.over_limit, ["e.wild.example"]);
+    }
 
     fn event(kind: EventKind, path: &str) -> Event {
         Event::new(kind).add_path(PathBuf::from(path))

@@ -216,6 +216,9 @@ pub struct DnsConfig {
     /// The upstream servers; empty means /etc/resolv.conf's.
     pub upstreams: Vec<SocketAddr>,
     pub bypass_mark: u32,
+    /// How many names under DYNAMIC_DNS wildcards may get VIPs: each keeps a VIP
+    /// pair for good, so clients asking for random names must not exhaust the range.
+    pub wildcard_names: usize,
 }
 
 /// The addresses the server listens on.

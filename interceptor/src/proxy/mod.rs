@@ -355,7 +355,7 @@ static ACCEPT_FAILED_LOG: LogLimit = LogLimit::new();
 static LIMIT_REACHED_LOG: LogLimit = LogLimit::new();
 
 /// At most one log line a second for an event strangers can cause at will.
-struct LogLimit {
+pub(crate) struct LogLimit {
     /// The second (since the process started) of the last line written, plus one; 0
     /// before the first.
     last_second: AtomicU64,
@@ -364,7 +364,7 @@ struct LogLimit {
 }
 
 impl LogLimit {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             last_second: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
@@ -372,7 +372,7 @@ impl LogLimit {
     }
 
     /// `Some(events suppressed since the last line)` if this one may be logged.
-    fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let second = STARTED.get_or_init(Instant::now).elapsed().as_secs() + 1;
         let last = self.last_second.load(Ordering::Relaxed);
