@@ -165,7 +165,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
     let instance = address_file::new_instance();
-    let tracer = Tracer::new();
+    let tracer = Tracer::new(metrics.trace_streams.clone());
     let admin_state = Arc::new(AdminState {
         instance,
         readiness: Readiness::default(),

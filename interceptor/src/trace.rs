@@ -347,6 +347,8 @@ pub struct Tracer {
     active: AtomicBool,
     sender: broadcast::Sender<Arc<Line>>,
     streams: Mutex<Streams>,
+    /// How many streams are open, for the metrics.
+    open: prometheus_client::metrics::gauge::Gauge,
 }
 
 #[derive(Default)]
@@ -369,11 +371,13 @@ impl Streams {
 }
 
 impl Tracer {
-    pub fn new() -> Arc<Self> {
+    /// `open` counts the open streams.
+    pub fn new(open: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
         Arc::new(Self {
             active: AtomicBool::new(false),
             sender: broadcast::channel(BACKLOG).0,
             streams: Mutex::default(),
+            open,
         })
     }
 
@@ -408,6 +412,7 @@ impl Tracer {
         streams.filters.insert(id, filter.clone());
         let receiver = self.sender.subscribe();
         self.active.store(true, Ordering::Relaxed);
+        self.open.set(streams.filters.len() as i64);
         streams.apply();
         Stream {
             tracer: Arc::clone(self),
@@ -480,6 +485,7 @@ impl Drop for Stream {
         if streams.filters.is_empty() {
             self.tracer.active.store(false, Ordering::Relaxed);
         }
+        self.tracer.open.set(streams.filters.len() as i64);
         streams.apply();
     }
 }
@@ -657,7 +663,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_programs_trace_while_a_stream_is_open_and_stop_with_the_last() {
-        let tracer = Tracer::new();
+        let tracer = Tracer::new(Default::default());
         let switched = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&switched);
         tracer.set_kernel(Box::new(move |settings: &TraceSettings| {

@@ -329,7 +329,7 @@ mod tests {
     #[test]
     fn a_connection_is_listed_while_open_and_counted_once_when_it_ends() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new());
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
         let guard = table.open(client);
         guard.set_original_destination("240.240.0.1:80".parse().unwrap(), RecordSource::Ring);
@@ -364,7 +364,7 @@ mod tests {
     #[test]
     fn a_failed_connection_is_not_counted_as_closed() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new());
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let guard = table.open("10.0.0.1:40001".parse().unwrap());
         guard.failed(&ResolveError::NoEndpoint);
         drop(guard);
@@ -382,7 +382,7 @@ mod tests {
     #[test]
     fn a_reset_is_counted_with_its_side_and_bytes() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new());
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let guard = table.open("10.0.0.1:40002".parse().unwrap());
         guard.connected(&"198.18.0.1:80");
         guard.finished(&copied(5, 100, Side::Upstream, How::Reset));

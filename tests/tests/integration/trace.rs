@@ -11,7 +11,7 @@ use std::{
 
 use integration_tests::{
     Sandbox, TestServer,
-    admin::ADMIN,
+    admin::{ADMIN, scrape_until},
     daemon,
     server::{connect, who},
 };
@@ -116,7 +116,8 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
     sandbox.add_host("198.18.27.1".parse().unwrap());
     let _intercepted = TestServer::start("intercepted", "198.18.27.1:7000");
     let _direct = TestServer::start("direct", "198.18.27.1:7001");
-    let _daemon = sandbox.start_daemon(CONFIG, &[]);
+    // Auto: the annotated entry takes the proxy, the empty one the kernel path.
+    let _daemon = sandbox.start_daemon(CONFIG, &["--datapath", "auto", "--admin-addr", ADMIN]);
     let cgroup = sandbox.cgroup.display().to_string();
     let mut traced = Tracer::start(&["--cgroup", &cgroup, "--output", "json"]);
     // A second stream, in text, narrowed to one network: both see their lines.
@@ -192,4 +193,16 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
     assert!(!text.seen.iter().any(|line| line.contains("240.240.27.5")));
     // The worked example in docs/operations.md comes from here.
     eprintln!("{}", text.seen.join("\n"));
+
+    // Both streams open; once their clients are gone (noticed at the next
+    // heartbeat), none is, and the programs stop emitting.
+    let streams = |count: f64| {
+        move |scrape: &integration_tests::admin::Scrape| {
+            scrape.value("interceptor_trace_streams", &[]) == Some(count)
+        }
+    };
+    scrape_until(Duration::from_secs(1), streams(2.0));
+    drop(traced);
+    drop(text);
+    scrape_until(Duration::from_secs(10), streams(0.0));
 }
