@@ -77,7 +77,7 @@ mod tests {
         assert_eq!(size_of::<KernelPathDst>(), 2 * 20 + 2 * 8);
         assert_eq!(size_of::<KernelPathClose>(), 56 + 3 * 8 + 2 * 4);
         assert_eq!(size_of::<TraceSettings>(), 4 + 2 + 2 + 8 + 4 + 4 + 2 * 16);
-        assert_eq!(size_of::<TraceEvent>(), 8 + 20 + 4 + 20 + 4);
+        assert_eq!(size_of::<TraceEvent>(), 8 + 8 + 20 + 4 + 20 + 4);
     }
 
     #[test]

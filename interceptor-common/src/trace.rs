@@ -11,9 +11,9 @@ use crate::address::{Address, SocketAddress};
 pub const TRACE_SETTINGS_MAP: &str = "TRACE_SETTINGS";
 /// The ring buffer of [`TraceEvent`]s.
 pub const TRACE_EVENTS_RING: &str = "TRACE_EVENTS";
-/// Bytes (a power of two, a multiple of the page size): 4,096 events of 64 bytes with
-/// their headers before the daemon must have read them; more are dropped.
-pub const TRACE_EVENTS_RING_BYTES: u32 = 1 << 18;
+/// Bytes (a power of two, a multiple of the page size): 16,384 events of 64 bytes
+/// with their headers between two reads of the daemon; more are dropped.
+pub const TRACE_EVENTS_RING_BYTES: u32 = 1 << 20;
 
 /// What connect4/6 emit while tracing, and which connects.
 #[repr(C)]
@@ -135,6 +135,8 @@ impl Verdict {
 pub struct TraceEvent {
     /// The connecting task's cgroup (v2 id).
     pub cgroup_id: u64,
+    /// CLOCK_MONOTONIC time of the connect: the daemon reads the ring in batches.
+    pub at_ns: u64,
     /// Where the application connected.
     pub dst: SocketAddress,
     /// A [`Verdict`].

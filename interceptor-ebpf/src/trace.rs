@@ -1,7 +1,7 @@
 //! Trace events of connect4/6 (see [`interceptor_common::TraceSettings`]).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_ktime_get_ns},
     macros::map,
     maps::{Array, RingBuf},
 };
@@ -11,6 +11,10 @@ use interceptor_common::{
 };
 
 use crate::redirect::Endpoint;
+
+/// The daemon reads the ring on its own schedule while tracing: a wakeup per event
+/// would cost more than the event.
+const BPF_RB_NO_WAKEUP: u64 = 1;
 
 #[map]
 static TRACE_SETTINGS: Array<TraceSettings> = Array::with_max_entries(1, 0);
@@ -51,6 +55,7 @@ pub fn connect(dst: Endpoint, verdict: Verdict, to: Endpoint) {
     }
     let event = TraceEvent {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        at_ns: unsafe { bpf_ktime_get_ns() },
         dst: SocketAddress {
             addr: dst.0,
             port: dst.1,
@@ -65,5 +70,5 @@ pub fn connect(dst: Endpoint, verdict: Verdict, to: Endpoint) {
         _pad: [0; 4],
     };
     // A full ring drops the event: tracing must never hold a connect up.
-    let _ = TRACE_EVENTS.output::<TraceEvent>(&event, 0);
+    let _ = TRACE_EVENTS.output::<TraceEvent>(&event, BPF_RB_NO_WAKEUP);
 }

@@ -325,6 +325,13 @@ fn optional(value: Option<&SocketAddr>) -> String {
     value.map_or_else(|| "?".to_owned(), ToString::to_string)
 }
 
+/// Seconds since the epoch, now.
+pub fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
 /// `HH:MM:SS.mmm` (UTC) of `time` seconds since the epoch.
 fn clock(time: f64) -> String {
     let millis = (time * 1000.0) as u64;
@@ -340,6 +347,8 @@ fn clock(time: f64) -> String {
 
 /// The programs' side of tracing: writes the settings where connect4/6 read them.
 pub type KernelSwitch = Box<dyn FnMut(&TraceSettings) -> anyhow::Result<()> + Send>;
+/// Reads every event connect4/6 wrote since the last read, with its time.
+pub type KernelRing = Box<dyn FnMut(&mut Vec<Line>) + Send>;
 
 /// Fans traced decisions out to the open streams.
 pub struct Tracer {
@@ -347,6 +356,8 @@ pub struct Tracer {
     active: AtomicBool,
     sender: broadcast::Sender<Arc<Line>>,
     streams: Mutex<Streams>,
+    /// The programs' events, read only while a stream is open.
+    ring: Mutex<Option<KernelRing>>,
     /// How many streams are open, for the metrics.
     open: prometheus_client::metrics::gauge::Gauge,
 }
@@ -377,6 +388,7 @@ impl Tracer {
             active: AtomicBool::new(false),
             sender: broadcast::channel(BACKLOG).0,
             streams: Mutex::default(),
+            ring: Mutex::new(None),
             open,
         })
     }
@@ -386,19 +398,42 @@ impl Tracer {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Hands a line to every open stream.
+    /// Hands a line to every open stream, after whatever the programs wrote before
+    /// it, so lines keep the order things happened in.
     pub fn emit(&self, event: Event) {
         if !self.active() {
             return;
         }
-        let time = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0.0, |since| since.as_secs_f64());
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_ring(&mut ring);
+        self.send(event);
+    }
+
+    /// Hands the programs' events written so far to the open streams.
+    pub fn drain(&self) {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        self.drain_ring(&mut ring);
+    }
+
+    /// With the ring's lock held, so two readers never interleave.
+    fn drain_ring(&self, ring: &mut Option<KernelRing>) {
+        if let Some(read) = ring {
+            let mut lines = Vec::new();
+            read(&mut lines);
+            for line in lines {
+                let _ = self.sender.send(Arc::new(line));
+            }
+        }
+    }
+
+    fn send(&self, event: Event) {
+        let time = unix_now();
         let _ = self.sender.send(Arc::new(Line { time, event }));
     }
 
     /// Connects the programs, once they are loaded; streams already open apply.
-    pub fn set_kernel(&self, switch: KernelSwitch) {
+    pub fn set_kernel(&self, switch: KernelSwitch, ring: KernelRing) {
+        *self.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring);
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         streams.kernel = Some(switch);
         streams.apply();
@@ -594,6 +629,7 @@ mod tests {
     fn a_kernel_event_reads_as_a_connect_line() {
         let event = TraceEvent {
             cgroup_id: 9,
+            at_ns: 0,
             dst: SocketAddress::of("240.240.0.1:80".parse().unwrap()),
             verdict: Verdict::Proxy as u32,
             to: SocketAddress::of("127.0.0.1:15001".parse().unwrap()),
@@ -666,10 +702,13 @@ mod tests {
         let tracer = Tracer::new(Default::default());
         let switched = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&switched);
-        tracer.set_kernel(Box::new(move |settings: &TraceSettings| {
-            seen.lock().unwrap().push(settings.enabled);
-            Ok(())
-        }));
+        tracer.set_kernel(
+            Box::new(move |settings: &TraceSettings| {
+                seen.lock().unwrap().push(settings.enabled);
+                Ok(())
+            }),
+            Box::new(|_: &mut Vec<Line>| {}),
+        );
         assert!(!tracer.active());
         let mut first = tracer.subscribe(filter(None, Some(7000)));
         let second = tracer.subscribe(Filter::default());
@@ -677,6 +716,7 @@ mod tests {
         tracer.emit(Event::Connect(
             Connect::of(&TraceEvent {
                 cgroup_id: 1,
+                at_ns: 0,
                 dst: SocketAddress::of("198.18.0.1:7001".parse().unwrap()),
                 verdict: Verdict::NoRule as u32,
                 to: SocketAddress::NONE,
@@ -687,6 +727,7 @@ mod tests {
         tracer.emit(Event::Connect(
             Connect::of(&TraceEvent {
                 cgroup_id: 1,
+                at_ns: 0,
                 dst: SocketAddress::of("198.18.0.1:7000".parse().unwrap()),
                 verdict: Verdict::NoRule as u32,
                 to: SocketAddress::NONE,

@@ -1,15 +1,18 @@
 //! The programs' side of `interceptor trace`: the settings entry connect4/6 read
 //! before emitting anything, and the ring they emit into.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{Array, MapData, RingBuf};
 use interceptor_common::{TraceEvent, TraceSettings};
-use tokio::io::unix::AsyncFd;
-use tracing::warn;
 
-use crate::trace::{Connect, Event, KernelSwitch, Tracer};
+use crate::trace::{Connect, Event, KernelRing, KernelSwitch, Line, Tracer, unix_now};
+
+/// How often the ring is read while someone traces. The programs do not wake the
+/// daemon per event (that would cost each traced connect more than the event
+/// itself); the proxy's lines read it first too, so lines keep their order.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The programs' trace maps, until the daemon hands them to its [`Tracer`].
 pub struct TraceMaps {
@@ -19,7 +22,7 @@ pub struct TraceMaps {
 
 impl TraceMaps {
     /// Connects `tracer` to the programs: it switches their tracing as streams come
-    /// and go, and gets their events.
+    /// and go, and reads their events while any is open.
     pub fn connect(self, tracer: &Arc<Tracer>) {
         let mut settings = self.settings;
         let switch: KernelSwitch = Box::new(move |wanted: &TraceSettings| {
@@ -27,37 +30,42 @@ impl TraceMaps {
                 .set(0, wanted, 0)
                 .context("writing the programs' trace settings")
         });
-        tracer.set_kernel(switch);
-        tokio::spawn(follow(self.events, Arc::clone(tracer)));
+        let mut ring = self.events;
+        let drain: KernelRing = Box::new(move |lines: &mut Vec<Line>| {
+            // The events' monotonic times, as wall-clock times.
+            let (unix, monotonic) = (unix_now(), monotonic_ns());
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<TraceEvent>() {
+                    // SAFETY: connect4/6 write TraceEvents, which hold only integers.
+                    let event = unsafe { item.as_ptr().cast::<TraceEvent>().read_unaligned() };
+                    if let Some(connect) = Connect::of(&event) {
+                        let ago = monotonic.saturating_sub(event.at_ns) as f64 / 1e9;
+                        lines.push(Line {
+                            time: unix - ago,
+                            event: Event::Connect(connect),
+                        });
+                    }
+                }
+            }
+        });
+        tracer.set_kernel(switch, drain);
+        let tracer = Arc::clone(tracer);
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(DRAIN_INTERVAL);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                interval.tick().await;
+                if tracer.active() {
+                    tracer.drain();
+                }
+            }
+        });
     }
 }
 
-/// Hands every event connect4/6 emit to `tracer`. They emit only while a stream is
-/// open, so this wakes only then.
-async fn follow(ring: RingBuf<MapData>, tracer: Arc<Tracer>) {
-    // SAFETY: the ring owns its descriptor, which stays open and unreplaced for as
-    // long as the AsyncFd owns the ring.
-    let mut ring = match unsafe { AsyncFd::register(ring) } {
-        Ok(ring) => ring,
-        Err(error) => {
-            warn!(%error, "cannot watch the programs' trace events");
-            return;
-        }
-    };
-    loop {
-        let Ok(mut guard) = ring.readable_mut().await else {
-            return;
-        };
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            if item.len() >= size_of::<TraceEvent>() {
-                // SAFETY: connect4/6 write TraceEvents, which hold only integers.
-                let event = unsafe { item.as_ptr().cast::<TraceEvent>().read_unaligned() };
-                if let Some(connect) = Connect::of(&event) {
-                    tracer.emit(Event::Connect(connect));
-                }
-            }
-        }
-        guard.clear_ready();
-    }
+/// CLOCK_MONOTONIC now, the clock of bpf_ktime_get_ns.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |now| {
+        now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64
+    })
 }
