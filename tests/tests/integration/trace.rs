@@ -120,8 +120,17 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
     let _daemon = sandbox.start_daemon(CONFIG, &["--datapath", "auto", "--admin-addr", ADMIN]);
     let cgroup = sandbox.cgroup.display().to_string();
     let mut traced = Tracer::start(&["--cgroup", &cgroup, "--output", "json"]);
-    // A second stream, in text, narrowed to one network: both see their lines.
-    let mut text = Tracer::start(&["--cgroup", &cgroup, "--dest", "198.18.27.0/24"]);
+    // The same in text, and a stream narrowed to one network and port: each sees
+    // what it asked for.
+    let mut text = Tracer::start(&["--cgroup", &cgroup]);
+    let mut narrow = Tracer::start(&[
+        "--dest",
+        "198.18.27.0/24",
+        "--port",
+        "7001",
+        "--output",
+        "json",
+    ]);
 
     // Redirected to the proxy, which forwards it and says how it ended.
     let seen = who("198.18.27.1:7000").expect("connect through the proxy");
@@ -168,12 +177,19 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
     assert_eq!(refused["verdict"], "no_endpoint", "{refused}");
     assert_eq!(refused["intercepted"], true);
 
-    // The text stream saw the same in its network, in words, and not the refused
-    // connect outside it.
-    let no_rule = text.until(|line| line.contains("198.18.27.1:7001"));
+    // The text stream saw the same, in words.
+    let refused = text.until(|line| line.contains("240.240.27.5:7000"));
     assert!(
-        no_rule.contains("left alone: no ServiceEntry intercepts this address and port"),
-        "{no_rule}"
+        refused.contains("refused: the service has no endpoint (kernel path)"),
+        "{refused}"
+    );
+    assert!(
+        text.seen
+            .iter()
+            .any(|line| line.contains("198.18.27.1:7001 cgroup=")
+                && line.contains("left alone: no ServiceEntry intercepts this address and port")),
+        "{:#?}",
+        text.seen
     );
     assert!(
         text.seen
@@ -190,19 +206,23 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
         "{:#?}",
         text.seen
     );
-    assert!(!text.seen.iter().any(|line| line.contains("240.240.27.5")));
+    // The narrow stream saw the one connect to its network and port, and nothing
+    // before it.
+    narrow.until(connect_to("198.18.27.1:7001"));
+    assert_eq!(narrow.seen.len(), 2, "{:#?}", narrow.seen);
     // The worked example in docs/operations.md comes from here.
     eprintln!("{}", text.seen.join("\n"));
 
-    // Both streams open; once their clients are gone (noticed at the next
+    // Three streams open; once their clients are gone (noticed at the next
     // heartbeat), none is, and the programs stop emitting.
     let streams = |count: f64| {
         move |scrape: &integration_tests::admin::Scrape| {
             scrape.value("interceptor_trace_streams", &[]) == Some(count)
         }
     };
-    scrape_until(Duration::from_secs(1), streams(2.0));
+    scrape_until(Duration::from_secs(1), streams(3.0));
     drop(traced);
     drop(text);
+    drop(narrow);
     scrape_until(Duration::from_secs(10), streams(0.0));
 }
