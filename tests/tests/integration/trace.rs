@@ -225,4 +225,16 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
     drop(text);
     drop(narrow);
     scrape_until(Duration::from_secs(10), streams(0.0));
+
+    // A cgroup that does not exist is named in the error, and nothing is traced.
+    let output = Command::new(daemon::binary().unwrap())
+        .args(["trace", "--admin-addr", ADMIN, "--cgroup", "no-such-cgroup"])
+        .output()
+        .expect("run interceptor trace");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{output:?}");
+    assert!(
+        stderr.contains("answered 400: cgroup no-such-cgroup:"),
+        "{stderr}"
+    );
 }
