@@ -13,6 +13,7 @@ mod address;
 mod dns;
 mod globals;
 mod maps;
+mod trace;
 
 #[cfg(feature = "std")]
 pub mod host;
@@ -35,6 +36,11 @@ pub use maps::{
     SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
 };
 
+pub use trace::{
+    TRACE_EVENTS_RING, TRACE_EVENTS_RING_BYTES, TRACE_SETTINGS_MAP, TraceEvent, TraceSettings,
+    Verdict,
+};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), contain only integers and byte arrays, and have
@@ -47,6 +53,7 @@ mod pod {
     unsafe impl aya::Pod for super::BackendSet {}
     unsafe impl aya::Pod for super::DnsCapture {}
     unsafe impl aya::Pod for super::VipRefuse {}
+    unsafe impl aya::Pod for super::TraceSettings {}
 }
 
 #[cfg(test)]
@@ -69,5 +76,16 @@ mod tests {
         );
         assert_eq!(size_of::<KernelPathDst>(), 2 * 20 + 2 * 8);
         assert_eq!(size_of::<KernelPathClose>(), 56 + 3 * 8 + 2 * 4);
+        assert_eq!(size_of::<TraceSettings>(), 4 + 2 + 2 + 8 + 4 + 4 + 2 * 16);
+        assert_eq!(size_of::<TraceEvent>(), 8 + 8 + 20 + 4 + 20 + 4);
+    }
+
+    #[test]
+    fn every_verdict_reads_back_from_its_number() {
+        for (index, verdict) in Verdict::ALL.into_iter().enumerate() {
+            assert_eq!(verdict as usize, index);
+            assert_eq!(Verdict::of(index as u32), Some(verdict));
+        }
+        assert_eq!(Verdict::of(Verdict::ALL.len() as u32), None);
     }
 }

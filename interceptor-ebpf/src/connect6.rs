@@ -1,8 +1,9 @@
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use interceptor_common::Verdict;
 
 use crate::{
     maps::globals,
-    redirect::{Redirect, proxies_for_ipv6_socket, redirect, set_user_ipv6, user_ipv6},
+    redirect::{connect, proxies_for_ipv6_socket, set_user_ipv6, user_ipv6},
 };
 
 /// connect6 must return 1: 0 fails the application's connect() with EPERM.
@@ -16,22 +17,14 @@ const REJECT: i32 = 0;
 #[cgroup_sock_addr(connect6)]
 pub fn egress_connect6(ctx: SockAddrContext) -> i32 {
     let globals = globals();
-    if crate::dns::capture6(&ctx, &globals) {
-        return ALLOW;
-    }
     let dst = user_ipv6(ctx.sock_addr);
     let proxies = proxies_for_ipv6_socket(&globals, dst.0);
-    match redirect(&ctx, &globals, dst, proxies, false) {
-        Some(Redirect::Proxy(to) | Redirect::Backend(to)) => set_user_ipv6(ctx.sock_addr, to),
-        Some(Redirect::Refuse) => match crate::dns::refusal(dst) {
-            Some(to) => set_user_ipv6(ctx.sock_addr, to),
-            None => return REJECT,
-        },
-        None => {
-            if let Some(to) = crate::dns::refuse(&ctx, &globals, dst) {
-                set_user_ipv6(ctx.sock_addr, to);
-            }
-        }
+    let (verdict, to) = connect(&ctx, &globals, dst, proxies, false);
+    crate::trace::connect(dst, verdict, to);
+    if to.1 != [0, 0] {
+        set_user_ipv6(ctx.sock_addr, to);
+    } else if verdict == Verdict::NoEndpoint {
+        return REJECT;
     }
     ALLOW
 }

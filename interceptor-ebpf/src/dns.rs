@@ -3,14 +3,12 @@
 //! stub resolver (which checks where a reply came from) accepts them.
 //!
 //! Unconnected UDP sockets are caught per datagram by sendmsg4/6; connected UDP
-//! sockets (glibc's) and TCP are caught at connect by [`capture4`] and
-//! [`capture6`], which the connect hooks call first. Each captured socket
+//! sockets (glibc's) and TCP are caught at connect by [`capture`], which the connect
+//! hooks call first. Each captured socket
 //! remembers the nameserver in its storage, where recvmsg4/6 find it for the reply.
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::BPF_F_NO_PREALLOC,
-    helpers::bpf_get_netns_cookie,
     macros::{cgroup_sock_addr, map},
     maps::HashMap,
     programs::SockAddrContext,
@@ -26,13 +24,14 @@ use interceptor_common::{
 
 use crate::{
     maps::{ORIGINAL_DST, count, globals},
-    redirect::{Endpoint, same_endpoint, set_user_ipv4, set_user_ipv6, user_ipv4, user_ipv6},
+    redirect::{
+        Endpoint, eligible, in_daemon_netns, same_endpoint, set_user_ipv4, set_user_ipv6,
+        user_ipv4, user_ipv6,
+    },
 };
 
 /// sendmsg and recvmsg hooks must return 1: 0 fails the application's call.
 const ALLOW: i32 = 1;
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
 
 /// Set by the loader (see [`interceptor_common::DNS_CAPTURE_SYMBOL`]).
 #[unsafe(no_mangle)]
@@ -87,27 +86,14 @@ fn listener_for(capture: &DnsCapture, dst: Endpoint, own_netns: bool) -> Endpoin
 /// the query goes direct, since its reply would otherwise come from an address the
 /// resolver does not expect.
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
+pub fn capture(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option<Endpoint> {
     if dst.1 != DNS_PORT {
         return None;
     }
-    let sock_addr = ctx.sock_addr;
-    let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
-    if protocol != IPPROTO_UDP && protocol != IPPROTO_TCP {
+    if eligible(ctx, globals, true).is_err() {
         return None;
     }
-    let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let mark = unsafe { read_volatile(&(*sk).mark) };
-    if mark != 0 && mark == globals.bypass_mark {
-        return None;
-    }
-    let daemon_netns = globals.proxy_netns_cookie;
-    let own_netns =
-        daemon_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == daemon_netns;
-    let listener = listener_for(&listeners(), dst, own_netns);
+    let listener = listener_for(&listeners(), dst, in_daemon_netns(ctx, globals));
     if listener.1 == [0, 0] || same_endpoint(dst, listener) {
         return None;
     }
@@ -149,44 +135,23 @@ pub fn nameserver(ctx: &SockAddrContext, src: Endpoint) -> Option<Endpoint> {
     (original.port == DNS_PORT).then_some((original.addr, original.port))
 }
 
-/// For connect4 (TCP and connected UDP) and sendmsg4 (unconnected UDP): captures a
-/// DNS query. `true` when it did, and the connect needs nothing else.
-#[inline(always)]
-pub fn capture4(ctx: &SockAddrContext, globals: &Globals) -> bool {
-    let (addr, port) = user_ipv4(ctx.sock_addr);
-    match capture(ctx, globals, (ipv4_mapped(addr), port)) {
-        Some((listener, port)) => match ipv4_in_mapped(listener) {
-            Some(listener) => {
-                set_user_ipv4(ctx.sock_addr, (listener, port));
-                true
-            }
-            None => false,
-        },
-        None => false,
-    }
-}
-
-/// The same for AF_INET6 sockets, dual-stack ones included.
-#[inline(always)]
-pub fn capture6(ctx: &SockAddrContext, globals: &Globals) -> bool {
-    match capture(ctx, globals, user_ipv6(ctx.sock_addr)) {
-        Some(listener) => {
-            set_user_ipv6(ctx.sock_addr, listener);
-            true
-        }
-        None => false,
-    }
-}
-
+/// Unconnected UDP: each datagram to a nameserver goes to the DNS listener instead.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn dns_sendmsg4(ctx: SockAddrContext) -> i32 {
-    capture4(&ctx, &globals());
+    let (addr, port) = user_ipv4(ctx.sock_addr);
+    if let Some((listener, port)) = capture(&ctx, &globals(), (ipv4_mapped(addr), port))
+        && let Some(listener) = ipv4_in_mapped(listener)
+    {
+        set_user_ipv4(ctx.sock_addr, (listener, port));
+    }
     ALLOW
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn dns_sendmsg6(ctx: SockAddrContext) -> i32 {
-    capture6(&ctx, &globals());
+    if let Some(listener) = capture(&ctx, &globals(), user_ipv6(ctx.sock_addr)) {
+        set_user_ipv6(ctx.sock_addr, listener);
+    }
     ALLOW
 }
 
@@ -227,21 +192,7 @@ pub fn refuse(ctx: &SockAddrContext, globals: &Globals, dst: Endpoint) -> Option
         return None;
     }
     let to = refusal(dst)?;
-    let sock_addr = ctx.sock_addr;
-    let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
-    if protocol != IPPROTO_TCP {
-        return None;
-    }
-    let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
-    if sk.is_null() {
-        return None;
-    }
-    let mark = unsafe { read_volatile(&(*sk).mark) };
-    if mark != 0 && mark == globals.bypass_mark {
-        return None;
-    }
-    let own_netns = globals.proxy_netns_cookie;
-    if own_netns != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } != own_netns {
+    if eligible(ctx, globals, false).is_err() || !in_daemon_netns(ctx, globals) {
         return None;
     }
     Some(to)

@@ -1,6 +1,7 @@
 //! The decision the connect hooks share: is this connect to an intercepted destination,
-//! and if so, record where it was going. Also the context accessors they and the
-//! getpeername hooks share.
+//! and if so, record where it was going; if not, why not. Also the checks every hook
+//! makes on a socket before it looks at the destination (DNS capture and the VIP
+//! refusal too), and the context accessors they and the getpeername hooks share.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -12,7 +13,7 @@ use aya_ebpf::{
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_common::{
     Address, Globals, KernelEvent, KernelPathDst, OriginalDst, PORT_WORDS, PROXY_PATH,
-    SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress, ipv4_in_mapped, port_bit,
+    SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress, Verdict, ipv4_in_mapped, port_bit,
 };
 
 use crate::maps::{
@@ -20,6 +21,7 @@ use crate::maps::{
 };
 
 const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
 
 /// A socket address as the hooks see it: the address (IPv4-mapped for IPv4) and the
 /// port in network byte order.
@@ -49,32 +51,83 @@ pub enum Redirect {
     Refuse,
 }
 
-/// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
-/// original destination is then recorded in the socket's own storage. `ipv4_socket`:
-/// the socket is AF_INET, so only an IPv4 backend can take it.
+/// What connect4/6 do with a connect to `dst`, and where it goes: a DNS query to the
+/// daemon's DNS server, an intercepted destination to the proxy or a backend, a
+/// VIP's undeclared port to the refusing port. Port zero in the endpoint: the connect
+/// is left alone, for the reason the verdict gives, or (`NoEndpoint`) must fail.
+/// `ipv4_socket`: the socket is AF_INET, so only an IPv4 backend can take it.
 #[inline(always)]
-pub fn redirect(
+pub fn connect(
     ctx: &SockAddrContext,
     globals: &Globals,
     dst: Endpoint,
     proxies: Proxies,
     ipv4_socket: bool,
-) -> Option<Redirect> {
+) -> (Verdict, Endpoint) {
+    if let Some(listener) = crate::dns::capture(ctx, globals, dst) {
+        return (Verdict::Dns, listener);
+    }
+    match redirect(ctx, globals, dst, proxies, ipv4_socket) {
+        Ok(Redirect::Proxy(to)) => (Verdict::Proxy, to),
+        Ok(Redirect::Backend(to)) => (Verdict::Backend, to),
+        Ok(Redirect::Refuse) => (
+            Verdict::NoEndpoint,
+            crate::dns::refusal(dst).unwrap_or(NOWHERE),
+        ),
+        Err(reason) => match crate::dns::refuse(ctx, globals, dst) {
+            Some(to) => (Verdict::UndeclaredVipPort, to),
+            None => (reason, NOWHERE),
+        },
+    }
+}
+
+/// The endpoint of a connect that stays where it was.
+pub const NOWHERE: Endpoint = ([0; 4], [0; 2]);
+
+/// The checks every hook makes on the socket before it looks at the destination:
+/// TCP (or, with `udp_too`, UDP), a socket there, and not the daemon's own (the
+/// bypass mark).
+#[inline(always)]
+pub fn eligible(ctx: &SockAddrContext, globals: &Globals, udp_too: bool) -> Result<(), Verdict> {
     let sock_addr = ctx.sock_addr;
     // Each context field is read on its own: LLVM would otherwise merge neighbouring
     // reads into one wide load, which the verifier rejects for this context.
     let protocol = unsafe { read_volatile(&(*sock_addr).protocol) };
-    if protocol != IPPROTO_TCP {
-        return None;
+    if protocol != IPPROTO_TCP && !(udp_too && protocol == IPPROTO_UDP) {
+        return Err(Verdict::NotTcp);
     }
     let sk = unsafe { (*sock_addr).__bindgen_anon_1.sk };
     if sk.is_null() {
-        return None;
+        return Err(Verdict::NoSocket);
     }
     let mark = unsafe { read_volatile(&(*sk).mark) };
     if mark != 0 && mark == globals.bypass_mark {
-        return None;
+        return Err(Verdict::BypassMark);
     }
+    Ok(())
+}
+
+/// Whether the connecting socket is in the daemon's network namespace, where its
+/// loopback listeners are reachable. A zero cookie (a kernel without SO_NETNS_COOKIE)
+/// counts every namespace as the daemon's.
+#[inline(always)]
+pub fn in_daemon_netns(ctx: &SockAddrContext, globals: &Globals) -> bool {
+    let own = globals.proxy_netns_cookie;
+    own == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == own
+}
+
+/// Where the connect of `ctx` to `dst` must be sent instead, if it is intercepted; the
+/// original destination is then recorded in the socket's own storage. If it is not,
+/// why not.
+#[inline(always)]
+fn redirect(
+    ctx: &SockAddrContext,
+    globals: &Globals,
+    dst: Endpoint,
+    proxies: Proxies,
+    ipv4_socket: bool,
+) -> Result<Redirect, Verdict> {
+    eligible(ctx, globals, false)?;
 
     let (addr, port) = dst;
     let (word, bit) = port_bit(u16::from_be_bytes(port));
@@ -101,30 +154,35 @@ pub fn redirect(
     };
     let backends = match address_rule {
         Some(backends) => backends,
-        None if has_port_rule => {
-            unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }.map(|rule| rule.backends)?
-        }
-        None => return None,
+        None if has_port_rule => unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }
+            .map(|rule| rule.backends)
+            .ok_or(Verdict::NoRule)?,
+        None => return Err(Verdict::NoRule),
     };
     if backends != PROXY_PATH
         && let Some(kernel_path) = kernel_path(ctx, dst, backends, ipv4_socket)
     {
-        return Some(kernel_path);
+        return Ok(kernel_path);
     }
 
     // A container or pod in a network namespace of its own cannot reach the proxy's
     // loopback address: it goes to the address the proxy has for containers, or, if
     // there is none, direct.
-    let proxy_netns = globals.proxy_netns_cookie;
-    let own_netns =
-        proxy_netns == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == proxy_netns;
+    let own_netns = in_daemon_netns(ctx, globals);
     let proxy = if own_netns {
         proxies.own_netns
     } else {
         proxies.other_netns
     };
-    if proxy.1 == [0, 0] || same_endpoint(dst, proxy) {
-        return None;
+    if proxy.1 == [0, 0] {
+        return Err(if own_netns {
+            Verdict::NoListener
+        } else {
+            Verdict::OtherNetns
+        });
+    }
+    if same_endpoint(dst, proxy) {
+        return Err(Verdict::ToProxy);
     }
 
     let original = OriginalDst {
@@ -141,10 +199,10 @@ pub fn redirect(
     let stored = unsafe { ORIGINAL_DST.get_or_insert_ptr_mut(ctx, None) };
     if stored.is_null() {
         count(KernelEvent::StorageUnavailable);
-        return None;
+        return Err(Verdict::NoStorage);
     }
     unsafe { stored.write(original) };
-    Some(Redirect::Proxy(proxy))
+    Ok(Redirect::Proxy(proxy))
 }
 
 /// The kernel path: picks the backend from the destination's backend set. `None`

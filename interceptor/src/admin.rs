@@ -16,10 +16,10 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::UnsyncBoxBody};
 use hyper::{
     Method, Request, Response, StatusCode,
-    body::{Bytes, Incoming},
+    body::{Bytes, Frame, Incoming},
     header::{CONTENT_TYPE, HeaderValue},
     server::conn::http1,
     service::service_fn,
@@ -35,6 +35,7 @@ use crate::{
     proxy::tracking::{ConnectionInfo, ConnectionTable},
     registry::Registry,
     sockdiag,
+    trace::{self, Tracer},
 };
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -103,7 +104,16 @@ pub struct AdminState {
     pub maps: OnceLock<MapOccupancy>,
     /// What `/explain` needs besides the snapshot; set once the DNS cache exists.
     pub explain: OnceLock<ExplainContext>,
+    /// Where `/trace` streams come from.
+    pub tracer: Arc<Tracer>,
 }
+
+/// A body sent whole, or a `/trace` stream.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// How long a `/trace` stream may stay silent before it sends an empty line: a
+/// write is how the server learns that the client went away, and closes the stream.
+const TRACE_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The daemon settings an explanation depends on.
 pub struct ExplainContext {
@@ -194,7 +204,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Body> {
+    if request.method() == Method::GET && request.uri().path() == "/trace" {
+        return trace(state, request.uri().query().unwrap_or_default());
+    }
+    answer(state, request).await.map(BodyExt::boxed_unsync)
+}
+
+async fn answer(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return respond(StatusCode::METHOD_NOT_ALLOWED, TEXT, "only GET\n".into());
     }
@@ -213,7 +230,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
         "/" => respond(
             StatusCode::OK,
             TEXT,
-            "/healthz/ready\n/config_dump\n/connections\n/explain?dest=ADDR:PORT[&sni=NAME|&host=NAME][&cgroup=PATH][&output=json]\n/metrics\n".into(),
+            "/healthz/ready\n/config_dump\n/connections\n/explain?dest=ADDR:PORT[&sni=NAME|&host=NAME][&cgroup=PATH][&output=json]\n/metrics\n/trace[?cgroup=PATH][&dest=CIDR][&port=N][&output=json]\n".into(),
         ),
         _ => respond(StatusCode::NOT_FOUND, TEXT, "not found\n".into()),
     }
@@ -346,6 +363,114 @@ async fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             TEXT,
             crate::explain::render(&explanation).into(),
         )
+    }
+}
+
+/// `/trace[?cgroup=PATH][&dest=CIDR][&port=N][&output=json]`: one line per traced
+/// decision (see [`crate::trace`]), until the client goes away. The first line says
+/// what is traced; once it is sent, the programs emit what the stream asked for.
+fn trace(state: &AdminState, query: &str) -> Response<Body> {
+    let bad = |message: String| {
+        respond(StatusCode::BAD_REQUEST, TEXT, format!("{message}\n").into())
+            .map(BodyExt::boxed_unsync)
+    };
+    let mut filter = trace::Filter::default();
+    let mut as_json = false;
+    for (key, value) in crate::explain::query_pairs(query) {
+        match key.as_str() {
+            "cgroup" => match cgroup_path(&value).and_then(|path| {
+                trace::Cgroup::of(&path, &interceptor_common::host::cgroup2_root()?)
+            }) {
+                Ok(cgroup) => filter.cgroup = Some(cgroup),
+                Err(error) => return bad(format!("cgroup {value}: {error}")),
+            },
+            "dest" => match parse_network(&value) {
+                Some(net) => filter.dest = Some(net),
+                None => return bad(format!("dest={value} is not an address or CIDR")),
+            },
+            "port" => match value.parse() {
+                Ok(port) => filter.port = Some(port),
+                Err(_) => return bad(format!("port={value} is not a port number")),
+            },
+            "output" => as_json = value == "json",
+            other => return bad(format!("unknown parameter {other}")),
+        }
+    }
+    let first = if as_json {
+        let mut line = serde_json::json!({ "tracing": &filter }).to_string();
+        line.push('\n');
+        line
+    } else {
+        format!(
+            "tracing {} (one line per decision; ^C to stop)\n",
+            describe(&filter)
+        )
+    };
+    let stream = state.tracer.subscribe(filter);
+    let lines = futures_util::stream::unfold(
+        (Some(first), stream),
+        move |(first, mut stream)| async move {
+            if let Some(first) = first {
+                return Some((Ok(Frame::data(Bytes::from(first))), (None, stream)));
+            }
+            let chunk = match tokio::time::timeout(TRACE_HEARTBEAT, stream.next()).await {
+                Err(_) => "\n".to_owned(),
+                Ok(trace::Next::Closed) => return None,
+                Ok(trace::Next::Lost(lost)) if as_json => {
+                    format!("{}\n", serde_json::json!({ "lost": lost }))
+                }
+                Ok(trace::Next::Lost(lost)) => {
+                    format!("({lost} lines lost: this stream fell behind)\n")
+                }
+                Ok(trace::Next::Line(line)) if as_json => {
+                    let mut text = serde_json::to_string(&*line).unwrap_or_default();
+                    text.push('\n');
+                    text
+                }
+                Ok(trace::Next::Line(line)) => format!("{}\n", trace::render(&line)),
+            };
+            Some((Ok(Frame::data(Bytes::from(chunk))), (None, stream)))
+        },
+    );
+    let mut response = Response::new(StreamBody::new(lines).boxed_unsync());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static(if as_json {
+            "application/x-ndjson"
+        } else {
+            TEXT
+        }),
+    );
+    response
+}
+
+/// `ADDR` or `ADDR/LEN`.
+fn parse_network(text: &str) -> Option<ipnet::IpNet> {
+    text.parse()
+        .ok()
+        .or_else(|| text.parse::<std::net::IpAddr>().ok().map(Into::into))
+}
+
+/// What a trace stream shows, in words.
+fn describe(filter: &trace::Filter) -> String {
+    let mut parts = Vec::new();
+    if let Some(cgroup) = &filter.cgroup {
+        parts.push(format!(
+            "connects from cgroup {} (id {}) and below",
+            cgroup.path.display(),
+            cgroup.id
+        ));
+    }
+    if let Some(net) = filter.dest {
+        parts.push(format!("to {net}"));
+    }
+    if let Some(port) = filter.port {
+        parts.push(format!("to port {port}"));
+    }
+    if parts.is_empty() {
+        "every decision".to_owned()
+    } else {
+        parts.join(", ")
     }
 }
 

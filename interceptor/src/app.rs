@@ -32,6 +32,7 @@ use crate::{
     reload::{self, Reloader},
     resolve::{DnsCache, DnsSettings, dns::DnsSetupError},
     systemd,
+    trace::Tracer,
 };
 
 /// Records older than this never reached the proxy: their client gave up or the
@@ -164,16 +165,18 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
     let metrics = Arc::new(Metrics::new());
     let registry = Arc::new(ArcSwap::from_pointee(Registry::default()));
     let instance = address_file::new_instance();
+    let tracer = Tracer::new(metrics.trace_streams.clone());
     let admin_state = Arc::new(AdminState {
         instance,
         readiness: Readiness::default(),
         config_paths: config.config_paths.clone(),
         proxy_addrs: listeners.addrs(),
         registry: Arc::clone(&registry),
-        connections: ConnectionTable::new(Arc::clone(&metrics)),
+        connections: ConnectionTable::new(Arc::clone(&metrics), Arc::clone(&tracer)),
         metrics: Arc::clone(&metrics),
         maps: OnceLock::new(),
         explain: OnceLock::new(),
+        tracer: Arc::clone(&tracer),
     });
     // First, so a readiness probe during start-up gets a 503, not a refused connection.
     let admin_listener = admin::bind(config.admin_addr, config.admin_allow_non_loopback).await?;
@@ -288,7 +291,11 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
             Arc::clone(&registry),
             Arc::clone(&metrics),
             Arc::clone(&kernel),
+            Arc::clone(&tracer),
         ));
+    }
+    if let Some(trace) = kernel.take_trace() {
+        trace.connect(&tracer);
     }
     let _ = admin_state.maps.set(kernel.map_occupancy());
     metrics

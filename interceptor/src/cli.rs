@@ -1,7 +1,7 @@
-//! The command line: `run`, `validate`, `ready` and `explain`.
+//! The command line: `run`, `validate`, `ready`, `explain` and `trace`.
 
 use std::{
-    io::IsTerminal as _,
+    io::{IsTerminal as _, Write as _},
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
     path::PathBuf,
     process::ExitCode,
@@ -47,6 +47,29 @@ enum Command {
     /// intercepted and why, which ServiceEntry takes it, by which path, to which
     /// endpoints, under which DestinationRule, and what DNS says.
     Explain(ExplainArgs),
+    /// Print a running daemon's decisions as they happen, one line each, until
+    /// interrupted: what connect4/6 did with each connect and why, where the proxy
+    /// sent each connection and how it ended, and each kernel-path close.
+    Trace(TraceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TraceArgs {
+    /// Only connects from this cgroup (v2) and those below it, as a path under the
+    /// cgroup2 mount or absolute. The proxy's lines carry no cgroup and are not
+    /// narrowed by it.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// Only destinations in this network (ADDR or ADDR/LEN).
+    #[arg(long)]
+    dest: Option<ipnet::IpNet>,
+    /// Only destinations on this port.
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long, value_enum, default_value_t = ValidateOutput::Text)]
+    output: ValidateOutput,
+    #[command(flatten)]
+    daemon: ReadyArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -214,7 +237,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 2000)]
     dns_timeout_ms: u64,
     /// Where the admin server listens: /healthz/ready, /config_dump, /connections,
-    /// /metrics. Loopback only, unless --admin-allow-non-loopback.
+    /// /explain, /trace, /metrics. Loopback only, unless --admin-allow-non-loopback.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
     /// Allow a non-loopback --admin-addr. The admin server has no authentication and
@@ -357,6 +380,51 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate(&args),
         Command::Ready(args) => ready(&args),
         Command::Explain(args) => explain(&args),
+        Command::Trace(args) => trace(&args),
+    }
+}
+
+fn trace(args: &TraceArgs) -> ExitCode {
+    let traced = || -> anyhow::Result<()> {
+        let (admin, _) = admin_of(&args.daemon)?;
+        let mut query = Vec::new();
+        if let Some(cgroup) = &args.cgroup {
+            query.push(format!(
+                "cgroup={}",
+                crate::explain::percent_encode(&cgroup.display().to_string())
+            ));
+        }
+        if let Some(dest) = args.dest {
+            query.push(format!(
+                "dest={}",
+                crate::explain::percent_encode(&dest.to_string())
+            ));
+        }
+        if let Some(port) = args.port {
+            query.push(format!("port={port}"));
+        }
+        if matches!(args.output, ValidateOutput::Json) {
+            query.push("output=json".to_owned());
+        }
+        let path = format!("/trace?{}", query.join("&"));
+        let stdout = std::io::stdout();
+        probe::stream(admin, &path, |line| {
+            // Empty lines are the server's heartbeat.
+            if !line.is_empty() {
+                let mut out = stdout.lock();
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
+            Ok(())
+        })?;
+        anyhow::bail!("the daemon at {admin} ended the trace (shutting down?)")
+    };
+    match traced() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("interceptor: {}", report(&error));
+            ExitCode::FAILURE
+        }
     }
 }
 

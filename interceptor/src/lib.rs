@@ -25,6 +25,7 @@ mod resolve;
 mod sockdiag;
 mod socket;
 mod systemd;
+mod trace;
 
 /// The parsers that read untrusted bytes, for the fuzz targets.
 pub mod parsers {

@@ -244,6 +244,7 @@ pub struct Metrics {
     pub busy_poll_spin: Counter<f64, std::sync::atomic::AtomicU64>,
     pub dns_queries: Family<crate::dns::QueryLabels, Counter>,
     pub vips_allocated: Gauge,
+    pub trace_streams: Gauge,
     /// The Kubernetes config source's, registered always, filled only with it.
     pub config_source: crate::config::kubernetes::SourceMetrics,
     /// Handles on the two series of `redirect_records`, so counting costs no lookup.
@@ -284,6 +285,7 @@ impl Metrics {
             busy_poll_spin: Counter::default(),
             dns_queries: Family::default(),
             vips_allocated: Gauge::default(),
+            trace_streams: Gauge::default(),
             config_source: Default::default(),
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
@@ -328,6 +330,12 @@ impl Metrics {
             "vips_allocated",
             "Hosts with auto-allocated VIPs in the running configuration",
             metrics.vips_allocated.clone(),
+        );
+        registry.register(
+            "trace_streams",
+            "Open /trace streams (interceptor trace); while any is open, connect4/6 emit \
+             an event per connect",
+            metrics.trace_streams.clone(),
         );
         registry.register(
             "connections_opened",

@@ -2,7 +2,7 @@
 //! probes and scripts, without curl in the image.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
@@ -128,4 +128,80 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Answer, Pr
         head: head.to_owned(),
         body: body.to_owned(),
     })
+}
+
+/// GET `path` from the admin server at `addr` and hand each line of its streamed
+/// (chunked) answer to `line`, without the newline, until the server ends it. An
+/// answer other than 200 is an error with its body. Waits as long as the server
+/// keeps the stream open.
+pub fn stream(
+    addr: SocketAddr,
+    path: &str,
+    mut line: impl FnMut(&str) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, PROBE_TIMEOUT)
+        .map_err(|source| ProbeError::Connect { addr, source })?;
+    let exchange = |source| ProbeError::Exchange { addr, source };
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .map_err(exchange)?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).map_err(exchange)?;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3)?.parse::<u16>().ok())
+        .ok_or_else(|| ProbeError::Malformed {
+            addr,
+            head: status_line.trim_end().to_owned(),
+        })?;
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).map_err(exchange)? == 0 || header.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':') {
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.eq_ignore_ascii_case("chunked");
+            } else if name.eq_ignore_ascii_case("content-length") {
+                length = value.parse::<u64>().ok();
+            }
+        }
+    }
+    if status != 200 || !chunked {
+        let mut body = String::new();
+        match length {
+            Some(length) => reader.take(length).read_to_string(&mut body),
+            None => reader.read_to_string(&mut body),
+        }
+        .map_err(exchange)?;
+        anyhow::bail!(
+            "the admin server at {addr} answered {status}: {}",
+            body.trim()
+        );
+    }
+    // Chunks need not end at line ends: lines are cut from the bytes they carry.
+    let mut pending = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).map_err(exchange)?;
+        let size = usize::from_str_radix(size.trim().split(';').next().unwrap_or(""), 16).map_err(
+            |_| anyhow::anyhow!("the admin server at {addr} sent a bad chunk size {size:?}"),
+        )?;
+        if size == 0 {
+            return Ok(());
+        }
+        let start = pending.len();
+        pending.resize(start + size, 0);
+        reader.read_exact(&mut pending[start..]).map_err(exchange)?;
+        let mut crlf = [0; 2];
+        reader.read_exact(&mut crlf).map_err(exchange)?;
+        while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
+            let text: Vec<u8> = pending.drain(..=end).collect();
+            line(String::from_utf8_lossy(&text[..end]).as_ref()).map_err(exchange)?;
+        }
+    }
 }

@@ -20,6 +20,7 @@ use crate::{
     copy::{Close, How, Side},
     metrics::{Datapath, FailureReason, Metrics, TrafficLabels, UNMATCHED},
     registry::{Lookup, Registry},
+    trace::{Event, KernelClose, Tracer},
 };
 
 /// Logs and counts every close event sockops writes to `ring`, naming the service
@@ -29,6 +30,7 @@ pub async fn follow(
     registry: Arc<ArcSwap<Registry>>,
     metrics: Arc<Metrics>,
     kernel: Arc<Kernel>,
+    tracer: Arc<Tracer>,
 ) {
     // SAFETY: the ring owns its descriptor, which stays open and unreplaced for as
     // long as the AsyncFd owns the ring.
@@ -49,14 +51,20 @@ pub async fn follow(
                 // SAFETY: sockops writes KernelPathClose records, which hold only
                 // integers; the ring's items are 8-aligned but read unaligned anyway.
                 let close = unsafe { item.as_ptr().cast::<KernelPathClose>().read_unaligned() };
-                closed(&close, &registry.load(), &metrics, &kernel);
+                closed(&close, &registry.load(), &metrics, &kernel, &tracer);
             }
         }
         guard.clear_ready();
     }
 }
 
-fn closed(close: &KernelPathClose, registry: &Registry, metrics: &Metrics, kernel: &Kernel) {
+fn closed(
+    close: &KernelPathClose,
+    registry: &Registry,
+    metrics: &Metrics,
+    kernel: &Kernel,
+    tracer: &Tracer,
+) {
     let record = &close.record;
     let original = record.original.socket_addr();
     let endpoint = record.backend.socket_addr();
@@ -77,7 +85,20 @@ fn closed(close: &KernelPathClose, registry: &Registry, metrics: &Metrics, kerne
     }
     metrics.connection_opened(Datapath::kernel);
     let duration = Duration::from_nanos(close.closed_at_ns.saturating_sub(record.connected_at_ns));
+    let traced = |outcome, bytes_sent, bytes_received| {
+        if tracer.active() {
+            tracer.emit(Event::KernelClose(KernelClose {
+                destination: original,
+                endpoint,
+                service_entry: service.clone(),
+                outcome,
+                bytes_sent,
+                bytes_received,
+            }));
+        }
+    };
     if !established {
+        traced("upstream_connect", 0, 0);
         // sockops sees the close, not the connect's error: refused and timed out look
         // the same from there.
         metrics.connection_failed(Datapath::kernel, FailureReason::upstream_connect);
@@ -95,6 +116,7 @@ fn closed(close: &KernelPathClose, registry: &Registry, metrics: &Metrics, kerne
     let bytes_received = close
         .bytes_received
         .saturating_sub(u64::from(fin_received(close)));
+    traced("closed", bytes_sent, bytes_received);
     metrics.connection_closed(Datapath::kernel, how_closed(close));
     let labels = TrafficLabels {
         service_entry: service.clone(),

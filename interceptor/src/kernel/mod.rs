@@ -14,6 +14,7 @@ mod maps;
 mod records;
 mod stats;
 mod sys;
+mod trace;
 
 use std::{
     collections::BTreeSet,
@@ -32,7 +33,8 @@ use aya::{
 use interceptor_common::{
     ALLOCATED_VIPS_MAP, BACKENDS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals,
     KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
-    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress, VIP_REFUSE_SYMBOL,
+    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress, TRACE_EVENTS_RING,
+    TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
 };
 use tracing::{debug, info, warn};
 
@@ -40,6 +42,7 @@ pub use self::{
     dns::DnsListeners,
     records::{OriginalDestinations, RecordSource},
     stats::{KernelEvents, MapOccupancy, MapUsage},
+    trace::TraceMaps,
 };
 use self::{maps::InterceptionMaps, stats::InterceptCounts};
 use crate::{
@@ -174,6 +177,8 @@ pub struct Kernel {
     interceptions: Mutex<Interceptions>,
     /// The kernel path's close events, until the daemon takes them to follow.
     close_events: Mutex<Option<RingBuf<MapData>>>,
+    /// The trace maps, until the daemon takes them for its tracer.
+    trace: Mutex<Option<TraceMaps>>,
     original_destinations: Arc<OriginalDestinations>,
     intercept_counts: Arc<InterceptCounts>,
     events: Arc<KernelEvents>,
@@ -214,6 +219,10 @@ impl Kernel {
         )?);
         let events = Arc::new(KernelEvents::new(take_map(&mut ebpf, KERNEL_EVENTS_MAP)?));
         let close_events = take_map(&mut ebpf, KERNEL_PATH_CLOSES_RING)?;
+        let trace = TraceMaps {
+            settings: take_map(&mut ebpf, TRACE_SETTINGS_MAP)?,
+            events: take_map(&mut ebpf, TRACE_EVENTS_RING)?,
+        };
         let vips = dns::AllocatedVips::new(take_map(&mut ebpf, ALLOCATED_VIPS_MAP)?);
 
         // With bpf_link, the kernel always attaches as "multi" and rejects any flag, so
@@ -249,6 +258,7 @@ impl Kernel {
         Ok(Self {
             ebpf: Mutex::new(Some(ebpf)),
             close_events: Mutex::new(Some(close_events)),
+            trace: Mutex::new(Some(trace)),
             interceptions: Mutex::new(Interceptions {
                 maps: interceptions,
                 plan: Plan::default(),
@@ -405,6 +415,11 @@ impl Kernel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// The trace maps, for [`TraceMaps::connect`]; once.
+    pub fn take_trace(&self) -> Option<TraceMaps> {
+        self.trace.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     pub fn map_occupancy(&self) -> MapOccupancy {

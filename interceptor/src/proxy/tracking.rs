@@ -23,6 +23,7 @@ use crate::{
     metrics::{Datapath, FailureReason, Metrics, TrafficLabels, UNMATCHED},
     registry::Service,
     resolve::ResolveError,
+    trace::{Event, Proxied, Tracer},
 };
 
 /// Enough shards that accepts on different cores rarely meet on one lock.
@@ -35,6 +36,8 @@ pub struct ConnectionTable {
     shards: Box<[Shard]>,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Told how each connection went, while someone traces.
+    tracer: Arc<Tracer>,
 }
 
 struct Record {
@@ -81,11 +84,12 @@ pub struct ConnectionInfo {
 }
 
 impl ConnectionTable {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, tracer: Arc<Tracer>) -> Arc<Self> {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_id: AtomicU64::new(1),
             metrics,
+            tracer,
         })
     }
 
@@ -169,6 +173,28 @@ impl Record {
     }
 }
 
+impl Record {
+    /// How the connection went, for `interceptor trace`.
+    fn traced(&self, state: &State) -> Proxied {
+        Proxied {
+            client: Some(self.client),
+            destination: state.original_destination,
+            service_entry: state.service_entry.clone(),
+            host: state.host.clone(),
+            endpoint: state.endpoint.clone(),
+            outcome: match (state.failure, state.close) {
+                (Some(reason), _) => format!("{reason:?}"),
+                (None, Some(_)) => "closed".to_owned(),
+                // Dropped mid-copy: the daemon is exiting past its drain timeout.
+                (None, None) => "abandoned".to_owned(),
+            },
+            close: state.close.map(|close| close.to_string()),
+            bytes_sent: state.bytes.map(|(sent, _)| sent),
+            bytes_received: state.bytes.map(|(_, received)| received),
+        }
+    }
+}
+
 /// The proxy's handle on one tracked connection. Dropping it ends the tracking.
 pub struct ConnectionGuard {
     table: Arc<ConnectionTable>,
@@ -230,6 +256,11 @@ impl Drop for ConnectionGuard {
         let metrics = &self.table.metrics;
         metrics.connections_open.dec();
         let state = self.record.state();
+        if self.table.tracer.active() {
+            self.table
+                .tracer
+                .emit(Event::Proxy(self.record.traced(&state)));
+        }
         if let Some(reason) = state.failure {
             metrics.connection_failed(Datapath::proxy, reason);
             return;
@@ -298,7 +329,7 @@ mod tests {
     #[test]
     fn a_connection_is_listed_while_open_and_counted_once_when_it_ends() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics));
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let client: SocketAddr = "10.0.0.1:40000".parse().unwrap();
         let guard = table.open(client);
         guard.set_original_destination("240.240.0.1:80".parse().unwrap(), RecordSource::Ring);
@@ -333,7 +364,7 @@ mod tests {
     #[test]
     fn a_failed_connection_is_not_counted_as_closed() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics));
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let guard = table.open("10.0.0.1:40001".parse().unwrap());
         guard.failed(&ResolveError::NoEndpoint);
         drop(guard);
@@ -351,7 +382,7 @@ mod tests {
     #[test]
     fn a_reset_is_counted_with_its_side_and_bytes() {
         let metrics = Arc::new(Metrics::new());
-        let table = ConnectionTable::new(Arc::clone(&metrics));
+        let table = ConnectionTable::new(Arc::clone(&metrics), Tracer::new(Default::default()));
         let guard = table.open("10.0.0.1:40002".parse().unwrap());
         guard.connected(&"198.18.0.1:80");
         guard.finished(&copied(5, 100, Side::Upstream, How::Reset));

@@ -13,3 +13,4 @@ mod ops;
 mod redirect;
 mod resets;
 mod sni;
+mod trace;

@@ -10,6 +10,7 @@
 //! optimised builds too. `--bin-dir` and `--peers-dir` run binaries built elsewhere,
 //! on a machine without cargo or the peers installed (`xtask/device-bench.sh`).
 
+mod bpf_cost;
 mod client;
 mod paths;
 mod proto;
@@ -91,15 +92,19 @@ pub enum Scenario {
     Memory,
     /// Load time and per-connection cost with 10 and with 10,000 ServiceEntries.
     ConfigScale,
+    /// connect4's run time per connect (kernel BPF statistics), with no tracer and
+    /// with `interceptor trace` attached.
+    BpfCost,
 }
 
 impl Scenario {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Bulk,
         Self::Latency,
         Self::ConnRate,
         Self::Memory,
         Self::ConfigScale,
+        Self::BpfCost,
     ];
 }
 
@@ -333,6 +338,7 @@ pub fn run(root: &Path, args: BenchArgs) -> Result<()> {
             "entries": [report.scale_entries.0, report.scale_entries.1],
             "rows": report.scale_rows,
         },
+        "bpf_cost": report.bpf_rows,
         "failures": report.failures,
         "details": report.details,
     });

@@ -22,6 +22,8 @@ use super::{
 };
 
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The daemon's admin server: its default address, in the bench's namespace.
+pub const ADMIN: &str = "127.0.0.1:15000";
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub const BACKEND_PORTS: [u16; 3] = [BULK_PORT, ECHO_PORT, CONN_PORT];

@@ -213,6 +213,8 @@ pub struct Report {
     pub rows: Vec<PathRow>,
     pub scale_entries: (u32, u32),
     pub scale_rows: Vec<ScaleRow>,
+    /// connect4's run time with no tracer (`small`) and tracing (`large`).
+    pub bpf_rows: Vec<ScaleRow>,
     /// Every client's raw outcome and other measurements, by name.
     pub details: serde_json::Map<String, serde_json::Value>,
     pub failures: Vec<String>,
@@ -294,6 +296,25 @@ impl Report {
                 );
             }
         }
+        if !self.bpf_rows.is_empty() {
+            let _ = writeln!(out, "{rule}");
+            let _ = writeln!(
+                out,
+                "{:<34} {:<8} {:>11} {:>11} {:>11}",
+                "BPF run time (bpf_stats)", "unit", "no tracer", "tracing", "ratio",
+            );
+            for row in &self.bpf_rows {
+                let _ = writeln!(
+                    out,
+                    "{:<34} {:<8} {:>11} {:>11} {:>11}",
+                    row.figure,
+                    row.unit,
+                    number(row.small, row.unit),
+                    number(row.large, row.unit),
+                    times(row.ratio),
+                );
+            }
+        }
         let _ = writeln!(out, "{rule}");
         if self.failures.is_empty() {
             let _ = writeln!(out, "every path worked");
@@ -346,8 +367,11 @@ whether the interceptor path is at least as good as that peer in both pairs.
 
 Scenarios: bulk throughput (1 and 8 streams), 1 KiB request/response latency on a
 persistent connection, new connections per second at concurrency 64 and one by one,
-RSS per idle connection, and config scale (a small against a large number of
-ServiceEntries, interceptor only). Each path figure is the median of several rounds;
+RSS per idle connection, config scale (a small against a large number of
+ServiceEntries, interceptor only), and connect4's own run time per run from the
+kernel's BPF statistics (`kernel.bpf_stats_enabled`), for connects no entry
+intercepts and for connects to a VIP, with no tracer and with a `/trace` stream of
+every decision open. Each path figure is the median of several rounds;
 the paths' order rotates each round. \"proxy CPU\" rows count the proxy's processes
 (nginx's workers included), spinning included, per unit of work; \"machine CPU\" rows
 count every process and interrupt on the machine, which with one path alive at a time

@@ -12,6 +12,7 @@ use testbed::{Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
     Scenario, Sizes,
+    bpf_cost::{BpfStats, Tracing, connect4_stats},
     paths::{self, Kind, PathSpec},
     proto::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
@@ -86,6 +87,7 @@ impl Bench<'_> {
             Scenario::ConnRate => self.conn_rate(),
             Scenario::Memory => self.memory(),
             Scenario::ConfigScale => self.config_scale(),
+            Scenario::BpfCost => self.bpf_cost(),
         };
         if let Err(error) = result {
             self.report.fail(format!("{error:#}"));
@@ -644,13 +646,7 @@ impl Bench<'_> {
             fs::write(&config, service_entries_yaml(entries, &[CONN_PORT]))?;
             configs.push((entries, config));
         }
-        // The daemon as the `icpt-poll` path runs it.
-        let scale_args = match paths::index(&self.paths, paths::POLL_PAIR.interceptor)
-            .map(|index| &self.paths[index].kind)
-        {
-            Some(Kind::Interceptor { args }) => args.clone(),
-            _ => Vec::new(),
-        };
+        let scale_args = self.poll_daemon_args();
         let mut ready_ms = [Vec::new(), Vec::new()];
         let mut latencies = [Vec::new(), Vec::new()];
         // The two configurations alternate, so background load hits both alike.
@@ -723,6 +719,90 @@ impl Bench<'_> {
             p99[0],
             p99[1],
         ));
+        Ok(())
+    }
+}
+
+impl Bench<'_> {
+    /// The daemon's flags as the `icpt-poll` path runs it.
+    fn poll_daemon_args(&self) -> Vec<String> {
+        match paths::index(&self.paths, paths::POLL_PAIR.interceptor)
+            .map(|index| &self.paths[index].kind)
+        {
+            Some(Kind::Interceptor { args }) => args.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// connect4's run time per run, from the kernel's BPF statistics, for connects
+    /// no entry intercepts (what most connects on a node are) and for connects to a
+    /// VIP, with no tracer and with `/trace` open for every decision.
+    fn bpf_cost(&mut self) -> Result<()> {
+        let sizes = self.sizes.clone();
+        let _stats = BpfStats::enable()?;
+        let daemon = Daemon::start_with(
+            &self.interceptor,
+            &self.base_config()?,
+            self.sandbox,
+            &self.poll_daemon_args(),
+        )?;
+        let destinations = [
+            ("connect4, no rule: left alone", backend_ip()),
+            ("connect4, VIP: to the proxy", vip(0)),
+        ];
+        let mut per_run = [[None; 2]; 2];
+        for (traced, tracer) in [false, true].into_iter().enumerate() {
+            let _tracing = if tracer {
+                match Tracing::attach(proxies::ADMIN) {
+                    Ok(tracing) => Some(tracing),
+                    Err(error) => {
+                        self.report.fail(format!("attaching a tracer: {error:#}"));
+                        break;
+                    }
+                }
+            } else {
+                None
+            };
+            for (slot, (label, addr)) in destinations.iter().enumerate() {
+                bail_if_interrupted()?;
+                let before = connect4_stats(daemon.pid())?;
+                let job = Job::ConnectLatency {
+                    target: Target {
+                        addr: SocketAddr::new(*addr, CONN_PORT),
+                        vips: 0,
+                    },
+                    connections: sizes.sequential_connections,
+                    millis: sizes.sequential_millis,
+                    size: sizes.conn_size,
+                };
+                let timeout =
+                    Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60);
+                let outcome = self.client(job, timeout)?;
+                let after = connect4_stats(daemon.pid())?;
+                let runs = after.1.saturating_sub(before.1);
+                ensure!(runs > 0, "{label}: connect4 did not run");
+                let nanos = after.0.saturating_sub(before.0).as_nanos() as f64 / runs as f64;
+                let name = format!("{label}, {}", if tracer { "tracing" } else { "no tracer" });
+                println!(
+                    "  {name}: {nanos:.0} ns per run over {runs} runs ({} connects)",
+                    outcome.ok
+                );
+                self.report.detail(
+                    name,
+                    serde_json::json!({ "runs": runs, "ns_per_run": nanos }),
+                );
+                per_run[slot][traced] = Some(nanos);
+            }
+        }
+        daemon.stop()?;
+        for (slot, (label, _)) in destinations.iter().enumerate() {
+            self.report.bpf_rows.push(ScaleRow::new(
+                *label,
+                "ns/run",
+                per_run[slot][0],
+                per_run[slot][1],
+            ));
+        }
         Ok(())
     }
 }
