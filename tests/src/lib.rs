@@ -7,7 +7,6 @@
 
 pub mod admin;
 pub mod apiserver;
-pub mod bpf;
 pub mod daemon;
 pub mod dns;
 pub mod origin;

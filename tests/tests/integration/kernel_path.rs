@@ -11,11 +11,11 @@ use std::{
 use integration_tests::{
     Sandbox, TestServer,
     admin::{ADMIN, scrape_until},
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
     dns::DnsServer,
     server::{connect, http_get, pattern_checksum, who, write_pattern},
+};
+use testbed::bpf::{
+    BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
 };
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];

@@ -8,13 +8,12 @@ use std::{
 };
 
 use integration_tests::{
-    Container, PROXY, Sandbox, TestServer,
-    bpf::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
-    },
-    enter_container_network_namespace,
+    Container, PROXY, Sandbox, TestServer, enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
+};
+use testbed::bpf::{
+    BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_SOCK_OPS, attached_programs,
 };
 
 const NONE_RANGE: &str = r#"
