@@ -305,9 +305,9 @@ impl Run<'_> {
             Fault::LowFdLimit => {
                 let pid = self.serving()?.pid();
                 let held = daemons::open_fds(pid).unwrap_or(0.0) as u64;
-                let previous = set_process_open_files(pid, held + 16)?;
+                let previous = process::set_open_files_soft_limit(pid, held + 16)?;
                 let result = self.idle(length);
-                set_process_open_files(pid, previous)?;
+                process::set_open_files_soft_limit(pid, previous)?;
                 let end = self.now() + 1.0;
                 self.window(fault, start, end);
                 result?;
@@ -478,43 +478,6 @@ fn log_tail(logs: &str) -> String {
     let lines: Vec<&str> = logs.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
     format!("; its log ends with:\n  {tail}")
-}
-
-/// Sets another process's soft RLIMIT_NOFILE and returns the previous soft limit.
-fn set_process_open_files(pid: u32, soft: u64) -> Result<u64> {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reading the limit into a valid rlimit.
-    if unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut old,
-        )
-    } != 0
-    {
-        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
-    }
-    let new = libc::rlimit {
-        rlim_cur: soft.min(old.rlim_max),
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: setting the limit from a valid rlimit.
-    if unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    } != 0
-    {
-        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
-    }
-    Ok(old.rlim_cur)
 }
 
 /// Raises RLIMIT_NOFILE (inherited by the daemons) as far as allowed and returns the
