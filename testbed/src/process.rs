@@ -69,6 +69,16 @@ pub fn open_descriptors(pid: u32) -> std::io::Result<usize> {
     Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
+/// The lowest descriptor number process `pid` has free: a soft open-files limit there
+/// makes its every new descriptor fail with EMFILE (the kernel compares the number
+/// it would hand out, not the count held).
+pub fn lowest_free_descriptor(pid: u32) -> std::io::Result<u64> {
+    let held: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    Ok((0..).find(|fd| !held.contains(fd)).unwrap_or_default())
+}
+
 /// SIGINT and SIGTERM set a flag instead of killing the harness; a watcher thread
 /// then stops every child, which unblocks whatever the harness waits on, and the
 /// harness unwinds through its cleanup.
