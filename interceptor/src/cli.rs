@@ -233,6 +233,11 @@ struct RunArgs {
     /// How long a failed lookup is cached, in seconds.
     #[arg(long, default_value_t = 5)]
     dns_negative_ttl: u64,
+    /// How long past its TTL a host's last good DNS answer is still used while
+    /// lookups get no answer (a silent server, a local error), in seconds. An
+    /// answer that the host has no address ends it at once.
+    #[arg(long, default_value_t = crate::resolve::dns::DEFAULT_STALE_TTL.as_secs())]
+    dns_stale_ttl: u64,
     /// Timeout of one DNS query, in milliseconds (a lookup makes at most two).
     #[arg(long, default_value_t = 2000)]
     dns_timeout_ms: u64,
@@ -576,6 +581,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             min_ttl: Duration::from_secs(args.dns_min_ttl),
             max_ttl: Duration::from_secs(args.dns_max_ttl),
             negative_ttl: Duration::from_secs(args.dns_negative_ttl),
+            stale_ttl: Duration::from_secs(args.dns_stale_ttl),
             query_timeout: Duration::from_millis(args.dns_timeout_ms),
             bypass_mark: args.bypass_mark,
         },

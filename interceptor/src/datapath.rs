@@ -112,7 +112,7 @@ pub enum Target {
 }
 
 /// The addresses the daemon's DNS cache holds for the hostnames of kernel-path
-/// endpoints; a host whose lookup failed has none.
+/// endpoints; a host the cache has no usable answer for has none.
 pub type Resolved = HashMap<String, Arc<[IpAddr]>>;
 
 /// Why each service takes the proxy path whatever its ports, from the resources

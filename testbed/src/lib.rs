@@ -5,6 +5,7 @@
 //!
 //! Everything here needs root, cgroup v2 and iproute2.
 
+pub mod bpf;
 pub mod daemon;
 pub mod process;
 pub mod sandbox;

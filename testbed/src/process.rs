@@ -25,6 +25,60 @@ extern "C" fn on_signal(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
+/// Sets another process's soft RLIMIT_NOFILE (at most its hard limit) and returns
+/// the previous soft limit: how the soak and the tests starve a running daemon of
+/// descriptors.
+pub fn set_open_files_soft_limit(pid: u32, soft: u64) -> Result<u64> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reading the limit into a valid rlimit.
+    if unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    } != 0
+    {
+        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
+    }
+    let new = libc::rlimit {
+        rlim_cur: soft.min(old.rlim_max),
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: setting the limit from a valid rlimit.
+    if unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    } != 0
+    {
+        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
+}
+
+/// How many descriptors process `pid` holds open.
+pub fn open_descriptors(pid: u32) -> std::io::Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+/// The lowest descriptor number process `pid` has free: a soft open-files limit there
+/// makes its every new descriptor fail with EMFILE (the kernel compares the number
+/// it would hand out, not the count held).
+pub fn lowest_free_descriptor(pid: u32) -> std::io::Result<u64> {
+    let held: std::collections::BTreeSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    Ok((0..).find(|fd| !held.contains(fd)).unwrap_or_default())
+}
+
 /// SIGINT and SIGTERM set a flag instead of killing the harness; a watcher thread
 /// then stops every child, which unblocks whatever the harness waits on, and the
 /// harness unwinds through its cleanup.

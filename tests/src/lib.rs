@@ -7,7 +7,6 @@
 
 pub mod admin;
 pub mod apiserver;
-pub mod bpf;
 pub mod daemon;
 pub mod dns;
 pub mod origin;
@@ -85,11 +84,11 @@ impl Sandbox {
     /// sandbox's cgroup for each of connect4, connect6 and sock_ops.
     pub fn assert_programs_attached(&self, count: u32) {
         for (attach_type, name) in [
-            (bpf::BPF_CGROUP_INET4_CONNECT, "connect4"),
-            (bpf::BPF_CGROUP_INET6_CONNECT, "connect6"),
-            (bpf::BPF_CGROUP_SOCK_OPS, "sock_ops"),
+            (testbed::bpf::BPF_CGROUP_INET4_CONNECT, "connect4"),
+            (testbed::bpf::BPF_CGROUP_INET6_CONNECT, "connect6"),
+            (testbed::bpf::BPF_CGROUP_SOCK_OPS, "sock_ops"),
         ] {
-            let attached = bpf::attached_programs(&self.cgroup, attach_type)
+            let attached = testbed::bpf::attached_programs(&self.cgroup, attach_type)
                 .unwrap_or_else(|error| panic!("querying {name} programs: {error}"));
             assert_eq!(attached, count, "{name} programs attached");
         }

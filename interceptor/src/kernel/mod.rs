@@ -302,7 +302,10 @@ impl Kernel {
     }
 
     /// Resolves the hostnames of kernel-path endpoints through `dns` (served from its
-    /// cache while fresh) and rewrites the backend sets whose addresses changed.
+    /// cache while fresh) and rewrites the backend sets whose addresses changed. The
+    /// cache decides which addresses are current, for the proxy too: a lookup that
+    /// got no answer keeps the last good one, so only a host with no usable answer
+    /// loses its addresses here (and its connects are refused).
     pub async fn refresh_dns(&self, dns: &Arc<DnsCache>) -> Result<(), KernelError> {
         let hosts = {
             let state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());

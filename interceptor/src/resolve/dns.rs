@@ -1,7 +1,9 @@
 //! A DNS cache over hickory-resolver that the per-connection path reads without
 //! waiting: answers are kept for their TTL (clamped), refreshed in the background
 //! once a host in use is three quarters through its TTL, and failures are cached
-//! as negative answers for a short time.
+//! as negative answers for a short time. A lookup that gets no answer keeps the
+//! last good one (see [`settle`]). The proxy and the kernel path both read it, so
+//! both use the same addresses for a host.
 
 use std::{
     collections::HashMap,
@@ -19,6 +21,11 @@ use tracing::{debug, warn};
 
 use super::marked::MarkedRuntime;
 
+/// RFC 8767 (serving stale data) suggests keeping answers one to three days past
+/// their TTL while the servers cannot be reached; an outage outlasting a day is
+/// one an operator has long since seen in the log.
+pub const DEFAULT_STALE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
     /// Name servers to use instead of /etc/resolv.conf's. Empty means the system's.
@@ -26,6 +33,9 @@ pub struct DnsSettings {
     pub min_ttl: Duration,
     pub max_ttl: Duration,
     pub negative_ttl: Duration,
+    /// How long past its TTL a good answer is still used while lookups get no
+    /// answer at all (a silent server, a local error such as no free descriptor).
+    pub stale_ttl: Duration,
     /// Per-query timeout; a lookup makes at most two attempts.
     pub query_timeout: Duration,
     /// SO_MARK on the resolver's sockets, so DNS capture leaves them alone.
@@ -39,6 +49,7 @@ impl Default for DnsSettings {
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(300),
             negative_ttl: Duration::from_secs(5),
+            stale_ttl: DEFAULT_STALE_TTL,
             query_timeout: Duration::from_secs(2),
             bypass_mark: 0,
         }
@@ -64,10 +75,13 @@ pub enum LookupError {
 
 type Answer = Result<Arc<[IpAddr]>, LookupError>;
 
+#[derive(Debug, Clone)]
 struct Entry {
     answer: Answer,
     refresh_at: Instant,
     expires_at: Instant,
+    /// Until when a good answer outlives failed lookups; for a failure, its expiry.
+    stale_until: Instant,
     refreshing: bool,
 }
 
@@ -197,26 +211,174 @@ impl DnsCache {
             Err(error) => warn!(host, %error, "DNS lookup failed"),
         }
 
+        let failed = answer.is_err();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        // A failed refresh keeps a still-valid good answer, as Envoy keeps a strict DNS
-        // cluster's hosts when resolution fails; it is retried after the negative TTL.
-        if let (Err(LookupError::Failed { .. }), Some(previous)) = (&answer, entries.get_mut(host))
-            && previous.answer.is_ok()
-            && now < previous.expires_at
-        {
-            previous.refreshing = false;
-            previous.refresh_at = now + self.settings.negative_ttl;
-            return previous.answer.clone();
+        let entry = settle(entries.get(host), answer, ttl, now, &self.settings);
+        if failed && entry.answer.is_ok() {
+            debug!(host, "keeping the last good answer");
         }
-        entries.insert(
-            host.to_owned(),
-            Entry {
-                answer: answer.clone(),
-                refresh_at: now + ttl.mul_f32(0.75),
-                expires_at: now + ttl,
-                refreshing: false,
-            },
-        );
+        let answer = entry.answer.clone();
+        entries.insert(host.to_owned(), entry);
         answer
+    }
+}
+
+/// What the cache holds for a host once a lookup at `now` came back with `answer`,
+/// good for `ttl`, given what it held before.
+///
+/// A lookup that got no answer at all (a server that stays silent, or a local error
+/// such as no free descriptor for the query's socket) says nothing about the host,
+/// so the last good answer stays in use, even past its TTL, until a server answers
+/// or `stale_ttl` past its expiry; the lookup is retried after the negative TTL.
+/// Envoy keeps a strict DNS cluster's hosts the same way. An answer that the host
+/// has no address (NXDOMAIN, no records) is the server's word and ends it at once.
+fn settle(
+    previous: Option<&Entry>,
+    answer: Answer,
+    ttl: Duration,
+    now: Instant,
+    settings: &DnsSettings,
+) -> Entry {
+    if let (Err(LookupError::Failed { .. }), Some(previous)) = (&answer, previous)
+        && previous.answer.is_ok()
+        && now < previous.stale_until
+    {
+        let retry = settings.negative_ttl;
+        return Entry {
+            answer: previous.answer.clone(),
+            refresh_at: now + retry.mul_f32(0.75),
+            expires_at: previous
+                .expires_at
+                .max((now + retry).min(previous.stale_until)),
+            stale_until: previous.stale_until,
+            refreshing: false,
+        };
+    }
+    let expires_at = now + ttl;
+    Entry {
+        stale_until: if answer.is_ok() {
+            expires_at + settings.stale_ttl
+        } else {
+            expires_at
+        },
+        answer,
+        refresh_at: now + ttl.mul_f32(0.75),
+        expires_at,
+        refreshing: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(1);
+    /// What a failed lookup is cached for, as `refresh` passes it.
+    const NEGATIVE: Duration = Duration::from_secs(5);
+
+    fn settings() -> DnsSettings {
+        DnsSettings {
+            negative_ttl: NEGATIVE,
+            stale_ttl: Duration::from_secs(60),
+            ..DnsSettings::default()
+        }
+    }
+
+    fn good(address: &str) -> Answer {
+        Ok(Arc::from([address.parse::<IpAddr>().unwrap()]))
+    }
+
+    fn failed() -> Answer {
+        Err(LookupError::Failed {
+            host: "api.test".to_owned(),
+            message: "no connections available".to_owned(),
+        })
+    }
+
+    fn no_records() -> Answer {
+        Err(LookupError::NoRecords {
+            host: "api.test".to_owned(),
+        })
+    }
+
+    fn addresses(entry: &Entry) -> Option<Vec<IpAddr>> {
+        entry
+            .answer
+            .as_ref()
+            .ok()
+            .map(|addresses| addresses.to_vec())
+    }
+
+    #[test]
+    fn a_lookup_without_an_answer_keeps_the_last_good_one_past_its_ttl() {
+        let settings = settings();
+        let start = Instant::now();
+        let resolved = settle(None, good("198.18.0.1"), TTL, start, &settings);
+        assert_eq!(resolved.expires_at, start + TTL);
+
+        // Long after the TTL, a lookup that failed locally or timed out: the answer
+        // stays, served without waiting until the retry after the negative TTL.
+        let later = start + Duration::from_secs(30);
+        let kept = settle(Some(&resolved), failed(), NEGATIVE, later, &settings);
+        assert_eq!(addresses(&kept), addresses(&resolved));
+        assert_eq!(kept.expires_at, later + NEGATIVE);
+        assert!(kept.refresh_at > later && kept.refresh_at < kept.expires_at);
+        // Failures in a row keep it too, and do not push the limit out.
+        let again = settle(Some(&kept), failed(), NEGATIVE, later + TTL, &settings);
+        assert_eq!(addresses(&again), addresses(&resolved));
+        assert_eq!(again.stale_until, resolved.stale_until);
+
+        // The next answer replaces it.
+        let moved = settle(
+            Some(&again),
+            good("198.18.0.2"),
+            TTL,
+            later + TTL,
+            &settings,
+        );
+        assert_eq!(
+            addresses(&moved),
+            Some(vec!["198.18.0.2".parse::<IpAddr>().unwrap()])
+        );
+    }
+
+    #[test]
+    fn the_server_saying_no_address_or_the_stale_limit_ends_a_good_answer() {
+        let settings = settings();
+        let start = Instant::now();
+        let resolved = settle(None, good("198.18.0.1"), TTL, start, &settings);
+
+        let gone = settle(
+            Some(&resolved),
+            no_records(),
+            NEGATIVE,
+            start + TTL,
+            &settings,
+        );
+        assert!(matches!(gone.answer, Err(LookupError::NoRecords { .. })));
+
+        // A kept answer never outlives its limit, however the retries fall.
+        let near = resolved.stale_until - Duration::from_secs(1);
+        let kept = settle(Some(&resolved), failed(), NEGATIVE, near, &settings);
+        assert!(kept.answer.is_ok());
+        assert_eq!(kept.expires_at, resolved.stale_until);
+        let past = settle(
+            Some(&kept),
+            failed(),
+            NEGATIVE,
+            resolved.stale_until,
+            &settings,
+        );
+        assert!(matches!(past.answer, Err(LookupError::Failed { .. })));
+        // A failure is no good answer to keep.
+        let still = settle(
+            Some(&past),
+            failed(),
+            NEGATIVE,
+            resolved.stale_until,
+            &settings,
+        );
+        assert!(still.answer.is_err());
+        assert_eq!(still.expires_at, resolved.stale_until + NEGATIVE);
     }
 }

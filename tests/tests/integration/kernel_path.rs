@@ -15,6 +15,7 @@ use integration_tests::{
     server::{Who, connect, http_get, pattern_checksum, who, write_pattern},
     static_entry, vip_entry,
 };
+use testbed::process;
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];
 const AUTO_WITH_ADMIN: [&str; 4] = ["--datapath", "auto", "--admin-addr", ADMIN];
@@ -272,6 +273,96 @@ spec:
             break;
         }
         assert!(Instant::now() < deadline, "the old address is still used");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Connects to `vip` every 100 ms for `spell`: each must reach `server` on the
+/// kernel path.
+fn kernel_path_holds(vip: &str, server: &str, spell: Duration) {
+    let deadline = Instant::now() + spell;
+    while Instant::now() < deadline {
+        let seen = who(vip).unwrap_or_else(|error| panic!("connect to {vip}: {error}"));
+        assert_eq!(seen.server, server);
+        assert!(!seen.went_through_proxy(), "{seen:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The soak found connects refused while the daemon was out of descriptors: each
+/// failed lookup emptied the DNS entry's backend set once its 1 s TTL ran out.
+#[test]
+fn a_dns_entry_keeps_its_addresses_while_lookups_get_no_answer() {
+    let sandbox = Sandbox::new("kernel-dns-stale");
+    sandbox.add_host("198.18.20.3".parse().unwrap());
+    let _server = TestServer::start("api", "198.18.20.3:7000");
+    let dns = DnsServer::start();
+    dns.set("stale.kernel.test", &["198.18.20.3"], 1);
+    let server = dns.addr.to_string();
+    let daemon = sandbox.start_daemon(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: stale, namespace: kernel}
+spec:
+  hosts: [stale.kernel.test]
+  addresses: [240.240.20.11]
+  ports: [{number: 7000, name: tcp, protocol: TCP}]
+  resolution: DNS
+"#,
+        &[
+            "--datapath",
+            "auto",
+            "--dns-server",
+            &server,
+            "--dns-min-ttl",
+            "1",
+            "--dns-max-ttl",
+            "1",
+            "--dns-negative-ttl",
+            "1",
+            "--dns-timeout-ms",
+            "200",
+        ],
+    );
+    kernel_path_holds("240.240.20.11:7000", "api", Duration::from_millis(500));
+
+    // No descriptor for the query's socket: the lookup fails before any server sees it.
+    // Set twice: a query in flight the first time frees its socket when it ends.
+    let pid = daemon.pid();
+    let starve = || {
+        let free = process::lowest_free_descriptor(pid).unwrap();
+        process::set_open_files_soft_limit(pid, free).unwrap()
+    };
+    let previous = starve();
+    std::thread::sleep(Duration::from_millis(500));
+    starve();
+    let queries = dns.queries("stale.kernel.test");
+    kernel_path_holds("240.240.20.11:7000", "api", Duration::from_secs(4));
+    process::set_open_files_soft_limit(pid, previous).unwrap();
+    assert_eq!(
+        dns.queries("stale.kernel.test"),
+        queries,
+        "a query got out: the lookups did not fail locally"
+    );
+    daemon.wait_for_log("no connections available", 1);
+
+    // A server that answers nothing, for several TTLs.
+    dns.set_silent(true);
+    kernel_path_holds("240.240.20.11:7000", "api", Duration::from_secs(4));
+    daemon.wait_for_log("request timed out", 1);
+    dns.set_silent(false);
+
+    // The server's word that the host has no address ends the kept answer.
+    dns.remove("stale.kernel.test");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match who("240.240.20.11:7000") {
+            Err(error) if error.kind() == ErrorKind::ConnectionRefused => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "still connecting after NXDOMAIN: {other:?}"
+            ),
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }

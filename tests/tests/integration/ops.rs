@@ -16,11 +16,11 @@ use std::{
 use integration_tests::{
     Daemon, PROXY, Sandbox, TestServer,
     admin::{ADMIN, get, get_from, get_ok, scrape, scrape_until},
-    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
     daemon::{self, stop_while_connecting},
     server::{assert_refused_by_proxy, connect, who},
     vip_entry,
 };
+use testbed::bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs};
 
 const ADMIN_ARGS: [&str; 2] = ["--admin-addr", ADMIN];
 

@@ -8,12 +8,11 @@ use std::{
 };
 
 use integration_tests::{
-    Container, PROXY, Sandbox, TestServer,
-    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
-    enter_container_network_namespace,
+    Container, PROXY, Sandbox, TestServer, enter_container_network_namespace,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
 };
+use testbed::bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs};
 
 const NONE_RANGE: &str = r#"
 apiVersion: networking.istio.io/v1

@@ -184,7 +184,9 @@ pub fn rss(pid: u32) -> Option<f64> {
 }
 
 pub fn open_fds(pid: u32) -> Option<f64> {
-    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as f64)
+    testbed::process::open_descriptors(pid)
+        .ok()
+        .map(|count| count as f64)
 }
 
 #[cfg(test)]

@@ -305,9 +305,9 @@ impl Run<'_> {
             Fault::LowFdLimit => {
                 let pid = self.serving()?.pid();
                 let held = daemons::open_fds(pid).unwrap_or(0.0) as u64;
-                let previous = set_process_open_files(pid, held + 16)?;
+                let previous = process::set_open_files_soft_limit(pid, held + 16)?;
                 let result = self.idle(length);
-                set_process_open_files(pid, previous)?;
+                process::set_open_files_soft_limit(pid, previous)?;
                 let end = self.now() + 1.0;
                 self.window(fault, start, end);
                 result?;
@@ -480,117 +480,12 @@ fn log_tail(logs: &str) -> String {
     format!("; its log ends with:\n  {tail}")
 }
 
-/// Sets another process's soft RLIMIT_NOFILE and returns the previous soft limit.
-fn set_process_open_files(pid: u32, soft: u64) -> Result<u64> {
-    let mut old = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reading the limit into a valid rlimit.
-    if unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            std::ptr::null(),
-            &mut old,
-        )
-    } != 0
-    {
-        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
-    }
-    let new = libc::rlimit {
-        rlim_cur: soft.min(old.rlim_max),
-        rlim_max: old.rlim_max,
-    };
-    // SAFETY: setting the limit from a valid rlimit.
-    if unsafe {
-        libc::prlimit(
-            pid as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &new,
-            std::ptr::null_mut(),
-        )
-    } != 0
-    {
-        bail!("prlimit({pid}): {}", std::io::Error::last_os_error());
-    }
-    Ok(old.rlim_cur)
-}
-
-/// Every cgroup attach type, so that programs added later (DNS capture's UDP hooks)
-/// are covered too. Types this kernel lacks answer EINVAL and count as none.
-const CGROUP_ATTACH_TYPES: &[(u32, &str)] = &[
-    (0, "ingress"),
-    (1, "egress"),
-    (2, "sock_create"),
-    (3, "sock_ops"),
-    (8, "inet4_bind"),
-    (9, "inet6_bind"),
-    (10, "connect4"),
-    (11, "connect6"),
-    (12, "inet4_post_bind"),
-    (13, "inet6_post_bind"),
-    (14, "udp4_sendmsg"),
-    (15, "udp6_sendmsg"),
-    (19, "udp4_recvmsg"),
-    (20, "udp6_recvmsg"),
-    (21, "getsockopt"),
-    (22, "setsockopt"),
-    (29, "getpeername4"),
-    (30, "getpeername6"),
-    (31, "getsockname4"),
-    (32, "getsockname6"),
-];
-
 /// `name: count` for each attach type with programs on `cgroup`.
 fn attached_programs(cgroup: &Path) -> Vec<String> {
-    CGROUP_ATTACH_TYPES
-        .iter()
-        .filter_map(|&(attach_type, name)| {
-            let count = prog_query(cgroup, attach_type).ok()?;
-            (count > 0).then(|| format!("{name}: {count}"))
-        })
+    testbed::bpf::every_attached(cgroup)
+        .into_iter()
+        .map(|(name, count)| format!("{name}: {count}"))
         .collect()
-}
-
-fn prog_query(cgroup: &Path, attach_type: u32) -> std::io::Result<u32> {
-    use std::os::fd::AsRawFd as _;
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    #[repr(C)]
-    #[derive(Default)]
-    struct QueryAttr {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _pad: u32,
-        prog_attach_flags: u64,
-        link_ids: u64,
-        link_attach_flags: u64,
-        revision: u64,
-    }
-    let cgroup = fs::File::open(cgroup)?;
-    let mut attr = QueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        ..Default::default()
-    };
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix for BPF_PROG_QUERY, and
-    // prog_ids is null, so the kernel only writes prog_cnt.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if result != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(attr.prog_cnt)
 }
 
 /// Paths under the BPF filesystem; the daemon pins nothing, so none may appear.

@@ -126,7 +126,7 @@ pub enum Fault {
     InvalidReload,
     /// The DNS answer moves to the other backend address; nothing may fail.
     DnsChange,
-    /// The upstream DNS server answers nothing.
+    /// The upstream DNS server answers nothing; nothing may fail.
     DnsDown,
     /// The flaky backend's listener is closed.
     BackendRefuse,
@@ -148,21 +148,22 @@ impl Fault {
     pub fn expected(self, class: Class, kind: FailKind) -> bool {
         use FailKind::*;
         match self {
+            // A host resolved before the DNS server went silent keeps its last good
+            // answer, on the proxy and the kernel path alike.
             Self::Reload
             | Self::InvalidReload
             | Self::DnsChange
+            | Self::DnsDown
             | Self::BackendStall
             | Self::Handover => false,
-            // The proxy accepted, then could not resolve: it resets the client. On the
-            // kernel path a DNS entry without addresses refuses instead.
-            Self::DnsDown => class == Class::Dns && matches!(kind, Reset | EarlyEof | Refused),
             // Upstream refused or reset after the proxy accepted: the proxy passes on a
             // reset (or closes, when the backend's reset came after its last bytes).
             Self::BackendRefuse | Self::BackendReset => {
                 class == Class::Flaky && matches!(kind, Reset | EarlyEof)
             }
             // Without descriptors the proxy can neither accept nor dial upstream; the
-            // kernel path and a DNS answer from an open socket need none.
+            // kernel path and a DNS answer from an open socket need none, and a DNS
+            // entry on the kernel path keeps its addresses when lookups fail.
             Self::LowFdLimit => !class.kernel_path() && matches!(kind, Reset | EarlyEof),
             // Every proxied connection dies with the daemon; while none runs, a VIP is
             // unreachable and a port-only or NONE destination is dialled directly.
@@ -370,8 +371,24 @@ mod tests {
         // The proxy's descriptors are not the kernel path's.
         let starved = failure(Class::Kernel, FailKind::Reset, 41.0, 41.0);
         assert_eq!(explain(&starved, &windows), None);
+        // A DNS entry on the kernel path keeps its addresses when lookups fail.
+        let unresolved = failure(Class::Dns, FailKind::Refused, 41.0, 41.0);
+        assert_eq!(explain(&unresolved, &windows), None);
         let proxied = failure(Class::Churn, FailKind::Reset, 41.0, 41.0);
         assert_eq!(explain(&proxied, &windows), Some(Fault::LowFdLimit));
+    }
+
+    #[test]
+    fn a_silent_dns_server_explains_no_failure() {
+        let windows = [Window {
+            fault: Fault::DnsDown,
+            start: 10.0,
+            end: 15.0,
+        }];
+        for kind in [FailKind::Refused, FailKind::Reset, FailKind::EarlyEof] {
+            let failed = failure(Class::Dns, kind, 12.0, 12.0);
+            assert_eq!(explain(&failed, &windows), None, "{kind:?}");
+        }
     }
 
     #[test]
