@@ -11,6 +11,8 @@
 //!   re-list replaces the watch's objects only once complete, and applies nothing
 //!   when nothing changed, so the maps never flap.
 
+#[cfg(test)]
+mod crd;
 mod discovery;
 mod events;
 mod metrics;
