@@ -514,11 +514,19 @@ fn ready(args: &ReadyArgs) -> ExitCode {
 
 /// The error and its causes, outermost first: each error says only its own part.
 fn report(error: &anyhow::Error) -> String {
-    format!("{error:#}")
+    Chain(error.as_ref()).to_string()
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // kube's client logs an error for every failed request, with no context; the
+        // daemon reports each failure itself (start-up's one line, a watch's warning).
+        .add_directive(
+            "kube_client::client::builder=off"
+                .parse()
+                .expect("a valid directive"),
+        );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

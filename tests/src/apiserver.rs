@@ -163,11 +163,7 @@ impl ApiServer {
 
     /// Writes a kubeconfig that points at this server.
     pub fn write_kubeconfig(&self, path: &Path) {
-        let config = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://{}\nusers:\n- name: interceptor\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: interceptor\ncurrent-context: stand-in\n",
-            self.addr
-        );
-        std::fs::write(path, config).expect("write the kubeconfig");
+        write_kubeconfig(self.addr, path);
     }
 
     /// Creates or replaces an object given as YAML (a single document).
@@ -273,6 +269,15 @@ impl ApiServer {
     pub fn requests(&self) -> Vec<String> {
         self.state.lock().unwrap().requests.clone()
     }
+}
+
+/// Writes a kubeconfig that points at `addr` over plain HTTP, where a test may also
+/// have put something other than the stand-in.
+pub fn write_kubeconfig(addr: SocketAddr, path: &Path) {
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://{addr}\nusers:\n- name: interceptor\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: interceptor\ncurrent-context: stand-in\n"
+    );
+    std::fs::write(path, config).expect("write the kubeconfig");
 }
 
 impl Drop for ApiServer {

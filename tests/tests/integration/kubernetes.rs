@@ -348,6 +348,54 @@ fn a_missing_rbac_rule_keeps_the_daemon_unready_and_says_which() {
     );
 }
 
+/// Start-up that cannot discover the served versions ends the daemon, non-zero and
+/// with one line naming the API server, both when nothing listens there and when
+/// something accepts connections and never answers: the kubelet then restarts it
+/// with back-off, where a daemon waiting unready would say nothing.
+#[test]
+fn an_api_server_unreachable_at_start_ends_the_daemon_with_one_line() {
+    let sandbox = Sandbox::new("kube-unreachable");
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    // Never accepted: the kernel completes the handshake into the backlog, and the
+    // request waits there for an answer that never comes.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = sandbox.workdir.join("config.yaml");
+    std::fs::write(&config, "").unwrap();
+    for (server, cause) in [
+        (refused, "Connection refused"),
+        (
+            silent.local_addr().unwrap(),
+            "did not answer discovery within",
+        ),
+    ] {
+        let kubeconfig = sandbox.workdir.join("kubeconfig");
+        integration_tests::apiserver::write_kubeconfig(server, &kubeconfig);
+        let started = Instant::now();
+        let mut daemon = integration_tests::daemon::spawn(
+            &config,
+            &sandbox.cgroup,
+            &["--kubernetes", "--kubeconfig", kubeconfig.to_str().unwrap()],
+            &[],
+        )
+        .expect("spawn the daemon");
+        let code = daemon.wait();
+        let logs = daemon.logs();
+        assert_eq!(code, Some(1), "{logs}");
+        assert!(started.elapsed() < Duration::from_secs(15), "{logs}");
+        let errors: Vec<&str> = logs
+            .lines()
+            .filter(|line| line.starts_with("interceptor: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "{logs}");
+        assert!(errors[0].contains(&format!("http://{server}/")), "{logs}");
+        assert!(errors[0].contains(cause), "{logs}");
+        assert!(!logs.contains("panicked"), "{logs}");
+    }
+}
+
 /// A port-only TLS ServiceEntry `name` for `host`, with one STATIC endpoint.
 fn tls_entry(name: &str, host: &str, endpoint: &str) -> String {
     format!(

@@ -11,7 +11,7 @@ use super::store::Kind;
 
 const GROUP: &str = "networking.istio.io";
 /// The versions read, most preferred first: v1 is what Istio stores since 1.22.
-const PREFERENCE: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+pub(super) const PREFERENCE: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
 
 /// A version the group serves, and the kinds (with their plural resource names) it
 /// serves at that version.

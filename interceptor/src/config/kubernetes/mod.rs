@@ -11,6 +11,8 @@
 //!   re-list replaces the watch's objects only once complete, and applies nothing
 //!   when nothing changed, so the maps never flap.
 
+#[cfg(test)]
+mod crd;
 mod discovery;
 mod events;
 mod metrics;
@@ -38,6 +40,10 @@ use crate::{config::ConfigSet, report::Chain};
 
 /// How often a watch that failed checks whether its API server answers again.
 const PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long start-up waits for the discovery documents. The client has no read
+/// timeout of its own (watches stay open for minutes), so an API server that accepts
+/// connections and never answers would otherwise hold start-up forever.
+const DISCOVERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What `run --kubernetes` was given.
 #[derive(Debug, Clone, Default)]
@@ -63,8 +69,19 @@ pub enum KubeError {
     Infer(#[source] kube::config::InferConfigError),
     #[error("cannot create the Kubernetes client")]
     Client(#[source] kube::Error),
-    #[error("cannot discover the served networking.istio.io versions")]
-    Discovery(#[source] kube::Error),
+    #[error(
+        "cannot discover the served networking.istio.io versions from the Kubernetes API server at {server}"
+    )]
+    Discovery {
+        server: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the Kubernetes API server at {server} did not answer discovery within {} s",
+        DISCOVERY_TIMEOUT.as_secs()
+    )]
+    DiscoveryTimeout { server: String },
 }
 
 /// The running source: its objects, shared with the reloader.
@@ -81,10 +98,17 @@ impl KubeSource {
         metrics: Arc<crate::metrics::Metrics>,
         changed: mpsc::Sender<()>,
     ) -> Result<Self, KubeError> {
-        let client = client(&options).await?;
-        let resources = discovery::resources(&client)
+        let (client, server) = client(&options).await?;
+        // Start-up fails here rather than waiting: the kubelet restarts a pod that
+        // exits, with back-off and a reason anyone can see, while a daemon that hung
+        // unready would say nothing. Once started, an unreachable API server only
+        // stops updates (the watches retry).
+        let resources = match tokio::time::timeout(DISCOVERY_TIMEOUT, discovery::resources(&client))
             .await
-            .map_err(KubeError::Discovery)?;
+        {
+            Ok(resources) => resources.map_err(|source| KubeError::Discovery { server, source })?,
+            Err(_) => return Err(KubeError::DiscoveryTimeout { server }),
+        };
         let mut watches = Vec::new();
         for (kind, resource) in resources {
             if options.namespaces.is_empty() {
@@ -145,7 +169,8 @@ impl KubeSource {
     }
 }
 
-async fn client(options: &Options) -> Result<Client, KubeError> {
+/// The client, and the API server's URL for messages.
+async fn client(options: &Options) -> Result<(Client, String), KubeError> {
     let config = match &options.kubeconfig {
         Some(path) => {
             let kubeconfig =
@@ -162,7 +187,9 @@ async fn client(options: &Options) -> Result<Client, KubeError> {
         }
         None => kube::Config::infer().await.map_err(KubeError::Infer)?,
     };
-    Client::try_from(config).map_err(KubeError::Client)
+    let server = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(KubeError::Client)?;
+    Ok((client, server))
 }
 
 /// One kind's list and watch.
