@@ -118,7 +118,7 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
 pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
     let nspawn = format!(
         "systemd-nspawn --quiet --register=no --keep-unit --boot --volatile=overlay \
-         --private-network --capability=CAP_BPF --system-call-filter=bpf \
+         --private-network --capability=CAP_BPF,CAP_PERFMON --system-call-filter=bpf \
          --bind-ro={payload}:/payload --directory={rootfs} systemd.show_status=error",
         payload = payload.dir.display(),
         rootfs = image.rootfs().display(),
