@@ -12,7 +12,9 @@ pub mod sandbox;
 
 pub use daemon::{Daemon, DaemonOptions};
 pub use process::{Proc, SpawnOptions};
-pub use sandbox::{Placement, Sandbox, ip, remove_stale_cgroups};
+pub use sandbox::{
+    Placement, Sandbox, ip, remove_cgroup, remove_stale_cgroups, systemd_v1_hierarchy,
+};
 
 /// The integration tests' sandboxes are `<this><pid>-<test>`.
 pub const TEST_CGROUP_PREFIX: &str = "interceptor-test-";

@@ -203,7 +203,32 @@ fn assert_isolated() -> Result<()> {
 /// removed.
 pub fn remove_stale_cgroups(prefix: &str) -> Result<()> {
     let root = cgroup2_root().context("finding the cgroup2 mount")?;
-    let entries = fs::read_dir(&root).with_context(|| format!("listing {}", root.display()))?;
+    remove_stale_cgroups_in(&root, prefix)?;
+    if let Some(v1) = systemd_v1_hierarchy() {
+        remove_stale_cgroups_in(&v1, prefix)?;
+    }
+    Ok(())
+}
+
+/// On a host with systemd's hybrid cgroup layout, the v1 hierarchy systemd names its
+/// own (`name=systemd`): systemd-nspawn mirrors its cgroup there, and a container's
+/// systemd makes its cgroups in both.
+pub fn systemd_v1_hierarchy() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [_, target, "cgroup", options, ..] = fields[..] else {
+            return None;
+        };
+        options
+            .split(',')
+            .any(|option| option == "name=systemd")
+            .then(|| PathBuf::from(target))
+    })
+}
+
+fn remove_stale_cgroups_in(root: &Path, prefix: &str) -> Result<()> {
+    let entries = fs::read_dir(root).with_context(|| format!("listing {}", root.display()))?;
     for entry in entries.flatten() {
         let path = entry.path();
         let Some(pid) = path
@@ -218,15 +243,36 @@ pub fn remove_stale_cgroups(prefix: &str) -> Result<()> {
         if Path::new(&format!("/proc/{pid}")).exists() {
             continue;
         }
-        let _ = fs::write(path.join("cgroup.kill"), "1");
-        for _ in 0..50 {
-            if fs::remove_dir(&path).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        remove_cgroup(&path);
     }
     Ok(())
+}
+
+/// Kills every process in the cgroup `path` and its descendants and removes them all,
+/// deepest first: a cgroup with a child cgroup cannot be removed, empty or not, and a
+/// container's systemd makes many. Waits up to 5 s for the killed to go; false if
+/// `path` is still there then.
+pub fn remove_cgroup(path: &Path) -> bool {
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    for _ in 0..250 {
+        remove_cgroup_tree(path);
+        if !path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn remove_cgroup_tree(path: &Path) {
+    if let Ok(entries) = fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(path);
 }
 
 /// Runs `ip` (iproute2) in the calling thread's network namespace: a child starts in

@@ -103,12 +103,70 @@ impl Sandbox {
             .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
     }
 
+    /// [`Sandbox::start_daemon`] without waiting for it to be ready, for a test that
+    /// checks a refusal to start.
+    pub fn spawn_daemon(&self, yaml: &str, extra_args: &[&str]) -> Daemon {
+        let config = self.write_config(yaml);
+        daemon::spawn(&config, &self.cgroup, extra_args, &[])
+            .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
+    }
+
     /// Writes `yaml` as this sandbox's config file, the one [`Sandbox::start_daemon`]
     /// starts on, the way [`replace_file`] does; returns its path.
     pub fn write_config(&self, yaml: &str) -> PathBuf {
         let config = self.workdir.join("config.yaml");
         replace_file(&config, yaml);
         config
+    }
+}
+
+/// Names the daemon's start-up warning (no container proxy address) or its refusal
+/// (one) on a kernel that does not tell a socket its network namespace's cookie, before
+/// Linux 5.14: there its programs cannot tell a container from the daemon's own
+/// network namespace.
+pub const NO_NETNS_COOKIE: &str = "SO_NETNS_COOKIE";
+
+/// Checks that `daemon`, given a container proxy address, refused to start as
+/// docs/kernels.md says it does on a kernel without netns cookies (before Linux 5.14):
+/// the kernel lacks them, the daemon exited 1, and its last line is the one-line
+/// refusal. Call it once the daemon has failed to get ready.
+pub fn assert_refused_for_lack_of_netns_cookies(daemon: &mut Daemon) {
+    assert!(
+        !kernel_has_netns_cookies(),
+        "the daemon did not start on a kernel with netns cookies:\n{}",
+        daemon.logs()
+    );
+    assert_eq!(daemon.wait(), Some(1), "{}", daemon.logs());
+    let logs = daemon.logs();
+    let refusal = logs.lines().last().unwrap_or_default();
+    assert!(
+        refusal.starts_with("interceptor: ")
+            && refusal.contains("container proxy address")
+            && refusal.contains(NO_NETNS_COOKIE)
+            && refusal.contains("Linux 5.14"),
+        "not the one-line refusal for lack of netns cookies:\n{logs}"
+    );
+}
+
+/// Whether this kernel answers SO_NETNS_COOKIE: what the daemon probes at start, asked
+/// again so a test can hold the daemon's verdict to it.
+pub fn kernel_has_netns_cookies() -> bool {
+    // SAFETY: a fresh socket, an option value of the size the kernel writes, and the
+    // socket closed before returning.
+    unsafe {
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
+        let mut cookie = 0_u64;
+        let mut length = std::mem::size_of::<u64>() as libc::socklen_t;
+        let answered = libc::getsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut length,
+        ) == 0;
+        libc::close(socket);
+        answered
     }
 }
 

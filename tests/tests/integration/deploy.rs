@@ -21,6 +21,7 @@ use std::{
 use integration_tests::{
     CONTAINER_ADDR_V4, CONTAINER_GATEWAY_V4, Container, Daemon, Sandbox, TestServer,
     admin::get_from,
+    assert_refused_for_lack_of_netns_cookies,
     daemon::{self, stop_while_connecting},
     server::{Who, connect, who},
 };
@@ -321,14 +322,18 @@ impl Pod {
     }
 }
 
-fn wait_until_ready(daemon: &mut Daemon, pod: &Pod) {
+/// Whether the pod's readiness probe passed; false if its daemon exited first.
+fn wait_until_ready(daemon: &mut Daemon, pod: &Pod) -> bool {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let probed = pod.probe();
         if probed.is_ok() {
-            return;
+            return true;
         }
-        if daemon.has_exited() || Instant::now() > deadline {
+        if daemon.has_exited() {
+            return false;
+        }
+        if Instant::now() > deadline {
             panic!(
                 "the readiness probe never passed: {probed:?}\n{}",
                 daemon.logs()
@@ -457,8 +462,10 @@ impl Node {
     /// Starts the container's command with the security context's capabilities, as
     /// a container runtime would: uid 0, every other capability out of the bounding
     /// set (so out of the permitted and effective sets after exec), no new
-    /// privileges. Then waits on the readiness probe.
-    fn start_daemon(&self, pod: &Pod) -> Daemon {
+    /// privileges. Then waits on the readiness probe. None: the daemon refused the
+    /// manifest's container proxy address, as it does on a kernel without netns
+    /// cookies (checked).
+    fn start_daemon(&self, pod: &Pod) -> Option<Daemon> {
         let security = &self.manifest.container()["securityContext"];
         assert_eq!(security["runAsUser"], 0);
         assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
@@ -487,7 +494,10 @@ impl Node {
             });
         }
         let mut daemon = daemon::spawn_command(command).expect("start the container's command");
-        wait_until_ready(&mut daemon, pod);
+        if !wait_until_ready(&mut daemon, pod) {
+            assert_refused_for_lack_of_netns_cookies(&mut daemon);
+            return None;
+        }
         let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
         let effective = status
             .lines()
@@ -498,7 +508,7 @@ impl Node {
             Some(kept),
             "the daemon runs with the manifest's capabilities only"
         );
-        daemon
+        Some(daemon)
     }
 
     /// The kubelet's update of the ConfigMap with the endpoint moved.
@@ -519,7 +529,9 @@ fn the_daemonset_runs_as_written_and_follows_configmap_updates() {
     // A pod in a network namespace of its own, whose node IP is the veth's far end.
     let pod_client = Container::start(|| who(VIP));
     let pod = node.pod("interceptor");
-    let mut daemon = node.start_daemon(&pod);
+    let Some(mut daemon) = node.start_daemon(&pod) else {
+        return;
+    };
 
     assert_served_by(pod_client.run(), "first");
     // A host-network pod, in the node's namespace.
@@ -629,7 +641,9 @@ fn a_config_file_in_a_configmap_volume_follows_updates() {
     node.config_override = Some(node.configmap.dir.join(key));
     // The node IP the container proxy address names; no pod here to bring its link.
     node.sandbox.add_host(CONTAINER_GATEWAY_V4.parse().unwrap());
-    let daemon = node.start_daemon(&node.pod("interceptor"));
+    let Some(daemon) = node.start_daemon(&node.pod("interceptor")) else {
+        return;
+    };
     assert_served_by(who(VIP), "first");
 
     node.move_endpoint();
@@ -669,7 +683,9 @@ fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
         })
     };
     let old_pod = node.pod("old");
-    let old = node.start_daemon(&old_pod);
+    let Some(old) = node.start_daemon(&old_pod) else {
+        return;
+    };
     let new_pod = node.pod("new");
     let not_yet = new_pod
         .probe()
@@ -690,7 +706,9 @@ fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
         .probe()
         .expect_err("a dead daemon's file is not ready");
     assert!(not_yet.contains("another daemon's"), "{not_yet}");
-    let new = node.start_daemon(&new_pod);
+    let new = node
+        .start_daemon(&new_pod)
+        .expect("the kernel ran the old pod's daemon");
 
     let (old_addresses, new_addresses) = (old_pod.addresses(), new_pod.addresses());
     assert_eq!(old_addresses["admin"], configured_admin.as_str());
@@ -782,6 +800,8 @@ fn a_rolling_update_surges_a_new_pod_and_no_connect_fails() {
     // its link with it; the node IP must still exist.)
     node.sandbox.add_host(CONTAINER_GATEWAY_V4.parse().unwrap());
     let next_pod = node.pod("next");
-    let _next = node.start_daemon(&next_pod);
+    let _next = node
+        .start_daemon(&next_pod)
+        .expect("the kernel ran the old pod's daemon");
     assert_eq!(ports(&next_pod.addresses()), configured_ports);
 }

@@ -8,7 +8,9 @@ use std::{
 };
 
 use integration_tests::{
-    Container, PROXY, Sandbox, TestServer, enter_container_network_namespace,
+    Container, NO_NETNS_COOKIE, PROXY, Sandbox, TestServer,
+    assert_refused_for_lack_of_netns_cookies, enter_container_network_namespace,
+    kernel_has_netns_cookies,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
 };
@@ -66,7 +68,7 @@ fn connects_from_another_network_namespace_go_direct() {
     let sandbox = Sandbox::new("other-netns");
     sandbox.add_hosts(&["198.18.0.10"]);
     let _here = TestServer::start("here", "198.18.0.10:7000");
-    let _daemon = sandbox.start_daemon(
+    let daemon = sandbox.start_daemon(
         &format!(
             "{NONE_RANGE}---\n{}",
             vip_entry("egress", "vip", "240.240.3.1", "198.18.0.10")
@@ -77,6 +79,13 @@ fn connects_from_another_network_namespace_go_direct() {
         who("198.18.0.10:7000")
             .expect("connect in the daemon's namespace")
             .went_through_proxy()
+    );
+    let without_cookies = daemon.logs().contains(NO_NETNS_COOKIE);
+    assert_eq!(
+        without_cookies,
+        !kernel_has_netns_cookies(),
+        "the daemon's probe disagrees with the kernel:\n{}",
+        daemon.logs()
     );
 
     // A container: in the cgroup the programs watch, but in a network namespace of its
@@ -89,6 +98,23 @@ fn connects_from_another_network_namespace_go_direct() {
     })
     .join()
     .expect("the container thread");
+    if without_cookies {
+        // The degradation docs/kernels.md describes for kernels before 5.14, which the
+        // daemon warned of: the container's connects are redirected too, to the
+        // proxy's loopback address, which in its namespace is nobody.
+        for (connect, what) in [
+            (seen.map(drop), "to a redirected host"),
+            (vip.map(drop), "to the VIP"),
+        ] {
+            let error = connect.expect_err(what);
+            assert_eq!(
+                error.kind(),
+                ErrorKind::ConnectionRefused,
+                "{what}: {error}"
+            );
+        }
+        return;
+    }
     let seen = seen.expect("a connect from the container's namespace");
     assert_eq!(seen.server, "container");
     assert!(!seen.went_through_proxy(), "{seen:?}");
@@ -110,7 +136,7 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
         let unclaimed = connect("240.240.5.1:7001").map(|_| ());
         (seen, seen_v6, unclaimed)
     });
-    let daemon = sandbox.start_daemon(
+    let mut daemon = sandbox.spawn_daemon(
         &vip_entry(
             "egress",
             "vip",
@@ -124,6 +150,17 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
             "[fd00:5::1]:15001",
         ],
     );
+    if daemon.wait_ready().is_err() {
+        // Before Linux 5.14 the programs cannot tell the container from the daemon's
+        // own namespace, and the daemon refuses the flag.
+        assert_refused_for_lack_of_netns_cookies(&mut daemon);
+        assert_eq!(
+            attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
+            0,
+            "a refused start left a program attached"
+        );
+        return;
+    }
     let (seen, seen_v6, unclaimed) = container.run();
 
     let seen = seen.expect("the container reaches the VIP through the proxy");

@@ -4,6 +4,7 @@ use std::{
     fmt, fs,
     io::{BufRead as _, BufReader},
     os::unix::process::CommandExt as _,
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -117,7 +118,7 @@ pub fn boot(image: &Image, boot: &Boot, payload: &Payload, shell: bool) -> Resul
 pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
     let nspawn = format!(
         "systemd-nspawn --quiet --register=no --keep-unit --boot --volatile=overlay \
-         --private-network --capability=CAP_BPF --system-call-filter=bpf \
+         --private-network --capability=CAP_BPF,CAP_PERFMON --system-call-filter=bpf \
          --bind-ro={payload}:/payload --directory={rootfs} systemd.show_status=error",
         payload = payload.dir.display(),
         rootfs = image.rootfs().display(),
@@ -125,13 +126,14 @@ pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
     println!("\n======== systemd-nspawn on the host's kernel ========");
     // The daemon in the container attaches to the container's cgroup root, which is
     // nspawn's own cgroup (or a child of it): so nspawn starts in a cgroup of its
-    // own, never the host's root, and the cgroup goes when it ends.
-    let cgroup = interceptor_common::host::cgroup2_root()?.join(format!(
+    // own, never the host's root, and the cgroup goes when it ends, also when this
+    // fails. A run killed before its cleanup is swept up by the next.
+    testbed::remove_stale_cgroups(testbed::TEST_CGROUP_PREFIX)?;
+    let cgroup = OwnCgroup::create(format!(
         "{}{}-nspawn",
         testbed::TEST_CGROUP_PREFIX,
         std::process::id()
-    ));
-    fs::create_dir(&cgroup).with_context(|| format!("creating {}", cgroup.display()))?;
+    ))?;
     // script gives nspawn the terminal it wants for the container's console.
     let mut script = Command::new("script");
     script.args([
@@ -142,21 +144,39 @@ pub fn nspawn(image: &Image, payload: &Payload) -> Result<Outcome> {
         &nspawn,
         "/dev/null",
     ]);
-    let procs = cgroup.join("cgroup.procs");
+    let procs = cgroup.0.join("cgroup.procs");
     // SAFETY: between fork and exec the closure opens, writes and closes one file;
     // xtask has no other thread yet, so the allocation that makes is safe too.
     unsafe {
         script.pre_exec(move || fs::write(&procs, "0"));
     }
-    let outcome = watch(script, "nspawn");
-    let _ = fs::write(cgroup.join("cgroup.kill"), "1");
-    for _ in 0..100 {
-        if fs::remove_dir(&cgroup).is_ok() {
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
+    watch(script, "nspawn")
+}
+
+/// A cgroup of this run's, removed when it drops with everything the container's
+/// systemd made in it, also in the v1 hierarchy where nspawn mirrors it on a host
+/// with the hybrid layout.
+struct OwnCgroup(PathBuf);
+
+impl OwnCgroup {
+    fn create(name: String) -> Result<Self> {
+        let path = interceptor_common::host::cgroup2_root()?.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(OwnCgroup(path))
     }
-    outcome
+}
+
+impl Drop for OwnCgroup {
+    fn drop(&mut self) {
+        // The v2 cgroup first: removing it kills the processes the v1 one holds too.
+        let mirror =
+            testbed::systemd_v1_hierarchy().and_then(|v1| Some(v1.join(self.0.file_name()?)));
+        for path in std::iter::once(&self.0).chain(&mirror) {
+            if !testbed::remove_cgroup(path) {
+                eprintln!("xtask vm: could not remove {}", path.display());
+            }
+        }
+    }
 }
 
 /// Runs a boot, streams its console under `label`, and reads the runner's status.
