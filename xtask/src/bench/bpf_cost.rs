@@ -12,8 +12,15 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// The program whose cost is measured: it runs on every connect in the cgroup.
-const CONNECT4: &str = "egress_connect4";
+/// The program whose cost is measured, for the run's address family: it runs on
+/// every connect of that family in the cgroup. (An IPv6 run's connects go through
+/// connect6 only.)
+pub fn connect_program() -> &'static str {
+    match super::proto::family() {
+        super::proto::Family::Ipv4 => "egress_connect4",
+        super::proto::Family::Ipv6 => "egress_connect6",
+    }
+}
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// Turns the kernel's BPF run-time accounting on, and back to what it was on drop.
@@ -36,17 +43,18 @@ impl Drop for BpfStats {
     }
 }
 
-/// connect4's total run time and run count, of the daemon `pid`'s copy (other
-/// daemons on the machine have their own).
-pub fn connect4_stats(pid: u32) -> Result<(Duration, u64)> {
+/// The [`connect_program`]'s total run time and run count, of the daemon `pid`'s copy
+/// (other daemons on the machine have their own).
+pub fn connect_stats(pid: u32) -> Result<(Duration, u64)> {
     let own = program_ids(pid)?;
+    let wanted = connect_program();
     for program in aya::programs::loaded_programs() {
         let program = program.context("listing loaded BPF programs")?;
-        if own.contains(&program.id()) && program.name_as_str() == Some(CONNECT4) {
+        if own.contains(&program.id()) && program.name_as_str() == Some(wanted) {
             return Ok((program.run_time(), program.run_count()));
         }
     }
-    bail!("daemon {pid} holds no {CONNECT4} program")
+    bail!("daemon {pid} holds no {wanted} program")
 }
 
 /// The ids of the BPF programs `pid` holds descriptors of, from their fdinfo.

@@ -12,7 +12,7 @@ use testbed::{Proc, SpawnOptions, process::bail_if_interrupted};
 
 use super::{
     Scenario, Sizes,
-    bpf_cost::{BpfStats, Tracing, connect4_stats},
+    bpf_cost::{BpfStats, Tracing, connect_program, connect_stats},
     paths::{self, Kind, PathSpec},
     proto::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
@@ -746,9 +746,10 @@ impl Bench<'_> {
             self.sandbox,
             &self.poll_daemon_args(),
         )?;
+        let program = connect_program().trim_start_matches("egress_");
         let destinations = [
-            ("connect4, no rule: left alone", backend_ip()),
-            ("connect4, VIP: to the proxy", vip(0)),
+            (format!("{program}, no rule: left alone"), backend_ip()),
+            (format!("{program}, VIP: to the proxy"), vip(0)),
         ];
         let mut per_run = [[None; 2]; 2];
         for (traced, tracer) in [false, true].into_iter().enumerate() {
@@ -765,7 +766,7 @@ impl Bench<'_> {
             };
             for (slot, (label, addr)) in destinations.iter().enumerate() {
                 bail_if_interrupted()?;
-                let before = connect4_stats(daemon.pid())?;
+                let before = connect_stats(daemon.pid())?;
                 let job = Job::ConnectLatency {
                     target: Target {
                         addr: SocketAddr::new(*addr, CONN_PORT),
@@ -778,9 +779,9 @@ impl Bench<'_> {
                 let timeout =
                     Duration::from_millis(sizes.sequential_millis) + Duration::from_secs(60);
                 let outcome = self.client(job, timeout)?;
-                let after = connect4_stats(daemon.pid())?;
+                let after = connect_stats(daemon.pid())?;
                 let runs = after.1.saturating_sub(before.1);
-                ensure!(runs > 0, "{label}: connect4 did not run");
+                ensure!(runs > 0, "{label}: {program} did not run");
                 let nanos = after.0.saturating_sub(before.0).as_nanos() as f64 / runs as f64;
                 let name = format!("{label}, {}", if tracer { "tracing" } else { "no tracer" });
                 println!(
@@ -797,7 +798,7 @@ impl Bench<'_> {
         daemon.stop()?;
         for (slot, (label, _)) in destinations.iter().enumerate() {
             self.report.bpf_rows.push(ScaleRow::new(
-                *label,
+                label.clone(),
                 "ns/run",
                 per_run[slot][0],
                 per_run[slot][1],
