@@ -14,6 +14,15 @@ const FEW_OPEN_FILES: u64 = 16_384;
 /// admin requests, DNS queries, config reloads.
 const DESCRIPTOR_MARGIN: usize = 64;
 
+/// Whether `error` says the daemon ran short of descriptors or memory: a failure that
+/// passes, unlike a missing file or a denied one, so what met it is worth trying again.
+pub fn is_shortage(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS)
+    )
+}
+
 /// Each proxied connection holds two descriptors, and the soft limit is 1024 in many
 /// containers and services, which would refuse connections past about 350. The hard
 /// limit is the administrator's cap; raising the soft one up to it needs no privilege.

@@ -34,6 +34,19 @@ pub enum LoadError {
 }
 
 impl LoadError {
+    /// Whether the load failed only because the daemon ran short of descriptors or
+    /// memory while reading files: the configuration may be fine, and a later try
+    /// may load it.
+    pub fn is_shortage(&self) -> bool {
+        match self {
+            Self::Config(config::LoadError::Read { source, .. }) => {
+                crate::limits::is_shortage(source)
+            }
+            Self::Config(_) => false,
+            Self::Build { error, .. } => error.shortage,
+        }
+    }
+
     /// Every finding, warnings first, for `validate`; `Err` for a failure that is no
     /// finding (a file that cannot be read, a directory without configuration).
     pub fn into_findings(self) -> Result<Vec<Finding>, config::LoadError> {

@@ -42,11 +42,19 @@ use crate::{
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 /// A writer that never pauses still gets its changes applied this often.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+/// The first retry of a reload that met a shortage of descriptors or memory, and the
+/// longest wait between retries as it persists.
+const SHORTAGE_RETRY: Duration = Duration::from_secs(1);
+const MAX_SHORTAGE_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("the new configuration is invalid; the running one stays")]
     Invalid(#[source] LoadError),
+    #[error(
+        "the configuration could not be read for want of descriptors or memory; the running one stays until a later try reads it"
+    )]
+    Shortage(#[source] LoadError),
     #[error("cannot update the BPF maps; the running configuration stays")]
     Kernel(#[source] KernelError),
     #[error("the new VIP allocations cannot be kept; the running configuration stays")]
@@ -109,6 +117,10 @@ impl Reloader {
                     "configuration reloaded"
                 );
             }
+            Err(error @ ReloadError::Shortage(_)) => {
+                self.metrics.reloaded(ReloadResult::failed);
+                warn!(trigger, "reload failed: {}", Chain(error));
+            }
             Err(error) => {
                 self.metrics.reloaded(ReloadResult::failed);
                 error!(trigger, "reload failed: {}", Chain(error));
@@ -128,8 +140,13 @@ impl Reloader {
         for name in names {
             previous.request(name);
         }
-        let new = load::load_and_log(&self.config_paths, objects, &previous)
-            .map_err(ReloadError::Invalid)?;
+        let new = load::load_and_log(&self.config_paths, objects, &previous).map_err(|error| {
+            if error.is_shortage() {
+                ReloadError::Shortage(error)
+            } else {
+                ReloadError::Invalid(error)
+            }
+        })?;
         // Kept before anything is applied: addresses handed out must survive a restart.
         if new.allocations() != running.allocations() {
             self.state
@@ -204,9 +221,18 @@ pub async fn run(
         mut changed,
         mut kubernetes,
     } = watch;
+    // After a reload that could not read the files for want of descriptors or
+    // memory, the same change is tried again, later each time it fails again.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
         let trigger = tokio::select! {
             () = shutdown.cancelled() => break,
+            () = async {
+                match retry {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => "retry after a shortage",
             _ = hangup.recv() => "SIGHUP",
             Some(()) = async {
                 match kubernetes.as_mut() {
@@ -221,10 +247,19 @@ pub async fn run(
         };
         systemd::reloading();
         let task = Arc::clone(&reloader);
-        if let Err(join) = tokio::task::spawn_blocking(move || task.reload(trigger)).await {
-            // The swap is a reload's last step: one that did not finish applied nothing.
-            reloader.metrics.reloaded(ReloadResult::failed);
-            error!("{}", Chain(&ReloadError::Task(join)));
+        match tokio::task::spawn_blocking(move || task.reload(trigger)).await {
+            Ok(Err(ReloadError::Shortage(_))) => {
+                let delay = retry.map_or(SHORTAGE_RETRY, |(_, last)| {
+                    (last * 2).min(MAX_SHORTAGE_RETRY)
+                });
+                retry = Some((tokio::time::Instant::now() + delay, delay));
+            }
+            Ok(_) => retry = None,
+            Err(join) => {
+                // The swap is a reload's last step: one that did not finish applied nothing.
+                reloader.metrics.reloaded(ReloadResult::failed);
+                error!("{}", Chain(&ReloadError::Task(join)));
+            }
         }
         systemd::ready();
     }

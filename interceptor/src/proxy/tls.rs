@@ -79,6 +79,9 @@ struct Built {
 pub struct MaterialError {
     pub field: &'static str,
     pub message: String,
+    /// The file could not be read for want of descriptors or memory: the daemon's
+    /// trouble, not the configuration's, and gone once it passes.
+    pub shortage: bool,
 }
 
 impl fmt::Debug for Origination {
@@ -211,6 +214,7 @@ impl Spec {
                     .map_err(|error| MaterialError {
                         field: "caCertificates",
                         message: format!("cannot build a verifier: {error}"),
+                        shortage: false,
                     })?;
             Some(webpki)
         };
@@ -228,6 +232,7 @@ impl Spec {
             .map_err(|error| MaterialError {
                 field: "mode",
                 message: error.to_string(),
+                shortage: false,
             })?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
@@ -251,6 +256,7 @@ impl Spec {
                     roots.add(certificate).map_err(|error| MaterialError {
                         field: "caCertificates",
                         message: format!("{}: {error}", path.display()),
+                        shortage: false,
                     })?;
                 }
             }
@@ -264,6 +270,7 @@ impl Spec {
                     return Err(MaterialError {
                         field: "caCertificates",
                         message: "unset, and the system has no root certificates".into(),
+                        shortage: false,
                     });
                 }
             }
@@ -296,9 +303,11 @@ fn client_certificate(
     provider: &CryptoProvider,
 ) -> Result<CertifiedKey, MaterialError> {
     let chain = read_pem_all::<CertificateDer>(cert_path, "clientCertificate", "certificate")?;
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|error| MaterialError {
+    let key = read_file(key_path, "privateKey")?;
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|error| MaterialError {
         field: "privateKey",
         message: format!("{}: no usable private key: {error}", key_path.display()),
+        shortage: false,
     })?;
     let key = provider
         .key_provider
@@ -306,6 +315,7 @@ fn client_certificate(
         .map_err(|error| MaterialError {
             field: "privateKey",
             message: format!("{}: unsupported private key: {error}", key_path.display()),
+            shortage: false,
         })?;
     let certified = CertifiedKey::new(chain, key);
     // Unlike rustls's own loading, a key whose match cannot be checked is refused too.
@@ -316,8 +326,17 @@ fn client_certificate(
             key_path.display(),
             cert_path.display()
         ),
+        shortage: false,
     })?;
     Ok(certified)
+}
+
+fn read_file(path: &Path, field: &'static str) -> Result<Vec<u8>, MaterialError> {
+    fs::read(path).map_err(|error| MaterialError {
+        field,
+        message: format!("cannot read {}: {error}", path.display()),
+        shortage: crate::limits::is_shortage(&error),
+    })
 }
 
 fn read_pem_all<T: rustls::pki_types::pem::PemObject>(
@@ -325,20 +344,19 @@ fn read_pem_all<T: rustls::pki_types::pem::PemObject>(
     field: &'static str,
     what: &str,
 ) -> Result<Vec<T>, MaterialError> {
-    let bytes = fs::read(path).map_err(|error| MaterialError {
-        field,
-        message: format!("cannot read {}: {error}", path.display()),
-    })?;
+    let bytes = read_file(path, field)?;
     let items = T::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| MaterialError {
             field,
             message: format!("{}: not PEM: {error}", path.display()),
+            shortage: false,
         })?;
     if items.is_empty() {
         return Err(MaterialError {
             field,
             message: format!("{} holds no PEM {what}", path.display()),
+            shortage: false,
         });
     }
     Ok(items)

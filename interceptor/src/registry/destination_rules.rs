@@ -6,7 +6,7 @@
 //! loaded. A `portLevelSettings` entry replaces the top-level policy for its port
 //! wholesale, as in Istio: fields it leaves unset are not inherited.
 
-use std::sync::Arc;
+use std::{cell::Cell, sync::Arc};
 
 use serde::Serialize;
 
@@ -41,6 +41,8 @@ pub struct UpstreamPolicy {
 pub(super) struct DestinationRules<'a> {
     rules: &'a [Sourced<DestinationRule>],
     by_host: HostTable<usize>,
+    /// Whether a file could not be read for want of descriptors or memory.
+    shortage: Cell<bool>,
 }
 
 /// One place in a rule that holds a policy: the top level or a port's settings.
@@ -95,6 +97,7 @@ impl<'a> DestinationRules<'a> {
     ) -> Self {
         let rules = &config.destination_rules[..];
         let mut by_host = HostTable::default();
+        let mut shortage = false;
         for (index, rule) in rules.iter().enumerate() {
             by_host.insert_if_absent(&rule.resource.spec.host, index);
             for site in sites(&rule.resource) {
@@ -127,6 +130,7 @@ impl<'a> DestinationRules<'a> {
                 if let Err((field, message)) = servable(tls, &field) {
                     errors.push(finding(rule, field, message));
                 } else if let Err(error) = Origination::load(tls, &[]) {
+                    shortage |= error.shortage;
                     errors.push(finding(
                         rule,
                         format!("{field}.{}", error.field),
@@ -135,7 +139,17 @@ impl<'a> DestinationRules<'a> {
                 }
             }
         }
-        Self { rules, by_host }
+        Self {
+            rules,
+            by_host,
+            shortage: Cell::new(shortage),
+        }
+    }
+
+    /// Whether a finding so far only says that a file could not be read for want of
+    /// descriptors or memory.
+    pub(super) fn met_a_shortage(&self) -> bool {
+        self.shortage.get()
     }
 
     /// The policy of each of the service's ports (`None`: no rule applies), with
@@ -169,6 +183,7 @@ impl<'a> DestinationRules<'a> {
                         match Origination::load(tls, service_sans) {
                             Ok(tls) => tls,
                             Err(error) => {
+                                self.shortage.set(self.shortage.get() | error.shortage);
                                 errors.push(finding(
                                     rule,
                                     format!("{}.tls.{}", site.field, error.field),
@@ -380,5 +395,49 @@ mod tests {
             assert_eq!(finding.file, PathBuf::from("rules.yaml"));
             assert!(finding.message.contains(message), "{}", finding.message);
         }
+    }
+
+    /// Set in the child process the next test runs itself in.
+    const SHORTAGE_CHILD: &str = "INTERCEPTOR_TEST_SHORTAGE_CHILD";
+
+    /// The soak's finding: a reload that met a low descriptor limit called the
+    /// configuration invalid. The test lowers the open-files limit of a process, so it
+    /// runs in a child of the test binary where nothing else runs.
+    #[test]
+    fn a_file_unread_for_want_of_descriptors_is_a_shortage_not_a_fault_of_the_rule() {
+        let config = with_rules(
+            &[DB],
+            &[&rule(
+                "db",
+                "db.example.com",
+                "    tls: {mode: MUTUAL, clientCertificate: /nonexistent/c.pem, privateKey: /nonexistent/k.pem, caCertificates: /nonexistent/ca.pem}\n",
+            )],
+        );
+        if std::env::var_os(SHORTAGE_CHILD).is_none() {
+            let missing = Registry::build(&config).unwrap_err();
+            assert!(!missing.shortage, "{missing}");
+            let name = "registry::destination_rules::tests::a_file_unread_for_want_of_descriptors_is_a_shortage_not_a_fault_of_the_rule";
+            let child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--test-threads=1", "--nocapture"])
+                .env(SHORTAGE_CHILD, "1")
+                .output()
+                .unwrap();
+            let output = String::from_utf8_lossy(&child.stdout);
+            assert!(child.status.success(), "{output}{}", String::from_utf8_lossy(&child.stderr));
+            assert!(output.contains("1 passed"), "{output}");
+            return;
+        }
+        // An open fails for want of a descriptor before it looks for the file.
+        let (soft, hard) = interceptor_common::host::open_files_limit().unwrap();
+        let lowest_free = std::fs::File::open("/dev/null").map(|file| {
+            use std::os::fd::AsRawFd as _;
+            file.as_raw_fd() as u64
+        });
+        interceptor_common::host::set_open_files_limit(lowest_free.unwrap(), hard).unwrap();
+        let starved = Registry::build(&config);
+        interceptor_common::host::set_open_files_limit(soft, hard).unwrap();
+        let error = starved.unwrap_err();
+        assert!(error.shortage, "{error}");
+        assert!(error.to_string().contains("Too many open files"), "{error}");
     }
 }

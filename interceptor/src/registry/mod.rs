@@ -170,6 +170,9 @@ pub struct Registry {
 #[error("configuration cannot be served:\n{}", .findings.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
 pub struct BuildError {
     pub findings: Vec<Finding>,
+    /// A file the configuration names could not be read for want of descriptors or
+    /// memory, which says nothing about the configuration.
+    pub shortage: bool,
 }
 
 /// What a build produced besides the registry: things it ignores, which the caller logs.
@@ -292,7 +295,10 @@ impl Registry {
             registry.add_virtual_service(virtual_service, &mut warnings);
         }
         if !errors.is_empty() {
-            return Err(BuildError { findings: errors });
+            return Err(BuildError {
+                findings: errors,
+                shortage: destination_rules.met_a_shortage(),
+            });
         }
         registry.by_address.finish();
         registry.proxy_reasons = crate::datapath::config_reasons(config, &registry.services);

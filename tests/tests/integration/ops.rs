@@ -20,7 +20,10 @@ use integration_tests::{
     server::{assert_refused_by_proxy, connect, who},
     vip_entry,
 };
-use testbed::bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs};
+use testbed::{
+    bpf::{BPF_CGROUP_INET4_CONNECT, attached_programs},
+    process,
+};
 
 const ADMIN_ARGS: [&str; 2] = ["--admin-addr", ADMIN];
 
@@ -158,6 +161,41 @@ fn an_invalid_reload_changes_nothing_and_is_counted() {
     let logs = daemon.logs();
     assert!(logs.contains("reload failed"), "{logs}");
     assert!(logs.contains("ServiceEntry/ops/broken"), "{logs}");
+}
+
+#[test]
+fn a_reload_short_of_descriptors_is_not_called_invalid_and_is_tried_again() {
+    let sandbox = Sandbox::new("ops-reload-shortage");
+    sandbox.add_hosts(&["198.18.10.1", "198.18.10.2"]);
+    let _old = TestServer::start("old", "198.18.10.1:7000");
+    let _new = TestServer::start("new", "198.18.10.2:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("ops", "echo", "240.240.10.1", "198.18.10.1"),
+        &ADMIN_ARGS,
+    );
+    // No descriptor left to open the config file with: the idle daemon holds its
+    // listeners and nothing that comes and goes.
+    let pid = daemon.pid();
+    let free = process::lowest_free_descriptor(pid).unwrap();
+    let previous = process::set_open_files_soft_limit(pid, free).unwrap();
+    sandbox.write_config(&vip_entry("ops", "echo", "240.240.10.1", "198.18.10.2"));
+    let logs = daemon.wait_for_log("could not be read for want of descriptors or memory", 1);
+    process::set_open_files_soft_limit(pid, previous).unwrap();
+    assert!(logs.contains("Too many open files"), "{logs}");
+    assert!(
+        !logs.contains("configuration is invalid"),
+        "a shortage is no invalid config:\n{logs}"
+    );
+
+    // Nothing changes the file again: the retry applies it.
+    wait_for_reloads("ok", 1.0);
+    assert!(
+        daemon.logs().contains("retry after a shortage"),
+        "{}",
+        daemon.logs()
+    );
+    let seen = who("240.240.10.1:7000").expect("connect after the retry");
+    assert_eq!(seen.server, "new");
 }
 
 /// A ServiceEntry for a database on VMs, its endpoints chosen by label, and the

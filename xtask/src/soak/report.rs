@@ -52,6 +52,22 @@ fn expected_line(line: &str, at: Option<f64>, windows: &[Window]) -> bool {
     })
 }
 
+/// The daemon's log as events: a line that opens with a timestamp, with the lines
+/// after it that do not (an error that lists several findings, one per line).
+fn events(logs: &str) -> Vec<String> {
+    let mut events: Vec<String> = Vec::new();
+    for line in logs.lines() {
+        match events.last_mut() {
+            Some(event) if line_time(line).is_none() => {
+                event.push('\n');
+                event.push_str(line);
+            }
+            _ => events.push(line.to_owned()),
+        }
+    }
+    events
+}
+
 /// Seconds since the Unix epoch of a log line's leading `2026-12-04T17:46:08.541333Z`.
 fn line_time(line: &str) -> Option<f64> {
     let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
@@ -154,7 +170,8 @@ impl Report {
     fn log_findings(&self) -> (Vec<String>, u64, Vec<String>) {
         let (mut panics, mut expected, mut unexpected) = (Vec::new(), 0, Vec::new());
         for (generation, logs) in &self.logs {
-            for line in logs.lines() {
+            for line in events(logs) {
+                let line = line.as_str();
                 if line.contains("panicked") {
                     panics.push(format!("daemon {generation}: {line}"));
                     continue;
@@ -536,5 +553,21 @@ mod tests {
         assert!(!expected_line(refused, Some(30.0), &windows));
         assert!(!expected_line(refused, None, &windows));
         assert!(!expected_line("WARN something else", Some(11.0), &windows));
+    }
+
+    #[test]
+    fn an_error_over_several_lines_is_one_event_judged_by_all_of_them() {
+        let logs = "2026-12-04T17:46:08.500000Z  WARN reload failed: the configuration could not be read: configuration cannot be served:\n  \
+            rules.yaml: document 2: DestinationRule/default/tls: spec.trafficPolicy.tls.caCertificates: cannot read /x/ca.pem: Too many open files (os error 24)\n\
+            2026-12-04T17:46:09.000000Z  INFO configuration reloaded\n";
+        let events = events(logs);
+        assert_eq!(events.len(), 2, "{events:?}");
+        let windows = [Window {
+            fault: Fault::LowFdLimit,
+            start: 10.0,
+            end: 12.0,
+        }];
+        assert!(expected_line(&events[0], Some(11.0), &windows));
+        assert!(events[1].ends_with("configuration reloaded"));
     }
 }
