@@ -1,25 +1,41 @@
 //! Facts about the host that the daemon, the integration tests and the benchmark all
 //! need, read one way.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd},
+    path::PathBuf,
+};
+
+use nix::libc;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 /// The cgroup2 mount point, read from /proc/self/mounts. On a hybrid hierarchy this is
 /// the unified mount (e.g. /sys/fs/cgroup/unified), not /sys/fs/cgroup.
 pub fn cgroup2_root() -> io::Result<PathBuf> {
+    mount_point("cgroup2")
+}
+
+/// Where a BPF filesystem is mounted (usually /sys/fs/bpf), read from /proc/self/mounts.
+pub fn bpf_fs_root() -> io::Result<PathBuf> {
+    mount_point("bpf")
+}
+
+/// The first mount point of a filesystem of type `fstype`.
+fn mount_point(fstype: &str) -> io::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/self/mounts")?;
     mounts
         .lines()
         .find_map(|line| {
             let mut fields = line.split_whitespace();
-            let (_source, target, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(target))
+            let (_source, target, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            (kind == fstype).then(|| PathBuf::from(target))
         })
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
-                "no cgroup2 filesystem is mounted (see /proc/self/mounts)",
+                format!("no {fstype} filesystem is mounted (see /proc/self/mounts)"),
             )
         })
 }
@@ -75,4 +91,53 @@ mod tests {
         assert_eq!(open_files_limit().unwrap().0, raised);
         set_open_files_limit(soft, hard).unwrap();
     }
+}
+
+/// `enum bpf_attach_type`'s getpeername hook for IPv4 sockets.
+pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+
+/// The ids of the programs attached to `cgroup` itself at `attach_type`
+/// (BPF_PROG_QUERY), in the order they run. Types this kernel lacks answer EINVAL.
+pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u32>> {
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    /// The part of `union bpf_attr` BPF_PROG_QUERY reads and writes, zero-padded.
+    #[repr(C)]
+    #[derive(Default)]
+    struct QueryAttr {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    // The kernel caps a cgroup at 64 programs per attach type.
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: attr is a zero-padded bpf_attr prefix for BPF_PROG_QUERY, and prog_ids
+    // points at prog_cnt ids, all the kernel writes besides attr.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut attr as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>(),
+        )
+    };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let count = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..count].to_vec())
 }

@@ -64,6 +64,8 @@ pub struct RunConfig {
     pub dns: DnsSettings,
     /// Where VIP allocations are kept across restarts.
     pub state_dir: PathBuf,
+    /// A BPF filesystem for taking over the previous daemon's kernel-path storage.
+    pub bpf_fs: Option<PathBuf>,
     /// The DNS server; `None` runs none.
     pub dns_server: Option<crate::dns::DnsConfig>,
     pub outbound_policy: OutboundPolicy,
@@ -280,6 +282,7 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         bypass_mark: config.bypass_mark,
         datapath: config.datapath,
         dns: dns_listeners,
+        bpf_fs: config.bpf_fs.clone(),
     })?);
     kernel.sync(&initial)?;
     // DNS entries take the kernel path once their hostnames are resolved.

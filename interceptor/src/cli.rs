@@ -217,6 +217,12 @@ struct RunArgs {
     /// (vips.json), so they never move.
     #[arg(long, default_value = "/var/lib/interceptor")]
     state_dir: PathBuf,
+    /// A BPF filesystem through which a restarted daemon takes over its
+    /// predecessor's kernel-path socket storage, so that getpeername on connections
+    /// opened before the restart keeps showing their VIPs. Nothing stays pinned
+    /// there. Default: the first BPF filesystem mounted (usually /sys/fs/bpf).
+    #[arg(long)]
+    bpf_fs: Option<PathBuf>,
     /// Where the DNS server listens, UDP and TCP (repeatable).
     #[arg(long = "dns-listen", default_values = ["127.0.0.1:15053", "[::1]:15053"])]
     dns_listen: Vec<SocketAddr>,
@@ -570,6 +576,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout),
         state_dir: args.state_dir,
+        bpf_fs: args
+            .bpf_fs
+            .or_else(|| interceptor_common::host::bpf_fs_root().ok()),
         dns_server: (args.dns_capture == Switch::On).then(|| crate::dns::DnsConfig {
             listen: args.dns_listen,
             container_ips: [

@@ -2,7 +2,13 @@
 //! trusting the daemon's own account of it: the integration tests check what a
 //! daemon attached and detached, the soak that nothing stays after the run.
 
-use std::{fs::File, io, os::fd::AsRawFd as _, path::Path};
+use std::{
+    fs::File,
+    io,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 pub const BPF_CGROUP_SOCK_OPS: u32 = 3;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
@@ -27,7 +33,10 @@ pub const CGROUP_ATTACH_TYPES: &[(u32, &str)] = &[
     (20, "udp6_recvmsg"),
     (21, "getsockopt"),
     (22, "setsockopt"),
-    (29, "getpeername4"),
+    (
+        interceptor_common::host::BPF_CGROUP_INET4_GETPEERNAME,
+        "getpeername4",
+    ),
     (30, "getpeername6"),
     (31, "getsockname4"),
     (32, "getsockname6"),
@@ -48,40 +57,50 @@ pub fn every_attached(cgroup: &Path) -> Vec<(&'static str, u32)> {
 
 /// Number of programs attached to `cgroup` itself for `attach_type`.
 pub fn attached_programs(cgroup: &Path, attach_type: u32) -> io::Result<u32> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    #[repr(C)]
-    #[derive(Default)]
-    struct QueryAttr {
-        target_fd: u32,
-        attach_type: u32,
-        query_flags: u32,
-        attach_flags: u32,
-        prog_ids: u64,
-        prog_cnt: u32,
-        _pad: u32,
-        prog_attach_flags: u64,
-        link_ids: u64,
-        link_attach_flags: u64,
-        revision: u64,
-    }
     let cgroup = File::open(cgroup)?;
-    let mut attr = QueryAttr {
-        target_fd: cgroup.as_raw_fd() as u32,
-        attach_type,
-        ..Default::default()
-    };
-    // SAFETY: attr is a valid, zero-padded bpf_attr prefix for BPF_PROG_QUERY, and
-    // prog_ids is null, so the kernel only writes prog_cnt.
-    let result = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            &mut attr as *mut QueryAttr,
-            std::mem::size_of::<QueryAttr>(),
-        )
-    };
-    if result != 0 {
-        return Err(io::Error::last_os_error());
+    let ids = interceptor_common::host::attached_programs(cgroup.as_fd(), attach_type)?;
+    Ok(ids.len() as u32)
+}
+
+/// A BPF filesystem of a test's or the soak's own, for the daemon's `--bpf-fs`:
+/// mounted on a scratch directory, unmounted (and the directory removed) when dropped.
+pub struct BpfFs {
+    pub path: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(path: PathBuf) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        let status = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .context("running mount")?;
+        anyhow::ensure!(
+            status.success(),
+            "mount -t bpf bpf {}: {status}",
+            path.display()
+        );
+        Ok(Self { path })
     }
-    Ok(attr.prog_cnt)
+
+    /// What is pinned there now, by name.
+    pub fn pinned(&self) -> Vec<String> {
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        // Lazily, so a daemon still starting cannot keep it mounted.
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
 }

@@ -10,6 +10,7 @@
 pub mod closes;
 mod dns;
 mod features;
+mod handover;
 mod maps;
 mod records;
 mod stats;
@@ -32,7 +33,7 @@ use aya::{
 };
 use interceptor_common::{
     ALLOCATED_VIPS_MAP, BACKENDS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals,
-    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
+    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_DST_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
     REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress, TRACE_EVENTS_RING,
     TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
 };
@@ -119,6 +120,9 @@ pub struct KernelConfig {
     pub datapath: DatapathMode,
     /// Where DNS queries are captured to; none: not captured.
     pub dns: DnsListeners,
+    /// A BPF filesystem, through which the previous daemon's kernel-path storage is
+    /// taken over (see [`handover`]).
+    pub bpf_fs: Option<PathBuf>,
 }
 
 impl KernelConfig {
@@ -199,13 +203,21 @@ impl Kernel {
         })?;
         let globals = config.globals()?;
         let refusal = dns::Refusal::bind()?;
-        let mut ebpf = EbpfLoader::new()
+        let staged = handover::StagedStorage::previous(&cgroup, config.bpf_fs.as_deref());
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(GLOBALS_SYMBOL, &globals, true)
             .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
             .override_global(VIP_REFUSE_SYMBOL, &refusal.settings, true)
-            .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes)
-            .load(PROGRAMS)
-            .map_err(features::object_error)?;
+            .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes);
+        if let Some(staged) = &staged {
+            loader.map_pin_path(KERNEL_PATH_DST_MAP, staged.path());
+        }
+        let mut ebpf = loader.load(PROGRAMS).map_err(features::object_error)?;
+        if staged.is_some() {
+            info!("sharing the previous daemon's kernel-path storage: getpeername of its connections keeps showing their VIPs");
+        }
+        drop(staged);
 
         let interceptions = InterceptionMaps::new(
             take_map(&mut ebpf, SERVICE_ADDRS_MAP)?,

@@ -26,6 +26,7 @@ use integration_tests::{
     server::{Who, connect, who},
 };
 use serde_json::Value;
+use testbed::bpf::BpfFs;
 
 const MANIFEST_PATH: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -368,6 +369,8 @@ struct Node {
     /// Replaces the `--config` value in the args, if set.
     config_override: Option<PathBuf>,
     _servers: [TestServer; 2],
+    /// Unmounted before the sandbox, whose directory holds it, goes.
+    _bpf_fs: BpfFs,
     sandbox: Sandbox,
 }
 
@@ -398,6 +401,7 @@ impl Node {
         let configmap = ConfigMapVolume::new(&sandbox.workdir.join("configmap"), &data);
         let mut shared_mounts = Vec::new();
         let mut empty_dirs = Vec::new();
+        let mut node_bpf_fs = None;
         for (mount_path, volume) in manifest.mounts() {
             if volume.get("configMap").is_some() {
                 assert_eq!(
@@ -412,6 +416,11 @@ impl Node {
                 let dir = sandbox.workdir.join("node-state");
                 std::fs::create_dir_all(&dir).unwrap();
                 shared_mounts.push((mount_path, dir));
+            } else if volume["hostPath"]["path"] == "/sys/fs/bpf" {
+                // A BPF filesystem of the test's stands in for the node's.
+                let bpf_fs = BpfFs::mount(sandbox.workdir.join("node-bpffs")).unwrap();
+                shared_mounts.push((mount_path, bpf_fs.path.clone()));
+                node_bpf_fs = Some(bpf_fs);
             } else {
                 assert_eq!(
                     volume["hostPath"]["path"], "/sys/fs/cgroup",
@@ -429,6 +438,7 @@ impl Node {
             empty_dirs,
             config_override: None,
             _servers: servers,
+            _bpf_fs: node_bpf_fs.expect("the DaemonSet mounts the node's BPF filesystem"),
             sandbox,
         }
     }

@@ -15,7 +15,7 @@ use integration_tests::{
     server::{Who, connect, http_get, pattern_checksum, who, write_pattern},
     static_entry, vip_entry,
 };
-use testbed::process;
+use testbed::{bpf::BpfFs, process};
 
 const AUTO: [&str; 2] = ["--datapath", "auto"];
 const AUTO_WITH_ADMIN: [&str; 4] = ["--datapath", "auto", "--admin-addr", ADMIN];
@@ -566,4 +566,41 @@ fn a_dual_stack_socket_takes_the_kernel_path_to_an_ipv4_vip() {
         "{seen:?}"
     );
     assert_eq!(seen.client_peer.to_string(), "[::ffff:240.240.20.14]:7000");
+}
+
+#[test]
+fn getpeername_keeps_showing_the_vip_after_a_handover_to_the_next_daemon() {
+    let sandbox = Sandbox::new("kernel-handover");
+    sandbox.add_hosts(&["198.18.20.1"]);
+    let _server = TestServer::start("backend", "198.18.20.1:7000");
+    let bpf_fs = BpfFs::mount(sandbox.workdir.join("bpffs")).expect("a BPF filesystem");
+    let bpf_fs_path = bpf_fs.path.to_str().unwrap().to_owned();
+    let args = ["--datapath", "auto", "--bpf-fs", &bpf_fs_path];
+    let config = vip_entry("kernel", "handover", "240.240.20.12", "198.18.20.1");
+    let vip = "240.240.20.12:7000";
+    let mut old = sandbox.start_daemon(&config, &args);
+    // Open through the old daemon's programs, which run first while both are attached.
+    let opened_before = connect(vip).expect("connect through the old daemon");
+    let new = sandbox.start_daemon(&config, &args);
+    new.wait_for_log("sharing the previous daemon's kernel-path storage", 1);
+    let opened_during = connect(vip).expect("connect while both are attached");
+    old.signal(libc::SIGTERM);
+    assert_eq!(old.wait(), Some(0), "the old daemon exits cleanly");
+
+    // The old daemon's getpeername program is gone; the new one answers from the
+    // storage they share.
+    for (name, stream) in [("before", &opened_before), ("during", &opened_during)] {
+        assert_eq!(
+            stream.peer_addr().unwrap().to_string(),
+            vip,
+            "a connection opened {name} the handover"
+        );
+    }
+    who_direct(vip);
+    assert!(
+        bpf_fs.pinned().is_empty(),
+        "nothing stays pinned: {:?}",
+        bpf_fs.pinned()
+    );
+    drop(new);
 }

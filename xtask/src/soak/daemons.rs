@@ -42,6 +42,7 @@ pub struct Launcher {
     pub config: PathBuf,
     pub cgroup: PathBuf,
     pub workdir: PathBuf,
+    pub bpf_fs: PathBuf,
 }
 
 impl Launcher {
@@ -63,6 +64,8 @@ impl Launcher {
             // and the host's own state is none of the soak's business.
             .arg("--state-dir")
             .arg(self.workdir.join("state"))
+            .arg("--bpf-fs")
+            .arg(&self.bpf_fs)
             // `ready` is an info line of interceptor::app; per-connection lines are
             // info lines and would flood the kept log.
             .env("RUST_LOG", "interceptor::app=info,warn")

@@ -148,16 +148,27 @@ pub fn run(args: SoakArgs) -> Result<()> {
         .context("setting ip_local_port_range")?;
     let netns = fs::read_link("/proc/thread-self/ns/net").context("reading the namespace")?;
 
+    // Through which each daemon takes over its predecessor's kernel-path storage.
+    let bpf_fs = testbed::bpf::BpfFs::mount(sandbox.workdir.join("bpffs"))?;
+
     let mut report = Report::new(args.quick, &plan.sizes, plan.duration);
-    let outcome = soak(&sandbox, &binary, &plan, &mut report);
+    let outcome = soak(&sandbox, &binary, &bpf_fs.path, &plan, &mut report);
     let cgroup = sandbox.cgroup.clone();
     if let Err(error) = &outcome {
         report.violation(format!("the soak could not finish: {error:#}"));
     }
-    // Programs must be gone from the cgroup once every daemon has exited.
+    // Programs must be gone from the cgroup once every daemon has exited, and the
+    // storage a daemon stages for its successor unpinned.
     report.attached = attached_programs(&cgroup);
+    let staged = bpf_fs.pinned();
+    drop(bpf_fs);
     drop(sandbox);
     report.leftovers = leftovers(&cgroup, &netns, &pinned_before);
+    if !staged.is_empty() {
+        report
+            .leftovers
+            .push(format!("pinned on the daemons' --bpf-fs: {}", staged.join(", ")));
+    }
     let table = report.table();
     println!("\n{table}");
     let directory = crate::workspace_root().join("target/soak");
@@ -186,7 +197,13 @@ pub fn run(args: SoakArgs) -> Result<()> {
 
 /// Everything that runs inside the sandbox; the backends and the clients are gone when
 /// it returns, whatever happened.
-fn soak(sandbox: &testbed::Sandbox, binary: &Path, plan: &Plan, report: &mut Report) -> Result<()> {
+fn soak(
+    sandbox: &testbed::Sandbox,
+    binary: &Path,
+    bpf_fs: &Path,
+    plan: &Plan,
+    report: &mut Report,
+) -> Result<()> {
     let config_dir = sandbox.workdir.join("config");
     fs::create_dir_all(&config_dir)?;
     // First: the config names the CA file the TLS origin writes.
@@ -197,6 +214,7 @@ fn soak(sandbox: &testbed::Sandbox, binary: &Path, plan: &Plan, report: &mut Rep
         config: config_dir.clone(),
         cgroup: sandbox.cgroup.clone(),
         workdir: sandbox.workdir.clone(),
+        bpf_fs: bpf_fs.to_path_buf(),
     };
     let origin = Instant::now();
     report.origin_unix = unix_seconds();

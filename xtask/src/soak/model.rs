@@ -92,6 +92,8 @@ pub enum FailKind {
     EarlyEof,
     /// A DNS answer without the host's VIP (NXDOMAIN): the query was not captured.
     NoAnswer,
+    /// getpeername answered the backend, not the VIP a kernel-path client dialled.
+    WrongPeer,
     /// No progress until the deadline: never explained.
     Hung,
     /// Bytes that differ from what was sent: never explained.
@@ -169,8 +171,12 @@ impl Fault {
             // unreachable and a port-only or NONE destination is dialled directly.
             // A kernel-path connection has no proxy hop and survives: only a connect
             // made while no daemon runs fails, and a port-53 query reaches the real
-            // upstream, which knows no allocated VIP.
-            Self::Kill if class.kernel_path() => matches!(kind, Unreachable | Refused | NoAnswer),
+            // upstream, which knows no allocated VIP. Its getpeername is translated by
+            // the daemon's program and storage, which go with a killed daemon, so a
+            // connect just before the kill may see the backend.
+            Self::Kill if class.kernel_path() => {
+                matches!(kind, Unreachable | Refused | NoAnswer | WrongPeer)
+            }
             Self::Kill => matches!(kind, Reset | EarlyEof | Unreachable | Refused),
         }
     }
@@ -321,9 +327,12 @@ mod tests {
         // The right time, the wrong class: the other backends never reset.
         let bulk = failure(Class::Bulk, FailKind::Reset, 12.0, 12.5);
         assert_eq!(explain(&bulk, &windows), None);
-        // A handover must be invisible to clients.
+        // A handover must be invisible to clients, getpeername included: the next
+        // daemon shares the kernel path's storage.
         let handover = failure(Class::Bulk, FailKind::Reset, 21.0, 22.0);
         assert_eq!(explain(&handover, &windows), None);
+        let peer = failure(Class::Kernel, FailKind::WrongPeer, 21.0, 21.0);
+        assert_eq!(explain(&peer, &windows), None);
         // A hang or corruption is never explained.
         let hung = failure(Class::Flaky, FailKind::Hung, 11.0, 12.0);
         assert_eq!(explain(&hung, &windows), None);
@@ -363,6 +372,9 @@ mod tests {
         assert_eq!(explain(&direct, &windows), Some(Fault::Kill));
         let uncaptured = failure(Class::DnsCapture, FailKind::NoAnswer, 31.0, 31.0);
         assert_eq!(explain(&uncaptured, &windows), Some(Fault::Kill));
+        // Nor is getpeername translated: the storage went with the killed daemon.
+        let peer = failure(Class::Kernel, FailKind::WrongPeer, 31.0, 31.0);
+        assert_eq!(explain(&peer, &windows), Some(Fault::Kill));
         // An established kernel-path connection has no proxy to die with.
         let cut = failure(Class::Kernel, FailKind::Reset, 28.0, 31.0);
         assert_eq!(explain(&cut, &windows), None);

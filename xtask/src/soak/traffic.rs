@@ -352,7 +352,7 @@ fn persistent(worker: &mut Worker) {
                 let peer = stream.peer_addr()?;
                 if peer != addr {
                     return Err(Failed {
-                        kind: FailKind::Other,
+                        kind: FailKind::WrongPeer,
                         detail: format!("getpeername answered {peer}, not {addr}"),
                     });
                 }
