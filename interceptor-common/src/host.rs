@@ -75,24 +75,6 @@ pub fn open_descriptors() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_open_files_limit_reads_back_what_was_set() {
-        let (soft, hard) = open_files_limit().unwrap();
-        set_open_files_limit(soft, hard).unwrap();
-        assert_eq!(open_files_limit().unwrap(), (soft, hard));
-        assert!(open_descriptors() >= 3);
-        // Up to the hard limit needs no privilege.
-        let raised = raise_open_files_limit(hard).unwrap();
-        assert!(raised > 0 && raised <= hard, "{raised} of {hard}");
-        assert_eq!(open_files_limit().unwrap().0, raised);
-        set_open_files_limit(soft, hard).unwrap();
-    }
-}
-
 /// `enum bpf_attach_type`'s getpeername hook for IPv4 sockets.
 pub const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
 
@@ -140,4 +122,22 @@ pub fn attached_programs(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result
     }
     let count = (attr.prog_cnt as usize).min(ids.len());
     Ok(ids[..count].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_files_limit_reads_back_what_was_set() {
+        let (soft, hard) = open_files_limit().unwrap();
+        set_open_files_limit(soft, hard).unwrap();
+        assert_eq!(open_files_limit().unwrap(), (soft, hard));
+        assert!(open_descriptors() >= 3);
+        // Up to the hard limit needs no privilege.
+        let raised = raise_open_files_limit(hard).unwrap();
+        assert!(raised > 0 && raised <= hard, "{raised} of {hard}");
+        assert_eq!(open_files_limit().unwrap().0, raised);
+        set_open_files_limit(soft, hard).unwrap();
+    }
 }

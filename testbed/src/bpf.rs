@@ -66,6 +66,8 @@ pub fn attached_programs(cgroup: &Path, attach_type: u32) -> io::Result<u32> {
 /// mounted on a scratch directory, unmounted (and the directory removed) when dropped.
 pub struct BpfFs {
     pub path: PathBuf,
+    /// What the kernel puts in a fresh one (the preloaded `maps.debug`, `progs.debug`).
+    fresh: Vec<String>,
 }
 
 impl BpfFs {
@@ -82,18 +84,15 @@ impl BpfFs {
             "mount -t bpf bpf {}: {status}",
             path.display()
         );
-        Ok(Self { path })
+        let fresh = entries(&path);
+        Ok(Self { path, fresh })
     }
 
-    /// What is pinned there now, by name.
+    /// What was pinned there since it was mounted, by name.
     pub fn pinned(&self) -> Vec<String> {
-        std::fs::read_dir(&self.path)
-            .map(|entries| {
-                entries
-                    .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let mut pinned = entries(&self.path);
+        pinned.retain(|name| !self.fresh.contains(name));
+        pinned
     }
 }
 
@@ -103,4 +102,14 @@ impl Drop for BpfFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+fn entries(directory: &Path) -> Vec<String> {
+    std::fs::read_dir(directory)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| Some(entry.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
 }

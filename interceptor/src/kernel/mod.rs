@@ -33,9 +33,9 @@ use aya::{
 };
 use interceptor_common::{
     ALLOCATED_VIPS_MAP, BACKENDS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals,
-    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_DST_MAP, ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP,
-    REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress, TRACE_EVENTS_RING,
-    TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
+    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_DST_MAP, ORIG_BY_CLIENT_MAP,
+    PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
+    TRACE_EVENTS_RING, TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
 };
 use tracing::{debug, info, warn};
 
@@ -204,10 +204,11 @@ impl Kernel {
         let globals = config.globals()?;
         let refusal = dns::Refusal::bind()?;
         let staged = handover::StagedStorage::previous(&cgroup, config.bpf_fs.as_deref());
+        let dns_capture = config.dns.capture();
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBALS_SYMBOL, &globals, true)
-            .override_global(DNS_CAPTURE_SYMBOL, &config.dns.capture(), true)
+            .override_global(DNS_CAPTURE_SYMBOL, &dns_capture, true)
             .override_global(VIP_REFUSE_SYMBOL, &refusal.settings, true)
             .map_max_entries(REDIRECTS_RING, config.redirect_ring_bytes);
         if let Some(staged) = &staged {
@@ -215,7 +216,9 @@ impl Kernel {
         }
         let mut ebpf = loader.load(PROGRAMS).map_err(features::object_error)?;
         if staged.is_some() {
-            info!("sharing the previous daemon's kernel-path storage: getpeername of its connections keeps showing their VIPs");
+            info!(
+                "sharing the previous daemon's kernel-path storage: getpeername of its connections keeps showing their VIPs"
+            );
         }
         drop(staged);
 
