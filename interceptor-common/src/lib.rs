@@ -74,8 +74,8 @@ mod tests {
             size_of::<BackendSet>(),
             4 + 4 + 2 + 6 + MAX_BACKEND_ENDPOINTS * 24
         );
-        assert_eq!(size_of::<KernelPathDst>(), 2 * 20 + 2 * 8);
-        assert_eq!(size_of::<KernelPathClose>(), 56 + 3 * 8 + 2 * 4);
+        assert_eq!(size_of::<KernelPathDst>(), 2 * 20 + 3 * 8);
+        assert_eq!(size_of::<KernelPathClose>(), 64 + 3 * 8 + 2 * 4);
         assert_eq!(size_of::<TraceSettings>(), 4 + 2 + 2 + 8 + 4 + 4 + 2 * 16);
         assert_eq!(size_of::<TraceEvent>(), 8 + 8 + 20 + 4 + 20 + 4);
     }

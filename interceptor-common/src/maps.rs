@@ -42,10 +42,12 @@ pub enum KernelEvent {
     /// sockops found the ring and the fallback map full: the record was lost and the
     /// proxy refuses that connection.
     RecordLost = 1,
+    /// connect4/6 found the trace ring full: a line `interceptor trace` never shows.
+    TraceLost = 2,
 }
 
 impl KernelEvent {
-    pub const ALL: [Self; 2] = [Self::StorageUnavailable, Self::RecordLost];
+    pub const ALL: [Self; 3] = [Self::StorageUnavailable, Self::RecordLost, Self::TraceLost];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     /// The value of the `event` label in the daemon's metrics.
@@ -53,6 +55,7 @@ impl KernelEvent {
         match self {
             Self::StorageUnavailable => "storage_unavailable",
             Self::RecordLost => "record_lost",
+            Self::TraceLost => "trace_lost",
         }
     }
 }
@@ -159,12 +162,14 @@ pub struct KernelPathDst {
     /// then), for the close event.
     pub connected_at_ns: u64,
     pub established_at_ns: u64,
+    /// The cgroup of the process that connected, for `interceptor trace --cgroup`.
+    pub cgroup_id: u64,
 }
 
 /// The ring buffer through which sockops reports each kernel-path connection's close.
 pub const KERNEL_PATH_CLOSES_RING: &str = "KERNEL_PATH_CLOSES";
-/// Bytes (a power of two, a multiple of the page size): 8,192 close events of 72
-/// bytes with their headers before the daemon must have read them.
+/// Bytes (a power of two, a multiple of the page size): about 5,000 close events of
+/// 104 bytes with their headers before the daemon must have read them.
 pub const KERNEL_PATH_CLOSES_RING_BYTES: u32 = 1 << 19;
 
 /// A kernel-path connection that closed, from sockops: its record and its byte counts.

@@ -6,7 +6,9 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns,
+    },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
@@ -250,6 +252,7 @@ fn kernel_path(
         },
         connected_at_ns: unsafe { bpf_ktime_get_ns() },
         established_at_ns: 0,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
     };
     // Without the record the connection still works; only getpeername shows the
     // backend instead of the address the application asked for.

@@ -7,10 +7,10 @@ use aya_ebpf::{
 };
 use core::ptr::read_volatile;
 use interceptor_common::{
-    SocketAddress, TRACE_EVENTS_RING_BYTES, TraceEvent, TraceSettings, Verdict,
+    KernelEvent, SocketAddress, TRACE_EVENTS_RING_BYTES, TraceEvent, TraceSettings, Verdict,
 };
 
-use crate::redirect::Endpoint;
+use crate::{maps::count, redirect::Endpoint};
 
 /// The daemon reads the ring on its own schedule while tracing: a wakeup per event
 /// would cost more than the event.
@@ -69,6 +69,11 @@ pub fn connect(dst: Endpoint, verdict: Verdict, to: Endpoint) {
         },
         _pad: [0; 4],
     };
-    // A full ring drops the event: tracing must never hold a connect up.
-    let _ = TRACE_EVENTS.output::<TraceEvent>(&event, BPF_RB_NO_WAKEUP);
+    // A full ring drops the event, counted: tracing must never hold a connect up.
+    if TRACE_EVENTS
+        .output::<TraceEvent>(&event, BPF_RB_NO_WAKEUP)
+        .is_err()
+    {
+        count(KernelEvent::TraceLost);
+    }
 }

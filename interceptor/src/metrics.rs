@@ -422,7 +422,8 @@ impl Metrics {
             "kernel_events",
             "What the BPF programs could not do: storage_unavailable (a connect went direct \
              for want of memory for its record), record_lost (the ring and the fallback map \
-             were full; the proxy refused that connection)",
+             were full; the proxy refused that connection), trace_lost (the trace ring was \
+             full; interceptor trace missed a connect)",
             metrics.kernel_events.clone(),
         );
         registry.register_with_unit(

@@ -1,11 +1,12 @@
-//! Live byte counts of the proxy's client sockets, from the kernel's socket
-//! diagnostics (NETLINK_SOCK_DIAG, what `ss -ti` reads). Asked on demand for
-//! `/connections`, so the data path pays nothing per connection for them.
+//! What the kernel's socket diagnostics (NETLINK_SOCK_DIAG, what `ss -ti` reads) say
+//! of the proxy's clients: live byte counts for `/connections`, and a client socket's
+//! cgroup for `interceptor trace --cgroup`. Asked on demand, so the data path pays
+//! nothing per connection for them.
 
 use std::{collections::HashMap, io, net::SocketAddr};
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload, Nla as _,
 };
 use netlink_packet_sock_diag::{
     SockDiagMessage,
@@ -25,36 +26,107 @@ pub struct SocketBytes {
 
 /// Byte counts of every TCP socket accepted on `listener`, by the client's address.
 pub fn accepted_socket_bytes(listener: SocketAddr) -> io::Result<HashMap<SocketAddr, SocketBytes>> {
-    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
-    // Port 0 is the kernel.
-    socket.connect(&NetlinkAddr::new(0, 0))?;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let (family, unspecified) = match listener {
-        SocketAddr::V4(_) => (AF_INET, SocketId::new_v4()),
-        SocketAddr::V6(_) => (AF_INET6, SocketId::new_v6()),
+    let unspecified = match listener {
+        SocketAddr::V4(_) => SocketId::new_v4(),
+        SocketAddr::V6(_) => SocketId::new_v6(),
     };
-    let mut request = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
+    let mut found = HashMap::new();
+    inet_diag(
+        InetRequest {
+            family: family_of(listener),
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::INFO,
             // Every state but LISTEN: half-closed connections still count.
             states: StateFlags::from_bits_retain(!StateFlags::LISTEN.bits()),
             socket_id: SocketId {
-                cookie: [0xff; 8],
+                cookie: NO_COOKIE,
                 ..unspecified
             },
-        })
-        .into(),
+        },
+        true,
+        |response| {
+            if let Some((client, bytes)) = accepted_on(response, listener) {
+                found.insert(client, bytes);
+            }
+        },
+    )?;
+    Ok(found)
+}
+
+/// The cgroup id of the socket at `local` connected to `remote` in this network
+/// namespace (Linux 5.7's INET_DIAG_CGROUP_ID); `None` if there is no such socket or
+/// the kernel does not say.
+pub fn socket_cgroup(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<u64>> {
+    let mut cgroup = None;
+    let asked = inet_diag(
+        InetRequest {
+            family: family_of(local),
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::all(),
+            socket_id: SocketId {
+                source_port: local.port(),
+                destination_port: remote.port(),
+                source_address: local.ip(),
+                destination_address: remote.ip(),
+                interface_id: 0,
+                cookie: NO_COOKIE,
+            },
+        },
+        false,
+        |response| {
+            cgroup = response.nlas.iter().find_map(|nla| match nla {
+                Nla::Other(attribute)
+                    if attribute.kind() == INET_DIAG_CGROUP_ID && attribute.value_len() == 8 =>
+                {
+                    let mut value = [0; 8];
+                    attribute.emit_value(&mut value);
+                    Some(u64::from_ne_bytes(value))
+                }
+                _ => None,
+            });
+        },
     );
+    match asked {
+        Err(error) if error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        asked => asked.map(|()| cgroup),
+    }
+}
+
+/// `enum inet_diag_attrs`: the socket's cgroup id, a u64.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+/// INET_DIAG_NOCOOKIE: match the socket by its addresses alone.
+const NO_COOKIE: [u8; 8] = [0xff; 8];
+
+fn family_of(address: SocketAddr) -> u8 {
+    match address {
+        SocketAddr::V4(_) => AF_INET,
+        SocketAddr::V6(_) => AF_INET6,
+    }
+}
+
+/// Sends `request` and hands each socket the kernel answers with to `each`: every
+/// matching one for a `dump`, else the one socket `request` names (ENOENT: none).
+fn inet_diag(
+    request: InetRequest,
+    dump: bool,
+    mut each: impl FnMut(&InetResponse),
+) -> io::Result<()> {
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    // Port 0 is the kernel.
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = if dump {
+        NLM_F_REQUEST | NLM_F_DUMP
+    } else {
+        NLM_F_REQUEST
+    };
+    let mut request = NetlinkMessage::new(header, SockDiagMessage::InetRequest(request).into());
     request.finalize();
     let mut sent = vec![0; request.buffer_len()];
     request.serialize(&mut sent);
     socket.send(&sent, 0)?;
 
-    let mut found = HashMap::new();
     let mut buffer = Vec::with_capacity(64 * 1024);
     loop {
         buffer.clear();
@@ -65,11 +137,13 @@ pub fn accepted_socket_bytes(listener: SocketAddr) -> io::Result<HashMap<SocketA
                 .map_err(|error| io::Error::new(io::ErrorKind::InvalidData, error))?;
             let length = message.header.length as usize;
             match message.payload {
-                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(error) => return Err(error.to_io()),
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-                    if let Some((client, bytes)) = accepted_on(&response, listener) {
-                        found.insert(client, bytes);
+                    each(&response);
+                    // A lookup of one socket is answered by one message, with no Done.
+                    if !dump {
+                        return Ok(());
                     }
                 }
                 _ => {}
@@ -160,5 +234,29 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("the 300 bytes to the client were never acknowledged");
+    }
+
+    #[test]
+    fn a_client_socket_is_in_the_cgroup_of_its_process() {
+        use std::os::unix::fs::MetadataExt as _;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = TcpStream::connect(address).unwrap();
+        let _accepted = listener.accept().unwrap();
+
+        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let relative = cgroup
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .expect("a cgroup2 line");
+        let root = interceptor_common::host::cgroup2_root().unwrap();
+        let expected = std::fs::metadata(root.join(relative.trim_start_matches('/')))
+            .unwrap()
+            .ino();
+        let local = client.local_addr().unwrap();
+        assert_eq!(socket_cgroup(local, address).unwrap(), Some(expected));
+        // No socket has these addresses.
+        let nobody: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        assert_eq!(socket_cgroup(nobody, address).unwrap(), None);
     }
 }

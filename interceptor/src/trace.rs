@@ -30,9 +30,9 @@ const BACKLOG: usize = 4096;
 /// What a stream wants to see. Empty: everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Filter {
-    /// Connects from this cgroup or one below it: its id and depth (see
-    /// [`TraceSettings::cgroup_level`]). Only connect lines carry a cgroup, so the
-    /// proxy's lines are not narrowed by it.
+    /// Connections from this cgroup or one below it: its id and depth (see
+    /// [`TraceSettings::cgroup_level`]). A proxy line whose client's cgroup is not
+    /// known (a client in another network namespace) is not shown.
     pub cgroup: Option<Cgroup>,
     /// Destinations in this network (the original destination, for the proxy's lines).
     pub dest: Option<IpNet>,
@@ -207,6 +207,10 @@ impl Connect {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Proxied {
     pub client: Option<SocketAddr>,
+    /// The client socket's cgroup, looked up at accept while a stream asks for a
+    /// cgroup; `None` otherwise, or when the client is in another network namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cgroup_id: Option<u64>,
     /// The original destination, from the redirect record.
     pub destination: Option<SocketAddr>,
     pub service_entry: Option<String>,
@@ -223,6 +227,8 @@ pub struct Proxied {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct KernelClose {
+    /// The cgroup of the process that connected.
+    pub cgroup_id: u64,
     pub destination: SocketAddr,
     pub endpoint: SocketAddr,
     pub service_entry: String,
@@ -354,6 +360,8 @@ pub type KernelRing = Box<dyn FnMut(&mut Vec<Line>) + Send>;
 pub struct Tracer {
     /// Any stream open: the sources look at this before building a line.
     active: AtomicBool,
+    /// Any stream narrowed to a cgroup: the proxy then looks up each client's.
+    cgroups: AtomicBool,
     sender: broadcast::Sender<Arc<Line>>,
     streams: Mutex<Streams>,
     /// The programs' events, read only while a stream is open.
@@ -370,6 +378,10 @@ struct Streams {
 }
 
 impl Streams {
+    fn any_cgroup(&self) -> bool {
+        self.filters.values().any(|filter| filter.cgroup.is_some())
+    }
+
     /// Tells the programs what the open streams want now.
     fn apply(&mut self) {
         let settings = kernel_settings(self.filters.values());
@@ -386,6 +398,7 @@ impl Tracer {
     pub fn new(open: prometheus_client::metrics::gauge::Gauge) -> Arc<Self> {
         Arc::new(Self {
             active: AtomicBool::new(false),
+            cgroups: AtomicBool::new(false),
             sender: broadcast::channel(BACKLOG).0,
             streams: Mutex::default(),
             ring: Mutex::new(None),
@@ -396,6 +409,12 @@ impl Tracer {
     /// Whether any stream is open; sources skip building lines when not.
     pub fn active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether a stream is narrowed to a cgroup, so the proxy must learn each client
+    /// socket's cgroup while it still exists.
+    pub fn wants_cgroups(&self) -> bool {
+        self.cgroups.load(Ordering::Relaxed)
     }
 
     /// Hands a line to every open stream, after whatever the programs wrote before
@@ -447,6 +466,7 @@ impl Tracer {
         streams.filters.insert(id, filter.clone());
         let receiver = self.sender.subscribe();
         self.active.store(true, Ordering::Relaxed);
+        self.cgroups.store(streams.any_cgroup(), Ordering::Relaxed);
         self.open.set(streams.filters.len() as i64);
         streams.apply();
         Stream {
@@ -496,16 +516,24 @@ impl Stream {
 }
 
 impl Stream {
-    /// Connect lines come from the stream's cgroup or one below it.
+    /// Lines come from the stream's cgroup or one below it.
     fn cgroup_admits(&mut self, line: &Line) -> bool {
-        let (Some(cgroup), Event::Connect(connect)) = (&self.filter.cgroup, &line.event) else {
+        let Some(cgroup) = &self.filter.cgroup else {
             return true;
         };
-        connect.cgroup_id == cgroup.id
+        let id = match &line.event {
+            Event::Connect(connect) => Some(connect.cgroup_id),
+            Event::Proxy(proxy) => proxy.cgroup_id,
+            Event::KernelClose(close) => Some(close.cgroup_id),
+        };
+        let Some(id) = id else {
+            return false;
+        };
+        id == cgroup.id
             || *self
                 .below
-                .entry(connect.cgroup_id)
-                .or_insert_with(|| cgroup_within(&cgroup.path, connect.cgroup_id))
+                .entry(id)
+                .or_insert_with(|| cgroup_within(&cgroup.path, id))
     }
 }
 
@@ -520,6 +548,9 @@ impl Drop for Stream {
         if streams.filters.is_empty() {
             self.tracer.active.store(false, Ordering::Relaxed);
         }
+        self.tracer
+            .cgroups
+            .store(streams.any_cgroup(), Ordering::Relaxed);
         self.tracer.open.set(streams.filters.len() as i64);
         streams.apply();
     }
@@ -695,6 +726,74 @@ mod tests {
             })
             .ends_with("ServiceEntry/ns/web, refused: no_upstream")
         );
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_stream_sees_every_kind_of_line_from_its_cgroup_only() {
+        use std::os::unix::fs::MetadataExt as _;
+        // Directories stand in for cgroups: a cgroup's id is its directory's inode.
+        let root = std::env::temp_dir().join(format!("trace-cgroups-{}", std::process::id()));
+        let child = root.join("pod");
+        std::fs::create_dir_all(&child).unwrap();
+        let id = |path: &std::path::Path| std::fs::metadata(path).unwrap().ino();
+        let (inside, below) = (id(&root), id(&child));
+        let elsewhere = id(&std::env::temp_dir());
+
+        let tracer = Tracer::new(Default::default());
+        let open = tracer.subscribe(Filter::default());
+        assert!(!tracer.wants_cgroups());
+        let mut stream = tracer.subscribe(Filter {
+            cgroup: Some(Cgroup {
+                path: root.clone(),
+                id: inside,
+                level: 1,
+            }),
+            ..Filter::default()
+        });
+        assert!(tracer.wants_cgroups(), "the proxy must look clients up");
+        let proxied = |cgroup_id| {
+            Event::Proxy(Proxied {
+                cgroup_id,
+                outcome: "closed".to_owned(),
+                ..Proxied::default()
+            })
+        };
+        let kernel = |cgroup_id| {
+            Event::KernelClose(KernelClose {
+                cgroup_id,
+                destination: "240.240.0.1:80".parse().unwrap(),
+                endpoint: "198.18.0.1:80".parse().unwrap(),
+                service_entry: "ServiceEntry/ns/web".to_owned(),
+                outcome: "closed",
+                bytes_sent: 1,
+                bytes_received: 2,
+            })
+        };
+        for event in [
+            proxied(Some(elsewhere)),
+            proxied(None),
+            kernel(elsewhere),
+            proxied(Some(below)),
+            kernel(inside),
+        ] {
+            tracer.emit(event);
+        }
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            match stream.next().await {
+                Next::Line(line) => seen.push(match &line.event {
+                    Event::Proxy(proxy) => ("proxy", proxy.cgroup_id),
+                    Event::KernelClose(close) => ("kernel", Some(close.cgroup_id)),
+                    Event::Connect(_) => ("connect", None),
+                }),
+                _ => panic!("a line"),
+            }
+        }
+        assert_eq!(seen, [("proxy", Some(below)), ("kernel", Some(inside))]);
+        drop(stream);
+        assert!(!tracer.wants_cgroups());
+        drop(open);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[tokio::test]

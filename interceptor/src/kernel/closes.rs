@@ -88,6 +88,7 @@ fn closed(
     let traced = |outcome, bytes_sent, bytes_received| {
         if tracer.active() {
             tracer.emit(Event::KernelClose(KernelClose {
+                cgroup_id: record.cgroup_id,
                 destination: original,
                 endpoint,
                 service_entry: service.clone(),
@@ -202,6 +203,7 @@ mod tests {
                 backend: SocketAddress::NONE,
                 connected_at_ns: 1,
                 established_at_ns: 2,
+                cgroup_id: 1,
             },
             bytes_acked: 1,
             bytes_received: 0,

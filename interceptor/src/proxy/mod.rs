@@ -171,6 +171,14 @@ async fn handle(
         endpoint = Empty,
     );
     let conn = shared.connections.open(peer);
+    if shared.connections.tracing_cgroups() {
+        // Now, while the client's socket surely exists: the line is written when the
+        // connection ends. A client in another network namespace is not found here.
+        let cgroup = client
+            .local_addr()
+            .and_then(|local| crate::sockdiag::socket_cgroup(peer, local));
+        conn.set_client_cgroup(cgroup.ok().flatten());
+    }
     forward(shared, client, peer, &span, &conn)
         .instrument(span.clone())
         .await;

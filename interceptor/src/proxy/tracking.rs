@@ -60,6 +60,8 @@ struct State {
     bytes: Option<(u64, u64)>,
     /// How the copy ended.
     close: Option<Close>,
+    /// The client socket's cgroup, for a trace stream narrowed to one.
+    cgroup_id: Option<u64>,
 }
 
 /// One live connection as `/connections` shows it.
@@ -96,6 +98,12 @@ impl ConnectionTable {
     /// The metrics the table settles, for the accept loop's own counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Whether a trace stream needs each client's cgroup (see
+    /// [`ConnectionGuard::set_client_cgroup`]).
+    pub fn tracing_cgroups(&self) -> bool {
+        self.tracer.wants_cgroups()
     }
 
     /// Starts tracking a connection the proxy just accepted.
@@ -178,6 +186,7 @@ impl Record {
     fn traced(&self, state: &State) -> Proxied {
         Proxied {
             client: Some(self.client),
+            cgroup_id: state.cgroup_id,
             destination: state.original_destination,
             service_entry: state.service_entry.clone(),
             host: state.host.clone(),
@@ -229,6 +238,11 @@ impl ConnectionGuard {
             .connect_duration
             .observe(self.record.accepted_at.elapsed().as_secs_f64());
         self.record.state().endpoint = Some(endpoint.to_string());
+    }
+
+    /// The cgroup of the client's socket, learnt while it exists.
+    pub fn set_client_cgroup(&self, cgroup_id: Option<u64>) {
+        self.record.state().cgroup_id = cgroup_id;
     }
 
     /// The connection is being reset without having been forwarded.

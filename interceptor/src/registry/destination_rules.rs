@@ -423,7 +423,11 @@ mod tests {
                 .output()
                 .unwrap();
             let output = String::from_utf8_lossy(&child.stdout);
-            assert!(child.status.success(), "{output}{}", String::from_utf8_lossy(&child.stderr));
+            assert!(
+                child.status.success(),
+                "{output}{}",
+                String::from_utf8_lossy(&child.stderr)
+            );
             assert!(output.contains("1 passed"), "{output}");
             return;
         }

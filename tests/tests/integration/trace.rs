@@ -238,3 +238,98 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
         "{stderr}"
     );
 }
+
+/// A cgroup below the sandbox's, removed when dropped (its processes have exited).
+struct ChildCgroup(std::path::PathBuf);
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs `script` in bash, as a process of `cgroup`, and waits for it.
+fn run_in_cgroup(cgroup: &std::path::Path, script: &str) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let procs = cgroup.join("cgroup.procs");
+    let mut command = Command::new("bash");
+    command.args(["-c", script]);
+    // SAFETY: only a write to a file between fork and exec.
+    unsafe {
+        command.pre_exec(move || std::fs::write(&procs, "0"));
+    }
+    let output = command.output().expect("run bash");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_cgroup_stream_shows_only_the_connections_of_that_cgroup() {
+    let sandbox = Sandbox::new("trace-cgroup");
+    sandbox.add_host("198.18.27.1".parse().unwrap());
+    let _server = TestServer::start("server", "198.18.27.1:7000");
+    let config = format!(
+        "{CONFIG}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: kernel, namespace: trace}}
+spec:
+  hosts: [kernel.trace.test]
+  addresses: [240.240.27.6]
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  resolution: STATIC
+  endpoints: [{{address: 198.18.27.1}}]
+"
+    );
+    let _daemon = sandbox.start_daemon(&config, &["--datapath", "auto", "--admin-addr", ADMIN]);
+    let child = ChildCgroup(sandbox.cgroup.join("client"));
+    std::fs::create_dir(&child.0).unwrap();
+    let child_id = {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&child.0).unwrap().ino()
+    };
+    let mut traced = Tracer::start(&["--cgroup", child.0.to_str().unwrap(), "--output", "json"]);
+
+    // The harness, in the sandbox's cgroup above: through the proxy, and on the kernel path.
+    for destination in ["198.18.27.1:7000", "240.240.27.6:7000"] {
+        assert_eq!(who(destination).expect(destination).server, "server");
+    }
+    // The same from a process of the child cgroup.
+    let answers = run_in_cgroup(
+        &child.0,
+        "for destination in 198.18.27.1 240.240.27.6; do
+           exec 3<>/dev/tcp/$destination/7000; echo WHO >&3; head -n 1 <&3; exec 3<&-
+         done",
+    );
+    assert_eq!(answers.matches("server").count(), 2, "{answers}");
+
+    // The two lines come as the two connections end, in either order.
+    let from = |source: &'static str| move |line: &str| json(line)["source"] == source;
+    for source in ["proxy", "kernel_close"] {
+        if !traced.seen.iter().any(|line| from(source)(line)) {
+            traced.until(from(source));
+        }
+    }
+    let find = |source| {
+        let line = traced.seen.iter().find(|line| from(source)(line)).unwrap();
+        json(line)
+    };
+    let proxied = find("proxy");
+    assert_eq!(proxied["cgroup_id"], child_id, "{proxied}");
+    let closed = find("kernel_close");
+    assert_eq!(closed["cgroup_id"], child_id, "{closed}");
+    assert_eq!(closed["destination"], "240.240.27.6:7000", "{closed}");
+    // Every line came from the child: its two connects and the proxy's bypassed
+    // upstream connect are the harness's cgroup's only if the filter leaked.
+    for line in &traced.seen[1..] {
+        let line = json(line);
+        assert_eq!(line["cgroup_id"], child_id, "{line}");
+    }
+    let connects = traced
+        .seen
+        .iter()
+        .filter(|line| json(line)["source"] == "connect")
+        .count();
+    assert!(connects >= 1, "{:#?}", traced.seen);
+    drop(traced);
+}

@@ -165,9 +165,10 @@ pub fn run(args: SoakArgs) -> Result<()> {
     drop(sandbox);
     report.leftovers = leftovers(&cgroup, &netns, &pinned_before);
     if !staged.is_empty() {
-        report
-            .leftovers
-            .push(format!("pinned on the daemons' --bpf-fs: {}", staged.join(", ")));
+        report.leftovers.push(format!(
+            "pinned on the daemons' --bpf-fs: {}",
+            staged.join(", ")
+        ));
     }
     let table = report.table();
     println!("\n{table}");
