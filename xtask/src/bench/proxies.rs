@@ -137,10 +137,30 @@ pub fn nginx_port(backend_port: u16) -> u16 {
     NGINX_PORT_BASE + (backend_port - 5000)
 }
 
-/// Descriptors a peer may spend on connections, two each, out of the open-files
-/// limit, after a margin for its own.
-fn connection_budget(open_files: u64) -> u64 {
-    open_files.saturating_sub(200) / 2
+/// Descriptors a proxy may spend on connections out of the open-files limit, after
+/// a margin for its own (listeners, poller, logs).
+fn descriptor_budget(open_files: u64) -> u64 {
+    open_files.saturating_sub(200)
+}
+
+/// HAProxy's pipes when every connection is idle.
+const IDLE_PIPES: u64 = 10;
+
+/// Connections a proxy can hold at once within the open-files limit: two
+/// descriptors each.
+pub fn connections_within(open_files: u64) -> u64 {
+    descriptor_budget(open_files) / 2
+}
+
+/// What every proxy in a run is sized for.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sizing {
+    /// Traffic: HAProxy splits its descriptors between connections and splice pipes.
+    Traffic,
+    /// This many idle connections held open at once. They never fill a pipe, so each
+    /// proxy is sized for the connections alone, as an operator sizing for many idle
+    /// clients would: HAProxy's `maxconn`, the daemon's `--max-connections`.
+    Idle(u64),
 }
 
 /// HAProxy as its documentation recommends for a TCP relay: `option splice-auto`
@@ -149,12 +169,26 @@ fn connection_budget(open_files: u64) -> u64 {
 /// limit it can raise itself to; HAProxy refuses to start otherwise.
 /// `busy_polling` adds the global `busy-polling`: its threads spin instead of
 /// sleeping in epoll_wait.
-pub fn haproxy_config(threads: usize, open_files: u64, busy_polling: bool) -> String {
-    // Half of the budget for connections, half for pipes: a spliced connection
-    // holds one pipe (two descriptors) per direction with data in flight.
-    let per_kind = connection_budget(open_files) / 2;
-    let maxconn = per_kind.saturating_sub(20);
-    let maxpipes = per_kind.saturating_sub(20);
+pub fn haproxy_config(
+    threads: usize,
+    open_files: u64,
+    busy_polling: bool,
+    sizing: Sizing,
+) -> String {
+    // A connection holds two descriptors (client and server side), and so does a
+    // pipe. Under traffic, half of the budget goes to connections and half to pipes:
+    // a spliced connection holds one pipe per direction with data in flight.
+    let pairs = connections_within(open_files);
+    let (maxconn, maxpipes) = match sizing {
+        Sizing::Traffic => {
+            let half = (pairs / 2).saturating_sub(20);
+            (half, half)
+        }
+        // A few pipes only: with `maxpipes 0` HAProxy takes maxconn/4 and then
+        // asks for more descriptors than the limit allows. The caller keeps the
+        // connections within the budget.
+        Sizing::Idle(connections) => (connections, IDLE_PIPES),
+    };
     let spin = if busy_polling { "  busy-polling\n" } else { "" };
     let mut config = format!(
         "global\n  nbthread {threads}\n  maxconn {maxconn}\n  maxpipes {maxpipes}\n{spin}\ndefaults\n  mode tcp\n  option splice-auto\n  maxconn {maxconn}\n  timeout connect 5s\n  timeout client 300s\n  timeout server 300s\n"
@@ -178,7 +212,10 @@ pub fn haproxy_config(threads: usize, open_files: u64, busy_polling: bool) -> St
 /// interceptor do. nginx has no busy-polling option and no splice in the stream
 /// module.
 pub fn nginx_config(threads: usize, open_files: u64, stream_module: &Path) -> String {
-    let connections = connection_budget(open_files);
+    // nginx counts each side of a proxied session as a connection, so a worker's
+    // `worker_connections` is a count of descriptors; and with `reuseport` the
+    // kernel's hash may hand any one worker more than its share.
+    let connections = descriptor_budget(open_files);
     let mut config = format!(
         "load_module {};\nuser root root;\ndaemon off;\nmaster_process on;\nworker_processes {threads};\nworker_rlimit_nofile {open_files};\nerror_log stderr warn;\n\nevents {{\n  worker_connections {connections};\n  multi_accept on;\n}}\n\nstream {{\n  proxy_buffer_size 64k;\n  proxy_half_close on;\n  proxy_connect_timeout 5s;\n  proxy_timeout 300s;\n  tcp_nodelay on;\n",
         stream_module.display()
@@ -198,8 +235,8 @@ pub fn nginx_config(threads: usize, open_files: u64, stream_module: &Path) -> St
 /// The peers' configurations as this run writes them, for the JSON and BENCHMARKS.md.
 pub fn configs_text(threads: usize, open_files: u64, stream_module: &Path) -> String {
     format!(
-        "# haproxy-poll: haproxy (below) plus `busy-polling` in `global`\n# haproxy.cfg\n{}\n# nginx.conf\n{}",
-        haproxy_config(threads, open_files, false),
+        "# haproxy-poll: haproxy (below) plus `busy-polling` in `global`\n# the idle-connection memory run: `maxconn` is the connections held and `maxpipes 10`\n# (the daemon gets `--max-connections` with the same number)\n# haproxy.cfg\n{}\n# nginx.conf\n{}",
+        haproxy_config(threads, open_files, false, Sizing::Traffic),
         nginx_config(threads, open_files, stream_module)
     )
 }
@@ -213,11 +250,16 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn haproxy(sandbox: &Sandbox, threads: usize, busy_polling: bool) -> Result<Self> {
+    pub fn haproxy(
+        sandbox: &Sandbox,
+        threads: usize,
+        busy_polling: bool,
+        sizing: Sizing,
+    ) -> Result<Self> {
         let path = sandbox.workdir.join("haproxy.cfg");
         fs::write(
             &path,
-            haproxy_config(threads, sandbox.open_files, busy_polling),
+            haproxy_config(threads, sandbox.open_files, busy_polling, sizing),
         )?;
         let mut command = Command::new("haproxy");
         command.arg("-db").arg("-f").arg(&path);
@@ -340,4 +382,41 @@ fn daemon_args() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setting(config: &str, name: &str) -> u64 {
+        config
+            .lines()
+            .find_map(|line| {
+                line.trim()
+                    .strip_prefix(name)?
+                    .trim()
+                    .trim_end_matches(';')
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{config}"))
+    }
+
+    /// The memory run holds (limit - 200) / 2 idle connections through each proxy;
+    /// HAProxy refuses to start when maxconn and maxpipes together need more
+    /// descriptors than the limit, and nginx resets what its workers cannot hold.
+    #[test]
+    fn peers_sized_for_idle_connections_hold_all_of_them_within_the_limit() {
+        let open_files = 20_000;
+        let held = connections_within(open_files);
+        let haproxy = haproxy_config(2, open_files, false, Sizing::Idle(held));
+        let (maxconn, maxpipes) = (setting(&haproxy, "maxconn"), setting(&haproxy, "maxpipes"));
+        assert!(maxconn >= held, "maxconn {maxconn} for {held}");
+        // What HAProxy adds for its own (listeners, poller) is under 100.
+        assert!(2 * (maxconn + maxpipes) + 100 <= open_files, "{haproxy}");
+
+        let nginx = nginx_config(2, open_files, Path::new("/m.so"));
+        // Two of nginx's connections per session, all of them in one worker at worst.
+        assert!(setting(&nginx, "worker_connections") >= 2 * held, "{nginx}");
+    }
 }

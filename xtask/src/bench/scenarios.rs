@@ -18,7 +18,9 @@ use super::{
         BULK_PORT, CONN_PORT, CpuTime, ECHO_PORT, Job, Outcome, Spec, Target, backend_ip, loopback,
         machine_busy_seconds, vip,
     },
-    proxies::{self, BACKEND_PORTS, Daemon, Peer, haproxy_port, nginx_port, service_entries_yaml},
+    proxies::{
+        self, BACKEND_PORTS, Daemon, Peer, Sizing, haproxy_port, nginx_port, service_entries_yaml,
+    },
     report::{Better, Check, PathRow, Report, ScaleRow},
     sandbox::Sandbox,
 };
@@ -103,13 +105,20 @@ impl Bench<'_> {
         Ok(path)
     }
 
-    /// The path's proxy, fresh, or `None` for the direct path. The daemon gets the
-    /// path's flags, then `extra`.
-    fn start_path(&self, path: &PathSpec, extra: &[String]) -> Result<Option<Running>> {
+    /// The path's proxy, fresh and sized for `sizing`, or `None` for the direct path.
+    fn start_path(&self, path: &PathSpec, sizing: Sizing) -> Result<Option<Running>> {
         Ok(Some(match &path.kind {
             Kind::Direct => return Ok(None),
             Kind::Interceptor { args } => {
-                let args: Vec<String> = args.iter().chain(extra).cloned().collect();
+                // By default the daemon keeps a quarter of its descriptors for splice
+                // pipes, which idle connections never use.
+                let limit = match sizing {
+                    Sizing::Traffic => vec![],
+                    Sizing::Idle(connections) => {
+                        vec!["--max-connections".to_owned(), connections.to_string()]
+                    }
+                };
+                let args: Vec<String> = args.iter().chain(&limit).cloned().collect();
                 Running::Daemon(Daemon::start_with(
                     &self.interceptor,
                     &self.base_config()?,
@@ -117,9 +126,12 @@ impl Bench<'_> {
                     &args,
                 )?)
             }
-            Kind::Haproxy { busy_polling } => {
-                Running::Peer(Peer::haproxy(self.sandbox, self.threads, *busy_polling)?)
-            }
+            Kind::Haproxy { busy_polling } => Running::Peer(Peer::haproxy(
+                self.sandbox,
+                self.threads,
+                *busy_polling,
+                sizing,
+            )?),
             Kind::Nginx => Running::Peer(Peer::nginx(
                 self.sandbox,
                 self.threads,
@@ -194,7 +206,7 @@ impl Bench<'_> {
                 } else {
                     format!("{name}, {}", path.name)
                 };
-                let running = match self.start_path(&path, &[]) {
+                let running = match self.start_path(&path, Sizing::Traffic) {
                     Ok(running) => running,
                     Err(error) => {
                         failed[index] = true;
@@ -504,8 +516,7 @@ impl Bench<'_> {
     }
 
     fn memory(&mut self) -> Result<()> {
-        // A proxy holds two descriptors per connection.
-        let affordable = self.sandbox.open_files.saturating_sub(200) / 2;
+        let affordable = proxies::connections_within(self.sandbox.open_files);
         let connections = self.sizes.idle_connections.min(affordable);
         if connections < self.sizes.idle_connections {
             println!(
@@ -521,17 +532,13 @@ impl Bench<'_> {
         let mut per_connection: Figures = vec![None; count];
         let mut idle_cpu: Figures = vec![None; count];
 
-        // Sized for the connections held, as the peers' connection limits are: by
-        // default the daemon keeps a quarter of its descriptors for splice pipes,
-        // which idle connections never use.
-        let limit = ["--max-connections".to_owned(), connections.to_string()];
         for index in 0..count {
             bail_if_interrupted()?;
             let path = self.paths[index].clone();
             if !path.is_proxy() {
                 continue;
             }
-            let running = match self.start_path(&path, &limit) {
+            let running = match self.start_path(&path, Sizing::Idle(connections)) {
                 Ok(Some(running)) => running,
                 Ok(None) => continue,
                 Err(error) => {
