@@ -8,7 +8,7 @@
 //! endpoints, hostnames to resolve, and the outbound policy for unmatched traffic.
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
+    collections::{BTreeSet, HashMap, HashSet, hash_map::Entry},
     hash::{DefaultHasher, Hash, Hasher},
     net::{IpAddr, SocketAddr},
     sync::Arc,
@@ -122,19 +122,26 @@ pub fn config_reasons(
     config: &ConfigSet,
     services: &[impl AsRef<Service>],
 ) -> Vec<Option<ProxyReason>> {
+    // Named once: a lookup per service over every entry made a config of 10,000
+    // entries take seconds to load.
+    let annotated: HashSet<String> = config
+        .service_entries
+        .iter()
+        .filter(|entry| {
+            entry
+                .resource
+                .metadata
+                .annotations
+                .get(DATAPATH_ANNOTATION)
+                .is_some_and(|value| value == "proxy")
+        })
+        .map(|entry| object_name("ServiceEntry", &entry.resource.metadata))
+        .collect();
     services
         .iter()
         .map(|service| {
             let service = service.as_ref();
-            let annotated = config.service_entries.iter().any(|entry| {
-                object_name("ServiceEntry", &entry.resource.metadata) == service.name
-                    && entry
-                        .resource
-                        .metadata
-                        .annotations
-                        .get(DATAPATH_ANNOTATION)
-                        .is_some_and(|value| value == "proxy")
-            });
+            let annotated = annotated.contains(&service.name);
             let covers = |host: &str| service.hosts.iter().any(|own| hosts_overlap(own, host));
             if annotated {
                 Some(ProxyReason::Annotation)
