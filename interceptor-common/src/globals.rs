@@ -25,7 +25,9 @@ pub struct Globals {
     pub container_proxy_v6: SocketAddress,
     /// Sockets carrying this SO_MARK are the daemon's own and are never redirected.
     pub bypass_mark: u32,
-    pub _pad: [u8; 4],
+    /// The namespace id of clients outside every pod the daemon knows (host
+    /// processes), for `exportTo`.
+    pub host_namespace: u32,
     /// The cookie of the network namespace the proxy listens in. Only sockets in it go
     /// to the proxy's own listeners, since its loopback address means nothing in
     /// another one; zero (a kernel without SO_NETNS_COOKIE) treats every namespace as
@@ -42,7 +44,7 @@ impl Globals {
         container_proxy_v4: SocketAddress::NONE,
         container_proxy_v6: SocketAddress::NONE,
         bypass_mark: 0,
-        _pad: [0; 4],
+        host_namespace: 0,
         proxy_netns_cookie: 0,
     };
 }

@@ -28,12 +28,14 @@ pub use dns::{
 };
 pub use globals::{GLOBALS_SYMBOL, Globals};
 pub use maps::{
-    BACKENDS_CAPACITY, BACKENDS_MAP, BackendEndpoint, BackendSet, InterceptRule, KERNEL_EVENTS_MAP,
-    KERNEL_PATH_CLOSES_RING, KERNEL_PATH_CLOSES_RING_BYTES, KERNEL_PATH_DST_MAP, KernelEvent,
-    KernelPathClose, KernelPathDst, MAX_BACKEND_ENDPOINTS, ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY,
-    OriginalDst, PORT_FILTER_MAP, PORT_WORDS, PROXY_PATH, REDIRECTS_RING, REDIRECTS_RING_BYTES,
-    RedirectRecord, SERVICE_ADDR_LOOKUP_PREFIX, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY,
-    SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY, SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
+    AUDIENCES_CAPACITY, AUDIENCES_MAP, AudienceKey, BACKENDS_CAPACITY, BACKENDS_MAP,
+    BackendEndpoint, BackendSet, CLIENT_NAMESPACES_CAPACITY, CLIENT_NAMESPACES_MAP, EVERYONE,
+    InterceptRule, KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_CLOSES_RING_BYTES,
+    KERNEL_PATH_DST_MAP, KernelEvent, KernelPathClose, KernelPathDst, MAX_BACKEND_ENDPOINTS,
+    ORIG_BY_CLIENT_MAP, ORIG_DST_CAPACITY, OriginalDst, PORT_FILTER_MAP, PORT_WORDS, PROXY_PATH,
+    REDIRECTS_RING, REDIRECTS_RING_BYTES, RedirectRecord, SERVICE_ADDR_LOOKUP_PREFIX,
+    SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_CAPACITY, SERVICE_ADDRS_MAP, SERVICE_PORTS_CAPACITY,
+    SERVICE_PORTS_MAP, ServiceAddrKey, port_bit,
 };
 
 pub use trace::{
@@ -47,6 +49,7 @@ mod pod {
     // explicit padding fields, so every bit pattern is valid and none is uninitialised.
     unsafe impl aya::Pod for super::ServiceAddrKey {}
     unsafe impl aya::Pod for super::InterceptRule {}
+    unsafe impl aya::Pod for super::AudienceKey {}
     unsafe impl aya::Pod for super::OriginalDst {}
     unsafe impl aya::Pod for super::SocketAddress {}
     unsafe impl aya::Pod for super::Globals {}

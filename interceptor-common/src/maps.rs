@@ -87,8 +87,9 @@ pub struct ServiceAddrKey {
     pub addr: Address,
 }
 
-/// Value of the interception maps: which registry rule claimed the destination, and
-/// which path its connects take. The rule id helps when reading the maps with bpftool.
+/// Value of the interception maps: which registry rule claimed the destination, which
+/// path its connects take, and from which clients. The rule id helps when reading the
+/// maps with bpftool.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct InterceptRule {
@@ -96,6 +97,31 @@ pub struct InterceptRule {
     /// The key of the destination's [`BackendSet`] in [`BACKENDS_MAP`] when connects
     /// go straight to a backend (the kernel path), or [`PROXY_PATH`].
     pub backends: u32,
+    /// The namespaces whose clients the rule intercepts (`exportTo`): [`EVERYONE`],
+    /// or an audience whose members [`AUDIENCES_MAP`] lists.
+    pub audience: u32,
+}
+
+/// [`InterceptRule::audience`] of a rule that intercepts every client.
+pub const EVERYONE: u32 = 0;
+
+/// The namespace of each client cgroup the daemon knows (a pod's, from the cluster's
+/// pods), keyed by cgroup v2 id; a cgroup not in it is the host's, whose namespace is
+/// [`crate::Globals::host_namespace`]. Namespaces are ids the daemon derives from their
+/// names.
+pub const CLIENT_NAMESPACES_MAP: &str = "CLIENT_NAMESPACES";
+pub const CLIENT_NAMESPACES_CAPACITY: u32 = 65_536;
+
+/// The members of each audience: an entry per (audience, namespace) that belongs.
+pub const AUDIENCES_MAP: &str = "AUDIENCES";
+pub const AUDIENCES_CAPACITY: u32 = 65_536;
+
+/// Key of [`AUDIENCES_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AudienceKey {
+    pub audience: u32,
+    pub namespace: u32,
 }
 
 /// [`InterceptRule::backends`] of a destination whose connects go to the proxy.

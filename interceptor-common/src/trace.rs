@@ -80,10 +80,12 @@ pub enum Verdict {
     ToProxy = 11,
     /// Left alone: the socket's storage for the record could not be allocated.
     NoStorage = 12,
+    /// Left alone: the rule's ServiceEntry is not exported to the client's namespace.
+    NotExported = 13,
 }
 
 impl Verdict {
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Proxy,
         Self::Backend,
         Self::NoEndpoint,
@@ -97,6 +99,7 @@ impl Verdict {
         Self::NoListener,
         Self::ToProxy,
         Self::NoStorage,
+        Self::NotExported,
     ];
 
     /// The verdict a program wrote, if it is one.
@@ -125,6 +128,7 @@ impl Verdict {
             Self::NoListener => "no_listener",
             Self::ToProxy => "to_proxy",
             Self::NoStorage => "no_storage",
+            Self::NotExported => "not_exported",
         }
     }
 }

@@ -10,9 +10,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf},
 };
 use interceptor_common::{
-    BACKENDS_CAPACITY, BackendSet, Globals, InterceptRule, KERNEL_PATH_CLOSES_RING_BYTES,
-    KernelEvent, KernelPathDst, ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS, REDIRECTS_RING_BYTES,
-    SERVICE_ADDRS_CAPACITY, SERVICE_PORTS_CAPACITY, ServiceAddrKey, SocketAddress,
+    AUDIENCES_CAPACITY, AudienceKey, BACKENDS_CAPACITY, BackendSet, CLIENT_NAMESPACES_CAPACITY,
+    Globals, InterceptRule, KERNEL_PATH_CLOSES_RING_BYTES, KernelEvent, KernelPathDst,
+    ORIG_DST_CAPACITY, OriginalDst, PORT_WORDS, REDIRECTS_RING_BYTES, SERVICE_ADDRS_CAPACITY,
+    SERVICE_PORTS_CAPACITY, ServiceAddrKey, SocketAddress,
 };
 
 #[map]
@@ -28,6 +29,17 @@ pub static PORT_FILTER: Array<u64> = Array::with_max_entries(2 * PORT_WORDS, 0);
 #[map]
 pub static SERVICE_PORTS: HashMap<u16, InterceptRule> =
     HashMap::with_max_entries(SERVICE_PORTS_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// See [`interceptor_common::CLIENT_NAMESPACES_MAP`]. Allocated per entry: a node
+/// runs far fewer containers than the capacity allows.
+#[map]
+pub static CLIENT_NAMESPACES: HashMap<u64, u32> =
+    HashMap::with_max_entries(CLIENT_NAMESPACES_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// See [`interceptor_common::AUDIENCES_MAP`]; the value is unused.
+#[map]
+pub static AUDIENCES: HashMap<AudienceKey, u8> =
+    HashMap::with_max_entries(AUDIENCES_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Socket storage: each redirected socket's original destination, from connect4/6 for
 /// as long as the socket lives: sockops hands it to the proxy, getpeername shows it to

@@ -14,12 +14,14 @@ use aya_ebpf::{
 };
 use core::ptr::{read_volatile, write_volatile};
 use interceptor_common::{
-    Address, Globals, KernelEvent, KernelPathDst, OriginalDst, PORT_WORDS, PROXY_PATH,
-    SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress, Verdict, ipv4_in_mapped, port_bit,
+    Address, AudienceKey, EVERYONE, Globals, KernelEvent, KernelPathDst, OriginalDst, PORT_WORDS,
+    PROXY_PATH, SERVICE_ADDR_LOOKUP_PREFIX, ServiceAddrKey, SocketAddress, Verdict, ipv4_in_mapped,
+    port_bit,
 };
 
 use crate::maps::{
-    BACKENDS, KERNEL_PATH_DST, ORIGINAL_DST, PORT_FILTER, SERVICE_ADDRS, SERVICE_PORTS, count,
+    AUDIENCES, BACKENDS, CLIENT_NAMESPACES, KERNEL_PATH_DST, ORIGINAL_DST, PORT_FILTER,
+    SERVICE_ADDRS, SERVICE_PORTS, count,
 };
 
 const IPPROTO_TCP: u32 = 6;
@@ -76,11 +78,31 @@ pub fn connect(
             Verdict::NoEndpoint,
             crate::dns::refusal(dst).unwrap_or(NOWHERE),
         ),
+        // Not exported to this client: as if no entry named the destination for it,
+        // which an allocated VIP's refusal would contradict.
+        Err(Verdict::NotExported) => (Verdict::NotExported, NOWHERE),
         Err(reason) => match crate::dns::refuse(ctx, globals, dst) {
             Some(to) => (Verdict::UndeclaredVipPort, to),
             None => (reason, NOWHERE),
         },
     }
+}
+
+/// Whether the connecting task's namespace (its pod's, or the host's) is one of
+/// `audience`'s: the rule's ServiceEntry is exported to it.
+#[inline(always)]
+fn in_audience(globals: &Globals, audience: u32) -> bool {
+    let cgroup = unsafe { bpf_get_current_cgroup_id() };
+    let namespace = unsafe { CLIENT_NAMESPACES.get(&cgroup) }
+        .copied()
+        .unwrap_or(globals.host_namespace);
+    unsafe {
+        AUDIENCES.get(&AudienceKey {
+            audience,
+            namespace,
+        })
+    }
+    .is_some()
 }
 
 /// The endpoint of a connect that stays where it was.
@@ -150,17 +172,20 @@ fn redirect(
                     addr,
                 },
             ))
-            .map(|rule| rule.backends)
+            .map(|rule| (rule.backends, rule.audience))
     } else {
         None
     };
-    let backends = match address_rule {
-        Some(backends) => backends,
+    let (backends, audience) = match address_rule {
+        Some(rule) => rule,
         None if has_port_rule => unsafe { SERVICE_PORTS.get(&u16::from_be_bytes(port)) }
-            .map(|rule| rule.backends)
+            .map(|rule| (rule.backends, rule.audience))
             .ok_or(Verdict::NoRule)?,
         None => return Err(Verdict::NoRule),
     };
+    if audience != EVERYONE && !in_audience(globals, audience) {
+        return Err(Verdict::NotExported);
+    }
     if backends != PROXY_PATH
         && let Some(kernel_path) = kernel_path(ctx, dst, backends, ipv4_socket)
     {

@@ -122,6 +122,14 @@ pub struct ExplainContext {
     /// The cgroup the programs are attached to.
     pub cgroup: PathBuf,
     pub dns: Arc<crate::resolve::DnsCache>,
+    /// Where rules are scoped by `exportTo`: how a client's namespace is found.
+    pub scope: Option<ExportScope>,
+}
+
+/// How `exportTo` finds a client's namespace: its pod's, or the host's.
+pub struct ExportScope {
+    pub host_namespace: String,
+    pub pods: Arc<crate::config::kubernetes::KubeSource>,
 }
 
 /// Binds the admin listener, refusing a non-loopback address unless allowed.
@@ -314,6 +322,7 @@ async fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         name: None,
         cgroup: None,
         ipv6_proxy: state.proxy_addrs.iter().any(std::net::SocketAddr::is_ipv6),
+        namespace: None,
     };
     let mut destination = None;
     let mut as_json = false;
@@ -339,6 +348,13 @@ async fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         return bad("dest=ADDR:PORT is required".into());
     };
     asked.destination = destination;
+    asked.namespace = context.scope.as_ref().map(|scope| {
+        asked
+            .cgroup
+            .as_ref()
+            .and_then(|(client, _)| crate::pods::namespace_of(client, &scope.pods.pod_namespaces()))
+            .unwrap_or_else(|| scope.host_namespace.clone())
+    });
     let registry = state.registry.load_full();
     let first = crate::explain::explain(
         &registry,

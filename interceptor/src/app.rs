@@ -113,6 +113,12 @@ pub enum AppError {
     AddressFile(#[from] AddressFileError),
     #[error(transparent)]
     Kubernetes(#[from] kubernetes::KubeError),
+    #[error("cannot read the cgroup tree under {} to find pods' cgroups", root.display())]
+    PodCgroups {
+        root: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stopped by {0} while waiting for the initial list from the Kubernetes API")]
     StoppedStarting(&'static str),
 }
@@ -252,6 +258,14 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         outbound_policy: config.outbound_policy,
         cgroup: config.cgroup.clone(),
         dns: Arc::clone(&dns),
+        scope: config
+            .kubernetes
+            .as_ref()
+            .zip(kube_source.as_ref())
+            .map(|(options, source)| admin::ExportScope {
+                host_namespace: options.host_namespace.clone(),
+                pods: Arc::clone(source),
+            }),
     });
     let shutdown = CancellationToken::new();
     // Served once the reloader exists; lookups wait for it meanwhile, within bounds.
@@ -283,7 +297,25 @@ pub async fn build(config: RunConfig) -> Result<Bound, AppError> {
         datapath: config.datapath,
         dns: dns_listeners,
         bpf_fs: config.bpf_fs.clone(),
+        host_namespace: config
+            .kubernetes
+            .as_ref()
+            .map(|options| options.host_namespace.clone()),
     })?);
+    if let Some(source) = &kube_source {
+        // Before the first rules: until then every client would count as the host's.
+        let found = crate::pods::client_namespaces(&config.cgroup, &source.pod_namespaces())
+            .map_err(|source| AppError::PodCgroups {
+                root: config.cgroup.clone(),
+                source,
+            })?;
+        kernel.sync_client_namespaces(&found)?;
+        tokio::spawn(crate::pods::follow(
+            Arc::clone(&kernel),
+            Arc::clone(source),
+            config.cgroup.clone(),
+        ));
+    }
     kernel.sync(&initial)?;
     // DNS entries take the kernel path once their hostnames are resolved.
     kernel.refresh_dns(&dns).await?;

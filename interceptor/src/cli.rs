@@ -119,6 +119,11 @@ struct RunArgs {
     /// A namespace to read with --kubernetes (repeatable); default: all.
     #[arg(long = "namespace", requires = "kubernetes")]
     namespaces: Vec<String>,
+    /// The namespace whose ServiceEntries (by exportTo) processes outside every pod
+    /// see: host processes, with --kubernetes, which scopes each ServiceEntry to the
+    /// pods of the namespaces it is exported to.
+    #[arg(long, requires = "kubernetes", default_value = "default")]
+    host_namespace: String,
     /// This node's name, as the source of the Events posted on rejected objects
     /// (--kubernetes). Default: the host name.
     #[arg(long, env = "NODE_NAME")]
@@ -614,6 +619,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         kubernetes: args.kubernetes.then(|| config::kubernetes::Options {
             kubeconfig: args.kubeconfig,
             namespaces: args.namespaces,
+            host_namespace: args.host_namespace,
             instance: args.node_name.unwrap_or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .map(|name| name.trim().to_owned())

@@ -15,11 +15,13 @@ use std::{
 };
 
 use interceptor_common::{
-    BackendEndpoint, BackendSet, InterceptRule, MAX_BACKEND_ENDPOINTS, PROXY_PATH, address_of,
+    AudienceKey, BackendEndpoint, BackendSet, InterceptRule, MAX_BACKEND_ENDPOINTS, PROXY_PATH,
+    address_of,
 };
 use ipnet::IpNet;
 
 use crate::{
+    audience::{Audience, AudienceIds},
     config::{ConfigSet, Resolution, object_name},
     outlier::KernelEndpoint,
     registry::{EndpointAddress, Port, Registry, Service, hosts_overlap},
@@ -298,8 +300,8 @@ fn picks(backends: &Backends, resolved: &Resolved) -> Result<Vec<(SocketAddr, u3
 /// what the kernel keeps between a reload and the DNS refreshes that follow it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Plan {
-    addresses: Vec<(IpNet, u16, u32, Option<u32>)>,
-    ports: Vec<(u16, u32, Option<u32>)>,
+    addresses: Vec<(IpNet, u16, u32, Option<u32>, Audience)>,
+    ports: Vec<(u16, u32, Option<u32>, Audience)>,
     /// The backends of each kernel-path backend set id.
     backends: HashMap<u32, Backends>,
     /// The service port of each backend set id.
@@ -354,22 +356,32 @@ impl Plan {
                 }
             }
         }
-        let rule = |rule_id: u32, id: Option<u32>| InterceptRule {
+        let audiences = AudienceIds::new(
+            self.addresses
+                .iter()
+                .map(|(.., audience)| audience)
+                .chain(self.ports.iter().map(|(.., audience)| audience)),
+        );
+        let rule = |rule_id: u32, id: Option<u32>, audience: &Audience| InterceptRule {
             rule_id,
             backends: id
                 .filter(|id| rules.backends.contains_key(id))
                 .unwrap_or(PROXY_PATH),
+            audience: audiences.id(audience),
         };
         let addresses = self
             .addresses
             .iter()
-            .map(|(network, port, rule_id, id)| (*network, *port, rule(*rule_id, *id)))
+            .map(|(network, port, rule_id, id, audience)| {
+                (*network, *port, rule(*rule_id, *id, audience))
+            })
             .collect();
         let ports = self
             .ports
             .iter()
-            .map(|(port, rule_id, id)| (*port, rule(*rule_id, *id)))
+            .map(|(port, rule_id, id, audience)| (*port, rule(*rule_id, *id, audience)))
             .collect();
+        rules.audiences = audiences.members();
         rules.addresses = addresses;
         rules.ports = ports;
         for (id, reason) in unresolved {
@@ -414,12 +426,16 @@ pub struct KernelRules {
     pub ports: Vec<(u16, InterceptRule)>,
     /// Backend sets by id, for the rules on the kernel path.
     pub backends: HashMap<u32, BackendSet>,
+    /// The members of the audiences the rules name.
+    pub audiences: BTreeSet<AudienceKey>,
     /// Why the other service ports take the proxy path, by service name and port.
     pub proxied: Vec<(String, u16, ProxyReason)>,
 }
 
-/// The paths of `registry`'s rules under `mode`.
-pub fn plan(registry: &Registry, mode: DatapathMode) -> Plan {
+/// The paths of `registry`'s rules under `mode`; `scoped`: each rule intercepts only
+/// the clients of the namespaces its services are exported to, which takes knowing
+/// the clients' namespaces (the cluster's pods).
+pub fn plan(registry: &Registry, mode: DatapathMode, scoped: bool) -> Plan {
     let services = registry.services();
     let intercepts = registry.intercepts();
     let mut plan = Plan::default();
@@ -457,6 +473,10 @@ pub fn plan(registry: &Registry, mode: DatapathMode) -> Plan {
             }
         }
     };
+    let audience = |service: &Service| match scoped {
+        true => service.audience.clone(),
+        false => Audience::Everyone,
+    };
     let mut addresses = Vec::new();
     for (network, port, rule_id) in &intercepts.addresses {
         addresses.push((
@@ -464,18 +484,21 @@ pub fn plan(registry: &Registry, mode: DatapathMode) -> Plan {
             *port,
             *rule_id,
             path(*rule_id as usize, *port, false),
+            audience(&services[*rule_id as usize]),
         ));
     }
     let mut ports = Vec::new();
     for (port, rule_id) in &intercepts.ports {
-        // Several entries without addresses on one port: the proxy tells them apart.
-        let sharing = services
-            .iter()
-            .filter(|service| {
-                service.addresses.is_empty() && service.ports.iter().any(|own| own.number == *port)
-            })
-            .count();
-        ports.push((*port, *rule_id, path(*rule_id as usize, *port, sharing > 1)));
+        // Several entries without addresses on one port: the proxy tells them apart,
+        // and the port is intercepted for the clients of each.
+        let sharing: Vec<&Arc<Service>> = registry.port_only_services(*port).collect();
+        let shared_audience = Audience::union_of(sharing.iter().map(|service| audience(service)));
+        ports.push((
+            *port,
+            *rule_id,
+            path(*rule_id as usize, *port, sharing.len() > 1),
+            shared_audience,
+        ));
     }
     plan.addresses = addresses;
     plan.ports = ports;
@@ -523,7 +546,8 @@ mod tests {
                 first_only: false,
             })
         );
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
+        let rules =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
         let (_, _, rule) = rules.addresses[0];
         let set = backends_of(&rules, rule).expect("kernel path");
         assert_eq!((set.count, set.total_weight), (2, 4));
@@ -543,7 +567,7 @@ mod tests {
             "  addresses: [240.240.0.5]\n  resolution: STATIC\n  ports: [{number: 5432, name: pg}]\n  endpoints:\n  - {address: 198.18.0.1, weight: 3}\n  - {address: 198.18.0.2, weight: 1}\n",
         )]);
         let registry = built(&config);
-        let planned = plan(&registry, DatapathMode::Auto);
+        let planned = plan(&registry, DatapathMode::Auto, false);
         let id = backend_id("ServiceEntry/default/db", 5432);
         let (dead, live): (SocketAddr, SocketAddr) = (
             "198.18.0.1:5432".parse().unwrap(),
@@ -571,7 +595,8 @@ mod tests {
             "  addresses: [198.18.0.0/24]\n  resolution: NONE\n  ports: [{number: 80, name: tcp, protocol: TCP, targetPort: 8080}]\n",
         )]);
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
+        let rules =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
         let set = backends_of(&rules, rules.addresses[0].2).expect("kernel path");
         assert_eq!(set.keep_address_port, 8080u16.to_be_bytes());
     }
@@ -593,7 +618,7 @@ mod tests {
             ),
         );
         let registry = built(&config(&[&dns, &round_robin]));
-        let planned = plan(&registry, DatapathMode::Auto);
+        let planned = plan(&registry, DatapathMode::Auto, false);
         assert_eq!(planned.hosts(), BTreeSet::from(["api.upstream".to_owned()]));
 
         // Until the host is resolved, both take the proxy path.
@@ -674,7 +699,8 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
+        let rules =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
         let reason = |name: &str| {
             rules
                 .proxied
@@ -693,7 +719,7 @@ mod tests {
         assert_eq!(rules.backends.len(), 1);
 
         let everything =
-            plan(&registry, DatapathMode::Proxy).rules(&Resolved::new(), &BTreeSet::new());
+            plan(&registry, DatapathMode::Proxy, false).rules(&Resolved::new(), &BTreeSet::new());
         assert!(everything.backends.is_empty());
         assert!(
             everything
@@ -717,7 +743,8 @@ mod tests {
             .unwrap(),
         });
         let registry = built(&config);
-        let rules = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
+        let rules =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
         assert_eq!(rules.proxied[0].2, ProxyReason::DestinationRule);
     }
 
@@ -728,16 +755,96 @@ mod tests {
             "  addresses: [240.240.0.5]\n  resolution: STATIC\n  ports: [{number: 5432, name: tcp}]\n",
         )]);
         let registry = built(&config);
-        let first = plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new());
+        let first =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
         let set = backends_of(&first, first.addresses[0].2).expect("kernel path");
         assert_eq!(
             (set.count, set.total_weight, set.keep_address_port),
             (0, 0, [0; 2])
         );
         assert_eq!(
-            plan(&registry, DatapathMode::Auto).rules(&Resolved::new(), &BTreeSet::new()),
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new()),
             first
         );
         assert_ne!(first.addresses[0].2.backends, PROXY_PATH);
+    }
+
+    #[test]
+    fn scoped_rules_name_their_entries_audience_and_a_shared_port_the_union() {
+        let in_namespace = |name: &str, namespace: &str, spec: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  hosts: [{name}.example]\n{spec}"
+            )
+        };
+        let tcp = "  resolution: STATIC\n  endpoints: [{address: 198.18.0.1}]\n";
+        let config = config(&[
+            &in_namespace(
+                "db",
+                "shop",
+                &format!(
+                    "  addresses: [240.240.0.5]\n  exportTo: [.]\n  ports: [{{number: 5432, name: tcp}}]\n{tcp}"
+                ),
+            ),
+            &in_namespace(
+                "open",
+                "shop",
+                &format!(
+                    "  addresses: [240.240.0.6]\n  ports: [{{number: 5432, name: tcp}}]\n{tcp}"
+                ),
+            ),
+            &in_namespace(
+                "a",
+                "shop",
+                "  exportTo: [.]\n  resolution: DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n",
+            ),
+            &in_namespace(
+                "b",
+                "web",
+                "  exportTo: [., blog]\n  resolution: DNS\n  ports: [{number: 443, name: tls, protocol: TLS}]\n",
+            ),
+        ]);
+        let registry = built(&config);
+        let rules =
+            plan(&registry, DatapathMode::Auto, true).rules(&Resolved::new(), &BTreeSet::new());
+        let audience_of = |rule: InterceptRule| -> BTreeSet<u32> {
+            rules
+                .audiences
+                .iter()
+                .filter(|key| key.audience == rule.audience)
+                .map(|key| key.namespace)
+                .collect()
+        };
+        let ids = |names: &[&str]| -> BTreeSet<u32> {
+            names
+                .iter()
+                .map(|name| crate::audience::namespace_id(name))
+                .collect()
+        };
+        let address_rule = |vip: &str| {
+            rules
+                .addresses
+                .iter()
+                .find(|(network, ..)| network.addr().to_string() == vip)
+                .map(|(.., rule)| *rule)
+                .unwrap()
+        };
+        assert_eq!(audience_of(address_rule("240.240.0.5")), ids(&["shop"]));
+        assert_eq!(
+            address_rule("240.240.0.6").audience,
+            interceptor_common::EVERYONE
+        );
+        let (_, shared) = rules.ports.iter().find(|(port, _)| *port == 443).unwrap();
+        assert_eq!(audience_of(*shared), ids(&["blog", "shop", "web"]));
+
+        // Unscoped (no namespaces known), every rule is for everyone.
+        let unscoped =
+            plan(&registry, DatapathMode::Auto, false).rules(&Resolved::new(), &BTreeSet::new());
+        assert!(unscoped.audiences.is_empty());
+        assert!(
+            unscoped
+                .addresses
+                .iter()
+                .all(|(.., rule)| rule.audience == interceptor_common::EVERYONE)
+        );
     }
 }

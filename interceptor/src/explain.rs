@@ -19,6 +19,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
+    audience::Audience,
     config::Resolution,
     datapath::{self, DatapathMode, Resolved},
     proxy::{
@@ -38,6 +39,9 @@ pub struct Query {
     pub cgroup: Option<(PathBuf, PathBuf)>,
     /// Whether the proxy listens for native IPv6 connects (`--proxy-addr-v6`).
     pub ipv6_proxy: bool,
+    /// The client's namespace, where rules are scoped by `exportTo`; `None` where
+    /// every rule is everyone's.
+    pub namespace: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -146,7 +150,7 @@ pub fn explain(
         );
         return explanation;
     }
-    let Some((rule, rule_service)) = kernel_rule(registry, destination) else {
+    let Some((rule, rule_service, audience)) = kernel_rule(registry, destination) else {
         explanation.reason = format!(
             "no ServiceEntry claims {} on port {}: connect4/6 leave it alone",
             destination.ip(),
@@ -154,6 +158,15 @@ pub fn explain(
         );
         return explanation;
     };
+    if let Some(namespace) = &query.namespace
+        && !audience.includes(namespace)
+    {
+        explanation.reason = format!(
+            "{rule}, but it is not exported to namespace {namespace}, this client's (exportTo): \
+             connect4/6 leave it alone"
+        );
+        return explanation;
+    }
     let datapath = path(registry, mode, &rule_service, destination, resolved);
     if datapath.path == "proxy" && destination.ip().to_canonical().is_ipv6() && !query.ipv6_proxy {
         explanation.reason = format!(
@@ -223,7 +236,7 @@ pub fn explain(
 /// The kernel's rule for `destination`, in words, and the service whose path it
 /// carries: the longest address prefix on the port first, then the port alone, as
 /// the connect hooks look them up.
-fn kernel_rule(registry: &Registry, destination: SocketAddr) -> Option<(String, String)> {
+fn kernel_rule(registry: &Registry, destination: SocketAddr) -> Option<(String, String, Audience)> {
     let intercepts = registry.intercepts();
     let ip = destination.ip().to_canonical();
     let services = registry.services();
@@ -248,7 +261,7 @@ fn kernel_rule(registry: &Registry, destination: SocketAddr) -> Option<(String, 
                 service.name
             )
         };
-        return Some((words, service.name.clone()));
+        return Some((words, service.name.clone(), service.audience.clone()));
     }
     let (_, rule_id) = intercepts
         .ports
@@ -262,6 +275,11 @@ fn kernel_rule(registry: &Registry, destination: SocketAddr) -> Option<(String, 
             service.name
         ),
         service.name.clone(),
+        Audience::union_of(
+            registry
+                .port_only_services(destination.port())
+                .map(|service| service.audience.clone()),
+        ),
     ))
 }
 
@@ -272,7 +290,8 @@ fn path(
     destination: SocketAddr,
     resolved: &Resolved,
 ) -> Datapath {
-    let plan = datapath::plan(registry, mode);
+    // Which audience a rule has never changes its path.
+    let plan = datapath::plan(registry, mode, false);
     let proxy = |reason: String| Datapath {
         path: "proxy",
         reason,

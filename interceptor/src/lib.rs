@@ -5,6 +5,7 @@
 mod address_file;
 mod admin;
 mod app;
+mod audience;
 pub mod cli;
 mod config;
 mod copy;
@@ -16,6 +17,7 @@ mod limits;
 mod load;
 mod metrics;
 mod outlier;
+mod pods;
 mod probe;
 mod proxy;
 mod registry;

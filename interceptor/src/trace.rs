@@ -281,6 +281,9 @@ pub fn render(line: &Line) -> String {
                 Some(Verdict::NoStorage) => {
                     "left alone: no socket storage for the redirect record".to_owned()
                 }
+                Some(Verdict::NotExported) => {
+                    "left alone: the entry is not exported to this client's namespace".to_owned()
+                }
                 None => connect.verdict.to_owned(),
             });
         }

@@ -185,8 +185,7 @@ impl ApiServer {
         let mut stored = object;
         stored["metadata"]["namespace"] = json!(namespace);
         stored["metadata"]["resourceVersion"] = json!(version.to_string());
-        let uid = format!("uid-{}-{}-{}", kind, key.1, key.2);
-        stored["metadata"]["uid"] = json!(uid);
+        stored["metadata"]["uid"] = json!(uid_of(kind, &key.1, &key.2));
         let event = if state.objects.contains_key(&key) {
             "MODIFIED"
         } else {
@@ -194,6 +193,12 @@ impl ApiServer {
         };
         state.objects.insert(key, stored.clone());
         self.record(&mut state, kind, namespace, event, stored);
+    }
+
+    /// The uid the server gives the object `kind` `namespace/name` (a Pod's names its
+    /// cgroups).
+    pub fn uid(&self, kind: &str, namespace: &str, name: &str) -> String {
+        uid_of(served_kind(kind).kind, namespace, name)
     }
 
     /// Deletes an object.
@@ -663,4 +668,23 @@ async fn post_event(
         StatusCode::OK
     };
     full(code, &event)
+}
+
+/// A UUID, as a real API server gives, the same for the same object every time.
+fn uid_of(kind: &str, namespace: &str, name: &str) -> String {
+    use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+    let half = |salt: u8| {
+        let mut hasher = DefaultHasher::new();
+        (salt, kind, namespace, name).hash(&mut hasher);
+        hasher.finish()
+    };
+    let (high, low) = (half(0), half(1));
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        high >> 32,
+        (high >> 16) & 0xffff,
+        high & 0xffff,
+        low >> 48,
+        low & 0xffff_ffff_ffff
+    )
 }

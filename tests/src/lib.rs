@@ -318,3 +318,43 @@ pub fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&temporary, path)
         .unwrap_or_else(|error| panic!("renaming over {}: {error}", path.display()));
 }
+
+/// A cgroup a test makes below its sandbox's (a client's, a pod's), removed when
+/// dropped; drop children first.
+pub struct ChildCgroup(pub PathBuf);
+
+impl ChildCgroup {
+    pub fn create(path: PathBuf) -> Self {
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|error| panic!("cannot create cgroup {}: {error}", path.display()));
+        Self(path)
+    }
+
+    /// The cgroup id the kernel knows it by: its directory's inode number.
+    pub fn id(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(&self.0).unwrap().ino()
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Runs `script` in bash, as a process of `cgroup`, waits for it, and returns what it
+/// printed.
+pub fn run_in_cgroup(cgroup: &Path, script: &str) -> String {
+    use std::os::unix::process::CommandExt as _;
+    let procs = cgroup.join("cgroup.procs");
+    let mut command = std::process::Command::new("bash");
+    command.args(["-c", script]);
+    // SAFETY: only a write to a file between fork and exec.
+    unsafe {
+        command.pre_exec(move || std::fs::write(&procs, "0"));
+    }
+    let output = command.output().expect("run bash");
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}

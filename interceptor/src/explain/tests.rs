@@ -17,6 +17,7 @@ fn query(destination: &str, name: Option<(HostKind, &str)>) -> Query {
         name: name.map(|(kind, name)| (kind, name.to_owned())),
         cgroup: None,
         ipv6_proxy: true,
+        namespace: None,
     }
 }
 
@@ -74,6 +75,35 @@ fn a_destination_no_entry_claims_is_left_alone() {
     );
     assert!(explanation.datapath.is_none());
     assert!(render(&explanation).contains("intercepted: no"));
+}
+
+#[test]
+fn an_entry_not_exported_to_the_client_s_namespace_leaves_its_connects_alone() {
+    let registry = registry(&[&entry(
+        "scoped",
+        "  addresses: [240.240.0.1]\n  exportTo: [.]\n  ports: [{number: 80, name: tcp}]\n",
+    )]);
+    let ask_from = |namespace: Option<&str>| {
+        let mut asked = query("240.240.0.1:80", None);
+        asked.namespace = namespace.map(str::to_owned);
+        explain(
+            &registry,
+            DatapathMode::Auto,
+            OutboundPolicy::AllowAny,
+            &asked,
+            &Resolved::new(),
+        )
+    };
+    let elsewhere = ask_from(Some("shop"));
+    assert!(!elsewhere.intercepted);
+    assert!(
+        elsewhere.reason.contains("not exported to namespace shop"),
+        "{}",
+        elsewhere.reason
+    );
+    // The entry has no namespace: Kubernetes puts it in `default`.
+    assert!(ask_from(Some("default")).intercepted);
+    assert!(ask_from(None).intercepted, "unscoped: everyone's");
 }
 
 #[test]

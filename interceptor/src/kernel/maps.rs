@@ -1,12 +1,13 @@
 //! Keeping the interception maps, the port filter in front of them and the kernel
 //! path's backend sets in step with the wanted [`KernelRules`].
 
-use std::collections::{HashMap as StdHashMap, HashSet};
+use std::collections::{BTreeSet, HashMap as StdHashMap, HashSet};
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use interceptor_common::{
-    BACKENDS_MAP, BackendSet, InterceptRule, PORT_FILTER_MAP, PORT_WORDS, SERVICE_ADDR_PORT_BITS,
-    SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, ServiceAddrKey, address_of, mapped_prefix_len, port_bit,
+    AUDIENCES_MAP, AudienceKey, BACKENDS_MAP, BackendSet, InterceptRule, PORT_FILTER_MAP,
+    PORT_WORDS, SERVICE_ADDR_PORT_BITS, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, ServiceAddrKey,
+    address_of, mapped_prefix_len, port_bit,
 };
 use tracing::debug;
 
@@ -18,6 +19,7 @@ use crate::datapath::KernelRules;
 const UNKNOWN_RULE: InterceptRule = InterceptRule {
     rule_id: u32::MAX,
     backends: u32::MAX,
+    audience: u32::MAX,
 };
 
 type AddressRules = StdHashMap<(ipnet::IpNet, u16), InterceptRule>;
@@ -32,6 +34,9 @@ pub(super) struct InterceptionMaps {
     backends: HashMap<MapData, u32, BackendSet>,
     /// What `backends` holds; `None`: the key may or may not be there, with any value.
     current_backends: StdHashMap<u32, Option<BackendSet>>,
+    audiences: HashMap<MapData, AudienceKey, u8>,
+    /// What `audiences` holds; `None` after a failed write, when any key may be there.
+    current_audiences: Option<BTreeSet<AudienceKey>>,
     current: KernelRules,
 }
 
@@ -42,6 +47,7 @@ impl InterceptionMaps {
         ports: HashMap<MapData, u16, InterceptRule>,
         port_filter: Array<MapData, u64>,
         backends: HashMap<MapData, u32, BackendSet>,
+        audiences: HashMap<MapData, AudienceKey, u8>,
     ) -> Self {
         Self {
             addresses,
@@ -50,6 +56,8 @@ impl InterceptionMaps {
             port_filter_words: vec![0; 2 * PORT_WORDS as usize],
             backends,
             current_backends: StdHashMap::new(),
+            audiences,
+            current_audiences: Some(BTreeSet::new()),
             current: KernelRules::default(),
         }
     }
@@ -59,19 +67,56 @@ impl InterceptionMaps {
         &self.current
     }
 
-    /// See [`super::Kernel::sync`]. Backend sets are written before the rules that
-    /// point at them and deleted after, so no rule points at a missing set; a set's id
-    /// is stable, so one whose endpoints change is rewritten in place.
+    /// See [`super::Kernel::sync`]. Backend sets and audience members are written
+    /// before the rules that point at them and deleted after, so no rule points at a
+    /// missing set or loses a member it keeps; ids are stable, so a set whose
+    /// endpoints change is rewritten in place.
     pub(super) fn sync(&mut self, wanted: &KernelRules) -> Result<(), KernelError> {
-        let written = self.write_backends(&wanted.backends);
+        let current_audiences = self.current_audiences.take();
+        let written = self
+            .write_backends(&wanted.backends)
+            .and_then(|()| self.write_audiences(current_audiences.as_ref(), &wanted.audiences));
         let applied = written.and_then(|()| self.sync_rules(wanted));
-        let applied = applied.and_then(|()| self.delete_stale_backends(&wanted.backends));
+        let applied = applied
+            .and_then(|()| self.delete_stale_backends(&wanted.backends))
+            .and_then(|()| self.delete_stale_audiences(current_audiences, &wanted.audiences));
         if applied.is_err() {
             for set in self.current_backends.values_mut() {
                 *set = None;
             }
+        } else {
+            self.current_audiences = Some(wanted.audiences.clone());
         }
         applied
+    }
+
+    fn write_audiences(
+        &mut self,
+        current: Option<&BTreeSet<AudienceKey>>,
+        wanted: &BTreeSet<AudienceKey>,
+    ) -> Result<(), KernelError> {
+        for member in wanted {
+            if current.is_none_or(|current| !current.contains(member)) {
+                self.audiences
+                    .insert(member, 1, 0)
+                    .map_err(map_error(AUDIENCES_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `current` unknown (a failed sync): whatever the map holds is a candidate.
+    fn delete_stale_audiences(
+        &mut self,
+        current: Option<BTreeSet<AudienceKey>>,
+        wanted: &BTreeSet<AudienceKey>,
+    ) -> Result<(), KernelError> {
+        let current =
+            current.unwrap_or_else(|| self.audiences.keys().filter_map(Result::ok).collect());
+        for member in current.difference(wanted) {
+            ignore_missing(self.audiences.remove(member)).map_err(map_error(AUDIENCES_MAP))?;
+        }
+        Ok(())
     }
 
     fn write_backends(&mut self, wanted: &StdHashMap<u32, BackendSet>) -> Result<(), KernelError> {
@@ -150,6 +195,7 @@ impl InterceptionMaps {
                     .map(|port| (*port, UNKNOWN_RULE))
                     .collect(),
                 backends: StdHashMap::new(),
+                audiences: BTreeSet::new(),
                 proxied: Vec::new(),
             },
         };
@@ -235,7 +281,7 @@ fn port_filter_words(addresses: &AddressRules, ports: &PortRules) -> Vec<u64> {
 
 /// A delete of a key that is already gone has done its job: after a failed sync the
 /// daemon only knows which keys may be present.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+pub(super) fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
             if io_error.raw_os_error() == Some(libc::ENOENT) =>
@@ -268,6 +314,7 @@ mod tests {
         let rule = |rule_id| InterceptRule {
             rule_id,
             backends: interceptor_common::PROXY_PATH,
+            audience: interceptor_common::EVERYONE,
         };
         let addresses: AddressRules = [
             (("240.240.0.0/16".parse().unwrap(), 443), rule(1)),

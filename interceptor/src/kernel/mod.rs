@@ -12,6 +12,7 @@ mod dns;
 mod features;
 mod handover;
 mod maps;
+mod namespaces;
 mod records;
 mod stats;
 mod sys;
@@ -32,10 +33,10 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use interceptor_common::{
-    ALLOCATED_VIPS_MAP, BACKENDS_MAP, DNS_CAPTURE_SYMBOL, GLOBALS_SYMBOL, Globals,
-    KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_DST_MAP, ORIG_BY_CLIENT_MAP,
-    PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP, SocketAddress,
-    TRACE_EVENTS_RING, TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
+    ALLOCATED_VIPS_MAP, AUDIENCES_MAP, BACKENDS_MAP, CLIENT_NAMESPACES_MAP, DNS_CAPTURE_SYMBOL,
+    GLOBALS_SYMBOL, Globals, KERNEL_EVENTS_MAP, KERNEL_PATH_CLOSES_RING, KERNEL_PATH_DST_MAP,
+    ORIG_BY_CLIENT_MAP, PORT_FILTER_MAP, REDIRECTS_RING, SERVICE_ADDRS_MAP, SERVICE_PORTS_MAP,
+    SocketAddress, TRACE_EVENTS_RING, TRACE_SETTINGS_MAP, VIP_REFUSE_SYMBOL,
 };
 use tracing::{debug, info, warn};
 
@@ -45,7 +46,7 @@ pub use self::{
     stats::{KernelEvents, MapOccupancy, MapUsage},
     trace::TraceMaps,
 };
-use self::{maps::InterceptionMaps, stats::InterceptCounts};
+use self::{maps::InterceptionMaps, namespaces::ClientNamespaces, stats::InterceptCounts};
 use crate::{
     datapath::{self, DatapathMode, Plan, Resolved},
     outlier::{KernelEndpoint, KernelOutliers},
@@ -123,6 +124,10 @@ pub struct KernelConfig {
     /// A BPF filesystem, through which the previous daemon's kernel-path storage is
     /// taken over (see [`handover`]).
     pub bpf_fs: Option<PathBuf>,
+    /// Set: rules intercept only the clients of the namespaces their ServiceEntries
+    /// are exported to, and a client outside every known pod is in this namespace.
+    /// Unset: every rule intercepts every client.
+    pub host_namespace: Option<String>,
 }
 
 impl KernelConfig {
@@ -153,7 +158,10 @@ impl KernelConfig {
             container_proxy_v4: listener(self.container_proxy.map(Into::into)),
             container_proxy_v6: listener(self.container_proxy_v6.map(Into::into)),
             bypass_mark: self.bypass_mark,
-            _pad: [0; 4],
+            host_namespace: self
+                .host_namespace
+                .as_deref()
+                .map_or(0, crate::audience::namespace_id),
             proxy_netns_cookie,
         })
     }
@@ -188,6 +196,9 @@ pub struct Kernel {
     events: Arc<KernelEvents>,
     cgroup: PathBuf,
     datapath: DatapathMode,
+    /// Whether rules are scoped by `exportTo` (see [`KernelConfig::host_namespace`]).
+    scoped: bool,
+    client_namespaces: Mutex<ClientNamespaces>,
     vips: Mutex<dns::AllocatedVips>,
     /// Held as long as the programs may send connects there.
     _refusal: dns::Refusal,
@@ -227,7 +238,9 @@ impl Kernel {
             take_map(&mut ebpf, SERVICE_PORTS_MAP)?,
             take_map(&mut ebpf, PORT_FILTER_MAP)?,
             take_map(&mut ebpf, BACKENDS_MAP)?,
+            take_map(&mut ebpf, AUDIENCES_MAP)?,
         );
+        let client_namespaces = ClientNamespaces::new(take_map(&mut ebpf, CLIENT_NAMESPACES_MAP)?);
         let original_destinations = Arc::new(OriginalDestinations::new(
             take_map(&mut ebpf, ORIG_BY_CLIENT_MAP)?,
             take_map(&mut ebpf, REDIRECTS_RING)?,
@@ -286,6 +299,8 @@ impl Kernel {
             events,
             cgroup: config.cgroup.clone(),
             datapath: config.datapath,
+            scoped: config.host_namespace.is_some(),
+            client_namespaces: Mutex::new(client_namespaces),
             vips: Mutex::new(vips),
             _refusal: refusal,
         })
@@ -303,7 +318,7 @@ impl Kernel {
     /// Which path each destination takes is decided here, from `registry` and the
     /// `--datapath` mode (see [`crate::datapath`]).
     pub fn sync(&self, registry: &Registry) -> Result<(), KernelError> {
-        let plan = datapath::plan(registry, self.datapath);
+        let plan = datapath::plan(registry, self.datapath, self.scoped);
         let mut state = self.interceptions.lock().unwrap_or_else(|e| e.into_inner());
         state.plan = plan;
         let applied = self.apply(&mut state);
@@ -425,6 +440,18 @@ impl Kernel {
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
         applied
+    }
+
+    /// Writes the namespace of each pod cgroup (by cgroup id) that `exportTo` is
+    /// applied by; cgroups not in it are the host's.
+    pub fn sync_client_namespaces(
+        &self,
+        wanted: &std::collections::HashMap<u64, u32>,
+    ) -> Result<(), KernelError> {
+        self.client_namespaces
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync(wanted)
     }
 
     /// The ring of kernel-path close events, for [`closes::follow`]; once.

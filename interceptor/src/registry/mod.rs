@@ -458,6 +458,14 @@ impl Registry {
         }
     }
 
+    /// The services without addresses that have port `port`: those the port's
+    /// port-only rule stands for.
+    pub fn port_only_services(&self, port: u16) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.iter().filter(move |service| {
+            service.addresses.is_empty() && service.ports.iter().any(|own| own.number == port)
+        })
+    }
+
     pub fn intercepts(&self) -> &InterceptSet {
         &self.intercepts
     }

@@ -6,6 +6,7 @@ use ipnet::IpNet;
 use serde::Serialize;
 
 use super::workloads::selected_endpoints;
+use crate::audience::Audience;
 use crate::config::{
     Protocol, Resolution, ServiceEntry, Severity, Source, Sourced, WorkloadEntry,
     WorkloadEntrySpec, object_name,
@@ -31,6 +32,8 @@ pub struct Service {
     pub(super) cumulative_weights: Vec<u64>,
     /// Per port, the DestinationRule policy that applies (filled in by the registry).
     pub upstream: Vec<Option<Arc<super::UpstreamPolicy>>>,
+    /// The namespaces whose clients it intercepts (`exportTo`).
+    pub audience: Audience,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -236,6 +239,7 @@ impl Service {
             cumulative_weights,
             addresses,
             upstream: Vec::new(),
+            audience: Audience::of(&spec.export_to, entry.resource.metadata.namespace()),
         })
     }
 

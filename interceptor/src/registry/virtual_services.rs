@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::{Backend, Endpoint, HostPattern, Port, Registry, Service, hosts_overlap};
+use crate::audience::Audience;
 use crate::config::{
     Finding, Protocol, Resolution, Severity, Source, Sourced, VirtualService, object_name,
 };
@@ -162,6 +163,8 @@ impl Registry {
             endpoints_from_hosts: true,
             cumulative_weights: vec![1],
             upstream: Vec::new(),
+            // Reached only through the VirtualService's own routes.
+            audience: Audience::Everyone,
         };
         self.services.push(Arc::new(service));
         Some((self.services.len() - 1, 0))

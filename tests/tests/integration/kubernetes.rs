@@ -7,9 +7,10 @@ use std::{
 };
 
 use integration_tests::{
-    Daemon, Sandbox, TestServer,
+    ChildCgroup, Daemon, Sandbox, TestServer,
     admin::{scrape, scrape_until},
     apiserver::ApiServer,
+    run_in_cgroup,
     server::{assert_refused_by_proxy, connect, who},
     vip_entry,
 };
@@ -519,4 +520,124 @@ fn only_the_namespaces_given_are_read() {
                 || request.contains("/namespaces/shop/")),
         "a watch outside the namespace: {requests:#?}"
     );
+}
+
+/// A pod `namespace/name` that is no endpoint: only its uid matters, which names its
+/// cgroup.
+fn client_pod(namespace: &str, name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: {namespace}
+spec:
+  containers:
+  - name: client
+    image: client
+status:
+  phase: Running
+"#
+    )
+}
+
+/// The server that answers a `WHO` to `addr` from a process of `cgroup`.
+fn who_from(cgroup: &ChildCgroup, addr: &str) -> String {
+    let (host, port) = addr.split_once(':').unwrap();
+    let answer = run_in_cgroup(
+        &cgroup.0,
+        &format!("exec 3<>/dev/tcp/{host}/{port}; echo WHO >&3; head -n 1 <&3"),
+    );
+    answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn export_to_dot_intercepts_the_pods_of_its_namespace_and_no_one_else() {
+    let sandbox = Sandbox::new("kube-export");
+    for host in ["198.18.0.30", "198.18.0.31", "198.18.0.32"] {
+        sandbox.add_host(host.parse().unwrap());
+    }
+    // Intercepted connects go to the endpoint; the others reach the address itself.
+    let _endpoint = TestServer::start("endpoint", "198.18.0.30:7000");
+    let _scoped_address = TestServer::start("direct", "198.18.0.31:7000");
+    let _public_address = TestServer::start("direct", "198.18.0.32:7000");
+    let api = ApiServer::start();
+    api.apply(&format!(
+        "{}  exportTo: [.]\n",
+        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
+    ));
+    api.apply(&vip_entry("shop", "public", "198.18.0.32", "198.18.0.30"));
+    api.apply(&client_pod("shop", "shop-client"));
+    api.apply(&client_pod("blog", "blog-client"));
+    let kubepods = ChildCgroup::create(sandbox.cgroup.join("kubepods"));
+    let pod_cgroup = |namespace: &str, name: &str| {
+        ChildCgroup::create(
+            kubepods
+                .0
+                .join(format!("pod{}", api.uid("Pod", namespace, name))),
+        )
+    };
+    let shop_pod = pod_cgroup("shop", "shop-client");
+    let blog_pod = pod_cgroup("blog", "blog-client");
+    let _daemon = start_daemon(&sandbox, &api, &[]);
+    // A container started after the daemon: found by the next walk of the tree.
+    let shop = ChildCgroup::create(shop_pod.0.join("client"));
+    let blog = ChildCgroup::create(blog_pod.0.join("client"));
+    let since = Instant::now();
+    while who_from(&shop, "198.18.0.31:7000") != "endpoint" {
+        assert!(
+            since.elapsed() < Duration::from_secs(5),
+            "a pod in shop is not intercepted by shop's entry exported to `.`"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        who_from(&blog, "198.18.0.31:7000"),
+        "direct",
+        "a pod in blog"
+    );
+    // The harness is a host process: namespace `default` (--host-namespace).
+    assert_eq!(who("198.18.0.31:7000").unwrap().server, "direct");
+    // An entry without exportTo is everyone's.
+    for cgroup in [&shop, &blog] {
+        assert_eq!(who_from(cgroup, "198.18.0.32:7000"), "endpoint");
+    }
+    assert_eq!(who("198.18.0.32:7000").unwrap().server, "endpoint");
+
+    // Exported to blog as well: its pods follow within a second, the harness still not.
+    let since = Instant::now();
+    api.apply(&format!(
+        "{}  exportTo: [., blog]\n",
+        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
+    ));
+    while who_from(&blog, "198.18.0.31:7000") != "endpoint" {
+        assert!(
+            since.elapsed() < CHANGE_DEADLINE,
+            "exporting to blog did not reach blog's pod"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(who("198.18.0.31:7000").unwrap().server, "direct");
+    drop((shop, blog));
+}
+
+#[test]
+fn host_processes_are_in_the_host_namespace_given() {
+    let sandbox = Sandbox::new("kube-host-ns");
+    for host in ["198.18.0.30", "198.18.0.31"] {
+        sandbox.add_host(host.parse().unwrap());
+    }
+    let _endpoint = TestServer::start("endpoint", "198.18.0.30:7000");
+    let _address = TestServer::start("direct", "198.18.0.31:7000");
+    let api = ApiServer::start();
+    api.apply(&format!(
+        "{}  exportTo: [.]\n",
+        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
+    ));
+    let _daemon = start_daemon(&sandbox, &api, &["--host-namespace", "shop"]);
+    assert_eq!(who("198.18.0.31:7000").unwrap().server, "endpoint");
 }

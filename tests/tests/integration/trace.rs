@@ -10,9 +10,9 @@ use std::{
 };
 
 use integration_tests::{
-    Sandbox, TestServer,
+    ChildCgroup, Sandbox, TestServer,
     admin::{ADMIN, scrape_until},
-    daemon,
+    daemon, run_in_cgroup,
     server::{connect, who},
 };
 use serde_json::Value;
@@ -240,29 +240,6 @@ fn trace_shows_redirected_untouched_and_refused_connects_in_order() {
 }
 
 /// A cgroup below the sandbox's, removed when dropped (its processes have exited).
-struct ChildCgroup(std::path::PathBuf);
-
-impl Drop for ChildCgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// Runs `script` in bash, as a process of `cgroup`, and waits for it.
-fn run_in_cgroup(cgroup: &std::path::Path, script: &str) -> String {
-    use std::os::unix::process::CommandExt as _;
-    let procs = cgroup.join("cgroup.procs");
-    let mut command = Command::new("bash");
-    command.args(["-c", script]);
-    // SAFETY: only a write to a file between fork and exec.
-    unsafe {
-        command.pre_exec(move || std::fs::write(&procs, "0"));
-    }
-    let output = command.output().expect("run bash");
-    assert!(output.status.success(), "{output:?}");
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 #[test]
 fn a_cgroup_stream_shows_only_the_connections_of_that_cgroup() {
     let sandbox = Sandbox::new("trace-cgroup");
@@ -282,12 +259,8 @@ spec:
 "
     );
     let _daemon = sandbox.start_daemon(&config, &["--datapath", "auto", "--admin-addr", ADMIN]);
-    let child = ChildCgroup(sandbox.cgroup.join("client"));
-    std::fs::create_dir(&child.0).unwrap();
-    let child_id = {
-        use std::os::unix::fs::MetadataExt as _;
-        std::fs::metadata(&child.0).unwrap().ino()
-    };
+    let child = ChildCgroup::create(sandbox.cgroup.join("client"));
+    let child_id = child.id();
     let mut traced = Tracer::start(&["--cgroup", child.0.to_str().unwrap(), "--output", "json"]);
 
     // The harness, in the sandbox's cgroup above: through the proxy, and on the kernel path.

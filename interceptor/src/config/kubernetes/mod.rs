@@ -53,6 +53,8 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// Namespaces to read; empty: all.
     pub namespaces: Vec<String>,
+    /// The namespace of clients outside every pod, for `exportTo`.
+    pub host_namespace: String,
     /// The name events report as their source instance (the node's).
     pub instance: String,
 }
@@ -166,6 +168,11 @@ impl KubeSource {
     /// The accepted objects now.
     pub fn config_set(&self) -> ConfigSet {
         self.store.lock().expect("store lock").config_set()
+    }
+
+    /// The namespace of every pod, by uid, to tell clients' namespaces by their cgroups.
+    pub fn pod_namespaces(&self) -> std::collections::HashMap<String, String> {
+        self.store.lock().expect("store lock").pod_namespaces()
     }
 }
 

@@ -2,7 +2,10 @@
 //! the file loader's rules, the last valid version of each kept, and the whole turned
 //! into the [`ConfigSet`] the file loader produces.
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+};
 
 use serde_json::{Map, Value};
 
@@ -66,6 +69,10 @@ struct Watch {
     /// again only if it changed.
     rejected: BTreeMap<Key, String>,
     listed: bool,
+    /// Pods only: the uid of every pod, endpoint or not, which finds its cgroups and
+    /// so its clients' namespace; replaced by a re-list as `objects` is.
+    uids: BTreeMap<Key, String>,
+    relisting_uids: Option<BTreeMap<Key, String>>,
 }
 
 /// The result of one watch event.
@@ -107,6 +114,7 @@ impl Store {
     /// A (re-)list begins.
     pub fn init(&mut self, watch: usize) {
         self.watches[watch].1.relisting = Some(BTreeMap::new());
+        self.watches[watch].1.relisting_uids = Some(BTreeMap::new());
     }
 
     /// A (re-)list ended: what it listed replaces what the watch held.
@@ -114,6 +122,9 @@ impl Store {
         let watch = &mut self.watches[watch].1;
         let first = !watch.listed;
         watch.listed = true;
+        if let Some(uids) = watch.relisting_uids.take() {
+            watch.uids = uids;
+        }
         let Some(listed) = watch.relisting.take() else {
             return Outcome::Unchanged;
         };
@@ -129,6 +140,12 @@ impl Store {
     pub fn apply(&mut self, watch: usize, object: &Value) -> Outcome {
         let (kind, state) = &mut self.watches[watch];
         let key = key_of(object);
+        if *kind == Kind::Pod
+            && let Some(uid) = text(object, &["metadata", "uid"])
+        {
+            let uids = state.relisting_uids.as_mut().unwrap_or(&mut state.uids);
+            uids.insert(key.clone(), uid.to_owned());
+        }
         let accepted = match to_document(*kind, object) {
             None => return remove(state, &key),
             Some(document) => validate(*kind, &key, document),
@@ -169,7 +186,22 @@ impl Store {
         let key = key_of(object);
         let state = &mut self.watches[watch].1;
         state.rejected.remove(&key);
+        state
+            .relisting_uids
+            .as_mut()
+            .unwrap_or(&mut state.uids)
+            .remove(&key);
         remove(state, &key)
+    }
+
+    /// The namespace of every pod listed, by its uid.
+    pub fn pod_namespaces(&self) -> HashMap<String, String> {
+        self.watches
+            .iter()
+            .filter(|(kind, _)| *kind == Kind::Pod)
+            .flat_map(|(_, watch)| &watch.uids)
+            .map(|((namespace, _), uid)| (uid.clone(), namespace.clone()))
+            .collect()
     }
 
     /// The accepted objects of every watch, as the file loader would produce them.

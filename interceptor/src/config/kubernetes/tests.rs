@@ -130,6 +130,36 @@ fn only_running_and_ready_pods_are_workload_endpoints() {
 }
 
 #[test]
+fn every_pod_s_namespace_is_known_by_its_uid_endpoint_or_not_and_a_relist_forgets_the_gone() {
+    let with_uid = |name: &str, namespace: &str, uid: &str, phase: &str| {
+        let mut pod = pod(phase, "False");
+        pod["metadata"] = json!({"name": name, "namespace": namespace, "uid": uid});
+        pod
+    };
+    let mut store = Store::new([Kind::Pod]);
+    store.init(0);
+    store.apply(0, &with_uid("web-1", "shop", "u-1", "Pending"));
+    store.apply(0, &with_uid("api-1", "blog", "u-2", "Running"));
+    store.init_done(0);
+    let namespaces = store.pod_namespaces();
+    assert_eq!(namespaces.len(), 2);
+    assert_eq!(namespaces["u-1"], "shop");
+    assert_eq!(namespaces["u-2"], "blog");
+    store.delete(0, &with_uid("web-1", "shop", "u-1", "Pending"));
+    assert!(!store.pod_namespaces().contains_key("u-1"));
+    // A re-list that no longer lists a pod (deleted while the watch was cut).
+    store.init(0);
+    store.apply(0, &with_uid("web-2", "shop", "u-3", "Running"));
+    assert!(
+        store.pod_namespaces().contains_key("u-2"),
+        "kept until the re-list ends"
+    );
+    store.init_done(0);
+    let namespaces = store.pod_namespaces();
+    assert_eq!(namespaces.keys().collect::<Vec<_>>(), ["u-3"]);
+}
+
+#[test]
 fn the_most_preferred_served_version_is_read() {
     let served = |version: &str, kinds: &[&str]| Served {
         version: version.into(),
