@@ -77,6 +77,9 @@ fn interceptor(extra: &[&str]) -> Kind {
     }
 }
 
+/// The interceptor path whose connects go straight to a backend.
+pub const KERNEL_PATH: &str = "icpt-kernel";
+
 /// Every path, in table order.
 pub fn all() -> Vec<PathSpec> {
     vec![
@@ -109,7 +112,7 @@ pub fn all() -> Vec<PathSpec> {
         // The kernel path has no peer to pair with: no proxy can skip the second
         // connection, so it is compared with direct only.
         PathSpec {
-            name: "icpt-kernel",
+            name: KERNEL_PATH,
             kind: Kind::Interceptor {
                 args: vec!["--datapath".into(), "auto".into()],
             },

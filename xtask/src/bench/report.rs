@@ -370,8 +370,8 @@ persistent connection, new connections per second at concurrency 64 and one by o
 RSS per idle connection, config scale (a small against a large number of
 ServiceEntries, interceptor only), and connect4's own run time per run from the
 kernel's BPF statistics (`kernel.bpf_stats_enabled`), for connects no entry
-intercepts and for connects to a VIP, with no tracer and with a `/trace` stream of
-every decision open. Each path figure is the median of several rounds;
+intercepts and for connects to a VIP (sent to the proxy, and on the kernel path to a
+backend), with no tracer and with a `/trace` stream of every decision open. Each path figure is the median of several rounds;
 the paths' order rotates each round. \"proxy CPU\" rows count the proxy's processes
 (nginx's workers included), spinning included, per unit of work; \"machine CPU\" rows
 count every process and interrupt on the machine, which with one path alive at a time

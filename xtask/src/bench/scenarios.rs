@@ -733,9 +733,12 @@ impl Bench<'_> {
 impl Bench<'_> {
     /// The daemon's flags as the `icpt-poll` path runs it.
     fn poll_daemon_args(&self) -> Vec<String> {
-        match paths::index(&self.paths, paths::POLL_PAIR.interceptor)
-            .map(|index| &self.paths[index].kind)
-        {
+        self.daemon_args_of(paths::POLL_PAIR.interceptor)
+    }
+
+    /// The daemon flags of the interceptor path `name`.
+    fn daemon_args_of(&self, name: &str) -> Vec<String> {
+        match paths::index(&self.paths, name).map(|index| &self.paths[index].kind) {
             Some(Kind::Interceptor { args }) => args.clone(),
             _ => Vec::new(),
         }
@@ -743,22 +746,49 @@ impl Bench<'_> {
 
     /// connect4's run time per run, from the kernel's BPF statistics, for connects
     /// no entry intercepts (what most connects on a node are) and for connects to a
-    /// VIP, with no tracer and with `/trace` open for every decision.
+    /// VIP, sent to the proxy or (the kernel path) to a backend, with no tracer and
+    /// with `/trace` open for every decision.
     fn bpf_cost(&mut self) -> Result<()> {
-        let sizes = self.sizes.clone();
-        let _stats = BpfStats::enable()?;
-        let daemon = Daemon::start_with(
-            &self.interceptor,
-            &self.base_config()?,
-            self.sandbox,
-            &self.poll_daemon_args(),
-        )?;
         let program = connect_program().trim_start_matches("egress_");
-        let destinations = [
+        let proxied = [
             (format!("{program}, no rule: left alone"), backend_ip()),
             (format!("{program}, VIP: to the proxy"), vip(0)),
         ];
-        let mut per_run = [[None; 2]; 2];
+        let kernel_path = [(format!("{program}, VIP: to a backend"), vip(0))];
+        let _stats = BpfStats::enable()?;
+        let mut rows = Vec::new();
+        for (args, destinations) in [
+            (self.poll_daemon_args(), &proxied[..]),
+            (self.daemon_args_of(paths::KERNEL_PATH), &kernel_path[..]),
+        ] {
+            let daemon =
+                Daemon::start_with(&self.interceptor, &self.base_config()?, self.sandbox, &args)?;
+            for (label, per_run) in destinations
+                .iter()
+                .zip(self.bpf_runs(&daemon, destinations)?)
+            {
+                rows.push((label.0.clone(), per_run));
+            }
+            daemon.stop()?;
+        }
+        for (label, [untraced, traced]) in rows {
+            self.report
+                .bpf_rows
+                .push(ScaleRow::new(label, "ns/run", untraced, traced));
+        }
+        Ok(())
+    }
+
+    /// connect4's run time per run for connects to each of `destinations` through
+    /// `daemon`, with no tracer and with one.
+    fn bpf_runs(
+        &mut self,
+        daemon: &Daemon,
+        destinations: &[(String, std::net::IpAddr)],
+    ) -> Result<Vec<[Option<f64>; 2]>> {
+        let sizes = self.sizes.clone();
+        let program = connect_program().trim_start_matches("egress_");
+        let mut per_run = vec![[None; 2]; destinations.len()];
         for (traced, tracer) in [false, true].into_iter().enumerate() {
             let _tracing = if tracer {
                 match Tracing::attach(proxies::ADMIN) {
@@ -802,16 +832,7 @@ impl Bench<'_> {
                 per_run[slot][traced] = Some(nanos);
             }
         }
-        daemon.stop()?;
-        for (slot, (label, _)) in destinations.iter().enumerate() {
-            self.report.bpf_rows.push(ScaleRow::new(
-                label.clone(),
-                "ns/run",
-                per_run[slot][0],
-                per_run[slot][1],
-            ));
-        }
-        Ok(())
+        Ok(per_run)
     }
 }
 
