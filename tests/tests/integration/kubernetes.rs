@@ -541,6 +541,14 @@ status:
     )
 }
 
+/// `shop/scoped` at 198.18.0.31, to the endpoint 198.18.0.30, exported `export_to`.
+fn scoped_entry(export_to: &str) -> String {
+    format!(
+        "{}  exportTo: {export_to}\n",
+        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
+    )
+}
+
 /// The server that answers a `WHO` to `addr` from a process of `cgroup`.
 fn who_from(cgroup: &ChildCgroup, addr: &str) -> String {
     let (host, port) = addr.split_once(':').unwrap();
@@ -566,10 +574,7 @@ fn export_to_dot_intercepts_the_pods_of_its_namespace_and_no_one_else() {
     let _scoped_address = TestServer::start("direct", "198.18.0.31:7000");
     let _public_address = TestServer::start("direct", "198.18.0.32:7000");
     let api = ApiServer::start();
-    api.apply(&format!(
-        "{}  exportTo: [.]\n",
-        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
-    ));
+    api.apply(&scoped_entry("[.]"));
     api.apply(&vip_entry("shop", "public", "198.18.0.32", "198.18.0.30"));
     api.apply(&client_pod("shop", "shop-client"));
     api.apply(&client_pod("blog", "blog-client"));
@@ -610,10 +615,7 @@ fn export_to_dot_intercepts_the_pods_of_its_namespace_and_no_one_else() {
 
     // Exported to blog as well: its pods follow within a second, the harness still not.
     let since = Instant::now();
-    api.apply(&format!(
-        "{}  exportTo: [., blog]\n",
-        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
-    ));
+    api.apply(&scoped_entry("[., blog]"));
     while who_from(&blog, "198.18.0.31:7000") != "endpoint" {
         assert!(
             since.elapsed() < CHANGE_DEADLINE,
@@ -634,10 +636,7 @@ fn host_processes_are_in_the_host_namespace_given() {
     let _endpoint = TestServer::start("endpoint", "198.18.0.30:7000");
     let _address = TestServer::start("direct", "198.18.0.31:7000");
     let api = ApiServer::start();
-    api.apply(&format!(
-        "{}  exportTo: [.]\n",
-        vip_entry("shop", "scoped", "198.18.0.31", "198.18.0.30")
-    ));
+    api.apply(&scoped_entry("[.]"));
     let _daemon = start_daemon(&sandbox, &api, &["--host-namespace", "shop"]);
     assert_eq!(who("198.18.0.31:7000").unwrap().server, "endpoint");
 }
