@@ -111,6 +111,24 @@ impl Sandbox {
             .unwrap_or_else(|error| panic!("starting the daemon: {error:#}"))
     }
 
+    /// [`Sandbox::start_daemon`] with container proxy addresses among `extra_args`:
+    /// `None` on a kernel without netns cookies (before Linux 5.14), once the daemon
+    /// has refused to start as docs/kernels.md says and left no program attached.
+    pub fn start_container_daemon(&self, yaml: &str, extra_args: &[&str]) -> Option<Daemon> {
+        let mut daemon = self.spawn_daemon(yaml, extra_args);
+        if daemon.wait_ready().is_ok() {
+            return Some(daemon);
+        }
+        assert_refused_for_lack_of_netns_cookies(&mut daemon);
+        assert_eq!(
+            testbed::bpf::attached_programs(&self.cgroup, testbed::bpf::BPF_CGROUP_INET4_CONNECT)
+                .unwrap(),
+            0,
+            "a refused start left a program attached"
+        );
+        None
+    }
+
     /// Writes `yaml` as this sandbox's config file, the one [`Sandbox::start_daemon`]
     /// starts on, the way [`replace_file`] does; returns its path.
     pub fn write_config(&self, yaml: &str) -> PathBuf {

@@ -8,8 +8,7 @@ use std::{
 };
 
 use integration_tests::{
-    Container, NO_NETNS_COOKIE, PROXY, Sandbox, TestServer,
-    assert_refused_for_lack_of_netns_cookies, enter_container_network_namespace,
+    Container, NO_NETNS_COOKIE, PROXY, Sandbox, TestServer, enter_container_network_namespace,
     kernel_has_netns_cookies,
     server::{Checksum, assert_refused_by_proxy, connect, pattern_checksum, who, write_pattern},
     vip_entry,
@@ -136,7 +135,9 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
         let unclaimed = connect("240.240.5.1:7001").map(|_| ());
         (seen, seen_v6, unclaimed)
     });
-    let mut daemon = sandbox.spawn_daemon(
+    // Before Linux 5.14 the programs cannot tell the container from the daemon's
+    // own namespace, and the daemon refuses the flag.
+    let Some(daemon) = sandbox.start_container_daemon(
         &vip_entry(
             "egress",
             "vip",
@@ -149,18 +150,9 @@ fn a_container_is_redirected_to_the_proxy_address_it_can_reach() {
             "--container-proxy-addr-v6",
             "[fd00:5::1]:15001",
         ],
-    );
-    if daemon.wait_ready().is_err() {
-        // Before Linux 5.14 the programs cannot tell the container from the daemon's
-        // own namespace, and the daemon refuses the flag.
-        assert_refused_for_lack_of_netns_cookies(&mut daemon);
-        assert_eq!(
-            attached_programs(&sandbox.cgroup, BPF_CGROUP_INET4_CONNECT).unwrap(),
-            0,
-            "a refused start left a program attached"
-        );
+    ) else {
         return;
-    }
+    };
     let (seen, seen_v6, unclaimed) = container.run();
 
     let seen = seen.expect("the container reaches the VIP through the proxy");
