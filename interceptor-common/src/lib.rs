@@ -71,7 +71,8 @@ mod tests {
         assert_eq!(size_of::<OriginalDst>(), 20 + 4 + 8);
         assert_eq!(size_of::<RedirectRecord>(), 20 + 4 + 32);
         assert_eq!(size_of::<Globals>(), 4 * 20 + 4 + 4 + 8);
-        assert_eq!(size_of::<InterceptRule>(), 4 + 4);
+        assert_eq!(size_of::<InterceptRule>(), 4 + 4 + 4);
+        assert_eq!(size_of::<AudienceKey>(), 4 + 4);
         assert_eq!(size_of::<BackendEndpoint>(), 16 + 2 + 2 + 4);
         assert_eq!(
             size_of::<BackendSet>(),
