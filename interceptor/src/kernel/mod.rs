@@ -430,15 +430,19 @@ impl Kernel {
         for (service, port, reason) in &wanted.proxied {
             debug!(service, port, reason = reason.label(), "datapath=proxy");
         }
-        info!(
-            kernel_path = wanted.backends.len(),
-            proxy_path = wanted.proxied.len(),
-            "service ports by datapath"
-        );
         let applied = state.maps.sync(&wanted);
         let current = state.maps.current();
         self.intercept_counts
             .store(current.addresses.len(), current.ports.len());
+        // Logged once the maps hold it, so whoever reads the line can count on the
+        // next connects taking these paths.
+        if applied.is_ok() {
+            info!(
+                kernel_path = wanted.backends.len(),
+                proxy_path = wanted.proxied.len(),
+                "service ports by datapath"
+            );
+        }
         applied
     }
 

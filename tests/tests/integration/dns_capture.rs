@@ -117,14 +117,17 @@ fn a_dead_upstream_gets_servfail_within_five_seconds() {
     let upstream = DnsServer::start_on(UPSTREAM.parse().unwrap());
     upstream.set_silent(true);
     let _daemon = start(&sandbox, UPSTREAM);
-    let started = Instant::now();
     let answer = dig(&["nowhere.capture.test", "A"]);
     assert!(answer.contains("status: SERVFAIL"), "{answer}");
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?}",
-        started.elapsed()
-    );
+    // dig's own measure, from its query to the answer: what a stub resolver waits,
+    // without dig's start (which takes seconds in an emulated VM).
+    let waited: u64 = answer
+        .lines()
+        .find_map(|line| line.strip_prefix(";; Query time: "))
+        .and_then(|rest| rest.strip_suffix(" msec"))
+        .and_then(|millis| millis.parse().ok())
+        .unwrap_or_else(|| panic!("no query time in {answer}"));
+    assert!(waited < 5_000, "SERVFAIL after {waited} ms");
     // A local name still answers at once.
     assert!(dig(&["db.capture.test"]).contains("240.240.7.1"));
 }
