@@ -19,6 +19,7 @@ use std::{
     os::fd::{AsFd, AsRawFd as _, OwnedFd},
     pin::pin,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -54,9 +55,15 @@ const MAX_BUFFER: usize = 256 * 1024;
 
 /// A socket tokio can wait on and use through a shared reference, so both directions
 /// of one connection can run at once.
+///
+/// Readiness is polled, not awaited through `readable()`/`writable()`: those futures
+/// each hold a waiter node (150 bytes) inside the connection's task for as long as it
+/// waits, which an idle connection does all its life. The poll functions keep one
+/// waker per direction in the socket's own registration instead, and each socket has
+/// one reader and one writer here (the two directions), which is what they allow.
 pub trait Socket: AsFd {
-    fn readable(&self) -> impl Future<Output = io::Result<()>>;
-    fn writable(&self) -> impl Future<Output = io::Result<()>>;
+    fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, context: &mut Context<'_>) -> Poll<io::Result<()>>;
     fn try_write(&self, bytes: &[u8]) -> io::Result<usize>;
     fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
     /// Bytes written to the socket that its peer has not acknowledged yet, which a
@@ -70,11 +77,11 @@ pub trait Socket: AsFd {
 macro_rules! socket {
     ($type:ty $(, $($extra:tt)*)?) => {
         impl Socket for $type {
-            fn readable(&self) -> impl Future<Output = io::Result<()>> {
-                <$type>::readable(self)
+            fn poll_read_ready(&self, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_read_ready(self, context)
             }
-            fn writable(&self) -> impl Future<Output = io::Result<()>> {
-                <$type>::writable(self)
+            fn poll_write_ready(&self, context: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$type>::poll_write_ready(self, context)
             }
             fn try_write(&self, bytes: &[u8]) -> io::Result<usize> {
                 <$type>::try_write(self, bytes)
@@ -248,94 +255,106 @@ const FLUSH_BEFORE_RESET: Duration = Duration::from_secs(1);
 /// set to reset when closed. The caller must close both sockets when this returns:
 /// after a clean end, the direction that ended last leaves its FIN to that close,
 /// which sends it anyway, saving a shutdown(2) per connection.
-pub async fn bidirectional(
-    client: &impl Socket,
-    upstream: &impl Socket,
+///
+/// An async block, not an async fn, so that its arguments are kept once in its state
+/// (an async fn keeps them twice), which is part of every connection's task.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+pub fn bidirectional<'a>(
+    client: &'a impl Socket,
+    upstream: &'a impl Socket,
     preface: Vec<u8>,
     mode: CopyMode,
-    pipes: &PipeBudget,
-) -> Copied {
-    let ends = Ends::default();
-    let (mut sent, mut received) = (0, 0);
-    let mut first_fin = None;
-    let failure = {
-        let mut upload = pin!(async {
-            sent = preface.len() as u64;
-            write_all(upstream, &preface).await.map_err(Broken::to)?;
-            // A long-lived connection should not keep the ClientHello or request head.
-            drop(preface);
-            one_way(client, upstream, mode, pipes, &ends, &mut sent).await
-        });
-        let mut download = pin!(one_way(upstream, client, mode, pipes, &ends, &mut received));
-        let (mut upload_done, mut download_done) = (false, false);
-        let failure = loop {
-            let (from, result) = tokio::select! {
-                result = &mut upload, if !upload_done => {
-                    upload_done = true;
-                    (Side::Client, result)
-                }
-                result = &mut download, if !download_done => {
-                    download_done = true;
-                    (Side::Upstream, result)
+    pipes: &'a PipeBudget,
+) -> impl Future<Output = Copied> + 'a {
+    async move {
+        let ends = Ends::default();
+        let (mut sent, mut received) = (0, 0);
+        let mut first_fin = None;
+        let failure = {
+            let mut upload = pin!(async {
+                sent = preface.len() as u64;
+                write_all(upstream, &preface).await.map_err(Broken::to)?;
+                // A long-lived connection should not keep the ClientHello or request head.
+                drop(preface);
+                one_way(client, upstream, mode, pipes, &ends, &mut sent).await
+            });
+            let mut download = pin!(one_way(upstream, client, mode, pipes, &ends, &mut received));
+            let (mut upload_done, mut download_done) = (false, false);
+            let failure = loop {
+                let (from, result) = tokio::select! {
+                    result = &mut upload, if !upload_done => {
+                        upload_done = true;
+                        (Side::Client, result)
+                    }
+                    result = &mut download, if !download_done => {
+                        download_done = true;
+                        (Side::Upstream, result)
+                    }
+                };
+                match result {
+                    Ok(()) => {
+                        first_fin.get_or_insert(from);
+                        if upload_done && download_done {
+                            break None;
+                        }
+                    }
+                    Err(broken) => break Some((broken.side(from), broken.error)),
                 }
             };
-            match result {
-                Ok(()) => {
-                    first_fin.get_or_insert(from);
-                    if upload_done && download_done {
-                        break None;
+            if let Some((failed, _)) = &failure {
+                // Whatever the failed side sent before its reset is still to be read:
+                // the direction from it forwards that, and then stops at the reset (or
+                // at an EOF, once the other direction has taken the reset's error).
+                ends.failed.store(true, Ordering::Relaxed);
+                // Boxed: the timers' space would otherwise be part of every connection's
+                // task for its whole life, and a failure is rare.
+                let deadline = Instant::now() + FLUSH_BEFORE_RESET;
+                match failed {
+                    Side::Client => {
+                        if !upload_done {
+                            let _ = Box::pin(tokio::time::timeout_at(deadline, &mut upload)).await;
+                        }
+                        Box::pin(flush(upstream, deadline)).await;
+                    }
+                    Side::Upstream => {
+                        if !download_done {
+                            let _ =
+                                Box::pin(tokio::time::timeout_at(deadline, &mut download)).await;
+                        }
+                        Box::pin(flush(client, deadline)).await;
                     }
                 }
-                Err(broken) => break Some((broken.side(from), broken.error)),
             }
+            failure
         };
-        if let Some((failed, _)) = &failure {
-            // Whatever the failed side sent before its reset is still to be read:
-            // the direction from it forwards that, and then stops at the reset (or
-            // at an EOF, once the other direction has taken the reset's error).
-            ends.failed.store(true, Ordering::Relaxed);
-            let deadline = Instant::now() + FLUSH_BEFORE_RESET;
-            match failed {
-                Side::Client => {
-                    if !upload_done {
-                        let _ = tokio::time::timeout_at(deadline, &mut upload).await;
-                    }
-                    flush(upstream, deadline).await;
-                }
-                Side::Upstream => {
-                    if !download_done {
-                        let _ = tokio::time::timeout_at(deadline, &mut download).await;
-                    }
-                    flush(client, deadline).await;
-                }
-            }
-        }
-        failure
-    };
-    match failure {
-        None => Copied {
-            sent,
-            received,
-            // Both directions ended, so one was first.
-            close: Close {
-                side: first_fin.unwrap_or(Side::Client),
-                how: How::Fin,
-            },
-            error: None,
-        },
-        Some((side, error)) => {
-            // The failed side's socket is dead after a reset, but not after a failure
-            // of the proxy's own, which must not look like a clean end either.
-            let _ = reset_on_close(client);
-            let _ = reset_on_close(upstream);
-            Copied {
+        match failure {
+            None => Copied {
                 sent,
                 received,
+                // Both directions ended, so one was first.
                 close: Close {
-                    side,
-                    how: How::of(&error),
+                    side: first_fin.unwrap_or(Side::Client),
+                    how: How::Fin,
                 },
-                error: Some(error),
+                error: None,
+            },
+            Some((side, error)) => {
+                // The failed side's socket is dead after a reset, but not after a failure
+                // of the proxy's own, which must not look like a clean end either.
+                let _ = reset_on_close(client);
+                let _ = reset_on_close(upstream);
+                Copied {
+                    sent,
+                    received,
+                    close: Close {
+                        side,
+                        how: How::of(&error),
+                    },
+                    error: Some(error),
+                }
             }
         }
     }
@@ -407,51 +426,58 @@ fn pass_eof(to: &impl Socket, ends: &Ends) -> Result<(), Broken> {
 }
 
 /// Copies `from` → `to` until EOF, adding what it forwards to `total`.
-async fn one_way(
-    from: &impl Socket,
-    to: &impl Socket,
+/// An async block for the reason [`bidirectional`] is one.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn one_way<'a>(
+    from: &'a impl Socket,
+    to: &'a impl Socket,
     mode: CopyMode,
-    pipes: &PipeBudget,
-    ends: &Ends,
-    total: &mut u64,
-) -> Result<(), Broken> {
-    let mut size = INITIAL_BUFFER;
-    let mut pipe: Option<Pipe> = None;
-    loop {
-        from.readable().await.map_err(Broken::from)?;
-        if let Some(pipe) = &pipe {
-            if splice_while_ready(from, to, pipe, total).await? {
-                return pass_eof(to, ends);
-            }
-            continue;
-        }
+    pipes: &'a PipeBudget,
+    ends: &'a Ends,
+    total: &'a mut u64,
+) -> impl Future<Output = Result<(), Broken>> + 'a {
+    async move {
+        let mut size = INITIAL_BUFFER;
+        let mut pipe: Option<Pipe> = None;
         loop {
-            let (read, unsent) = read_and_forward(from, to, size);
-            let bytes = match read? {
-                Read::Eof => return pass_eof(to, ends),
-                Read::WouldBlock => break,
-                Read::Data { bytes, drained } => {
-                    if let Some(unsent) = unsent {
-                        write_all(to, &unsent).await.map_err(Broken::to)?;
-                    }
-                    *total += bytes as u64;
-                    if drained {
-                        break;
-                    }
-                    bytes
+            readable(from).await.map_err(Broken::from)?;
+            if let Some(pipe) = &pipe {
+                if splice_while_ready(from, to, pipe, total).await? {
+                    return pass_eof(to, ends);
                 }
-            };
-            if bytes == size {
-                if mode == CopyMode::Splice {
-                    // Bulk: from here on this direction moves bytes in the kernel.
-                    // Without a pipe (none left in the budget, or the descriptor
-                    // limit), it stays in user space.
-                    pipe = Pipe::new(pipes).ok();
-                    if pipe.is_some() {
-                        break;
+                continue;
+            }
+            loop {
+                let (read, unsent) = read_and_forward(from, to, size);
+                let bytes = match read? {
+                    Read::Eof => return pass_eof(to, ends),
+                    Read::WouldBlock => break,
+                    Read::Data { bytes, drained } => {
+                        if let Some(unsent) = unsent {
+                            write_all(to, &unsent).await.map_err(Broken::to)?;
+                        }
+                        *total += bytes as u64;
+                        if drained {
+                            break;
+                        }
+                        bytes
                     }
+                };
+                if bytes == size {
+                    if mode == CopyMode::Splice {
+                        // Bulk: from here on this direction moves bytes in the kernel.
+                        // Without a pipe (none left in the budget, or the descriptor
+                        // limit), it stays in user space.
+                        pipe = Pipe::new(pipes).ok();
+                        if pipe.is_some() {
+                            break;
+                        }
+                    }
+                    size = (size * 4).min(MAX_BUFFER);
                 }
-                size = (size * 4).min(MAX_BUFFER);
             }
         }
     }
@@ -547,9 +573,17 @@ fn read_some(from: &impl Socket, buffer: &mut Vec<u8>, limit: usize) -> io::Resu
     }
 }
 
+async fn readable(socket: &impl Socket) -> io::Result<()> {
+    std::future::poll_fn(|context| socket.poll_read_ready(context)).await
+}
+
+async fn writable(socket: &impl Socket) -> io::Result<()> {
+    std::future::poll_fn(|context| socket.poll_write_ready(context)).await
+}
+
 async fn write_all(to: &impl Socket, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
-        to.writable().await?;
+        writable(to).await?;
         match to.try_write(bytes) {
             Ok(written) => bytes = &bytes[written..],
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -637,7 +671,7 @@ async fn splice_while_ready(
         };
         let mut pending = read;
         while pending > 0 {
-            to.writable().await.map_err(Broken::to)?;
+            writable(to).await.map_err(Broken::to)?;
             match to.try_io(Interest::WRITABLE, || {
                 splice(&pipe.read, to.as_fd(), pending)
             }) {

@@ -42,7 +42,7 @@ use crate::{
     copy,
     kernel::OriginalDestinations,
     metrics::FailureReason,
-    registry::{HostKind, PortRoutes, Registry},
+    registry::{HostKind, PortRoutes, Registry, UpstreamPolicy},
     resolve::{self, DnsCache, Target},
     socket::{Upstream, connect_bypassing, connect_unix, reset},
 };
@@ -155,78 +155,206 @@ fn drain_accept_queue(listener: &TcpListener, shared: &Arc<Shared>, connections:
     }
 }
 
-/// `_slot`: the connection's share of the limit, given back when it ends.
-async fn handle(
+/// `slot`: the connection's share of the limit, given back when it ends.
+///
+/// An async block rather than an async fn: an async fn keeps its arguments twice in
+/// its state (as arguments, and moved into locals), and this state is part of every
+/// connection's task.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn handle(
     shared: Arc<Shared>,
     client: TcpStream,
     peer: SocketAddr,
-    _slot: Option<OwnedSemaphorePermit>,
-) {
-    let span = info_span!(
-        "connection",
-        client = %peer,
-        original_dst = Empty,
-        host = Empty,
-        service = Empty,
-        endpoint = Empty,
-    );
-    let conn = shared.connections.open(peer);
-    if shared.connections.tracing_cgroups() {
-        // Now, while the client's socket surely exists: the line is written when the
-        // connection ends. A client in another network namespace is not found here.
-        let cgroup = client
-            .local_addr()
-            .and_then(|local| crate::sockdiag::socket_cgroup(peer, local));
-        conn.set_client_cgroup(cgroup.ok().flatten());
+    slot: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = ()> {
+    async move {
+        // Named, so that the block owns it (an async block captures only what it
+        // uses) and gives it back when the connection ends.
+        let _slot = slot;
+        let span = info_span!(
+            "connection",
+            client = %peer,
+            original_dst = Empty,
+            host = Empty,
+            service = Empty,
+            endpoint = Empty,
+        );
+        let conn = shared.connections.open(peer);
+        if shared.connections.tracing_cgroups() {
+            // Now, while the client's socket surely exists: the line is written when the
+            // connection ends. A client in another network namespace is not found here.
+            let cgroup = client
+                .local_addr()
+                .and_then(|local| crate::sockdiag::socket_cgroup(peer, local));
+            conn.set_client_cgroup(cgroup.ok().flatten());
+        }
+        forward(shared, client, peer, &span, &conn)
+            .instrument(span.clone())
+            .await;
     }
-    forward(shared, client, peer, &span, &conn)
-        .instrument(span.clone())
-        .await;
 }
 
-async fn forward(
+/// An async block, as [`handle`] is, for the same reason.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn stores its arguments twice"
+)]
+fn forward<'a>(
     shared: Arc<Shared>,
     mut client: TcpStream,
     peer: SocketAddr,
+    span: &'a tracing::Span,
+    conn: &'a ConnectionGuard,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let started = Instant::now();
+        let Some((original, record_source)) = shared.original_destinations.take(peer) else {
+            // Only connections connect4 redirected have a record; anything else reached
+            // the proxy port directly and must not be relayed anywhere. A listener on a
+            // host address can be scanned, so the log line is rate-limited; the metric
+            // counts every one.
+            if let Some(suppressed) = UNREDIRECTED_LOG.admit() {
+                warn!(
+                    suppressed,
+                    "refused: no redirect record for this client (direct connection to the proxy?)"
+                );
+            }
+            conn.failed(FailureReason::no_redirect_record);
+            reset(client);
+            return;
+        };
+        span.record("original_dst", tracing::field::display(original));
+        conn.set_original_destination(original, record_source);
+
+        // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
+        let mut preface = Vec::new();
+        // Boxed, like the connect below: their state is freed once they are done, instead
+        // of being part of the task for the connection's whole life.
+        let Some(Routed {
+            targets,
+            originate,
+            policy,
+        }) = Box::pin(route(
+            &shared,
+            &mut client,
+            &mut preface,
+            original,
+            span,
+            conn,
+        ))
+        .await
+        else {
+            reset(client);
+            return;
+        };
+
+        let pool = policy.as_ref().and_then(|policy| policy.pool.as_ref());
+        let _pool_slot = match pool.map(pool::TcpPool::admit) {
+            Some(None) => {
+                warn!(
+                    "refused: the DestinationRule's connectionPool.tcp.maxConnections is reached"
+                );
+                conn.failed(FailureReason::pool_overflow);
+                reset(client);
+                return;
+            }
+            slot => slot,
+        };
+        let connect_timeout = pool
+            .and_then(|pool| pool.connect_timeout)
+            .unwrap_or(shared.config.connect_timeout);
+        let balancer = policy.as_ref().and_then(|policy| policy.balancer.as_ref());
+        // The addresses move into the connect, so they are not kept while bytes flow.
+        let connected = Box::pin(connect_any(
+            targets,
+            &shared.config,
+            connect_timeout,
+            balancer,
+        ))
+        .await;
+        let (target, upstream) = match connected {
+            Ok(connected) => connected,
+            Err(error) => {
+                conn.failed(FailureReason::of_connect(&error));
+                reset(client);
+                return;
+            }
+        };
+        span.record("endpoint", tracing::field::display(&target));
+        conn.connected(&target);
+        let _active = balancer.map(|balancer| balancer.opened(&target));
+        if let (Some(pool), Upstream::Tcp(upstream)) = (pool, &upstream)
+            && let Err(error) = pool.apply(socket2::SockRef::from(upstream))
+        {
+            warn!(%error, "cannot set the DestinationRule's TCP keepalive");
+        }
+        if let Some((policy, server_name)) = originate {
+            Box::pin(tls::originate(
+                client,
+                upstream,
+                preface,
+                &policy,
+                &server_name,
+                conn,
+                started,
+            ))
+            .await;
+            return;
+        }
+        let (mode, pipes) = (shared.config.copy_mode, &shared.pipes);
+        // Dropping both sockets at the end closes them: with a FIN after a clean end, with
+        // a reset when a side reset or failed.
+        let copied = match &upstream {
+            Upstream::Tcp(upstream) => {
+                copy::bidirectional(&client, upstream, preface, mode, pipes).await
+            }
+            Upstream::Unix(upstream) => {
+                copy::bidirectional(&client, upstream, preface, mode, pipes).await
+            }
+        };
+        conn.finished(&copied);
+        info!(
+            close = %copied.close,
+            bytes_sent = copied.sent,
+            bytes_received = copied.received,
+            duration_ms = started.elapsed().as_millis() as u64,
+            error = copied.error.as_ref().map(tracing::field::display),
+            "connection closed"
+        );
+    }
+}
+
+/// Where a connection goes: its upstream addresses in the order to try them, and
+/// the DestinationRule policy that applies.
+struct Routed {
+    targets: Vec<Target>,
+    /// TLS origination: the policy, and the server name to send.
+    originate: Option<(Arc<UpstreamPolicy>, String)>,
+    policy: Option<Arc<UpstreamPolicy>>,
+}
+
+/// Decides where the connection to `original` goes, reading the client's SNI or Host
+/// into `preface` if the port routes by host, and resolves the upstream addresses.
+/// `None`: refused, counted and logged; the caller resets the client.
+async fn route(
+    shared: &Shared,
+    client: &mut TcpStream,
+    preface: &mut Vec<u8>,
+    original: SocketAddr,
     span: &tracing::Span,
     conn: &ConnectionGuard,
-) {
-    let started = Instant::now();
-    let Some((original, record_source)) = shared.original_destinations.take(peer) else {
-        // Only connections connect4 redirected have a record; anything else reached
-        // the proxy port directly and must not be relayed anywhere. A listener on a
-        // host address can be scanned, so the log line is rate-limited; the metric
-        // counts every one.
-        if let Some(suppressed) = UNREDIRECTED_LOG.admit() {
-            warn!(
-                suppressed,
-                "refused: no redirect record for this client (direct connection to the proxy?)"
-            );
-        }
-        conn.failed(FailureReason::no_redirect_record);
-        reset(client);
-        return;
-    };
-    span.record("original_dst", tracing::field::display(original));
-    conn.set_original_destination(original, record_source);
-
+) -> Option<Routed> {
     let registry = shared.registry.load_full();
     let policy = shared.config.outbound_policy;
-    // Bytes read to find the SNI or Host; the upstream receives them first, unchanged.
-    let mut preface = Vec::new();
     // The Host an HTTP client sent, which TLS origination may send on as its SNI.
     let mut http_host = None;
     let decision = match outbound::decide(&registry, original, policy) {
         Step::Decided(decision) => decision,
         Step::NeedsHost(routes) => {
-            match sniff_host(
-                &mut client,
-                &mut preface,
-                routes,
-                shared.config.sniff_timeout,
-            )
-            .await
-            {
+            match sniff_host(client, preface, routes, shared.config.sniff_timeout).await {
                 Ok((kind, host)) => {
                     if let Some(host) = &host {
                         span.record("host", host.as_str());
@@ -246,8 +374,7 @@ async fn forward(
                 Err(error) => {
                     warn!(%error, bytes = preface.len(), "closing: cannot route by host");
                     conn.failed(FailureReason::no_host);
-                    reset(client);
-                    return;
+                    return None;
                 }
             }
         }
@@ -274,8 +401,7 @@ async fn forward(
                 Err(error) => {
                     warn!(%error, "refused: no upstream");
                     conn.failed(&error);
-                    reset(client);
-                    return;
+                    return None;
                 }
             }
         }
@@ -287,75 +413,14 @@ async fn forward(
                 }
             }
             conn.failed(reject);
-            reset(client);
-            return;
+            return None;
         }
     };
-
-    let pool = policy.as_ref().and_then(|policy| policy.pool.as_ref());
-    let _pool_slot = match pool.map(pool::TcpPool::admit) {
-        Some(None) => {
-            warn!("refused: the DestinationRule's connectionPool.tcp.maxConnections is reached");
-            conn.failed(FailureReason::pool_overflow);
-            reset(client);
-            return;
-        }
-        slot => slot,
-    };
-    let connect_timeout = pool
-        .and_then(|pool| pool.connect_timeout)
-        .unwrap_or(shared.config.connect_timeout);
-    let balancer = policy.as_ref().and_then(|policy| policy.balancer.as_ref());
-    let connected = connect_any(&targets, &shared.config, connect_timeout, balancer).await;
-    let (target, upstream) = match connected {
-        Ok(connected) => connected,
-        Err(error) => {
-            conn.failed(FailureReason::of_connect(&error));
-            reset(client);
-            return;
-        }
-    };
-    span.record("endpoint", tracing::field::display(&target));
-    conn.connected(&target);
-    let _active = balancer.map(|balancer| balancer.opened(&target));
-    if let (Some(pool), Upstream::Tcp(upstream)) = (pool, &upstream)
-        && let Err(error) = pool.apply(socket2::SockRef::from(upstream))
-    {
-        warn!(%error, "cannot set the DestinationRule's TCP keepalive");
-    }
-    if let Some((policy, server_name)) = originate {
-        tls::originate(
-            client,
-            upstream,
-            preface,
-            &policy,
-            &server_name,
-            conn,
-            started,
-        )
-        .await;
-        return;
-    }
-    let (mode, pipes) = (shared.config.copy_mode, &shared.pipes);
-    // Dropping both sockets at the end closes them: with a FIN after a clean end, with
-    // a reset when a side reset or failed.
-    let copied = match &upstream {
-        Upstream::Tcp(upstream) => {
-            copy::bidirectional(&client, upstream, preface, mode, pipes).await
-        }
-        Upstream::Unix(upstream) => {
-            copy::bidirectional(&client, upstream, preface, mode, pipes).await
-        }
-    };
-    conn.finished(&copied);
-    info!(
-        close = %copied.close,
-        bytes_sent = copied.sent,
-        bytes_received = copied.received,
-        duration_ms = started.elapsed().as_millis() as u64,
-        error = copied.error.as_ref().map(tracing::field::display),
-        "connection closed"
-    );
+    Some(Routed {
+        targets,
+        originate,
+        policy,
+    })
 }
 
 static UNREDIRECTED_LOG: LogLimit = LogLimit::new();
@@ -469,7 +534,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Tries the targets in order within the connect timeout; the error is the last
 /// address's, which names the cause the client's reset is counted under.
 async fn connect_any(
-    targets: &[Target],
+    targets: Vec<Target>,
     config: &ProxyConfig,
     connect_timeout: Duration,
     balancer: Option<&balance::Balancer>,
@@ -518,7 +583,33 @@ async fn connect_any(
 
 #[cfg(test)]
 mod tests {
-    use super::LogLimit;
+    use std::{net::SocketAddr, sync::Arc};
+
+    use tokio::{net::TcpStream, sync::OwnedSemaphorePermit};
+
+    use super::{LogLimit, Shared, handle};
+
+    /// The size of the future `connection` returns, without making one.
+    fn future_size<F, Fut>(_connection: F) -> usize
+    where
+        F: FnOnce(Arc<Shared>, TcpStream, SocketAddr, Option<OwnedSemaphorePermit>) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// Every open connection holds this state for its whole life, idle or not, so it
+    /// is what the proxy's memory per connection mostly is. Routing, connecting and
+    /// failure handling are boxed and freed when done; an await added inline on the
+    /// copy path grows every connection.
+    #[test]
+    fn a_connection_task_holds_little_state() {
+        let size = future_size(handle);
+        assert!(
+            size <= 1_536,
+            "a connection's future takes {size} bytes: box what is awaited only \
+             briefly or rarely"
+        );
+    }
 
     #[test]
     fn a_log_limit_admits_one_event_a_second_and_counts_the_rest() {
