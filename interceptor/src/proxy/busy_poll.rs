@@ -17,17 +17,27 @@
 //! (a request's own events reopen the window that far). The spin yields the CPU on
 //! every turn, so on a machine short of CPUs the client and the backend run first;
 //! then the spin can end later than its window.
+//!
+//! The workers spin as a group ([`SpinGroup`]): while any worker's window is open to
+//! the whole budget, every worker spins as long as it does. One spinning worker keeps only its own CPU awake, and the
+//! client and the backend it wakes are then often woken on another, halted CPU (the
+//! scheduler prefers idle CPUs for the threads it wakes), paying the very exit from
+//! the halt the spin saves the worker. HAProxy's busy polling spins every thread for
+//! the same reason.
 
 use std::{
     collections::BTreeSet,
     fs, io,
     os::fd::{BorrowedFd, RawFd},
-    sync::{Arc, Mutex, OnceLock},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use tokio::runtime::{Builder, Runtime};
+use tokio::runtime::{Builder, Handle, Runtime};
 use tracing::warn;
 
 /// Where a worker adds the time it spent spinning.
@@ -43,11 +53,69 @@ static BUILDING: Mutex<()> = Mutex::new(());
 /// for its registry); the spin polls at most this many without allocating.
 const MAX_POLLED: usize = 4;
 
-/// A current-thread runtime for a worker; with a nonzero `budget`, it may spin up to
-/// that long before each time it would block ([`SpinWindow`] decides how long), and
-/// adds the time spun to `spun`. If its epoll descriptor cannot be found, the runtime
-/// works as usual and never spins.
-pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime> {
+/// The workers that spin together: while any of them is busy, every one spins.
+pub struct SpinGroup {
+    epoch: Instant,
+    /// Nanoseconds after `epoch` until which every member spins.
+    busy_until: AtomicU64,
+    /// The members' runtimes, woken when the group turns busy so that those blocked
+    /// in epoll_wait join the spin.
+    members: OnceLock<Vec<Handle>>,
+}
+
+impl SpinGroup {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            busy_until: AtomicU64::new(0),
+            members: OnceLock::new(),
+        })
+    }
+
+    /// Names the members' runtimes, once they are all built.
+    pub fn join(&self, members: Vec<Handle>) {
+        let _ = self.members.set(members);
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    fn busy_until(&self) -> Instant {
+        self.epoch + Duration::from_nanos(self.busy_until.load(Ordering::Relaxed))
+    }
+
+    /// `member` is busy: every member spins until at least `until`. If the group was
+    /// not busy at `now`, the others may be blocked in epoll_wait, and are woken to
+    /// join.
+    fn keep_busy(&self, member: usize, now: Instant, until: Instant) {
+        let was = self
+            .busy_until
+            .fetch_max(self.nanos(until), Ordering::Relaxed);
+        if was > self.nanos(now) {
+            return;
+        }
+        for (index, handle) in self.members.get().into_iter().flatten().enumerate() {
+            if index != member {
+                // An empty task: the runtime wakes, runs it, and parks again, now
+                // spinning since the group is busy.
+                drop(handle.spawn(async {}));
+            }
+        }
+    }
+}
+
+/// A current-thread runtime for worker `member` of `group`; with a nonzero `budget`,
+/// it may spin up to that long before each time it would block ([`SpinWindow`]
+/// decides how long), or longer while another member of the group is busy, and adds the
+/// time spun to `spun`. If its epoll descriptor cannot be found, the runtime works as
+/// usual and never spins.
+pub fn worker_runtime(
+    budget: Duration,
+    spun: SpinCounter,
+    group: Arc<SpinGroup>,
+    member: usize,
+) -> io::Result<Runtime> {
     let mut builder = Builder::new_current_thread();
     builder.enable_all();
     if budget.is_zero() {
@@ -76,8 +144,17 @@ pub fn worker_runtime(budget: Duration, spun: SpinCounter) -> io::Result<Runtime
         };
         let parking = Instant::now();
         let spin = lock(&park_window).parking(parking);
-        if !spin.is_zero() {
-            spin_until_ready(descriptors.clone(), *count, parking + spin);
+        // A window opened to the whole budget: this worker's events come nearly a
+        // budget apart, so it waits on threads it woke (the client, the backend),
+        // whose CPUs the other workers keep awake by spinning as long as it does.
+        // Events closer together keep the CPUs busy on their own.
+        if spin >= budget {
+            group.keep_busy(member, parking, parking + spin);
+        }
+        let own = parking + spin;
+        let until = || own.max(group.busy_until());
+        if until() > parking {
+            spin_until_ready(descriptors.clone(), *count, until);
             spun.inc_by(parking.elapsed().as_secs_f64());
         }
     });
@@ -168,17 +245,18 @@ impl SpinWindow {
 }
 
 /// Spins until one of the runtime's epoll descriptors has an event queued, or until
-/// `deadline`. Timers the runtime holds fire late by up to the spin, and by a
-/// scheduler turn more when a yield lets other threads run past the deadline.
+/// `deadline()`, which other workers may push back while it spins. Timers the
+/// runtime holds fire late by up to the spin, and by a scheduler turn more when a
+/// yield lets other threads run past the deadline.
 fn spin_until_ready(
     mut descriptors: [PollFd<'static>; MAX_POLLED],
     count: usize,
-    deadline: Instant,
+    deadline: impl Fn() -> Instant,
 ) {
     loop {
         // A zero timeout never blocks.
         let ready = poll(&mut descriptors[..count], PollTimeout::ZERO);
-        if ready != Ok(0) || Instant::now() >= deadline {
+        if ready != Ok(0) || Instant::now() >= deadline() {
             return;
         }
         // Any other thread runnable on this CPU (on a small machine, often the
@@ -258,6 +336,46 @@ mod tests {
             .collect();
         assert_eq!(spins, [40, 20, 10, 0]);
         assert_eq!(window.window, Duration::ZERO);
+    }
+
+    /// Two current-thread runtimes, never driven, so a task spawned on one stays
+    /// alive and shows that the group woke it.
+    fn group_of_two() -> (Arc<SpinGroup>, [Runtime; 2]) {
+        let runtime = || Builder::new_current_thread().build().expect("a runtime");
+        let runtimes = [runtime(), runtime()];
+        let group = SpinGroup::new();
+        group.join(runtimes.iter().map(|r| r.handle().clone()).collect());
+        (group, runtimes)
+    }
+
+    fn woken(runtime: &Runtime) -> usize {
+        runtime.metrics().num_alive_tasks()
+    }
+
+    #[test]
+    fn a_member_turning_the_group_busy_wakes_the_others_once() {
+        let (group, runtimes) = group_of_two();
+        let now = Instant::now();
+        group.keep_busy(0, now, now + BUDGET);
+        assert_eq!(group.busy_until(), now + BUDGET);
+        assert_eq!((woken(&runtimes[0]), woken(&runtimes[1])), (0, 1));
+        // Still busy: the others are spinning already.
+        group.keep_busy(0, now + BUDGET / 2, now + BUDGET * 3 / 2);
+        group.keep_busy(1, now + BUDGET, now + BUDGET * 2);
+        assert_eq!((woken(&runtimes[0]), woken(&runtimes[1])), (0, 1));
+        assert_eq!(group.busy_until(), now + BUDGET * 2);
+        // Idle since, then busy again.
+        group.keep_busy(1, now + BUDGET * 5, now + BUDGET * 6);
+        assert_eq!((woken(&runtimes[0]), woken(&runtimes[1])), (1, 1));
+    }
+
+    #[test]
+    fn the_group_stays_busy_until_its_latest_deadline() {
+        let (group, _runtimes) = group_of_two();
+        let now = Instant::now();
+        group.keep_busy(0, now, now + BUDGET * 2);
+        group.keep_busy(1, now, now + BUDGET);
+        assert_eq!(group.busy_until(), now + BUDGET * 2);
     }
 
     #[test]

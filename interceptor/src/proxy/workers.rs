@@ -303,10 +303,24 @@ pub fn start(
 ) -> Result<Workers, WorkersError> {
     let (stopped_sender, stopped_accepting) = mpsc::unbounded_channel();
     let release = CancellationToken::new();
-    let mut threads = Vec::with_capacity(listeners.per_worker.len());
-    for (index, worker_listeners) in listeners.per_worker.into_iter().enumerate() {
-        let spun = shared.connections.metrics().busy_poll_spin.clone();
-        let runtime = busy_poll::worker_runtime(busy_poll, spun).map_err(WorkersError::Runtime)?;
+    let group = busy_poll::SpinGroup::new();
+    let runtimes = (0..listeners.per_worker.len())
+        .map(|index| {
+            let spun = shared.connections.metrics().busy_poll_spin.clone();
+            busy_poll::worker_runtime(busy_poll, spun, Arc::clone(&group), index)
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(WorkersError::Runtime)?;
+    group.join(
+        runtimes
+            .iter()
+            .map(|runtime| runtime.handle().clone())
+            .collect(),
+    );
+    let mut threads = Vec::with_capacity(runtimes.len());
+    for (index, (runtime, worker_listeners)) in
+        runtimes.into_iter().zip(listeners.per_worker).enumerate()
+    {
         let shared = Arc::clone(shared);
         let connections = connections.clone();
         let shutdown = shutdown.clone();

@@ -422,6 +422,56 @@ fn busy_polling_spins_while_events_come_close_together_and_stops_when_idle() {
 }
 
 #[test]
+fn busy_polling_spins_every_worker_while_one_is_busy() {
+    let sandbox = Sandbox::new("ops-busy-group");
+    sandbox.add_hosts(&["198.18.12.2"]);
+    let _server = TestServer::start("polled", "198.18.12.2:7000");
+    let daemon = sandbox.start_daemon(
+        &vip_entry("ops", "polled", "240.240.12.2", "198.18.12.2"),
+        &["--busy-poll-us", "10000", "--workers", "2"],
+    );
+    let workers = [
+        thread_named(daemon.pid(), "proxy-0"),
+        thread_named(daemon.pid(), "proxy-1"),
+    ];
+    let mut echo = Echo::open("240.240.12.2:7000");
+    assert_eq!(echo.server, "polled");
+    let spun = || scrape().must("interceptor_busy_poll_spin_seconds_total", &[]);
+    // One connection, so one worker has events: requests 6 ms apart open its window
+    // to the whole budget within a few (as in the test above), and from then on it
+    // spins through every gap.
+    let spun_before = spun();
+    let session = Duration::from_millis(300);
+    let started = Instant::now();
+    while started.elapsed() < session {
+        echo.round_trip("ping");
+        std::thread::sleep(Duration::from_millis(6));
+    }
+    let took = started.elapsed();
+    // The spin after the last request ends within a budget.
+    std::thread::sleep(Duration::from_millis(100));
+    let spun_busy = spun() - spun_before;
+    let idle: Vec<u64> = (workers.iter())
+        .map(|worker| ran_micros(worker, || {}, Duration::from_millis(300)))
+        .collect();
+
+    // The metric adds up wall time spun, which a worker alone cannot make longer
+    // than the session; the other, which had no events, spun through it too.
+    assert!(
+        spun_busy > took.as_secs_f64() * 1.3,
+        "the workers spun {spun_busy} s in all during {took:?} of requests on one of them"
+    );
+    // The worker that had no events stops with the busy one. (The busy one's window
+    // closes only as the test above shows: with a budget this long, the wakes of its
+    // own timers can hold it open.)
+    assert!(
+        idle.iter().min().is_some_and(|ran| *ran < 1_000),
+        "the worker without events kept running when the other fell idle: {idle:?} µs \
+         in 300 ms each"
+    );
+}
+
+#[test]
 fn sighup_reloads() {
     let sandbox = Sandbox::new("ops-sighup");
     sandbox.add_hosts(&["198.18.10.1"]);
