@@ -253,6 +253,8 @@ pub struct Metrics {
     /// Handles on every series of `connections_closed`, by [`Datapath`], [`Side`]
     /// and [`How`].
     closes: [[[Counter; How::ALL.len()]; Side::ALL.len()]; Datapath::ALL.len()],
+    /// Handles on every series of `connections_opened`, by [`Datapath`].
+    opens: [Counter; Datapath::ALL.len()],
 }
 
 impl Default for Metrics {
@@ -290,6 +292,7 @@ impl Metrics {
             records_from_ring: Counter::default(),
             records_from_map: Counter::default(),
             closes: Default::default(),
+            opens: Default::default(),
             registry: Registry::default(),
         };
         let source = |source| {
@@ -314,10 +317,17 @@ impl Metrics {
                 })
             })
         });
+        let opens = Datapath::ALL.map(|datapath| {
+            metrics
+                .connections_opened
+                .get_or_create(&DatapathLabels { datapath })
+                .clone()
+        });
         let metrics = Self {
             records_from_ring: source("ring"),
             records_from_map: source("map"),
             closes,
+            opens,
             ..metrics
         };
         registry.register(
@@ -446,9 +456,6 @@ impl Metrics {
         // Every reason and result exists from the start, so a rate() over them works
         // before the first failure.
         for datapath in Datapath::ALL {
-            metrics
-                .connections_opened
-                .get_or_create_owned(&DatapathLabels { datapath });
             for reason in FailureReason::ALL {
                 metrics
                     .connections_failed
@@ -475,9 +482,7 @@ impl Metrics {
     }
 
     pub fn connection_opened(&self, datapath: Datapath) {
-        self.connections_opened
-            .get_or_create(&DatapathLabels { datapath })
-            .inc();
+        self.opens[datapath as usize].inc();
     }
 
     pub fn connection_closed(&self, datapath: Datapath, close: Close) {

@@ -269,7 +269,7 @@ impl Drop for ConnectionGuard {
             .remove(&id);
         let metrics = &self.table.metrics;
         metrics.connections_open.dec();
-        let state = self.record.state();
+        let mut state = self.record.state();
         if self.table.tracer.active() {
             self.table
                 .tracer
@@ -285,12 +285,11 @@ impl Drop for ConnectionGuard {
             metrics.connection_closed(Datapath::proxy, close);
         }
         if let Some((sent, received)) = state.bytes {
+            // The record has left the table, so only a `/connections` snapshot taken
+            // just before could still read it, and it would show a closed connection.
             let labels = TrafficLabels {
-                service_entry: state
-                    .service_entry
-                    .clone()
-                    .unwrap_or_else(|| UNMATCHED.to_owned()),
-                host: state.host.clone().unwrap_or_else(|| UNMATCHED.to_owned()),
+                service_entry: (state.service_entry.take()).unwrap_or_else(|| UNMATCHED.to_owned()),
+                host: state.host.take().unwrap_or_else(|| UNMATCHED.to_owned()),
                 datapath: Datapath::proxy,
             };
             metrics.transferred(&labels, sent, received);
