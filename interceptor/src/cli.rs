@@ -194,9 +194,9 @@ struct RunArgs {
     /// traffic flows. After a burst, and between requests spaced wider
     /// than this, a worker spins at most a quarter of it before blocking. While one
     /// worker's window is open this wide, every worker spins with it, keeping the
-    /// CPUs awake for the threads it wakes. Timers, such
-    /// as connect timeouts, may fire late by up to this long, more when other threads
-    /// want the CPU. 0 never spins; at most 10000.
+    /// CPUs awake for the threads it wakes. Timers, such as connect timeouts, may
+    /// fire late by up to this long, more when other threads want the CPU. 0 never
+    /// spins; at most 10000.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=10_000))]
     busy_poll_us: u32,
     /// The most connections the proxy serves at once; more wait in the kernel's

@@ -19,11 +19,11 @@
 //! then the spin can end later than its window.
 //!
 //! The workers spin as a group ([`SpinGroup`]): while any worker's window is open to
-//! the whole budget, every worker spins as long as it does. One spinning worker keeps only its own CPU awake, and the
-//! client and the backend it wakes are then often woken on another, halted CPU (the
-//! scheduler prefers idle CPUs for the threads it wakes), paying the very exit from
-//! the halt the spin saves the worker. HAProxy's busy polling spins every thread for
-//! the same reason.
+//! the whole budget, every worker spins as long as it does. One spinning worker keeps
+//! only its own CPU awake, and the client and the backend it wakes are then often
+//! woken on another, halted CPU (the scheduler prefers idle CPUs for the threads it
+//! wakes), paying the very exit from the halt the spin saves the worker. HAProxy's
+//! busy polling spins every thread for the same reason.
 
 use std::{
     collections::BTreeSet,
@@ -107,9 +107,9 @@ impl SpinGroup {
 
 /// A current-thread runtime for worker `member` of `group`; with a nonzero `budget`,
 /// it may spin up to that long before each time it would block ([`SpinWindow`]
-/// decides how long), or longer while another member of the group is busy, and adds the
-/// time spun to `spun`. If its epoll descriptor cannot be found, the runtime works as
-/// usual and never spins.
+/// decides how long), or longer while another member of the group is busy, and adds
+/// the time spun to `spun`. If its epoll descriptor cannot be found, the runtime
+/// works as usual and never spins.
 pub fn worker_runtime(
     budget: Duration,
     spun: SpinCounter,
