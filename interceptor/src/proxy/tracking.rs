@@ -285,10 +285,14 @@ impl Drop for ConnectionGuard {
             metrics.connection_closed(Datapath::proxy, close);
         }
         if let Some((sent, received)) = state.bytes {
-            // The record has left the table, so only a `/connections` snapshot taken
-            // just before could still read it, and it would show a closed connection.
+            // The record has left the table: only a `/connections` snapshot taken
+            // just before could still read it, and would list this closing
+            // connection without its names.
             let labels = TrafficLabels {
-                service_entry: (state.service_entry.take()).unwrap_or_else(|| UNMATCHED.to_owned()),
+                service_entry: state
+                    .service_entry
+                    .take()
+                    .unwrap_or_else(|| UNMATCHED.to_owned()),
                 host: state.host.take().unwrap_or_else(|| UNMATCHED.to_owned()),
                 datapath: Datapath::proxy,
             };
